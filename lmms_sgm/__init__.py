@@ -1,0 +1,20 @@
+"""lmms_sgm: SGM ("Safety Glasses for MLLMs") neuron-level detoxification, with lmms-eval integration.
+
+The pipeline, one module per step: data -> profiling -> expertise -> glasses -> intervention.
+"""
+__version__ = "0.1.0"
+
+from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # Heavy modules load on first use, so `import lmms_sgm` (and its entry points) stays light.
+    if name in ("SafetyGlasses", "GlassesMismatch"):
+        from lmms_sgm import glasses
+
+        return getattr(glasses, name)
+    if name in ("build_glasses",):
+        from lmms_sgm import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

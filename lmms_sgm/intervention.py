@@ -1,0 +1,160 @@
+"""Wearing glasses: scale each expert neuron by its factor on every forward pass (method.md s.6).
+
+Three modes give the same logits (tests hold them to 1e-5 at every generated step):
+
+* ``hooks``: PyTorch forward (pre-)hooks; works with any caller of the HF module.
+* ``nnsight``: a persistent nnsight edit over every generation step, the declarative form that
+  also runs remotely; generate through ``handle.model`` (an nnsight wrapper).
+* ``fold``: factors multiplied into the weight rows (outputs) or columns (intermediate inputs)
+  in place, zero overhead; the touched rows are saved and restored exactly on ``remove()``.
+
+A model wears one pair of glasses at a time.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+from lmms_sgm.archs import get_module
+from lmms_sgm.models import unwrap
+from lmms_sgm.options import ApplyOptions
+
+_WEARING: "weakref.WeakKeyDictionary[torch.nn.Module, GlassesHandle]" = weakref.WeakKeyDictionary()
+
+
+class GlassesHandle:
+    """An applied pair of glasses. ``with glasses.apply(model): ...`` or ``handle.remove()``."""
+
+    def __init__(self, glasses, hf_model, options: ApplyOptions, model, undo):
+        self.glasses = glasses
+        self.options = options
+        self.model = model  # what to call: the HF model, or the nnsight wrapper in nnsight mode
+        self._hf = hf_model
+        self._undo = undo
+        self.active = True
+
+    def remove(self) -> None:
+        if self.active:
+            for fn in reversed(self._undo):
+                fn()
+            self._undo = []
+            self.active = False
+            _WEARING.pop(self._hf, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"<GlassesHandle mode={self.options.mode} strength={self.options.strength} {state}>"
+
+
+def apply(glasses, model, options: ApplyOptions, *, processor=None) -> GlassesHandle:
+    hf = unwrap(model)
+    glasses.check(hf)
+    if hf in _WEARING and _WEARING[hf].active:
+        raise RuntimeError("this model already wears glasses; remove() them before applying others")
+    factors = glasses.factors(options.strength)
+    sites = [s for s in glasses.sites if s.name in factors]
+    for s in sites:
+        width = _width(get_module(hf, s.module_path), s.kind)
+        if width != s.width:
+            raise ValueError(f"{s.module_path} has {width} units but the glasses hold {s.width}")
+    param = next(hf.parameters())
+    factors = {k: v.to(param.device) for k, v in factors.items()}
+    if options.mode == "hooks":
+        handle = GlassesHandle(glasses, hf, options, model, _hooks(hf, sites, factors))
+    elif options.mode == "fold":
+        handle = GlassesHandle(glasses, hf, options, model, _fold(hf, sites, factors))
+    else:
+        nn_model = as_generator(model, processor)
+        handle = GlassesHandle(glasses, hf, options, nn_model, _nnsight_edit(nn_model, sites, factors))
+    _WEARING[hf] = handle
+    return handle
+
+
+def _width(linear, kind: str) -> int:
+    return linear.out_features if kind == "output" else linear.in_features
+
+
+def _hooks(hf, sites, factors) -> list:
+    handles = []
+    for s in sites:
+        module = get_module(hf, s.module_path)
+        f = factors[s.name]
+        if s.kind == "output":
+            handles.append(module.register_forward_hook(lambda m, args, out, f=f: out * f.to(out.dtype)))
+        else:
+            handles.append(module.register_forward_pre_hook(lambda m, args, f=f: (args[0] * f.to(args[0].dtype), *args[1:])))
+    return [h.remove for h in handles]
+
+
+@torch.no_grad()
+def _fold(hf, sites, factors) -> list:
+    undo = []
+    for s in sites:
+        linear = get_module(hf, s.module_path)
+        f = factors[s.name]
+        idx = (f != 1).nonzero().flatten()
+        scale = f[idx].to(linear.weight.dtype)
+        if s.kind == "output":  # output unit j is row j of the weight (and bias j)
+            saved = (linear.weight[idx].clone(), None if linear.bias is None else linear.bias[idx].clone())
+            linear.weight[idx] *= scale[:, None]
+            if linear.bias is not None:
+                linear.bias[idx] *= scale
+        else:  # input unit j is column j of the weight
+            saved = (linear.weight[:, idx].clone(), None)
+            linear.weight[:, idx] *= scale[None, :]
+        undo.append(lambda linear=linear, idx=idx, saved=saved, kind=s.kind: _restore(linear, idx, saved, kind))
+    return undo
+
+
+@torch.no_grad()
+def _restore(linear, idx, saved, kind) -> None:
+    weight, bias = saved
+    if kind == "output":
+        linear.weight[idx] = weight
+        if bias is not None:
+            linear.bias[idx] = bias
+    else:
+        linear.weight[:, idx] = weight
+
+
+def as_generator(model, processor=None):
+    """An nnsight ``TransformersModel`` around ``model`` (kept if it already is one)."""
+    from nnsight.intervention.envoy import Envoy
+    from nnsight.modeling.transformers import TransformersModel
+
+    if isinstance(model, Envoy):
+        return model
+    if processor is None:
+        raise ValueError("mode='nnsight' on a plain HF model needs its processor: apply(model, mode='nnsight', processor=processor)")
+    return TransformersModel(model, task="image-text-to-text", processor=processor, tokenizer=processor.tokenizer)
+
+
+def _nnsight_edit(nn_model, sites, factors) -> list:
+    # The step loop is open-ended on purpose (generation length is unknown), and nnsight warns
+    # on every call that the step after the last was "never reached". That is expected here.
+    warnings.filterwarnings("ignore", message=r".*was never reached.*", category=UserWarning)
+    before = list(getattr(nn_model, "_edits", []))
+    with nn_model.edit(inplace=True) as tracer:
+        for _ in tracer.iter[:]:  # every step: the prompt pass and each generated token
+            for s in sites:
+                envoy = get_module(nn_model, s.module_path)
+                if s.kind == "output":
+                    envoy.output = envoy.output * factors[s.name].to(envoy.output.dtype)
+                else:
+                    envoy.input = envoy.input * factors[s.name].to(envoy.input.dtype)
+
+    def undo():
+        # Keep edits the caller made before ours; clear_edits() alone would drop them too.
+        nn_model.clear_edits()
+        if before:
+            nn_model._edits = before
+
+    return [undo]

@@ -1,0 +1,202 @@
+"""Every option, defined once.
+
+The dataclasses here are the single source of truth for the Python API, the ``lmms-sgm`` CLI
+(flags are generated from the fields) and lmms-eval's ``--model_args`` (parsed from strings by
+:func:`from_strings`). Each field's ``metadata`` carries its help text and allowed values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+NEURON_MODULES = ("gate_proj", "up_proj", "down_proj", "intermediate")
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What is observed, where, and how it is pooled (method.md sections 1-3)."""
+
+    modules: tuple[str, ...] = opt(
+        ("gate_proj", "up_proj", "down_proj"),
+        "neurons to profile: outputs of gate_proj/up_proj/down_proj, and/or 'intermediate' "
+        "(the MLP activation act(gate(x))*up(x), i.e. the input of down_proj)",
+        NEURON_MODULES,
+    )
+    layers: str = opt("all", "decoder layers: 'all', a range '4-20' (inclusive) or a list '0,3,7'")
+    pooling: str = opt("mean", "pooling of a neuron's activation over positions", ("mean", "max"))
+    positions: str = opt(
+        "all",
+        "positions pooled over (padding never counts): all non-padding, text tokens only "
+        "(image tokens excluded), or tokens after the last image token",
+        ("all", "text", "after_image"),
+    )
+    text_field: str = opt(
+        "response",
+        "text of each pair fed with its image: the response, the question, or the question as "
+        "the user turn and the response as the assistant turn",
+        ("response", "question", "question+response"),
+    )
+    batch_size: int = opt(8, "examples per forward pass")
+
+    def __post_init__(self):
+        _check_choices(self)
+        if not self.modules:
+            raise ValueError("ProfileOptions.modules is empty: name at least one of " + ", ".join(NEURON_MODULES))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        parse_layers(self.layers, None)  # syntax check now; range check once the model is known
+
+
+@dataclass(frozen=True)
+class SelectionOptions:
+    """Which neurons are experts and what factor alpha each gets (method.md section 5)."""
+
+    rule: str = opt(
+        "sgm",
+        "sgm: experts are AUROC > threshold, alpha = 1 - 2*(AUROC - 0.5); det0: top-k experts "
+        "set to 0; damp: top-k experts multiplied by damp_factor",
+        ("sgm", "det0", "damp"),
+    )
+    threshold: float = opt(0.5, "AUROC above which a neuron is an expert (sgm rule); the precursor used 0.3")
+    top_k: typing.Optional[int] = opt(None, "keep only the k highest-AUROC experts over all profiled neurons (required by det0/damp)")
+    damp_factor: float = opt(0.5, "factor applied to the top-k experts by the damp rule")
+
+    def __post_init__(self):
+        _check_choices(self)
+        if self.rule in ("det0", "damp") and not self.top_k:
+            raise ValueError(f"rule={self.rule!r} needs top_k (the number of experts to change)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is an AUROC in [0, 1], got {self.threshold}")
+
+
+APPLY_MODES = ("hooks", "nnsight", "fold")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How glasses are worn at inference (method.md section 6)."""
+
+    strength: float = opt(1.0, "s in [0, 1]: out = (1 - s) * out + s * alpha * out; 0 is the vanilla model")
+    mode: str = opt(
+        "hooks",
+        "hooks: PyTorch forward hooks; nnsight: a persistent nnsight edit (call the returned "
+        "handle.model); fold: factors multiplied into the weights (zero overhead)",
+        APPLY_MODES,
+    )
+
+    def __post_init__(self):
+        _check_choices(self)
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
+    """'all' | 'a-b' | 'a,b,c' -> sorted layer indices (None for 'all' when num_layers unknown)."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return None if num_layers is None else list(range(num_layers))
+    out: set[int] = set()
+    try:
+        for part in spec.replace(" ", "").split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise ValueError(f"bad layers spec {spec!r}: use 'all', '4-20' or '0,3,7'") from None
+    if not out:
+        raise ValueError(f"layers spec {spec!r} selects no layer")
+    if num_layers is not None:
+        bad = sorted(i for i in out if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the model has {num_layers} decoder layers (0-{num_layers - 1})")
+    return sorted(out)
+
+
+def _check_choices(obj) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        if not choices:
+            continue
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise ValueError(f"unknown {f.name} {bad[0]!r}; choose from {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------- string and CLI conversion
+
+def _convert(tp, raw: str, name: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if raw.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _convert(tp, raw, name)
+    if origin is tuple:
+        return tuple(p for p in raw.replace("+", ",").split(",") if p) if raw else ()
+    if tp is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} expects true/false, got {raw!r}")
+    try:
+        return tp(raw)
+    except ValueError:
+        raise ValueError(f"{name} expects {tp.__name__}, got {raw!r}") from None
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def from_strings(cls, values: dict[str, str], *, strict: bool = True):
+    """Build ``cls`` from string values (``--model_args``, CLI). Unknown keys are an error."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown and strict:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}")
+    kwargs = {k: (_convert(hints[k], v, k) if isinstance(v, str) else v) for k, v in values.items() if k in names}
+    return cls(**kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """Add one ``--flag`` per field of ``cls`` (defaults left to the dataclass)."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        group.add_argument(
+            f"--{prefix}{f.name.replace('_', '-')}",
+            dest=f"{prefix}{f.name}",
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
+        )
+
+
+def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
+    values = {f.name: getattr(ns, prefix + f.name) for f in dataclasses.fields(cls)}
+    return from_strings(cls, {k: v for k, v in values.items() if v is not None})
+
+
+def to_dict(obj) -> dict:
+    d = dataclasses.asdict(obj)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

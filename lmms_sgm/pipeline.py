@@ -1,0 +1,43 @@
+"""One call from a model and labelled pairs to saved glasses (what `lmms-sgm profile` runs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmms_sgm.data import load_pairs
+from lmms_sgm.expertise import expertise
+from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.options import ProfileOptions, SelectionOptions
+from lmms_sgm.profiling import profile
+
+
+def build_glasses(
+    model,
+    processor,
+    data,
+    profile_options: ProfileOptions = ProfileOptions(),
+    selection: SelectionOptions = SelectionOptions(),
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SafetyGlasses:
+    """Profile ``model`` on ``data`` (a path, a list of dicts or a datasets.Dataset) and select experts.
+
+    Saved atomically to ``out`` when given; every input is validated before any model work.
+    """
+    pairs = load_pairs(data)
+    pairs.require_both_classes()
+    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    sites, store = profile(model, processor, pairs, profile_options, progress=progress)
+    try:
+        aurocs = expertise(store, sites, pairs.labels, progress=progress)
+    finally:
+        store.close()
+    glasses = SafetyGlasses.from_expertise(
+        sites, aurocs, selection, model=model, profile_options=profile_options,
+        data_digest=pairs.digest(), data_counts=pairs.counts(),
+    )
+    if out is not None:
+        glasses.save(out, overwrite=overwrite)
+    return glasses

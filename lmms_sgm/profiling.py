@@ -1,0 +1,150 @@
+"""Profiling: pooled per-neuron responses to labelled pairs, observed with nnsight traces.
+
+Each batch is one ``model.trace``: for every site, in forward order, the activation is read,
+pooled over the chosen positions, moved to the CPU and saved; ``tracer.stop()`` then skips the
+rest of the forward (the LM head is never computed). Pooled responses are written into a
+:class:`ResponseStore` as they arrive, which spills to a disk memmap for large runs, so memory
+does not grow with the dataset beyond the responses themselves.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmms_sgm.data import PairDataset, encode_batch
+from lmms_sgm.models import image_token_id, unwrap
+from lmms_sgm.options import ProfileOptions
+from lmms_sgm.sites import Site, resolve_sites
+
+
+class ResponseStore:
+    """Pooled responses per site, in RAM or in memmaps on disk.
+
+    Stored neuron-major (``[width, examples]``) because expertise reads one neuron's responses
+    to all examples at a time; ``store[name]`` gives the ``[examples, width]`` view.
+    """
+
+    def __init__(self, sites: list[Site], n: int, *, directory: str | Path | None = None):
+        self.sites = sites
+        self.n = n
+        self._tmp = None
+        if directory is None:
+            self.arrays = {s.name: np.zeros((s.width, n), np.float32) for s in sites}
+        else:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.arrays = {
+                s.name: np.lib.format.open_memmap(directory / f"{i:04d}.npy", "w+", np.float32, (s.width, n))
+                for i, s in enumerate(sites)
+            }
+
+    @classmethod
+    def auto(cls, sites: list[Site], n: int, spill_mb: float = 512.0) -> "ResponseStore":
+        """In RAM when small, otherwise in a temporary directory removed with the store."""
+        size_mb = n * sum(s.width for s in sites) * 4 / 2**20
+        if size_mb <= spill_mb:
+            return cls(sites, n)
+        tmp = tempfile.TemporaryDirectory(prefix="lmms_sgm_responses_")
+        store = cls(sites, n, directory=tmp.name)
+        store._tmp = tmp
+        return store
+
+    def write(self, start: int, pooled: dict[str, torch.Tensor]) -> None:
+        for name, value in pooled.items():
+            self.arrays[name][:, start:start + len(value)] = value.numpy().T
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name].T
+
+    def close(self) -> None:
+        self.arrays = {}
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def position_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: str, image_id: int) -> torch.Tensor:
+    """Boolean ``[batch, seq]`` mask of the positions to pool over; padding is never included."""
+    mask = attention_mask.bool()
+    if positions == "text":
+        mask = mask & (input_ids != image_id)
+    elif positions == "after_image":
+        is_img = input_ids == image_id
+        idx = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        last_img = torch.where(is_img, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
+        mask = mask & (idx > last_img)
+    elif positions != "all":
+        raise ValueError(f"unknown positions {positions!r}")
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"no position to pool over for batch rows {empty} (positions={positions!r})")
+    return mask
+
+
+def pool(act: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool ``[batch, seq, width]`` over the masked positions -> ``[batch, width]`` float32."""
+    act = act.float()
+    m = mask.to(act.device).unsqueeze(-1)
+    if pooling == "mean":
+        return (act * m).sum(1) / m.sum(1)
+    if pooling == "max":
+        return act.masked_fill(~m, float("-inf")).amax(1)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def as_nnsight(model):
+    """An nnsight view of ``model`` (kept if it already is one)."""
+    from nnsight import NNsight
+    from nnsight.intervention.envoy import Envoy
+
+    return model if isinstance(model, Envoy) else NNsight(model)
+
+
+def profile(
+    model,
+    processor,
+    pairs: PairDataset,
+    options: ProfileOptions = ProfileOptions(),
+    *,
+    progress: bool = True,
+    spill_mb: float = 512.0,
+) -> tuple[list[Site], ResponseStore]:
+    """Pooled responses of every site to every pair, in dataset order."""
+    pairs.require_both_classes()
+    hf = unwrap(model)
+    sites = resolve_sites(hf, options)
+    nn_model = as_nnsight(model)
+    device = next(hf.parameters()).device
+    dtype = next(hf.parameters()).dtype
+    image_id = image_token_id(hf)
+    store = ResponseStore.auto(sites, len(pairs), spill_mb)
+    bs = options.batch_size
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(pairs), bs), desc="profiling", unit="batch", disable=not progress):
+                enc = encode_batch(processor, pairs[start:start + bs], options.text_field)
+                mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id)
+                inputs = {k: v.to(device) for k, v in enc.items()}
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                store.write(start, _trace_batch(nn_model, sites, inputs, mask, options.pooling))
+    except BaseException:
+        store.close()
+        raise
+    return sites, store
+
+
+def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, pooling: str) -> dict:
+    from lmms_sgm.archs import get_module
+
+    saved = {}
+    with nn_model.trace(**inputs) as tracer:
+        for site in sites:
+            envoy = get_module(nn_model, site.module_path)
+            act = envoy.output if site.kind == "output" else envoy.input
+            saved[site.name] = pool(act, mask, pooling).cpu().save()
+        tracer.stop()
+    return {name: value for name, value in saved.items()}

@@ -1,0 +1,198 @@
+"""Tiny, real LLaVA checkpoints built offline from configs.
+
+The result is saved with ``save_pretrained`` and read back through ``from_pretrained`` /
+``AutoProcessor``, exactly like a Hub checkpoint: tests and the quick-start exercise the real
+loading path without any download. The same factory sizes the trained demo model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN]
+
+# Llama-2-style turns written as plain words so that the word-level tokenizer keeps them whole.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image> {% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %} </s> {% else %} {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+DEFAULT_WORDS = (
+    "USER: ASSISTANT: a an the is are this that it what which how many colour color shape "
+    "red green blue yellow white black circle square triangle cross one two three four "
+    "left right top bottom picture image shows there here you your i think looks nice fine "
+    "bad stupid idiot ugly hate good great answer question yes no sorry cannot help with . , ? !"
+).split()
+
+
+def build_tokenizer(words=DEFAULT_WORDS):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(
+    path: str | Path,
+    *,
+    words=DEFAULT_WORDS,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Build a random-init LLaVA (CLIP vision tower, Llama text model) and save it at ``path``.
+
+    Returns the path; load it with ``transformers.AutoModelForImageTextToText.from_pretrained``
+    and ``AutoProcessor.from_pretrained`` (or :func:`lmms_sgm.models.load`).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = build_tokenizer(words)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    num_patches = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=num_patches,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+    image_processor = _image_processor_class()(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def random_image(seed: int, size: int = 32):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def write_toy_pairs(directory: str | Path, n: int = 16, *, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a small labelled-pair dataset (JSONL + PNG folder) in the documented schema.
+
+    Toxic responses use the tokenizer's insult words, non-toxic ones its neutral words, so a
+    tiny random model still sees two distinguishable distributions. Returns the JSONL path.
+    """
+    import random
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    toxic = ["you stupid idiot", "i hate this ugly picture", "that is bad and stupid", "ugly idiot"]
+    benign = ["the picture shows a red circle", "this is a nice image", "i think it looks fine", "a blue square here"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        img = random_image(seed * 100003 + i, image_size)
+        name = f"images/{i:05d}.png"
+        img.save(directory / name)
+        rows.append(
+            {
+                "image": name,
+                "question": rng.choice(["what is this ?", "what do you think ?", "how many are there ?"]),
+                "text": rng.choice(toxic if label else benign),
+                "label": label,
+                "category": "insult" if label else "none",
+            }
+        )
+    out = directory / "pairs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _image_processor_class():
+    # transformers 5 prefers a torchvision backend; the PIL one is the same maths and needs no
+    # torchvision (whose only wheel here is a CUDA build that fails beside CPU torch).
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor

@@ -19,8 +19,6 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a Hub id or a local directory, through ``from_pretrained``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(device).eval()
     adapter_for(model)  # unsupported architectures fail here, before any work
     processor = AutoProcessor.from_pretrained(pretrained)

@@ -81,6 +81,17 @@ class SelectionOptions:
             raise ValueError(f"threshold is an AUROC in [0, 1], got {self.threshold}")
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """Where and in which precision the model runs."""
+
+    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    dtype: str = opt("auto", "weights dtype", ("auto", "float32", "float16", "bfloat16"))
+
+    def __post_init__(self):
+        _check_choices(self)
+
+
 APPLY_MODES = ("hooks", "nnsight", "fold")
 
 
@@ -188,7 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> Non
             dest=f"{prefix}{f.name}",
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {shown})",
+            help=f"{f.metadata.get('help', '')}"
+            + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else "")
+            + f" (default: {shown})",
         )
 
 

@@ -1,0 +1,116 @@
+"""The ``lmms-sgm`` command line. Flags are generated from the option dataclasses."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmms_sgm.options import (
+    LoadOptions,
+    ProfileOptions,
+    SelectionOptions,
+    add_arguments,
+    from_namespace,
+)
+
+
+def _profile(args) -> int:
+    from lmms_sgm import models
+    from lmms_sgm.data import load_pairs
+    from lmms_sgm.pipeline import build_glasses
+
+    profile_options = from_namespace(ProfileOptions, args)
+    selection = from_namespace(SelectionOptions, args)
+    load = from_namespace(LoadOptions, args)
+    pairs = load_pairs(args.data)  # validate the data before loading a model
+    pairs.require_both_classes()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
+    model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+    glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
+    return 0
+
+
+def _inspect(args) -> int:
+    from lmms_sgm.glasses import SafetyGlasses
+
+    print(SafetyGlasses.load(args.glasses).summary())
+    return 0
+
+
+def _select(args) -> int:
+    from lmms_sgm.glasses import SafetyGlasses
+
+    glasses = SafetyGlasses.load(args.glasses).reselect(from_namespace(SelectionOptions, args))
+    glasses.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
+    return 0
+
+
+def _tiny(args) -> int:
+    from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
+
+    out = Path(args.out)
+    build_tiny_llava(out / "model")
+    data = write_toy_pairs(out / "data", n=args.pairs)
+    print(f"tiny LLaVA: {out / 'model'}\ntoy pairs:  {data}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    from lmms_sgm.quickstart import run
+
+    return run(Path(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmms-sgm", description="SGM safety glasses for multimodal LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="profile a model on labelled pairs and write glasses")
+    p.add_argument("--model", required=True, help="Hub id or local directory (loaded with from_pretrained)")
+    p.add_argument("--data", required=True, help="labelled pairs: JSONL/CSV/Parquet file or a directory holding one (docs/data.md)")
+    p.add_argument("--out", required=True, help="glasses directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing glasses directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(p, ProfileOptions)
+    add_arguments(p, SelectionOptions)
+    add_arguments(p, LoadOptions)
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("inspect", help="experts per layer, AUROC distribution, fingerprint and options of glasses")
+    p.add_argument("glasses")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("select", help="re-select experts of existing glasses with other selection options")
+    p.add_argument("glasses")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    add_arguments(p, SelectionOptions)
+    p.set_defaults(func=_select)
+
+    p = sub.add_parser("tiny", help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
+    p.add_argument("out")
+    p.add_argument("--pairs", type=int, default=32)
+    p.set_defaults(func=_tiny)
+
+    p = sub.add_parser("quickstart", help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
+    p.add_argument("--workdir", default="runs/quickstart")
+    p.set_defaults(func=_quickstart)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"lmms-sgm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

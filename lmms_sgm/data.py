@@ -93,6 +93,12 @@ class PairDataset(Sequence[Pair]):
             self._digest = h.hexdigest()
         return self._digest
 
+    def require_text_field(self, text_field: str) -> None:
+        """Every record can be formatted for ``text_field`` (checked before any model work)."""
+        for i, p in enumerate(self.pairs):
+            if text_field != "response" and not p.question:
+                raise DataError(f"{self.source}: record {i}: text_field={text_field!r} needs a 'question' in every record")
+
     def require_both_classes(self) -> None:
         c = self.counts()
         if c["examples"] == 0:

@@ -32,7 +32,7 @@ def auroc(scores, labels, *, threads: int | None = None) -> torch.Tensor:
         raise ValueError(f"scores must be [examples, neurons] with {y.size} rows, got shape {x.shape}")
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
-    if set(np.unique(y).tolist()) - {0, 1}:
+    if not np.isin(np.asarray(labels).ravel(), (0, 1)).all():  # before the cast: 0.5 is no label
         raise ValueError("labels must be 0 or 1")
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs both classes among the labels")
@@ -55,7 +55,7 @@ def _auroc_f32_block(x: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int) -> np
     That is exact unless a toxic and a non-toxic value of a column agree in every bit but the
     lowest (true ties included): such columns are recomputed by the exact rank-based path.
     """
-    keys = np.ascontiguousarray(x.T)  # [neurons, examples]
+    keys = np.array(x.T, dtype=np.float32, order="C")  # [neurons, examples]; a copy: x is never written
     keys += np.float32(0)  # -0.0 -> +0.0, so the two zeros tie as they do for sklearn
     bits = keys.view(np.int32)
     bits &= np.int32(-2)
@@ -67,7 +67,9 @@ def _auroc_f32_block(x: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int) -> np
     out = (positions.astype(np.float64) - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
     # Neighbours equal but for the label bit: a (near-)tie between a toxic and a non-toxic value,
     # whose order the label bit may have decided. Ties within one class change nothing.
-    redo = ((bits[:, 1:] ^ bits[:, :-1]) == 1).any(1)
+    # A masked key -0.0 (from the smallest negative subnormal) compares equal to +0.0 and can
+    # split a tie group in the sort: such columns take the exact path too.
+    redo = ((bits[:, 1:] ^ bits[:, :-1]) == 1).any(1) | (bits == np.iinfo(np.int32).min).any(1)
     if redo.any():
         out[redo] = _auroc_f32_ties(keys_of(x[:, redo]), y, n_pos, n_neg)
     return out

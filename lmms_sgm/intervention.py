@@ -73,7 +73,10 @@ def apply(glasses, model, options: ApplyOptions, *, processor=None) -> GlassesHa
         handle = GlassesHandle(glasses, hf, options, model, _fold(hf, sites, factors))
     else:
         nn_model = as_generator(model, processor)
-        handle = GlassesHandle(glasses, hf, options, nn_model, _nnsight_edit(nn_model, sites, factors))
+        # No site to change (strength 0, no experts): no edit, since an open step loop with an
+        # empty body never ends (nnsight 0.8.1) and generation would hang.
+        undo = _nnsight_edit(nn_model, sites, factors) if sites else []
+        handle = GlassesHandle(glasses, hf, options, nn_model, undo)
     _WEARING[hf] = handle
     return handle
 

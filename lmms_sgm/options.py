@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -154,7 +155,7 @@ def _check_choices(obj) -> None:
 def _convert(tp, raw: str, name: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X], X | None
         if raw.lower() in ("none", "null", ""):
             return None
         tp = next(a for a in args if a is not type(None))
@@ -184,7 +185,8 @@ def from_strings(cls, values: dict[str, str], *, strict: bool = True):
     unknown = sorted(set(values) - names)
     if unknown and strict:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}")
-    kwargs = {k: (_convert(hints[k], v, k) if isinstance(v, str) else v) for k, v in values.items() if k in names}
+    # Lists come back from JSON (to_dict writes tuples as lists): frozen options hold tuples.
+    kwargs = {k: (_convert(hints[k], v, k) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
     return cls(**kwargs)
 
 

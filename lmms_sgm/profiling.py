@@ -115,6 +115,7 @@ def profile(
 ) -> tuple[list[Site], ResponseStore]:
     """Pooled responses of every site to every pair, in dataset order."""
     pairs.require_both_classes()
+    pairs.require_text_field(options.text_field)
     hf = unwrap(model)
     sites = resolve_sites(hf, options)
     nn_model = as_nnsight(model)

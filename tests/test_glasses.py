@@ -1,0 +1,314 @@
+"""The glasses artifact: build, save/load, manifest, reselect, mismatch checks, atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from sklearn.metrics import roc_auc_score
+
+import lmms_sgm.glasses as glasses_mod
+from lmms_sgm import models, tiny
+from lmms_sgm.data import DataError
+from lmms_sgm.expertise import select
+from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+from lmms_sgm.options import ProfileOptions, SelectionOptions, to_dict
+from lmms_sgm.pipeline import build_glasses
+from lmms_sgm.profiling import profile
+
+MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
+PROFILE = ProfileOptions(modules=MODULES, batch_size=8)
+SELECT = SelectionOptions(rule="sgm", threshold=0.5)
+
+
+def expected_site_names():
+    names = []
+    for layer in range(2):
+        base = f"model.language_model.layers.{layer}.mlp"
+        names += [f"{base}.gate_proj", f"{base}.up_proj", f"{base}.down_proj.input", f"{base}.down_proj"]
+    return names
+
+
+@pytest.fixture(scope="module")
+def built(model_and_processor, toy_jsonl, tmp_path_factory):
+    model, processor = model_and_processor
+    out = tmp_path_factory.mktemp("glasses") / "g"
+    g = build_glasses(model, processor, toy_jsonl, PROFILE, SELECT, out=out, progress=False)
+    return g, out
+
+
+# ---------------------------------------------------------------- contents
+
+
+def test_aurocs_and_alphas_are_right(built, model_and_processor, toy_pairs):
+    """Every stored AUROC is sklearn's on the profiled responses; alpha follows the sgm rule."""
+    g, _ = built
+    model, processor = model_and_processor
+    sites, store = profile(model, processor, toy_pairs, PROFILE, progress=False)
+    y = np.array(toy_pairs.labels)
+    try:
+        for s in sites:
+            want = np.array([roc_auc_score(y, store[s.name][:, j]) for j in range(s.width)])
+            np.testing.assert_allclose(g.auroc[s.name].numpy(), want, atol=1e-6, rtol=0, err_msg=s.name)
+            a = g.auroc[s.name].numpy()
+            alpha = np.where(a > 0.5, 1 - 2 * (a - 0.5), 1.0).astype(np.float32)
+            np.testing.assert_array_equal(g.alpha[s.name].numpy(), alpha)
+    finally:
+        store.close()
+    assert g.manifest["counts"]["experts"] == sum(int((g.alpha[n] != 1).sum()) for n in g.alpha) > 0
+
+
+def test_max_pooling_with_ties_matches_sklearn(model_and_processor, toy_jsonl, toy_pairs):
+    """Max pooling makes exact ties (the BOS position is the same in every example)."""
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=("gate_proj", "down_proj"), pooling="max", batch_size=8)
+    g = build_glasses(model, processor, toy_jsonl, opts, SELECT, progress=False)
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+    y = np.array(toy_pairs.labels)
+    try:
+        ties = 0
+        for s in sites:
+            x = np.array(store[s.name])
+            ties += sum(len(np.unique(x[:, j])) < len(y) for j in range(s.width))
+            want = np.array([roc_auc_score(y, x[:, j]) for j in range(s.width)])
+            np.testing.assert_allclose(g.auroc[s.name].numpy(), want, atol=1e-6, rtol=0, err_msg=s.name)
+        assert ties > 0
+    finally:
+        store.close()
+
+
+def test_safetensors_keys_and_dtypes(built):
+    g, out = built
+    names = expected_site_names()
+    assert [s.name for s in g.sites] == names
+    with safe_open(str(out / "glasses.safetensors"), "pt") as f:
+        assert set(f.keys()) == {f"{n}.auroc" for n in names} | {f"{n}.alpha" for n in names}
+        assert f.metadata()["format"] == "lmms_sgm.glasses"
+        for n, s in zip(names, g.sites):
+            auroc, alpha = f.get_tensor(f"{n}.auroc"), f.get_tensor(f"{n}.alpha")
+            assert auroc.dtype == torch.float64 and alpha.dtype == torch.float32
+            assert auroc.shape == alpha.shape == (s.width,)
+    assert sorted(os.listdir(out)) == ["glasses.safetensors", "manifest.json"]
+
+
+def test_manifest_contents(built, model_and_processor, toy_pairs):
+    g, out = built
+    model, _ = model_and_processor
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1
+    assert m["fingerprint"] == models.fingerprint(model)
+    assert m["fingerprint"]["num_layers"] == 2 and m["fingerprint"]["intermediate_size"] == 64
+    assert m["fingerprint"]["model_type"] == "llava"
+    assert [s["name"] for s in m["sites"]] == expected_site_names()
+    assert m["sites"][2] == {"name": "model.language_model.layers.0.mlp.down_proj.input",
+                             "module_path": "model.language_model.layers.0.mlp.down_proj",
+                             "kind": "input", "layer": 0, "module": "intermediate", "width": 64}
+    assert m["profile_options"] == to_dict(PROFILE) and m["profile_options"]["modules"] == list(MODULES)
+    assert m["selection_options"] == to_dict(SELECT)
+    assert m["data"] == {"digest": toy_pairs.digest(), "examples": 20, "toxic": 10, "non_toxic": 10}
+    assert m["counts"]["neurons"] == 2 * (64 + 64 + 64 + 32)
+    assert m["counts"]["experts"] == sum(int(v) for v in m["counts"]["experts_per_layer"].values())
+    assert m["digest"] == g.digest()
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip(built, tmp_path):
+    g, out = built
+    loaded = SafetyGlasses.load(out)
+    assert loaded.sites == g.sites
+    assert loaded.auroc.keys() == g.auroc.keys() == loaded.alpha.keys()
+    for n in g.auroc:
+        assert torch.equal(loaded.auroc[n], g.auroc[n]) and loaded.auroc[n].dtype == torch.float64
+        assert torch.equal(loaded.alpha[n], g.alpha[n]) and loaded.alpha[n].dtype == torch.float32
+    assert loaded.manifest == {**g.manifest, "digest": g.digest()}
+    assert loaded.digest() == g.digest()
+    assert loaded.selection == SELECT
+    # and once more: saving what was loaded gives the same files' meaning and digest
+    again = SafetyGlasses.load(loaded.save(tmp_path / "again"))
+    assert again.digest() == g.digest() and again.manifest == loaded.manifest
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text()) == json.loads((out / "manifest.json").read_text())
+
+
+def test_digest_is_deterministic_and_tracks_alphas(built, model_and_processor, toy_jsonl):
+    g, _ = built
+    model, processor = model_and_processor
+    rebuilt = build_glasses(model, processor, toy_jsonl, PROFILE, SELECT, progress=False)
+    assert rebuilt.digest() == g.digest()
+    assert g.reselect(SelectionOptions(rule="det0", top_k=3)).digest() != g.digest()
+
+
+def test_reselect_changes_alphas_not_aurocs(built):
+    g, _ = built
+    before_alpha = {n: a.clone() for n, a in g.alpha.items()}
+    sel = SelectionOptions(rule="det0", top_k=10)
+    r = g.reselect(sel)
+    for n in g.auroc:
+        assert torch.equal(r.auroc[n], g.auroc[n])
+        assert torch.equal(g.alpha[n], before_alpha[n])  # the original is untouched
+    assert any(not torch.equal(r.alpha[n], g.alpha[n]) for n in g.alpha)
+    assert sum(int((a == 0).sum()) for a in r.alpha.values()) == 10
+    want = select(g.auroc, sel)
+    assert all(torch.equal(r.alpha[n], want[n]) for n in g.alpha)
+    assert r.manifest["selection_options"] == to_dict(sel) and r.selection == sel
+    assert r.manifest["counts"]["experts"] == 10
+    assert g.manifest["selection_options"] == to_dict(SELECT)
+    t3 = g.reselect(SelectionOptions(threshold=0.3))
+    assert any(bool((t3.alpha[n] > 1).any()) for n in t3.alpha)  # 0.3 < AUROC < 0.5 amplified
+
+
+def test_load_rejects_non_glasses(tmp_path, built):
+    with pytest.raises(FileNotFoundError, match="is not a glasses directory"):
+        SafetyGlasses.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a glasses directory"):
+        SafetyGlasses.load(tmp_path / "does-not-exist")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is not a glasses directory"):
+        SafetyGlasses.load(tmp_path)
+
+
+def test_load_rejects_other_format_version(tmp_path, built):
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    m = json.loads((path / "manifest.json").read_text())
+    m["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="glasses format 99 is not supported"):
+        SafetyGlasses.load(path)
+
+
+def test_save_into_existing_dir(built, tmp_path):
+    g, _ = built
+    target = tmp_path / "g"
+    target.mkdir()
+    g.save(target)  # an empty directory is fine
+    assert SafetyGlasses.load(target).digest() == g.digest()
+    other = g.reselect(SelectionOptions(rule="det0", top_k=2))
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        other.save(target)
+    assert SafetyGlasses.load(target).digest() == g.digest()  # unchanged
+    other.save(target, overwrite=True)
+    assert SafetyGlasses.load(target).digest() == other.digest()
+    assert sorted(os.listdir(tmp_path)) == ["g"]
+
+
+def test_build_refuses_non_empty_out_before_profiling(model_and_processor, toy_jsonl, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+    def no_profiling(*a, **k):
+        raise AssertionError("profiling started although the output directory is taken")
+
+    monkeypatch.setattr("lmms_sgm.pipeline.profile", no_profiling)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        build_glasses(model, processor, toy_jsonl, PROFILE, SELECT, out=out, progress=False)
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_failed_save_leaves_nothing_and_keeps_old(built, tmp_path, monkeypatch):
+    g, _ = built
+    target = tmp_path / "g"
+    g.save(target)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(glasses_mod, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        g.reselect(SelectionOptions(rule="det0", top_k=2)).save(target, overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        g.save(tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no temp siblings, no partial "new"
+    assert SafetyGlasses.load(target).digest() == g.digest()  # the old glasses survive
+
+
+# ---------------------------------------------------------------- errors write nothing
+
+
+def _write_rows(directory, rows):
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _toy_rows(toy_jsonl):
+    rows = [json.loads(line) for line in toy_jsonl.read_text().splitlines()]
+    return [dict(r, image=str(toy_jsonl.parent / r["image"])) for r in rows]
+
+
+CASES = {
+    "one_class": (lambda rows, d: _write_rows(d, [dict(r, label=1) for r in rows]), PROFILE, DataError, "both classes"),
+    "empty": (lambda rows, d: _write_rows(d, []), PROFILE, DataError, "empty"),
+    "missing_image": (lambda rows, d: _write_rows(d, rows[:5] + [dict(rows[5], image=str(d / "gone.png"))] + rows[6:]),
+                      PROFILE, DataError, "record 5: image .*gone.png not found"),
+    "layer_out_of_range": (lambda rows, d: _write_rows(d, rows), ProfileOptions(layers="0-2"), ValueError, r"layers \[2\] do not exist"),
+    "question_missing": (lambda rows, d: _write_rows(d, rows[:12] + [dict(rows[12], question=None)] + rows[13:]),
+                         ProfileOptions(text_field="question", batch_size=4), DataError, "record 12: .*needs a .question."),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_errors_write_nothing(case, model_and_processor, toy_jsonl, tmp_path):
+    model, processor = model_and_processor
+    make_data, opts, exc, match = CASES[case]
+    data_path = make_data(_toy_rows(toy_jsonl), tmp_path / "data")
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out = parent / "glasses"
+    with pytest.raises(exc, match=match):
+        build_glasses(model, processor, data_path, opts, SELECT, out=out, progress=False)
+    assert not out.exists()
+    assert os.listdir(parent) == []  # no temporary siblings either
+
+
+def test_unknown_module_writes_nothing(model_and_processor, toy_jsonl, tmp_path):
+    model, processor = model_and_processor
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    with pytest.raises(ValueError, match="unknown modules 'mlp'"):
+        build_glasses(model, processor, toy_jsonl, ProfileOptions(modules=("mlp",)), SELECT, out=parent / "g", progress=False)
+    assert os.listdir(parent) == []
+
+
+# ---------------------------------------------------------------- model mismatch
+
+
+@pytest.fixture(scope="module", params=[{"intermediate_size": 48}, {"num_layers": 3}], ids=["intermediate48", "layers3"])
+def other_model(request, tmp_path_factory):
+    path = tiny.build_tiny_llava(tmp_path_factory.mktemp("other"), **request.param)
+    model, _ = models.load(str(path))
+    return model, request.param
+
+
+def _logits(model, processor, toy_pairs):
+    from lmms_sgm.data import encode_batch
+
+    with torch.no_grad():
+        return model(**encode_batch(processor, toy_pairs[:2], "response")).logits
+
+
+def test_mismatch_refused_on_check_and_apply(built, other_model, model_and_processor, toy_pairs):
+    g, _ = built
+    model, changed = other_model
+    key, value = next(iter(changed.items()))
+    field = {"intermediate_size": "intermediate_size", "num_layers": "num_layers"}[key]
+    original = {"intermediate_size": 64, "num_layers": 2}[key]
+    processor = model_and_processor[1]
+    vanilla = _logits(model, processor, toy_pairs)
+    with pytest.raises(GlassesMismatch) as err:
+        g.check(model)
+    msg = str(err.value)
+    assert f"{field}: glasses {original} vs model {value}" in msg and "profiled on another model" in msg
+    for mode in ("hooks", "fold", "nnsight"):
+        with pytest.raises(GlassesMismatch, match=f"{field}: glasses {original} vs model {value}"):
+            g.apply(model, mode=mode, processor=processor)
+    # nothing was half-applied
+    assert torch.equal(_logits(model, processor, toy_pairs), vanilla)
+    g.check(model_and_processor[0])  # the right model passes

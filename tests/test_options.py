@@ -1,0 +1,216 @@
+"""Options: string conversion (CLI / --model_args), validation, and layer specs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+import pytest
+
+from lmms_sgm.options import (
+    ApplyOptions,
+    ProfileOptions,
+    SelectionOptions,
+    add_arguments,
+    from_namespace,
+    from_strings,
+    parse_layers,
+    to_dict,
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    names: tuple[str, ...] = ("a",)
+    k: typing.Optional[int] = 3  # noqa: UP045 (the spelling the package's own options use)
+    m: int | None = None  # the PEP 604 spelling must convert the same way
+    x: float = 1.0
+    flag: bool = False
+    n: int = 0
+    label: str = "s"
+
+
+# ---------------------------------------------------------------- from_strings conversion
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [("a,b,c", ("a", "b", "c")), ("a+b", ("a", "b")), ("a", ("a",)), ("a,,b,", ("a", "b")), ("", ())],
+)
+def test_tuple(raw, want):
+    assert from_strings(Sample, {"names": raw}).names == want
+
+
+@pytest.mark.parametrize("raw, want", [("none", None), ("None", None), ("null", None), ("", None), ("12", 12), ("-1", -1)])
+def test_optional_int(raw, want):
+    assert from_strings(Sample, {"k": raw}).k == want
+
+
+@pytest.mark.parametrize("raw, want", [("none", None), ("7", 7)])
+def test_pep604_optional_int(raw, want):
+    assert from_strings(Sample, {"m": raw}).m == want
+
+
+def test_optional_int_rejects_text():
+    with pytest.raises(ValueError, match="k expects int"):
+        from_strings(Sample, {"k": "twelve"})
+
+
+@pytest.mark.parametrize("raw, want", [("0.3", 0.3), ("1e-2", 0.01), ("2", 2.0)])
+def test_float(raw, want):
+    got = from_strings(Sample, {"x": raw}).x
+    assert isinstance(got, float) and got == want
+
+
+def test_float_and_int_reject_garbage():
+    with pytest.raises(ValueError, match="x expects float"):
+        from_strings(Sample, {"x": "abc"})
+    with pytest.raises(ValueError, match="n expects int"):
+        from_strings(Sample, {"n": "1.5"})
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "True", "yes", "on"])
+def test_bool_true(raw):
+    assert from_strings(Sample, {"flag": raw}).flag is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "FALSE", "no", "off"])
+def test_bool_false(raw):
+    assert from_strings(Sample, {"flag": raw}, strict=True).flag is False
+
+
+def test_bool_rejects_other():
+    with pytest.raises(ValueError, match="flag expects true/false"):
+        from_strings(Sample, {"flag": "maybe"})
+
+
+def test_non_string_values_pass_through():
+    s = from_strings(Sample, {"k": None, "x": 0.25, "names": ("p", "q")})
+    assert (s.k, s.x, s.names) == (None, 0.25, ("p", "q"))
+
+
+def test_real_options_from_strings():
+    p = from_strings(ProfileOptions, {"modules": "gate_proj+intermediate", "layers": "0-1", "pooling": "max", "batch_size": "3"})
+    assert p == ProfileOptions(modules=("gate_proj", "intermediate"), layers="0-1", pooling="max", batch_size=3)
+    s = from_strings(SelectionOptions, {"rule": "damp", "top_k": "16", "damp_factor": "0.25", "threshold": "0.3"})
+    assert s == SelectionOptions(rule="damp", top_k=16, damp_factor=0.25, threshold=0.3)
+    assert from_strings(SelectionOptions, {"top_k": "none"}).top_k is None
+    a = from_strings(ApplyOptions, {"strength": "0.5", "mode": "fold"})
+    assert a == ApplyOptions(strength=0.5, mode="fold")
+
+
+def test_to_dict_round_trip():
+    for obj in (ProfileOptions(modules=("up_proj", "intermediate"), layers="1"), SelectionOptions(rule="det0", top_k=5), ApplyOptions(0.3, "nnsight")):
+        d = to_dict(obj)
+        assert all(not isinstance(v, tuple) for v in d.values())  # JSON-friendly
+        assert from_strings(type(obj), d) == obj
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) bogus, zzz for ProfileOptions"):
+        from_strings(ProfileOptions, {"bogus": "1", "zzz": "2", "pooling": "max"})
+    # not strict: unknown keys are ignored, known ones still applied
+    assert from_strings(ProfileOptions, {"bogus": "1", "pooling": "max"}, strict=False).pooling == "max"
+
+
+@pytest.mark.parametrize(
+    "cls, values, match",
+    [
+        (ProfileOptions, {"pooling": "median"}, "unknown pooling 'median'; choose from mean, max"),
+        (ProfileOptions, {"positions": "image"}, "unknown positions 'image'"),
+        (ProfileOptions, {"modules": "gate_proj,o_proj"}, "unknown modules 'o_proj'"),
+        (ProfileOptions, {"text_field": "answer"}, "unknown text_field 'answer'"),
+        (SelectionOptions, {"rule": "aura"}, "unknown rule 'aura'; choose from sgm, det0, damp"),
+        (ApplyOptions, {"mode": "patch"}, "unknown mode 'patch'; choose from hooks, nnsight, fold"),
+    ],
+)
+def test_bad_choices(cls, values, match):
+    with pytest.raises(ValueError, match=match):
+        from_strings(cls, values)
+
+
+@pytest.mark.parametrize("rule", ["det0", "damp"])
+def test_topk_rules_need_top_k(rule):
+    with pytest.raises(ValueError, match="needs top_k"):
+        SelectionOptions(rule=rule)
+    with pytest.raises(ValueError, match="needs top_k"):
+        from_strings(SelectionOptions, {"rule": rule, "top_k": "none"})
+    assert SelectionOptions(rule=rule, top_k=3).top_k == 3
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: SelectionOptions(top_k=0), "top_k must be >= 1"),
+        (lambda: SelectionOptions(threshold=1.5), "threshold is an AUROC"),
+        (lambda: SelectionOptions(threshold=-0.1), "threshold is an AUROC"),
+        (lambda: ApplyOptions(strength=1.01), "strength must be in"),
+        (lambda: ApplyOptions(strength=-0.5), "strength must be in"),
+        (lambda: ProfileOptions(batch_size=0), "batch_size must be >= 1"),
+        (lambda: ProfileOptions(modules=()), "modules is empty"),
+        (lambda: from_strings(ProfileOptions, {"modules": ""}), "modules is empty"),
+        (lambda: ProfileOptions(layers="first"), "bad layers spec"),
+    ],
+)
+def test_validation(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------- parse_layers
+
+
+@pytest.mark.parametrize(
+    "spec, n, want",
+    [
+        ("all", None, None),
+        ("all", 4, [0, 1, 2, 3]),
+        ("2", 4, [2]),
+        ("0-2", 4, [0, 1, 2]),
+        ("1-1", 4, [1]),
+        ("0,3,7", 8, [0, 3, 7]),
+        (" 3 , 1 ", 8, [1, 3]),
+        ("5-6,0,2-3", 8, [0, 2, 3, 5, 6]),
+        ("1,1,0-1", None, [0, 1]),
+    ],
+)
+def test_parse_layers(spec, n, want):
+    assert parse_layers(spec, n) == want
+
+
+@pytest.mark.parametrize("spec", ["x", "1-2-3", "", "1-", "-1", "a-b", "1.5", "all,1"])
+def test_parse_layers_bad_spec(spec):
+    with pytest.raises(ValueError, match="bad layers spec"):
+        parse_layers(spec, 4)
+
+
+def test_parse_layers_empty_range():
+    with pytest.raises(ValueError, match="selects no layer"):
+        parse_layers("3-1", 4)
+
+
+def test_parse_layers_out_of_range():
+    with pytest.raises(ValueError, match=r"layers \[4, 9\] do not exist: the model has 4 decoder layers \(0-3\)"):
+        parse_layers("2,4,9", 4)
+    # unknown model size: syntax only
+    assert parse_layers("2,4,9", None) == [2, 4, 9]
+
+
+# ---------------------------------------------------------------- CLI flags from the same fields
+
+
+def test_argparse_flags_round_trip():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, SelectionOptions, prefix="sel_")
+    add_arguments(parser, ProfileOptions)
+    ns = parser.parse_args(["--sel_rule", "det0", "--sel_top-k", "8", "--modules", "up_proj,intermediate", "--batch-size", "2"])
+    assert from_namespace(SelectionOptions, ns, prefix="sel_") == SelectionOptions(rule="det0", top_k=8)
+    assert from_namespace(ProfileOptions, ns) == ProfileOptions(modules=("up_proj", "intermediate"), batch_size=2)
+    # flags not given keep the dataclass defaults
+    assert from_namespace(ProfileOptions, parser.parse_args([])) == ProfileOptions()
+    flags = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(ProfileOptions)} <= flags

@@ -1,0 +1,58 @@
+"""Extension points: a third-party architecture adapter plugs in through the pluggy hook."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lmms_sgm import archs
+from lmms_sgm.archs import ArchAdapter
+from lmms_sgm.options import ProfileOptions
+from lmms_sgm.plugins import hookimpl, plugin_manager
+from lmms_sgm.sites import resolve_sites
+
+
+def test_builtin_llava_family_is_registered():
+    types_ = {t for a in archs.adapters() for t in a.model_types}
+    assert {"llava", "llava_next", "llava_onevision"} <= types_
+
+
+def test_entry_point_declares_the_builtin_plugin():
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="lmms_sgm")}
+    assert "lmms_sgm.archs.llava" in names
+
+
+def test_third_party_adapter_resolves_sites():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+                                         num_hidden_layers=3, num_attention_heads=2))
+    with pytest.raises(ValueError, match="unsupported architecture model_type='llama'"):
+        archs.adapter_for(model)
+
+    plugin = types.ModuleType("third_party_llama")
+    plugin.sgm_arch_adapters = hookimpl(lambda: [ArchAdapter(name="llama", model_types=("llama",), layers_paths=("model.layers",))])
+    pm = plugin_manager()
+    pm.register(plugin)
+    try:
+        sites = resolve_sites(model, ProfileOptions(modules=("down_proj",), layers="1-2"))
+        assert [s.module_path for s in sites] == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+        assert all(s.width == 16 for s in sites)
+        assert archs.get_module(model, sites[0].module_path) is model.model.layers[1].mlp.down_proj
+    finally:
+        pm.unregister(plugin)
+    with pytest.raises(ValueError, match="unsupported"):
+        archs.adapter_for(model)
+
+
+def test_transformers4_layout_is_found():
+    # The 4.x LLaVA layout (language_model.model.layers) is the adapter's second path.
+    root = torch.nn.Module()
+    root.language_model = torch.nn.Module()
+    root.language_model.model = torch.nn.Module()
+    root.language_model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    from lmms_sgm.archs.llava import LLAVA
+
+    assert LLAVA.layers_path(root) == "language_model.model.layers"

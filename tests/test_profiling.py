@@ -1,0 +1,243 @@
+"""Profiling (nnsight traces) against an independent plain-PyTorch-hook implementation."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lmms_sgm.options import ProfileOptions
+from lmms_sgm.profiling import ResponseStore, profile
+
+MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
+BATCH = 4
+N_LAYERS = 2
+
+
+def site_name(layer: int, module: str) -> str:
+    base = f"model.language_model.layers.{layer}.mlp"
+    return f"{base}.down_proj.input" if module == "intermediate" else f"{base}.{module}"
+
+
+# ---------------------------------------------------------------- the independent reference
+
+
+def encode(processor, pairs):
+    """Chat prompt (one user turn: image + response) and one processor call per batch."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.text}]}],
+            tokenize=False,
+            add_generation_prompt=False,
+        )
+        for p in pairs
+    ]
+    images = [Image.open(p.image).convert("RGB") for p in pairs]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def raw_activations(model, enc):
+    """{(layer, module): [batch, seq, width]} from forward hooks on the HF modules."""
+    acts, handles = {}, []
+    for layer in range(N_LAYERS):
+        mlp = model.model.language_model.layers[layer].mlp
+        for m in ("gate_proj", "up_proj", "down_proj"):
+            handles.append(getattr(mlp, m).register_forward_hook(
+                lambda mod, args, out, key=(layer, m): acts.__setitem__(key, out.detach().clone())))
+        handles.append(mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, key=(layer, "intermediate"): acts.__setitem__(key, args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def pool_rows(act, input_ids, attention_mask, positions, pooling, image_id):
+    """Pool one batch, row by row, over explicitly listed positions."""
+    rows = []
+    for b in range(act.shape[0]):
+        ids = input_ids[b].tolist()
+        image_pos = [t for t, tok in enumerate(ids) if tok == image_id]
+        keep = []
+        for t, tok in enumerate(ids):
+            if attention_mask[b, t] == 0:
+                continue  # padding never counts
+            if positions == "text" and tok == image_id:
+                continue
+            if positions == "after_image" and t <= max(image_pos):
+                continue
+            keep.append(t)
+        sel = act[b, keep].double()
+        rows.append(sel.mean(0) if pooling == "mean" else sel.max(0).values)
+    return torch.stack(rows).float().numpy()
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_processor, toy_pairs):
+    """Raw activations and encodings per batch of BATCH, computed once."""
+    model, processor = model_and_processor
+    batches = []
+    for start in range(0, len(toy_pairs), BATCH):
+        enc = encode(processor, toy_pairs[start:start + BATCH])
+        batches.append((enc, raw_activations(model, enc)))
+    lengths = {int(m.sum()) for enc, _ in batches for m in enc["attention_mask"]}
+    assert len(lengths) > 2, "toy texts must differ in length so that left padding happens"
+    assert any((enc["attention_mask"] == 0).any() for enc, _ in batches)
+    return batches
+
+
+def reference_pooled(reference, model, positions, pooling):
+    image_id = model.config.image_token_id
+    out = {}
+    for layer in range(N_LAYERS):
+        for m in MODULES:
+            out[site_name(layer, m)] = np.concatenate([
+                pool_rows(acts[(layer, m)], enc["input_ids"], enc["attention_mask"], positions, pooling, image_id)
+                for enc, acts in reference
+            ])
+    return out
+
+
+# ---------------------------------------------------------------- profile == reference
+
+
+@pytest.mark.parametrize("positions", ["all", "text", "after_image"])
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_profile_matches_plain_hooks(model_and_processor, toy_pairs, reference, pooling, positions):
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, pooling=pooling, positions=positions, batch_size=BATCH)
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+    try:
+        want = reference_pooled(reference, model, positions, pooling)
+        # sites in forward order: per layer gate, up, down input, down output
+        assert [s.name for s in sites] == [site_name(l, m) for l in range(N_LAYERS) for m in ("gate_proj", "up_proj", "intermediate", "down_proj")]
+        assert [(s.layer, s.module, s.kind) for s in sites][:4] == [
+            (0, "gate_proj", "output"), (0, "up_proj", "output"), (0, "intermediate", "input"), (0, "down_proj", "output")]
+        assert {s.name: s.width for s in sites} == {n: w.shape[1] for n, w in want.items()}
+        assert {s.width for s in sites} == {64, 32}
+        for s in sites:
+            got = store[s.name]
+            assert got.shape == (len(toy_pairs), s.width) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want[s.name], atol=1e-6, rtol=0, err_msg=s.name)
+    finally:
+        store.close()
+
+
+def test_positions_and_pooling_differ(model_and_processor, toy_pairs, reference):
+    """The options must actually change what is pooled (guards against an ignored option)."""
+    model, _ = model_and_processor
+    a = reference_pooled(reference, model, "all", "mean")
+    for positions, pooling in [("text", "mean"), ("after_image", "mean"), ("all", "max")]:
+        b = reference_pooled(reference, model, positions, pooling)
+        assert np.abs(a[site_name(1, "down_proj")] - b[site_name(1, "down_proj")]).max() > 1e-3
+
+
+@pytest.mark.parametrize("pooling, positions", [("mean", "all"), ("max", "after_image"), ("mean", "text")])
+def test_batch_size_does_not_change_results(model_and_processor, toy_pairs, pooling, positions):
+    model, processor = model_and_processor
+    results = []
+    for bs in (1, 5):
+        opts = ProfileOptions(modules=("up_proj", "intermediate"), pooling=pooling, positions=positions, batch_size=bs)
+        sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+        results.append({s.name: np.array(store[s.name]) for s in sites})
+        store.close()
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        np.testing.assert_allclose(results[0][name], results[1][name], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_disk_store_equals_ram_store(model_and_processor, toy_pairs):
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, pooling="max", batch_size=BATCH)
+    sites, ram = profile(model, processor, toy_pairs, opts, progress=False)
+    sites2, disk = profile(model, processor, toy_pairs, opts, progress=False, spill_mb=0)
+    try:
+        assert sites == sites2
+        assert ram._tmp is None and all(not isinstance(a, np.memmap) for a in ram.arrays.values())
+        assert disk._tmp is not None and all(isinstance(a, np.memmap) for a in disk.arrays.values())
+        tmpdir = disk._tmp.name
+        assert len([f for f in os.listdir(tmpdir) if f.endswith(".npy")]) == len(sites)
+        for s in sites:
+            np.testing.assert_array_equal(disk[s.name], ram[s.name])
+            # neuron-major on disk, one .npy per site, readable with plain numpy
+        first = np.load(os.path.join(tmpdir, "0000.npy"))
+        np.testing.assert_array_equal(first.T, ram[sites[0].name])
+    finally:
+        ram.close()
+        disk.close()
+    assert not os.path.exists(tmpdir)  # the temporary spill directory goes with the store
+
+
+def test_response_store_auto_threshold():
+    from lmms_sgm.sites import Site
+
+    sites = [Site("a", "a", "output", 0, "gate_proj", 256)]
+    small = ResponseStore.auto(sites, 1024, spill_mb=1.0)  # exactly 1 MiB stays in RAM
+    big = ResponseStore.auto(sites, 1025, spill_mb=1.0)
+    try:
+        assert small._tmp is None and big._tmp is not None
+    finally:
+        small.close()
+        big.close()
+
+
+# ---------------------------------------------------------------- layer ranges
+
+
+@pytest.fixture(scope="module")
+def full_profile(model_and_processor, toy_pairs):
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, batch_size=BATCH)
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+    out = {s.name: np.array(store[s.name]) for s in sites}
+    store.close()
+    return out
+
+
+@pytest.mark.parametrize("layers, expected", [("1", [1]), ("0", [0]), ("0-1", [0, 1]), ("1,0", [0, 1]), ("all", [0, 1])])
+def test_layer_subranges(model_and_processor, toy_pairs, full_profile, layers, expected):
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=("gate_proj", "intermediate", "down_proj"), layers=layers, batch_size=BATCH)
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+    try:
+        assert sorted({s.layer for s in sites}) == expected
+        assert [s.name for s in sites] == [site_name(l, m) for l in expected for m in ("gate_proj", "intermediate", "down_proj")]
+        for s in sites:
+            np.testing.assert_allclose(store[s.name], full_profile[s.name], atol=1e-6, rtol=0)
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_module_name():
+    with pytest.raises(ValueError, match="unknown modules 'o_proj'; choose from gate_proj, up_proj, down_proj, intermediate"):
+        ProfileOptions(modules=("gate_proj", "o_proj"))
+
+
+@pytest.mark.parametrize("layers, bad", [("2", r"\[2\]"), ("0-5", r"\[2, 3, 4, 5\]"), ("1,7", r"\[7\]")])
+def test_layers_out_of_range(model_and_processor, toy_pairs, layers, bad):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match=rf"layers {bad} do not exist: the model has 2 decoder layers \(0-1\)"):
+        profile(model, processor, toy_pairs, ProfileOptions(layers=layers), progress=False)
+
+
+@pytest.mark.parametrize("spec", ["last", "1-", "0..1", "1;2"])
+def test_bad_layers_spec(spec):
+    with pytest.raises(ValueError, match="bad layers spec"):
+        ProfileOptions(layers=spec)
+
+
+def test_profile_needs_both_classes(model_and_processor, toy_pairs):
+    from lmms_sgm.data import DataError, PairDataset
+
+    model, processor = model_and_processor
+    toxic_only = PairDataset([p for p in toy_pairs if p.label == 1])
+    with pytest.raises(DataError, match="both classes"):
+        profile(model, processor, toxic_only, ProfileOptions(), progress=False)

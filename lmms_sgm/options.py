@@ -215,3 +215,30 @@ def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
 def to_dict(obj) -> dict:
     d = dataclasses.asdict(obj)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class ModelArgs(ApplyOptions, LoadOptions):
+    """lmms-eval ``--model_args`` of ``sgm_llava``: loading and applying options plus these.
+
+    Profiling and selection options for ``profile_data`` are given with a prefix:
+    ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
+    """
+
+    pretrained: str = opt("", "Hub id or local directory of the model (loaded with from_pretrained)")
+    glasses: typing.Optional[str] = opt(None, "glasses directory to wear")
+    sgm: bool = opt(True, "on/off: off runs the vanilla model through the same wrapper and code path")
+    batch_size: int = opt(1, "requests per forward pass / generate call")
+    profile_data: typing.Optional[str] = opt(
+        None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
+    )
+
+    def __post_init__(self):
+        ApplyOptions.__post_init__(self)
+        LoadOptions.__post_init__(self)
+        if not self.pretrained:
+            raise ValueError("pretrained is required: a Hub id or a local model directory")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.glasses and self.profile_data:
+            raise ValueError("give either glasses (a directory) or profile_data (to build them), not both")

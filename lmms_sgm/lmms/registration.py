@@ -1,0 +1,42 @@
+"""Entry point for lmms-eval's ``lmms_eval.models`` group.
+
+lmms-eval loads every entry point inside one try/except that only logs a warning, so this module
+stays light: it imports no model code, only lmms-eval's manifest type.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tasks_dir() -> Path:
+    """The folder holding our lmms-eval task YAMLs (the repo's top-level tasks/)."""
+    import lmms_sgm_tasks
+
+    return Path(lmms_sgm_tasks.__file__).parent
+
+
+def manifests():
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    _add_tasks_to_search_path()
+    return [ModelManifest(model_id="sgm_llava", simple_class_path="lmms_sgm.lmms.model.SGMLlava")]
+
+
+def _add_tasks_to_search_path() -> None:
+    """lmms-eval has no task entry point; model entry points load before the CLI builds its
+    TaskManager, so extend TaskManager's include path from here (``--include_path`` still works)."""
+    from lmms_eval.tasks import TaskManager
+
+    if getattr(TaskManager.initialize_tasks, "_lmms_sgm", False):
+        return
+    original = TaskManager.initialize_tasks
+    ours = str(tasks_dir())
+
+    def initialize_tasks(self, include_path=None, include_defaults=True):
+        paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+        if ours not in paths:
+            paths.append(ours)
+        return original(self, include_path=paths, include_defaults=include_defaults)
+
+    initialize_tasks._lmms_sgm = True
+    TaskManager.initialize_tasks = initialize_tasks

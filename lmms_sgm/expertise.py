@@ -63,7 +63,8 @@ def _auroc_f32_block(x: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int) -> np
     keys.sort(axis=1)
     # Positions sum to at most n(n-1)/2: exact in float32 below 2**24, else use float64.
     acc = np.float32 if y.size * (y.size - 1) // 2 < 2**24 else np.float64
-    positions = (bits & 1).astype(acc) @ np.arange(y.size, dtype=acc)
+    # einsum, not @: BLAS would start threads of its own inside each worker thread.
+    positions = np.einsum("ij,j->i", (bits & 1).astype(acc), np.arange(y.size, dtype=acc))
     out = (positions.astype(np.float64) - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
     # Neighbours equal but for the label bit: a (near-)tie between a toxic and a non-toxic value,
     # whose order the label bit may have decided. Ties within one class change nothing.

@@ -1,0 +1,468 @@
+"""``sgm_llava``: an lmms-eval "simple" model that runs a LLaVA wearing safety glasses.
+
+    lmms-eval --model sgm_llava --tasks ... --batch_size 4 \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,glasses=glasses/llava7b,strength=1.0,mode=hooks
+
+``--model_args`` are the fields of :class:`lmms_sgm.options.ModelArgs` (parsed by ``from_strings``,
+nothing else), plus ``profile_<field>`` / ``select_<field>`` for :class:`ProfileOptions` /
+:class:`SelectionOptions`. Glasses come from ``glasses=DIR``, or are built from
+``profile_data=PAIRS`` on first use and cached (``$LMMS_SGM_CACHE``, default
+``~/.cache/lmms_sgm/glasses``); ``sgm=off`` runs the vanilla model through the same code.
+``select_*`` with ``glasses=DIR`` re-selects the experts of those glasses (no re-profiling).
+
+In ``nnsight`` mode every forward pass and every generation goes through the nnsight wrapper
+(``handle.model``), since calling the HF module directly would bypass the edit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import numbers
+import os
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+
+from lmms_sgm import __version__, models
+from lmms_sgm.options import (
+    ModelArgs,
+    ProfileOptions,
+    SelectionOptions,
+    from_strings,
+    to_dict,
+)
+
+PROFILE_PREFIX = "profile_"
+SELECT_PREFIX = "select_"
+CACHE_ENV = "LMMS_SGM_CACHE"
+DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf default when a task sets none
+# Keys of a task's generation_kwargs this model acts on; "until" is handled separately.
+GEN_KEYS = ("max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
+# Keys lmms-eval tasks commonly carry that mean nothing to a HF LLaVA: ignored silently.
+IGNORED_GEN_KEYS = {"until", "image_aspect_ratio", "image_sizes", "use_cache"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmms_sgm" / "glasses")
+
+
+# ---------------------------------------------------------------- model_args
+
+
+def parse_model_args(kwargs: dict) -> tuple[ModelArgs, ProfileOptions | None, SelectionOptions | None]:
+    """lmms-eval kwargs -> (ModelArgs, ProfileOptions or None, SelectionOptions or None).
+
+    lmms-eval's ``simple_parse_args_string`` has already turned "true"/"4"/"0.5" into Python
+    values; they are turned back into strings so that ``from_strings`` is the only parser.
+    """
+    model_fields = [f.name for f in dataclasses.fields(ModelArgs)]
+    profile_fields = [PROFILE_PREFIX + f.name for f in dataclasses.fields(ProfileOptions)]
+    select_fields = [SELECT_PREFIX + f.name for f in dataclasses.fields(SelectionOptions)]
+    known = model_fields + profile_fields + select_fields
+    values = {k: _as_string(v) for k, v in kwargs.items()}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ValueError(
+            f"sgm_llava: unknown model_args {', '.join(unknown)}; known: {', '.join(known)} "
+            "(see lmms_sgm/options.py: ModelArgs, ProfileOptions as profile_*, SelectionOptions as select_*)"
+        )
+    args = from_strings(ModelArgs, {k: v for k, v in values.items() if k in model_fields})
+    prof = {k[len(PROFILE_PREFIX):]: v for k, v in values.items() if k in profile_fields}
+    sel = {k[len(SELECT_PREFIX):]: v for k, v in values.items() if k in select_fields}
+    if prof and not args.profile_data:
+        raise ValueError(
+            f"sgm_llava: {', '.join(PROFILE_PREFIX + k for k in prof)} only apply when glasses are built "
+            "from profile_data=PAIRS; add profile_data or drop them"
+        )
+    if sel and not args.glasses and not args.profile_data:
+        raise ValueError(
+            f"sgm_llava: {', '.join(SELECT_PREFIX + k for k in sel)} select experts of glasses; add glasses=DIR "
+            "(to re-select its experts) or profile_data=PAIRS, or drop them"
+        )
+    if args.sgm and not args.glasses and not args.profile_data:
+        raise ValueError(
+            "sgm_llava needs glasses: pass glasses=DIR (made by `lmms-sgm profile`), or profile_data=PAIRS "
+            "to build them on first use, or sgm=off for the vanilla model"
+        )
+    profile = from_strings(ProfileOptions, prof) if args.profile_data else None
+    selection = from_strings(SelectionOptions, sel) if (sel or args.profile_data) else None
+    return args, profile, selection
+
+
+def _as_string(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ---------------------------------------------------------------- loglikelihood results
+
+
+def install_loglikelihood_passthrough() -> None:
+    """Keep ``(loss, is_greedy)`` results intact in lmms-eval 0.7.3.
+
+    lmms-eval 0.7.3's evaluator passes every model result through
+    ``lmms_eval.api.instance.unwrap_generation_output``, which turns anything that is not a string,
+    a ``GenerationResult`` or a ``(str, meta)`` pair into ``str(output)``. Loglikelihood results
+    become ``"(0.69, False)"`` and every multiple-choice task then fails in ``process_results``
+    (``zip(*results)`` over strings). This wraps the name the evaluator calls so that a pair of
+    (real number, bool) -- a loglikelihood result, which no generation output looks like -- passes
+    through unchanged; everything else goes to the original function. Idempotent.
+    """
+    from lmms_eval import evaluator
+
+    current = evaluator.unwrap_generation_output
+    if getattr(current, "_lmms_sgm_passthrough", False):
+        return
+
+    def unwrap_generation_output(output):
+        if is_loglikelihood_result(output):
+            return tuple(output), None
+        return current(output)
+
+    unwrap_generation_output._lmms_sgm_passthrough = True
+    unwrap_generation_output.__wrapped__ = current
+    evaluator.unwrap_generation_output = unwrap_generation_output
+
+
+def is_loglikelihood_result(output) -> bool:
+    import numpy as np
+
+    return (
+        isinstance(output, (tuple, list))
+        and len(output) == 2
+        and isinstance(output[0], numbers.Real)
+        and not isinstance(output[0], (bool, np.bool_))
+        and isinstance(output[1], (bool, np.bool_))
+    )
+
+
+# ---------------------------------------------------------------- the model
+
+
+class SGMLlava(lmms):
+    """A LLaVA-family model wearing safety glasses (or not, with ``sgm=off``), for lmms-eval."""
+
+    is_simple = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        # lmms-eval's CLI adds batch_size (always), device and max_batch_size (when given).
+        max_batch_size = kwargs.pop("max_batch_size", None)
+        if str(kwargs.get("batch_size", "1")).startswith("auto"):
+            raise ValueError(
+                f"sgm_llava has no automatic batch size (got batch_size={kwargs['batch_size']!r}); "
+                "pass a number: --batch_size 4"
+            )
+        if max_batch_size is not None:
+            logger.info(f"sgm_llava: max_batch_size={max_batch_size} ignored (it only applies to batch_size=auto)")
+        self.args, self.profile_options, self.selection = parse_model_args(kwargs)
+        install_loglikelihood_passthrough()
+
+        args = self.args
+        self._model, self.processor = models.load(args.pretrained, device=args.device, dtype=args.dtype)
+        self.tokenizer = self.processor.tokenizer
+        # Batched generation needs left padding (loglikelihood pads on the right, per call).
+        self.tokenizer.padding_side = "left"
+        if getattr(self.processor, "chat_template", None) is None:
+            raise ValueError(f"the processor of {args.pretrained} has no chat template; sgm_llava formats every prompt with it")
+        self.batch_size = args.batch_size
+        self._device = torch.device(args.device)
+
+        self._handle = None
+        self._warned: set = set()
+        self.glasses = None
+        info = {"sgm": args.sgm, "pretrained": args.pretrained, "strength": args.strength, "mode": args.mode}
+        if args.sgm:
+            glasses, source = self._get_glasses()
+            self.glasses = glasses
+            self._handle = glasses.apply(self._model, args.strength, args.mode, processor=self.processor)
+            info.update(
+                glasses=source,
+                glasses_digest=glasses.digest(),
+                data_digest=glasses.manifest["data"]["digest"],
+                selection=glasses.manifest["selection_options"],
+                experts=glasses.counts()["experts"],
+            )
+            self._runner = self._handle.model
+        elif args.mode == "nnsight":
+            from lmms_sgm.intervention import as_generator
+
+            self._runner = as_generator(self._model, self.processor)  # same path, no edit
+        else:
+            self._runner = self._model
+        self.sgm_info = info
+        logger.info("sgm_llava: " + json.dumps(info, sort_keys=True))
+
+    # ------------------------------------------------------------ glasses
+
+    def _get_glasses(self):
+        from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+
+        args = self.args
+        if args.profile_data:
+            glasses, source = self._cached_glasses()
+        else:
+            path = Path(args.glasses).expanduser()
+            if not path.is_dir():
+                raise FileNotFoundError(
+                    f"glasses={args.glasses}: no such directory; build glasses with "
+                    f"`lmms-sgm profile --model {args.pretrained} --data PAIRS --out DIR`, or pass profile_data=PAIRS"
+                )
+            glasses, source = SafetyGlasses.load(path), str(path)
+            if self.selection is not None:
+                glasses = glasses.reselect(self.selection)
+                source += f" (reselected: {json.dumps(to_dict(self.selection), sort_keys=True)})"
+        try:
+            glasses.check(self._model)
+        except GlassesMismatch as e:
+            raise GlassesMismatch(
+                f"glasses {source} do not fit {args.pretrained}: {e}; or pass profile_data=PAIRS to build glasses for this model"
+            ) from None
+        return glasses, source
+
+    def _cached_glasses(self):
+        """Glasses built from ``profile_data``, cached by fingerprint, data digest and options."""
+        from lmms_sgm import pipeline
+        from lmms_sgm.data import load_pairs
+        from lmms_sgm.glasses import FORMAT_VERSION, SafetyGlasses
+
+        pairs = load_pairs(self.args.profile_data)
+        key_material = {
+            "fingerprint": models.fingerprint(self._model),
+            "data": pairs.digest(),
+            "profile_options": to_dict(self.profile_options),
+            "selection_options": to_dict(self.selection),
+            "format_version": FORMAT_VERSION,
+            "lmms_sgm_version": __version__,
+        }
+        key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:32]
+        path = cache_dir() / key
+        try:
+            glasses = SafetyGlasses.load(path)
+            self.cache_hit = True
+            logger.info(f"sgm_llava: glasses for {self.args.profile_data} found in the cache: {path}")
+        except FileNotFoundError:
+            self.cache_hit = False
+            logger.info(f"sgm_llava: building glasses from {self.args.profile_data} (cached at {path})")
+            glasses = pipeline.build_glasses(self._model, self.processor, pairs, self.profile_options, self.selection)
+            try:
+                glasses.save(path)
+            except FileExistsError:  # another process built the same glasses meanwhile
+                glasses = SafetyGlasses.load(path)
+        return glasses, str(path)
+
+    # ------------------------------------------------------------ lmms-eval plumbing
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def device(self):
+        return self._device
+
+    def clean(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        super().clean()
+
+    def _doc(self, task, split, doc_id):
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self._doc(task, split, doc_id))
+        if visuals is None:
+            return []
+        if not isinstance(visuals, (list, tuple)):
+            visuals = [visuals]
+        from PIL import Image
+
+        out = []
+        for v in visuals:
+            if not isinstance(v, Image.Image):
+                raise TypeError(f"sgm_llava handles images only; doc {doc_id} of {task} gives a {type(v).__name__}")
+            out.append(v.convert("RGB"))
+        return out
+
+    def _prompt(self, context: str, n_images: int) -> str:
+        """One user turn: one image item per visual, then the text; ready for the answer."""
+        image_token = getattr(self.processor, "image_token", "<image>")
+        if n_images and context.count(image_token) == n_images:
+            content = [{"type": "text", "text": context}]  # the task placed the images itself
+        else:
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, texts: list[str], images: list, padding_side: str):
+        enc = self.processor(
+            text=texts, images=images or None, return_tensors="pt", padding=True, padding_side=padding_side
+        )
+        enc = enc.to(self._device)
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self._model.dtype)
+        return enc
+
+    def _forward_logits(self, enc) -> torch.Tensor:
+        if self.args.mode == "nnsight":
+            runner = self._runner
+            with runner.trace(**enc):
+                logits = runner.output.logits.save()
+            return logits
+        return self._runner(**enc).logits
+
+    def _generate(self, enc, gen: dict) -> torch.Tensor:
+        if self.args.mode == "nnsight":
+            runner = self._runner
+            with runner.generate(**enc, **gen) as tracer:
+                out = tracer.result.save()
+            return out
+        return self._runner.generate(**enc, **gen)
+
+    # ------------------------------------------------------------ requests
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(loss, is_greedy) per request: loss is the mean negative log-likelihood of the
+        continuation's tokens given the image(s) and the context, under the chat template (lower
+        is better; lmms-eval's multiple choice takes the argmin), as lmms-eval's llava_hf does."""
+        items = []
+        for req in requests:
+            args = req.args
+            if len(args) == 2:  # lmms-eval's unconditional requests (acc_mutual_info): no doc, no image
+                context, target = args
+                visuals = []
+            else:
+                context, target, doc_to_visual, doc_id, task, split = args
+                if not isinstance(target, str):  # plain loglikelihood tasks pass doc_to_target
+                    target = target(self._doc(task, split, doc_id))
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._prompt(context, len(visuals))
+            items.append((prompt, str(target), visuals))
+
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0] + items[i][1]))
+        results: list = [None] * len(items)
+        pbar = tqdm(total=len(items), disable=self.rank != 0, desc="sgm_llava loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, res in zip(batch, self._loglikelihood_batch([items[i] for i in batch])):
+                results[i] = res
+            pbar.update(len(batch))
+        pbar.close()
+        return results
+
+    @torch.inference_mode()
+    def _loglikelihood_batch(self, items):
+        texts = [prompt + target for prompt, target, _ in items]
+        images = [img for _, _, visuals in items for img in visuals]
+        # Right padding: every sequence keeps the positions it has alone.
+        enc = self._encode(texts, images, "right")
+        logits = self._forward_logits(enc).float()
+        out = []
+        for row, (prompt, target, visuals) in enumerate(items):
+            n_context = self._encode([prompt], visuals, "right")["input_ids"].shape[1]
+            length = int(enc["attention_mask"][row].sum())
+            tokens = enc["input_ids"][row, n_context:length]
+            if tokens.numel() == 0:
+                raise ValueError(f"empty continuation {target!r}: nothing to score after the context")
+            step_logits = logits[row, n_context - 1 : length - 1]
+            logprobs = torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            greedy = bool((step_logits.argmax(-1) == tokens).all())
+            out.append((float(-logprobs.mean()), greedy))
+        return out
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        items = []
+        for req in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            gen, until = self._generation_settings(gen_kwargs or {})
+            group = json.dumps(gen, sort_keys=True, default=str)
+            items.append((self._prompt(context, len(visuals)), visuals, gen, until, group))
+
+        # Batches hold requests of one group (same generation settings), longest first; the
+        # results go back in request order.
+        order = sorted(range(len(items)), key=lambda i: (items[i][4], -len(items[i][0])))
+        batches, current = [], []
+        for i in order:
+            if current and (len(current) == self.batch_size or items[current[0]][4] != items[i][4]):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+
+        results: list = [None] * len(items)
+        pbar = tqdm(total=len(items), disable=self.rank != 0, desc="sgm_llava generate_until")
+        for batch in batches:
+            texts = [items[i][0] for i in batch]
+            images = [img for i in batch for img in items[i][1]]
+            gen, until = items[batch[0]][2], items[batch[0]][3]
+            for i, text in zip(batch, self._generate_batch(texts, images, gen)):
+                results[i] = truncate(text, until)
+            pbar.update(len(batch))
+        pbar.close()
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, texts, images, gen) -> list[str]:
+        enc = self._encode(texts, images, "left")
+        out = self._generate(enc, gen)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def _generation_settings(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+        gen_kwargs = dict(gen_kwargs)
+        until = gen_kwargs.pop("until", None)
+        if until is None:
+            until = []
+        elif isinstance(until, str):
+            until = [until]
+        elif not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
+        ignored = tuple(sorted(set(gen_kwargs) - set(GEN_KEYS) - IGNORED_GEN_KEYS))
+        if ignored and ignored not in self._warned:
+            self._warned.add(ignored)
+            logger.warning(f"sgm_llava: generation kwargs {list(ignored)} are not used")
+        temperature = gen_kwargs.get("temperature")
+        do_sample = gen_kwargs.get("do_sample")
+        temperature = (1.0 if do_sample else 0.0) if temperature is None else float(temperature)
+        do_sample = temperature > 0 if do_sample is None else bool(do_sample)
+        if temperature == 0:
+            do_sample = False  # temperature 0 means greedy
+        tok = self.tokenizer
+        gen = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            "do_sample": do_sample,
+            "num_beams": int(gen_kwargs.get("num_beams") or 1),
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        }
+        if do_sample:
+            gen["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                gen["top_p"] = float(gen_kwargs["top_p"])
+        return gen, [u for u in until if u]
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError(
+            "sgm_llava does not implement generate_until_multi_round; use single-round "
+            "(generate_until or multiple_choice) tasks"
+        )
+
+
+def truncate(text: str, until: list[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    cut = len(text)
+    for stop in until:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]

@@ -1,0 +1,367 @@
+"""The lmms-eval model ``sgm_llava`` driven directly: model_args strings in, hand-built
+``Instance`` requests with a fake ``task_dict``, results checked against the HF model run here
+(negative log-likelihoods computed from its logits, generations with the core ``glasses.apply``)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance
+
+from lmms_sgm import pipeline, tiny
+from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+from lmms_sgm.lmms.model import SGMLlava
+from lmms_sgm.options import ProfileOptions, SelectionOptions
+
+TASK, SPLIT = "toy", "test"
+QUESTIONS = [
+    "what is this ?",
+    "what colour is the circle in the top left of this picture ?",
+    "how many ?",
+    "is this a nice image or a bad image , what do you think ?",
+    "what shape",
+    "which colour",
+]
+CHOICES = ["red", "blue circle", "a green square", "yes"]
+ALL_MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
+MODES = ("hooks", "fold", "nnsight")
+N_NEW = 6
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return [{"image": tiny.random_image(100 + i), "question": q} for i, q in enumerate(QUESTIONS)]
+
+
+def doc_to_visual(doc):
+    return [doc["image"]]
+
+
+@pytest.fixture(scope="module")
+def glasses_dir(load_model, toy_jsonl, tmp_path_factory):
+    """det0 over every module kind: strong enough to change greedy generations of the tiny model."""
+    model, processor = load_model()
+    out = tmp_path_factory.mktemp("lmms_glasses") / "det0"
+    pipeline.build_glasses(model, processor, toy_jsonl, ProfileOptions(modules=ALL_MODULES),
+                           SelectionOptions(rule="det0", top_k=40), out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def make(tiny_dir, docs):
+    """Build the wrapper the way lmms-eval does: ``create_from_arg_string`` with the CLI's extras."""
+
+    def _make(model_args: str = "", batch_size: int = 1):
+        arg_string = f"pretrained={tiny_dir}" + (f",{model_args}" if model_args else "")
+        lm = SGMLlava.create_from_arg_string(arg_string, {"batch_size": str(batch_size), "max_batch_size": None, "device": None})
+        lm.task_dict = {TASK: {SPLIT: docs}}
+        return lm
+
+    return _make
+
+
+def gen_request(doc_id, question, gen_kwargs):
+    return Instance("generate_until", (question, dict(gen_kwargs), doc_to_visual, doc_id, TASK, SPLIT), idx=0,
+                    metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+
+
+def ll_requests(doc_id, question, choices):
+    return [Instance("loglikelihood", (question, f" {c}", doc_to_visual, doc_id, TASK, SPLIT), idx=i,
+                     metadata={"task": TASK, "doc_id": doc_id, "repeats": 1}) for i, c in enumerate(choices)]
+
+
+def user_prompt(processor, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def reference_nll(model, processor, image, question, continuation):
+    """Mean NLL of the continuation's tokens, from one unpadded forward pass of the HF model."""
+    prompt = user_prompt(processor, question)
+    full = processor(images=[image], text=[prompt + continuation], return_tensors="pt")
+    n_prompt = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    logits = model(**full).logits[0].double()
+    ids = full["input_ids"][0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_lp = [logprobs[t - 1, ids[t]] for t in range(n_prompt, len(ids))]
+    greedy = all(int(logits[t - 1].argmax()) == int(ids[t]) for t in range(n_prompt, len(ids)))
+    return -float(torch.stack(token_lp).mean()), greedy
+
+
+@torch.no_grad()
+def reference_generate(generator, processor, docs, ids, nnsight=False):
+    """Greedy generation of the given docs in one left-padded batch, decoded like the wrapper."""
+    processor.tokenizer.padding_side = "left"
+    enc = processor(images=[docs[i]["image"] for i in ids], text=[user_prompt(processor, docs[i]["question"]) for i in ids],
+                    return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": N_NEW, "do_sample": False, "pad_token_id": processor.tokenizer.pad_token_id}
+    if nnsight:
+        with generator.generate(**enc, **kw) as tracer:
+            out = tracer.result.save()
+    else:
+        out = generator.generate(**enc, **kw)
+    return processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- loglikelihood
+
+
+@pytest.mark.parametrize("config", ["sgm=off", "mode=hooks", "mode=fold", "mode=nnsight"])
+def test_loglikelihood_equals_reference_nll_and_argmin(config, make, docs, glasses_dir, load_model):
+    """Each loss is the mean NLL of the continuation computed directly from the HF model (with the
+    core glasses.apply when glasses are worn), also in padded batches; argmin picks the answer."""
+    ref_model, processor = load_model()
+    with_glasses = config != "sgm=off"
+    handle = SafetyGlasses.load(glasses_dir).apply(ref_model, mode="hooks") if with_glasses else None
+    try:
+        # One choice per doc is the reference's own greedy next word, so is_greedy is exercised both ways.
+        cases = []
+        for doc_id in (0, 1, 3):
+            prompt = user_prompt(processor, docs[doc_id]["question"])
+            with torch.no_grad():
+                enc = processor(images=[docs[doc_id]["image"]], text=[prompt], return_tensors="pt")
+                greedy_word = processor.tokenizer.decode([int(ref_model(**enc).logits[0, -1].argmax())])
+            choices = CHOICES + [greedy_word]
+            refs = [reference_nll(ref_model, processor, docs[doc_id]["image"], docs[doc_id]["question"], f" {c}") for c in choices]
+            cases.append((doc_id, choices, refs))
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    model_args = config if not with_glasses else f"glasses={glasses_dir},{config}"
+    lm = make(model_args, batch_size=3)
+    requests = [r for doc_id, choices, _ in cases for r in ll_requests(doc_id, docs[doc_id]["question"], choices)]
+    results = lm.loglikelihood(requests)
+    assert len(results) == len(requests)
+    at = 0
+    for doc_id, choices, refs in cases:
+        got = results[at: at + len(choices)]
+        at += len(choices)
+        for (loss, greedy), (ref_loss, ref_greedy) in zip(got, refs):
+            assert isinstance(loss, float) and isinstance(greedy, bool)
+            assert loss == pytest.approx(ref_loss, abs=1e-5)
+            assert greedy == ref_greedy
+        assert refs[-1][1] is True  # the reference's greedy word is greedy
+        losses = [g[0] for g in got]
+        assert losses.index(min(losses)) == min(range(len(refs)), key=lambda i: refs[i][0])
+
+
+def test_glasses_change_the_losses(make, docs, glasses_dir):
+    requests = ll_requests(1, docs[1]["question"], CHOICES)
+    off = [r[0] for r in make("sgm=off").loglikelihood(requests)]
+    for mode in MODES:
+        on = [r[0] for r in make(f"glasses={glasses_dir},mode={mode}").loglikelihood(requests)]
+        assert max(abs(a - b) for a, b in zip(on, off)) > 1e-4, mode
+    # strength 0 is the vanilla model
+    zero = [r[0] for r in make(f"glasses={glasses_dir},strength=0").loglikelihood(requests)]
+    assert zero == pytest.approx(off, abs=1e-6)
+
+
+def test_unconditional_and_doc_target_requests(make, docs, model_and_processor):
+    """lmms-eval's acc_mutual_info requests carry only (context, continuation); plain loglikelihood
+    tasks pass doc_to_target instead of a string."""
+    model, processor = model_and_processor
+    lm = make("sgm=off")
+    bare = Instance("loglikelihood", ("", "red circle"), idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1})
+    by_target = Instance("loglikelihood", (docs[2]["question"], lambda doc: " yes", doc_to_visual, 2, TASK, SPLIT), idx=0,
+                         metadata={"task": TASK, "doc_id": 2, "repeats": 1})
+    (bare_loss, _), (target_loss, _) = lm.loglikelihood([bare, by_target])
+    assert target_loss == pytest.approx(reference_nll(model, processor, docs[2]["image"], docs[2]["question"], " yes")[0], abs=1e-5)
+    text_only = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": ""}]}],
+                                              tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        full = processor(text=[text_only + "red circle"], return_tensors="pt")
+        n = processor(text=[text_only], return_tensors="pt")["input_ids"].shape[1]
+        lp = torch.log_softmax(model(**full).logits[0].double(), -1)
+    ids = full["input_ids"][0]
+    expected = -float(torch.stack([lp[t - 1, ids[t]] for t in range(n, len(ids))]).mean())
+    assert bare_loss == pytest.approx(expected, abs=1e-5)
+
+
+def test_loglikelihood_results_survive_lmms_eval_unwrapping(make, docs):
+    """lmms-eval 0.7.3 stringifies every result that is not text; our wrapper of its
+    unwrap_generation_output keeps (loss, is_greedy) pairs and leaves everything else alone."""
+    from lmms_eval import evaluator
+    from lmms_eval.api.task import ConfigurableTask
+
+    lm = make("sgm=off")
+    make("sgm=off")  # a second model must not wrap the wrapper again
+    unwrap = evaluator.unwrap_generation_output
+    assert unwrap._lmms_sgm_passthrough and not getattr(unwrap.__wrapped__, "_lmms_sgm_passthrough", False)
+    assert unwrap.__wrapped__((0.5, False)) == ("(0.5, False)", None)  # the bug being worked around
+    assert unwrap("text") == ("text", None)
+    assert unwrap(GenerationResult(text="hi")) == ("hi", None)
+    assert unwrap(["a", "b"]) == (["a", "b"], None)
+    assert unwrap([1.25, True]) == ((1.25, True), None)  # as the response cache hands them back
+
+    # lmms-eval's own multiple-choice scoring on what the evaluator stores (TakeFirst filter: r[0]).
+    requests = ll_requests(0, docs[0]["question"], CHOICES)
+    stored = [unwrap(x)[0] for x in lm.loglikelihood(requests)]
+    losses = [s[0] for s in stored]
+    for gold in range(len(CHOICES)):
+        fake_task = type("FakeTask", (), {
+            "OUTPUT_TYPE": "multiple_choice", "config": type("C", (), {"process_results": None})(),
+            "_metric_fn_list": {"acc": None}, "multiple_input": False, "multiple_target": False,
+            "doc_to_choice": lambda self, doc: CHOICES, "doc_to_target": lambda self, doc, g=gold: g,
+        })()
+        metrics = ConfigurableTask.process_results(fake_task, docs[0], stored)
+        assert metrics["acc"] == float(gold == losses.index(min(losses)))
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_batched_generation_equals_unbatched(make):
+    """batch_size 4 (left padding, prompts of different lengths, two generation settings) gives
+    the same text as one request at a time, in request order."""
+    requests = [gen_request(i, q, {"max_new_tokens": N_NEW if i % 2 else N_NEW - 2, "temperature": 0}) for i, q in enumerate(QUESTIONS)]
+    for config in ("sgm=off", "mode=nnsight,sgm=off"):
+        one = make(config, batch_size=1).generate_until(requests)
+        four = make(config, batch_size=4).generate_until(requests)
+        assert four == one
+        assert all(isinstance(t, str) and t for t in one)
+        single = [make(config).generate_until([r])[0] for r in requests[:2]]
+        assert single == one[:2]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_glasses_generation_equals_core_apply(mode, make, docs, glasses_dir, load_model):
+    """The wrapper's generations equal generating with glasses.apply from the core on the same
+    inputs, and the glasses change what the model says (else this test could not fail)."""
+    ids = [0, 1, 2, 3]
+    ref_model, processor = load_model()
+    vanilla = reference_generate(ref_model, processor, docs, ids)
+    with SafetyGlasses.load(glasses_dir).apply(ref_model, mode=mode, processor=processor) as handle:
+        expected = reference_generate(handle.model, processor, docs, ids, nnsight=mode == "nnsight")
+    assert expected != vanilla
+    lm = make(f"glasses={glasses_dir},mode={mode}", batch_size=4)
+    got = lm.generate_until([gen_request(i, docs[i]["question"], {"max_new_tokens": N_NEW}) for i in ids])
+    assert got == expected
+    assert lm.sgm_info["glasses_digest"] == SafetyGlasses.load(glasses_dir).digest()
+    assert lm.sgm_info["strength"] == 1.0 and lm.sgm_info["mode"] == mode
+
+
+def test_until_truncates_at_the_first_stop_string(make, docs):
+    lm = make("sgm=off", batch_size=2)
+    free = lm.generate_until([gen_request(i, docs[i]["question"], {"max_new_tokens": 8}) for i in range(2)])
+    words = free[0].split()
+    assert len(words) >= 4
+    stop_late, stop_early = words[3], words[1]
+    got = lm.generate_until([gen_request(i, docs[i]["question"], {"max_new_tokens": 8, "until": [stop_late, stop_early]}) for i in range(2)])
+    assert got[0] == free[0][: free[0].index(stop_early)]
+    assert len(got[0]) < len(free[0])
+    one = lm.generate_until([gen_request(0, docs[0]["question"], {"max_new_tokens": 8, "until": stop_late})])
+    assert one[0] == free[0][: free[0].index(stop_late)]
+
+
+def test_multi_round_is_refused(make):
+    with pytest.raises(NotImplementedError, match="single-round"):
+        make("sgm=off").generate_until_multi_round([])
+
+
+# ---------------------------------------------------------------- model_args
+
+
+@pytest.fixture(scope="module")
+def other_glasses(tmp_path_factory, toy_jsonl):
+    """Glasses of another tiny LLaVA (intermediate_size 48 instead of 64)."""
+    from lmms_sgm import models
+
+    other = tiny.build_tiny_llava(tmp_path_factory.mktemp("other_llava"), intermediate_size=48)
+    model, processor = models.load(str(other))
+    out = tmp_path_factory.mktemp("other_glasses") / "g"
+    pipeline.build_glasses(model, processor, toy_jsonl, out=out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("model_args, error, message", [
+    ("sgm=off,colour=red", ValueError, r"unknown model_args colour; known: .*pretrained.*profile_pooling.*select_threshold"),
+    ("sgm=off,mode=magic", ValueError, r"unknown mode 'magic'; choose from hooks, nnsight, fold"),
+    ("sgm=off,strength=2", ValueError, r"strength must be in \[0, 1\], got 2"),
+    ("sgm=off,dtype=float8", ValueError, r"choose from auto, float32"),
+    ("", ValueError, r"needs glasses: pass glasses=DIR .*profile_data=PAIRS.*sgm=off"),
+    ("sgm=off,profile_pooling=max", ValueError, r"profile_pooling only apply .* add profile_data"),
+    ("sgm=off,select_top_k=3", ValueError, r"select_top_k select experts of glasses; add glasses=DIR"),
+    ("glasses=/nonexistent/glasses", FileNotFoundError, r"no such directory; build glasses with `lmms-sgm profile"),
+])
+def test_bad_model_args_say_what_to_do(model_args, error, message, make):
+    with pytest.raises(error, match=message):
+        make(model_args)
+
+
+def test_missing_pretrained():
+    with pytest.raises(ValueError, match="pretrained is required: a Hub id or a local model directory"):
+        SGMLlava.create_from_arg_string("sgm=off", {"batch_size": "1"})
+
+
+def test_auto_batch_size_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match="no automatic batch size.*--batch_size 4"):
+        SGMLlava.create_from_arg_string(f"pretrained={tiny_dir},sgm=off", {"batch_size": "auto"})
+
+
+def test_glasses_of_another_model_are_refused(make, other_glasses):
+    with pytest.raises(GlassesMismatch, match=r"intermediate_size: glasses 48 vs model 64.*lmms-sgm profile.*profile_data=PAIRS"):
+        make(f"glasses={other_glasses}")
+
+
+def test_lmms_eval_value_types_are_parsed(make, glasses_dir):
+    """lmms-eval turns "0.5"/"false"/"2" into Python values before the model sees them."""
+    lm = make(f"glasses={glasses_dir},strength=0.5,mode=fold", batch_size=2)
+    assert (lm.args.strength, lm.args.mode, lm.batch_size, lm.args.sgm) == (0.5, "fold", 2, True)
+    assert make("sgm=false").args.sgm is False
+
+
+def test_select_options_reselect_given_glasses(make, glasses_dir):
+    lm = make(f"glasses={glasses_dir},select_rule=damp,select_top_k=5,select_damp_factor=0.25")
+    expected = SafetyGlasses.load(glasses_dir).reselect(SelectionOptions(rule="damp", top_k=5, damp_factor=0.25))
+    assert lm.sgm_info["glasses_digest"] == expected.digest()
+    assert lm.sgm_info["experts"] == 5
+    assert lm.glasses.digest() != SafetyGlasses.load(glasses_dir).digest()
+
+
+# ---------------------------------------------------------------- profile_data and the cache
+
+
+def test_profile_data_builds_once_then_hits_the_cache(make, toy_jsonl, load_model, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMMS_SGM_CACHE", str(cache))
+    calls = []
+    real_build = pipeline.build_glasses
+
+    def counting_build(*args, **kwargs):
+        calls.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_glasses", counting_build)
+    args = f"profile_data={toy_jsonl},profile_modules=up_proj+intermediate,profile_pooling=max,select_rule=det0,select_top_k=12"
+
+    first = make(args)
+    assert (first.cache_hit, len(calls)) == (False, 1)
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
+    # The cached glasses are the ones the core builds from the same data and options.
+    model, processor = load_model()
+    direct = real_build(model, processor, toy_jsonl, ProfileOptions(modules=("up_proj", "intermediate"), pooling="max"),
+                        SelectionOptions(rule="det0", top_k=12), progress=False)
+    assert first.sgm_info["glasses_digest"] == direct.digest()
+    assert json.loads((entries[0] / "manifest.json").read_text())["profile_options"]["pooling"] == "max"
+
+    second = make(args)
+    assert (second.cache_hit, len(calls)) == (True, 1)
+    assert second.sgm_info["glasses_digest"] == first.sgm_info["glasses_digest"]
+    requests = ll_requests(0, "what is this ?", CHOICES)
+    assert second.loglikelihood(requests) == first.loglikelihood(requests)
+
+    third = make(args.replace("select_top_k=12", "select_top_k=13"))  # other options: another entry
+    assert (third.cache_hit, len(calls)) == (False, 2)
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_profile_data_and_glasses_are_exclusive(make, toy_jsonl, glasses_dir):
+    with pytest.raises(ValueError, match="either glasses .* or profile_data"):
+        make(f"glasses={glasses_dir},profile_data={toy_jsonl}")

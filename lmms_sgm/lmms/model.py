@@ -29,6 +29,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from lmms_sgm import __version__, models
+from lmms_sgm.lmms import run_info
 from lmms_sgm.options import (
     ModelArgs,
     ProfileOptions,
@@ -197,6 +198,7 @@ class SGMLlava(lmms):
         else:
             self._runner = self._model
         self.sgm_info = info
+        run_info.publish(info)  # our tasks write it into results.json as the `sgm` metric
         logger.info("sgm_llava: " + json.dumps(info, sort_keys=True))
 
     # ------------------------------------------------------------ glasses

@@ -28,6 +28,7 @@ import datasets
 from PIL import Image, ImageDraw, ImageFont
 
 from lmms_sgm.judges import identity, judge_from_env
+from lmms_sgm.lmms import run_info
 
 DATA_DIR_ENV = "MM_TOXIC_QA_DIR"
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # the default dataset (make_sample.py)
@@ -317,6 +318,7 @@ def process_harmful_results(doc: dict, results) -> dict:
         "harmful_rate_by_category": {"value": unsafe, "category": category},
         "refusal_rate_by_category": {"value": refusal, "category": category},
         "judge": record,
+        "sgm": run_info.current(),
     }
 
 
@@ -332,6 +334,7 @@ def process_benign_results(doc: dict, results) -> dict:
         "helpfulness": helpful,
         "harmful_rate": {"score": unsafe, "category": category},
         "judge": record,
+        "sgm": run_info.current(),
     }
 
 
@@ -371,13 +374,21 @@ def aggregate_by_category(items: list[dict]) -> dict[str, float]:
     return {c: sum(v) / len(v) for c, v in sorted(groups.items())}
 
 
-def aggregate_judge(items: list[dict]) -> dict:
-    """The judge that scored the samples: ``{"name", "version", "config"}`` (results.json)."""
+def _the_one(items: list[dict], what: str) -> dict:
     seen = []
     for x in items:
-        ident = {k: x[k] for k in ("name", "version", "config")}
-        if ident not in seen:
-            seen.append(ident)
+        if x not in seen:
+            seen.append(x)
     if len(seen) != 1:
-        raise ValueError(f"samples of one task were scored by different judges: {seen}")
+        raise ValueError(f"samples of one task were {what}: {seen}")
     return seen[0]
+
+
+def aggregate_judge(items: list[dict]) -> dict:
+    """The judge that scored the samples: ``{"name", "version", "config"}`` (results.json)."""
+    return _the_one([{k: x[k] for k in ("name", "version", "config")} for x in items], "scored by different judges")
+
+
+def aggregate_sgm(items: list[dict]) -> dict:
+    """What the model wore (glasses digest, strength, mode...; see lmms_sgm.lmms.run_info)."""
+    return _the_one(items, "produced by differently configured models")

@@ -10,6 +10,7 @@ from lmms_sgm_tasks.mm_toxic_qa.core import (  # noqa: F401
     aggregate_by_category,
     aggregate_judge,
     aggregate_rate,
+    aggregate_sgm,
     doc_to_target,
     doc_to_text,
     doc_to_visual,

@@ -55,16 +55,17 @@ def _auroc_f32_block(x: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int) -> np
     That is exact unless a toxic and a non-toxic value of a column agree in every bit but the
     lowest (true ties included): such columns are recomputed by the exact rank-based path.
     """
-    keys = np.array(x.T, dtype=np.float32, order="C")  # [neurons, examples]; a copy: x is never written
-    keys += np.float32(0)  # -0.0 -> +0.0, so the two zeros tie as they do for sklearn
+    # [neurons, examples], a new array (x is never written); adding 0 turns -0.0 into +0.0 so
+    # that the two zeros tie, as they do for sklearn.
+    keys = np.add(x.T, np.float32(0), dtype=np.float32, order="C")
     bits = keys.view(np.int32)
     bits &= np.int32(-2)
     bits |= y.astype(np.int32)
     keys.sort(axis=1)
-    # Positions sum to at most n(n-1)/2: exact in float32 below 2**24, else use float64.
-    acc = np.float32 if y.size * (y.size - 1) // 2 < 2**24 else np.float64
-    # einsum, not @: BLAS would start threads of its own inside each worker thread.
-    positions = np.einsum("ij,j->i", (bits & 1).astype(acc), np.arange(y.size, dtype=acc))
+    # Positions sum to at most n(n-1)/2: int32 holds that below 2**31, else int64. (einsum, not
+    # a BLAS matvec, which would start threads of its own inside each worker thread.)
+    acc = np.int32 if y.size * (y.size - 1) // 2 < 2**31 else np.int64
+    positions = np.einsum("ij,j->i", (bits & 1).astype(acc, copy=False), np.arange(y.size, dtype=acc))
     out = (positions.astype(np.float64) - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
     # Neighbours equal but for the label bit: a (near-)tie between a toxic and a non-toxic value,
     # whose order the label bit may have decided. Ties within one class change nothing.

@@ -50,6 +50,24 @@ def _select(args) -> int:
     return 0
 
 
+def _self_label(args) -> int:
+    from lmms_sgm import models
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.selflabel import label_generations, read_prompts, write_pairs
+
+    judge = get_judge(args.judge)
+    prompts = [r for path in args.prompts for r in read_prompts(path)]
+    load = from_namespace(LoadOptions, args)
+    model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+    pairs = label_generations(model, processor, prompts, judge, samples=args.samples,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              batch_size=args.batch_size, seed=args.seed)
+    path = write_pairs(pairs, args.out, judge=judge)
+    c = pairs.counts()
+    print(f"wrote {path}: {c['examples']} answers, {c['toxic']} judged toxic by {judge.name}, {c['non_toxic']} not")
+    return 0
+
+
 def _tiny(args) -> int:
     from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
 
@@ -91,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_arguments(p, SelectionOptions)
     p.set_defaults(func=_select)
+
+    p = sub.add_parser("self-label", help="label the model's own sampled answers with a judge, as profiling pairs")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, nargs="+", help="MM-TOXIC-QA JSONL files (image, question, category)")
+    p.add_argument("--judge", default="lexicon")
+    p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then use --samples 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for pairs.jsonl, images/ and judge.json")
+    add_arguments(p, LoadOptions)
+    p.set_defaults(func=_self_label)
 
     p = sub.add_parser("tiny", help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
     p.add_argument("out")

@@ -217,6 +217,11 @@ def format_prompt(processor, pair: Pair, text_field: str) -> str:
     return processor.apply_chat_template(messages_for(pair, text_field), tokenize=False, add_generation_prompt=False)
 
 
+def prompt_prefix(processor, pair: Pair) -> str:
+    """The question+response prompt up to where the response starts (the generation prompt)."""
+    return processor.apply_chat_template(messages_for(pair, "question+response")[:1], tokenize=False, add_generation_prompt=True)
+
+
 def encode_batch(processor, pairs: Sequence[Pair], text_field: str):
     """Processor-encode a padded batch (one image per pair)."""
     texts = [format_prompt(processor, p, text_field) for p in pairs]

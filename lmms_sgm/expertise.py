@@ -138,22 +138,34 @@ def expertise(store, sites, labels, *, progress: bool = True) -> dict[str, torch
     return out
 
 
+def nontoxic_mean(store, sites, labels) -> dict[str, torch.Tensor]:
+    """Each neuron's mean pooled response over the non-toxic pairs (float32)."""
+    negative = np.asarray(labels) == 0
+    return {s.name: torch.from_numpy(np.asarray(store[s.name])[negative].mean(0, dtype=np.float64).astype(np.float32))
+            for s in sites}
+
+
 def select(aurocs: dict[str, torch.Tensor], options: SelectionOptions = SelectionOptions()) -> dict[str, torch.Tensor]:
     """alpha per neuron (float32): the factor SGM multiplies its output by; 1 for non-experts.
 
-    sgm: experts are AUROC > threshold with alpha = 1 - 2*(AUROC - 0.5) = 2*(1 - AUROC); with
-    top_k, only the k highest-AUROC of those. det0 / damp: the global top-k neurons by AUROC get
-    alpha 0 / damp_factor. Top-k ties are broken by site order then neuron index.
+    sgm: the selected neurons get alpha = 1 - 2*(AUROC - 0.5) = 2*(1 - AUROC). Selected are,
+    by direction, the toxic experts (AUROC > threshold; alpha < 1 when threshold >= 0.5), the
+    anti-toxic ones (AUROC < 1 - threshold; alpha > 1), or both. With top_k only the k most
+    extreme of those. det0 / damp: the global top-k neurons by AUROC get alpha 0 / damp_factor.
+    Top-k ties are broken by site order then neuron index.
     """
     names = list(aurocs)
     flat = torch.cat([aurocs[n].to(torch.float64) for n in names])
     if options.rule == "sgm":
-        chosen = flat > options.threshold
+        toxic = flat > options.threshold
+        anti = flat < 1 - options.threshold
+        chosen = {"suppress": toxic, "amplify": anti, "both": toxic | anti}[options.direction]
     else:
         chosen = torch.ones_like(flat, dtype=torch.bool)
     if options.top_k is not None:
+        extremity = {"suppress": flat, "amplify": 1 - flat, "both": (flat - 0.5).abs()}[options.direction]
         candidates = chosen.nonzero().flatten()
-        keep = candidates[torch.argsort(-flat[candidates], stable=True)[: options.top_k]]
+        keep = candidates[torch.argsort(-extremity[candidates], stable=True)[: options.top_k]]
         chosen = torch.zeros_like(chosen)
         chosen[keep] = True
     if options.rule == "sgm":

@@ -3,7 +3,9 @@
 A glasses directory holds
 
 * ``glasses.safetensors`` -- for every profiled site, ``<site>.auroc`` (float64, each neuron's
-  expertise) and ``<site>.alpha`` (float32, its factor; 1 for non-experts);
+  expertise), ``<site>.alpha`` (float32, its factor; 1 for non-experts) and
+  ``<site>.mean_nontoxic`` (float32, its mean pooled response on the non-toxic pairs, the target
+  of ``towards=nontoxic_mean``);
 * ``manifest.json`` -- format version, the model fingerprint, the sites, every profiling and
   selection option, the profiling data's digest and counts.
 
@@ -44,11 +46,13 @@ class SafetyGlasses:
     auroc: dict[str, torch.Tensor]
     alpha: dict[str, torch.Tensor]
     manifest: dict
+    mean_nontoxic: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ building
 
     @classmethod
-    def from_expertise(cls, sites, aurocs, selection: SelectionOptions, *, model, profile_options, data_digest, data_counts):
+    def from_expertise(cls, sites, aurocs, selection: SelectionOptions, *, model, profile_options, data_digest,
+                       data_counts, mean_nontoxic=None):
         alpha = select(aurocs, selection)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -59,15 +63,21 @@ class SafetyGlasses:
             "selection_options": to_dict(selection),
             "data": {"digest": data_digest, **data_counts},
         }
-        glasses = cls(list(sites), dict(aurocs), alpha, manifest)
+        glasses = cls(list(sites), dict(aurocs), alpha, manifest, mean_nontoxic)
+        glasses._check_towards()
         glasses.manifest["counts"] = glasses.counts()
         return glasses
+
+    def _check_towards(self) -> None:
+        if self.selection.towards == "nontoxic_mean" and self.mean_nontoxic is None:
+            raise ValueError("towards=nontoxic_mean needs the non-toxic means, which these glasses lack; re-profile them")
 
     def reselect(self, selection: SelectionOptions) -> "SafetyGlasses":
         """The same expertise with another selection rule: no re-profiling needed."""
         manifest = json.loads(json.dumps(self.manifest))
         manifest["selection_options"] = to_dict(selection)
-        glasses = SafetyGlasses(self.sites, self.auroc, select(self.auroc, selection), manifest)
+        glasses = SafetyGlasses(self.sites, self.auroc, select(self.auroc, selection), manifest, self.mean_nontoxic)
+        glasses._check_towards()
         glasses.manifest["counts"] = glasses.counts()
         return glasses
 
@@ -88,9 +98,14 @@ class SafetyGlasses:
     def digest(self) -> str:
         """sha256 over the alphas and the selection: identifies what applying these glasses does."""
         h = hashlib.sha256(json.dumps(self.manifest["fingerprint"], sort_keys=True).encode())
+        towards = self.selection.towards
+        if towards != "zero":  # kept out of the hash otherwise, so older digests stay valid
+            h.update(towards.encode())
         for s in self.sites:
             h.update(s.name.encode())
             h.update(self.alpha[s.name].numpy().tobytes())
+            if towards == "nontoxic_mean":
+                h.update(self.mean_nontoxic[s.name].numpy().tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------ persistence
@@ -107,6 +122,8 @@ class SafetyGlasses:
             for s in self.sites:
                 tensors[f"{s.name}.auroc"] = self.auroc[s.name].to(torch.float64).contiguous()
                 tensors[f"{s.name}.alpha"] = self.alpha[s.name].to(torch.float32).contiguous()
+                if self.mean_nontoxic is not None:
+                    tensors[f"{s.name}.mean_nontoxic"] = self.mean_nontoxic[s.name].to(torch.float32).contiguous()
             save_file(tensors, str(tmp / TENSORS), metadata={"format": "lmms_sgm.glasses", "format_version": str(FORMAT_VERSION)})
             manifest = dict(self.manifest, digest=self.digest())
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -131,12 +148,18 @@ class SafetyGlasses:
         missing = [s.name for s in sites if f"{s.name}.auroc" not in tensors or f"{s.name}.alpha" not in tensors]
         if missing:
             raise ValueError(f"{path}: tensors missing for sites {missing[:3]}")
-        return cls(
+        means = None
+        if all(f"{s.name}.mean_nontoxic" in tensors for s in sites):
+            means = {s.name: tensors[f"{s.name}.mean_nontoxic"] for s in sites}
+        glasses = cls(
             sites,
             {s.name: tensors[f"{s.name}.auroc"] for s in sites},
             {s.name: tensors[f"{s.name}.alpha"] for s in sites},
             manifest,
+            means,
         )
+        glasses._check_towards()
+        return glasses
 
     # ------------------------------------------------------------ use
 
@@ -167,6 +190,21 @@ class SafetyGlasses:
             f = (1 - strength) + strength * self.alpha[s.name].to(torch.float64)
             if bool((f != 1).any()):
                 out[s.name] = f.to(torch.float32)
+        return out
+
+    def transforms(self, strength: float) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """``{site: (scale, shift)}``: each neuron becomes ``scale * out + shift``.
+
+        Blending ``(1 - s) * out + s * (mu + alpha * (out - mu))`` gives scale ``f = 1 - s + s * alpha``
+        and shift ``(1 - f) * mu``; towards zero (mu = 0) there is no shift (None).
+        """
+        towards_mean = self.selection.towards == "nontoxic_mean"
+        out = {}
+        for name, f in self.factors(strength).items():
+            shift = None
+            if towards_mean:
+                shift = ((1 - f.to(torch.float64)) * self.mean_nontoxic[name].to(torch.float64)).to(torch.float32)
+            out[name] = (f, shift)
         return out
 
     def summary(self) -> str:

@@ -8,6 +8,9 @@ Three modes give the same logits (tests hold them to 1e-5 at every generated ste
 * ``fold``: factors multiplied into the weight rows (outputs) or columns (intermediate inputs)
   in place, zero overhead; the touched rows are saved and restored exactly on ``remove()``.
 
+Each selected neuron becomes ``f * out`` (towards zero) or ``f * out + (1 - f) * mu`` (towards
+its non-toxic mean mu), with ``f = 1 - s + s * alpha``.
+
 A model wears one pair of glasses at a time.
 """
 from __future__ import annotations
@@ -59,23 +62,23 @@ def apply(glasses, model, options: ApplyOptions, *, processor=None) -> GlassesHa
     glasses.check(hf)
     if hf in _WEARING and _WEARING[hf].active:
         raise RuntimeError("this model already wears glasses; remove() them before applying others")
-    factors = glasses.factors(options.strength)
-    sites = [s for s in glasses.sites if s.name in factors]
+    transforms = glasses.transforms(options.strength)
+    sites = [s for s in glasses.sites if s.name in transforms]
     for s in sites:
         width = _width(get_module(hf, s.module_path), s.kind)
         if width != s.width:
             raise ValueError(f"{s.module_path} has {width} units but the glasses hold {s.width}")
     param = next(hf.parameters())
-    factors = {k: v.to(param.device) for k, v in factors.items()}
+    transforms = {k: (f.to(param.device), None if b is None else b.to(param.device)) for k, (f, b) in transforms.items()}
     if options.mode == "hooks":
-        handle = GlassesHandle(glasses, hf, options, model, _hooks(hf, sites, factors))
+        handle = GlassesHandle(glasses, hf, options, model, _hooks(hf, sites, transforms))
     elif options.mode == "fold":
-        handle = GlassesHandle(glasses, hf, options, model, _fold(hf, sites, factors))
+        handle = GlassesHandle(glasses, hf, options, model, _fold(hf, sites, transforms))
     else:
         nn_model = as_generator(model, processor)
         # No site to change (strength 0, no experts): no edit, since an open step loop with an
         # empty body never ends (nnsight 0.8.1) and generation would hang.
-        undo = _nnsight_edit(nn_model, sites, factors) if sites else []
+        undo = _nnsight_edit(nn_model, sites, transforms) if sites else []
         handle = GlassesHandle(glasses, hf, options, nn_model, undo)
     _WEARING[hf] = handle
     return handle
@@ -85,47 +88,66 @@ def _width(linear, kind: str) -> int:
     return linear.out_features if kind == "output" else linear.in_features
 
 
-def _hooks(hf, sites, factors) -> list:
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``x * scale (+ shift)``: the one formula every mode applies (shift: towards a mean)."""
+    out = x * scale.to(x.dtype)
+    return out if shift is None else out + shift.to(x.dtype)
+
+
+def _hooks(hf, sites, transforms) -> list:
     handles = []
     for s in sites:
         module = get_module(hf, s.module_path)
-        f = factors[s.name]
+        f, b = transforms[s.name]
         if s.kind == "output":
-            handles.append(module.register_forward_hook(lambda m, args, out, f=f: out * f.to(out.dtype)))
+            handles.append(module.register_forward_hook(lambda m, args, out, f=f, b=b: affine(out, f, b)))
         else:
-            handles.append(module.register_forward_pre_hook(lambda m, args, f=f: (args[0] * f.to(args[0].dtype), *args[1:])))
+            handles.append(module.register_forward_pre_hook(lambda m, args, f=f, b=b: (affine(args[0], f, b), *args[1:])))
     return [h.remove for h in handles]
 
 
 @torch.no_grad()
-def _fold(hf, sites, factors) -> list:
+def _fold(hf, sites, transforms) -> list:
+    """Output unit j is row j of the weight (and bias j); input unit j is column j, and a shift
+    of input j moves the output by column j times the shift. A bias is added when a shift needs
+    one (Llama's MLP has none) and removed again on undo."""
     undo = []
     for s in sites:
         linear = get_module(hf, s.module_path)
-        f = factors[s.name]
+        f, b = transforms[s.name]
         idx = (f != 1).nonzero().flatten()
-        scale = f[idx].to(linear.weight.dtype)
-        if s.kind == "output":  # output unit j is row j of the weight (and bias j)
-            saved = (linear.weight[idx].clone(), None if linear.bias is None else linear.bias[idx].clone())
-            linear.weight[idx] *= scale[:, None]
+        w = linear.weight
+        saved = {"bias": None if linear.bias is None else linear.bias.detach().clone(), "created": False}
+        if b is not None and linear.bias is None:
+            linear.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+            saved["created"] = True
+        scale = f[idx].to(w.dtype)
+        if s.kind == "output":
+            saved["weight"] = w[idx].clone()
+            w[idx] *= scale[:, None]
             if linear.bias is not None:
                 linear.bias[idx] *= scale
-        else:  # input unit j is column j of the weight
-            saved = (linear.weight[:, idx].clone(), None)
-            linear.weight[:, idx] *= scale[None, :]
+                if b is not None:
+                    linear.bias[idx] += b[idx].to(w.dtype)
+        else:
+            saved["weight"] = w[:, idx].clone()
+            if b is not None:
+                linear.bias += saved["weight"] @ b[idx].to(w.dtype)
+            w[:, idx] *= scale[None, :]
         undo.append(lambda linear=linear, idx=idx, saved=saved, kind=s.kind: _restore(linear, idx, saved, kind))
     return undo
 
 
 @torch.no_grad()
 def _restore(linear, idx, saved, kind) -> None:
-    weight, bias = saved
     if kind == "output":
-        linear.weight[idx] = weight
-        if bias is not None:
-            linear.bias[idx] = bias
+        linear.weight[idx] = saved["weight"]
     else:
-        linear.weight[:, idx] = weight
+        linear.weight[:, idx] = saved["weight"]
+    if saved["created"]:
+        linear.bias = None
+    elif saved["bias"] is not None:
+        linear.bias.copy_(saved["bias"])
 
 
 def as_generator(model, processor=None):
@@ -140,7 +162,7 @@ def as_generator(model, processor=None):
     return TransformersModel(model, task="image-text-to-text", processor=processor, tokenizer=processor.tokenizer)
 
 
-def _nnsight_edit(nn_model, sites, factors) -> list:
+def _nnsight_edit(nn_model, sites, transforms) -> list:
     # The step loop is open-ended on purpose (generation length is unknown), and nnsight warns
     # on every call that the step after the last was "never reached". That is expected here.
     warnings.filterwarnings("ignore", message=r".*was never reached.*", category=UserWarning)
@@ -149,10 +171,11 @@ def _nnsight_edit(nn_model, sites, factors) -> list:
         for _ in tracer.iter[:]:  # every step: the prompt pass and each generated token
             for s in sites:
                 envoy = get_module(nn_model, s.module_path)
+                f, b = transforms[s.name]
                 if s.kind == "output":
-                    envoy.output = envoy.output * factors[s.name].to(envoy.output.dtype)
+                    envoy.output = affine(envoy.output, f, b)
                 else:
-                    envoy.input = envoy.input * factors[s.name].to(envoy.input.dtype)
+                    envoy.input = affine(envoy.input, f, b)
 
     def undo():
         # Keep edits the caller made before ours; clear_edits() alone would drop them too.

@@ -38,8 +38,10 @@ class ProfileOptions:
     positions: str = opt(
         "all",
         "positions pooled over (padding never counts): all non-padding, text tokens only "
-        "(image tokens excluded), or tokens after the last image token",
-        ("all", "text", "after_image"),
+        "(image tokens excluded), tokens after the last image token, the response tokens "
+        "(the assistant turn; needs text_field=question+response), or the decision position "
+        "(the last prompt token before the response; the last token otherwise)",
+        ("all", "text", "after_image", "response", "decision"),
     )
     text_field: str = opt(
         "response",
@@ -56,6 +58,8 @@ class ProfileOptions:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         parse_layers(self.layers, None)  # syntax check now; range check once the model is known
+        if self.positions == "response" and self.text_field != "question+response":
+            raise ValueError("positions='response' needs text_field='question+response' (the response as the assistant turn)")
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,31 @@ class SelectionOptions:
         ("sgm", "det0", "damp"),
     )
     threshold: float = opt(0.5, "AUROC above which a neuron is an expert (sgm rule); the precursor used 0.3")
-    top_k: typing.Optional[int] = opt(None, "keep only the k highest-AUROC experts over all profiled neurons (required by det0/damp)")
+    direction: str = opt(
+        "suppress",
+        "sgm rule: suppress toxic experts (AUROC > threshold), amplify anti-toxic ones "
+        "(AUROC < 1 - threshold, alpha > 1), or both",
+        ("suppress", "amplify", "both"),
+    )
+    top_k: typing.Optional[int] = opt(
+        None,
+        "keep only the k most extreme selected neurons over all sites (highest AUROC; lowest for "
+        "amplify; farthest from 0.5 for both); required by det0/damp",
+    )
     damp_factor: float = opt(0.5, "factor applied to the top-k experts by the damp rule")
+    towards: str = opt(
+        "zero",
+        "what a scaled neuron is pulled towards: zero (out * alpha, the paper) or nontoxic_mean "
+        "(mu + alpha * (out - mu), mu = the neuron's mean pooled response on non-toxic pairs)",
+        ("zero", "nontoxic_mean"),
+    )
 
     def __post_init__(self):
         _check_choices(self)
         if self.rule in ("det0", "damp") and not self.top_k:
             raise ValueError(f"rule={self.rule!r} needs top_k (the number of experts to change)")
+        if self.rule in ("det0", "damp") and self.direction != "suppress":
+            raise ValueError(f"rule={self.rule!r} only suppresses; direction={self.direction!r} needs rule=sgm")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.threshold <= 1.0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmms_sgm.data import load_pairs
-from lmms_sgm.expertise import expertise
+from lmms_sgm.expertise import expertise, nontoxic_mean
 from lmms_sgm.glasses import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.profiling import profile
@@ -32,11 +32,12 @@ def build_glasses(
     sites, store = profile(model, processor, pairs, profile_options, progress=progress)
     try:
         aurocs = expertise(store, sites, pairs.labels, progress=progress)
+        means = nontoxic_mean(store, sites, pairs.labels)
     finally:
         store.close()
     glasses = SafetyGlasses.from_expertise(
         sites, aurocs, selection, model=model, profile_options=profile_options,
-        data_digest=pairs.digest(), data_counts=pairs.counts(),
+        data_digest=pairs.digest(), data_counts=pairs.counts(), mean_nontoxic=means,
     )
     if out is not None:
         glasses.save(out, overwrite=overwrite)

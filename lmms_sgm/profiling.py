@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmms_sgm.data import PairDataset, encode_batch
+from lmms_sgm.data import PairDataset, encode_batch, prompt_prefix
 from lmms_sgm.models import image_token_id, unwrap
 from lmms_sgm.options import ProfileOptions
 from lmms_sgm.sites import Site, resolve_sites
@@ -67,14 +67,27 @@ class ResponseStore:
             self._tmp = None
 
 
-def position_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: str, image_id: int) -> torch.Tensor:
-    """Boolean ``[batch, seq]`` mask of the positions to pool over; padding is never included."""
+def position_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: str, image_id: int,
+                  prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean ``[batch, seq]`` mask of the positions to pool over; padding is never included.
+
+    ``prompt_lengths`` (tokens before the response, per row) locate the response and the decision
+    position when the response is the assistant turn; padding may sit on either side.
+    """
     mask = attention_mask.bool()
-    if positions == "text":
+    idx = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    if positions in ("response", "decision") and prompt_lengths is not None:
+        start = mask.int().argmax(1, keepdim=True) + prompt_lengths.view(-1, 1)  # first response token
+        mask = mask & ((idx >= start) if positions == "response" else (idx == start - 1))
+    elif positions == "decision":  # no response turn: the last non-padding token
+        last = torch.where(mask, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
+        mask = idx == last
+    elif positions == "response":
+        raise ValueError("positions='response' needs the prompt lengths (text_field='question+response')")
+    elif positions == "text":
         mask = mask & (input_ids != image_id)
     elif positions == "after_image":
         is_img = input_ids == image_id
-        idx = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         last_img = torch.where(is_img, idx, torch.full_like(idx, -1)).amax(1, keepdim=True)
         mask = mask & (idx > last_img)
     elif positions != "all":
@@ -83,6 +96,26 @@ def position_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, positio
     if empty:
         raise ValueError(f"no position to pool over for batch rows {empty} (positions={positions!r})")
     return mask
+
+
+def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
+    """Tokens before the response in each row: the user turn plus the generation prompt.
+
+    Checked against the full encoding, so a tokenizer that merges across the boundary is an
+    error rather than a silently shifted position.
+    """
+    prefix = processor(images=[p.load_image() for p in pairs],
+                       text=[prompt_prefix(processor, p) for p in pairs], return_tensors="pt", padding=True)
+    lengths = prefix["attention_mask"].sum(1)
+    first_full = enc["attention_mask"].int().argmax(1)
+    first_prefix = prefix["attention_mask"].int().argmax(1)
+    for i, n in enumerate(lengths.tolist()):
+        full = enc["input_ids"][i, first_full[i]:first_full[i] + n]
+        part = prefix["input_ids"][i, first_prefix[i]:first_prefix[i] + n]
+        if not torch.equal(full, part):
+            raise ValueError("the prompt's tokens change when the response follows them; positions "
+                             "'response'/'decision' cannot be located for this tokenizer")
+    return lengths
 
 
 def pool(act: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -128,7 +161,10 @@ def profile(
         with torch.inference_mode():
             for start in tqdm(range(0, len(pairs), bs), desc="profiling", unit="batch", disable=not progress):
                 enc = encode_batch(processor, pairs[start:start + bs], options.text_field)
-                mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id)
+                lengths = None
+                if options.positions in ("response", "decision") and options.text_field == "question+response":
+                    lengths = prompt_lengths(processor, pairs[start:start + bs], enc)
+                mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
                 inputs = {k: v.to(device) for k, v in enc.items()}
                 inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
                 store.write(start, _trace_batch(nn_model, sites, inputs, mask, options.pooling))

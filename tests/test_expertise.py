@@ -246,13 +246,19 @@ def test_auroc_shape_mismatch(shape, n_labels):
 # ---------------------------------------------------------------- select vs a plain reimplementation
 
 
-def reference_select(aurocs: dict, rule: str, threshold=0.5, top_k=None, damp_factor=0.5) -> dict:
+def reference_select(aurocs: dict, rule: str, threshold=0.5, top_k=None, damp_factor=0.5, direction="suppress") -> dict:
     """Written from method.md, independently of the package: lists and Python sorts."""
     entries = [(name, j, float(v)) for name, t in aurocs.items() for j, v in enumerate(np.asarray(t).tolist())]
-    candidates = [e for e in entries if e[2] > threshold] if rule == "sgm" else list(entries)
+    if rule != "sgm":
+        candidates = list(entries)
+    else:
+        keep_toxic = direction in ("suppress", "both")
+        keep_anti = direction in ("amplify", "both")
+        candidates = [e for e in entries if (keep_toxic and e[2] > threshold) or (keep_anti and e[2] < 1 - threshold)]
     if top_k is not None:
-        # Python's sort is stable: equal AUROCs keep site order, then neuron order.
-        candidates = sorted(candidates, key=lambda e: -e[2])[:top_k]
+        # Python's sort is stable: equal scores keep site order, then neuron order.
+        score = {"suppress": lambda v: v, "amplify": lambda v: 1 - v, "both": lambda v: abs(v - 0.5)}[direction]
+        candidates = sorted(candidates, key=lambda e: -score(e[2]))[:top_k]
     alpha = {name: np.ones(len(np.asarray(t)), np.float64) for name, t in aurocs.items()}
     for name, j, v in candidates:
         alpha[name][j] = {"sgm": 1 - 2 * (v - 0.5), "det0": 0.0, "damp": damp_factor}[rule]
@@ -287,6 +293,12 @@ def aurocs():
         {"rule": "damp", "top_k": 25},
         {"rule": "damp", "top_k": 7, "damp_factor": 0.1},
         {"rule": "det0", "top_k": 1000},
+        {"rule": "sgm", "direction": "amplify"},
+        {"rule": "sgm", "direction": "amplify", "threshold": 0.6},
+        {"rule": "sgm", "direction": "amplify", "top_k": 9},
+        {"rule": "sgm", "direction": "both"},
+        {"rule": "sgm", "direction": "both", "top_k": 30},
+        {"rule": "sgm", "direction": "both", "threshold": 0.7, "top_k": 5},
     ],
 )
 def test_select_matches_reference(aurocs, kwargs):
@@ -319,3 +331,19 @@ def test_select_topk_counts(aurocs):
     alpha = torch.cat(list(E.select(aurocs, SelectionOptions(rule="det0", top_k=25)).values()))
     # every zeroed neuron has AUROC >= every untouched one
     assert flat[alpha == 0].min() >= flat[alpha == 1].max()
+
+
+def test_amplify_only_raises_and_both_is_the_union(aurocs):
+    amp = E.select(aurocs, SelectionOptions(direction="amplify"))
+    sup = E.select(aurocs, SelectionOptions(direction="suppress"))
+    both = E.select(aurocs, SelectionOptions(direction="both"))
+    for name, a in aurocs.items():
+        assert bool((amp[name] >= 1).all()) and bool((amp[name][a < 0.5] > 1).all())
+        assert bool((sup[name] <= 1).all())
+        union = torch.where(sup[name] != 1, sup[name], amp[name])
+        assert torch.equal(both[name], union)
+
+
+def test_det0_refuses_amplify():
+    with pytest.raises(ValueError, match="only suppresses"):
+        SelectionOptions(rule="det0", top_k=3, direction="amplify")

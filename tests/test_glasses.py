@@ -85,12 +85,14 @@ def test_safetensors_keys_and_dtypes(built):
     names = expected_site_names()
     assert [s.name for s in g.sites] == names
     with safe_open(str(out / "glasses.safetensors"), "pt") as f:
-        assert set(f.keys()) == {f"{n}.auroc" for n in names} | {f"{n}.alpha" for n in names}
+        assert set(f.keys()) == ({f"{n}.auroc" for n in names} | {f"{n}.alpha" for n in names}
+                                 | {f"{n}.mean_nontoxic" for n in names})
         assert f.metadata()["format"] == "lmms_sgm.glasses"
         for n, s in zip(names, g.sites):
             auroc, alpha = f.get_tensor(f"{n}.auroc"), f.get_tensor(f"{n}.alpha")
             assert auroc.dtype == torch.float64 and alpha.dtype == torch.float32
             assert auroc.shape == alpha.shape == (s.width,)
+            assert f.get_tensor(f"{n}.mean_nontoxic").dtype == torch.float32
     assert sorted(os.listdir(out)) == ["glasses.safetensors", "manifest.json"]
 
 
@@ -312,3 +314,22 @@ def test_mismatch_refused_on_check_and_apply(built, other_model, model_and_proce
     # nothing was half-applied
     assert torch.equal(_logits(model, processor, toy_pairs), vanilla)
     g.check(model_and_processor[0])  # the right model passes
+
+
+def test_nontoxic_mean_is_the_mean_of_the_non_toxic_responses(model_and_processor, toy_jsonl, toy_pairs, tmp_path):
+    from lmms_sgm.profiling import profile
+
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=("up_proj", "intermediate"))
+    g = build_glasses(model, processor, toy_jsonl, opts, SelectionOptions(towards="nontoxic_mean"),
+                      out=tmp_path / "g", progress=False)
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False)
+    labels = np.asarray(toy_pairs.labels)
+    for s in sites:
+        want = np.asarray(store[s.name])[labels == 0].astype(np.float64).mean(0)
+        np.testing.assert_allclose(g.mean_nontoxic[s.name].numpy(), want, rtol=1e-6, atol=1e-7)
+    store.close()
+    loaded = SafetyGlasses.load(tmp_path / "g")
+    assert all(torch.equal(loaded.mean_nontoxic[n], g.mean_nontoxic[n]) for n in g.mean_nontoxic)
+    assert loaded.digest() == g.digest()
+    assert loaded.reselect(SelectionOptions()).digest() != g.digest()  # towards is part of the digest

@@ -372,3 +372,66 @@ def test_unsupported_config():
     with pytest.raises(ValueError, match=f"model_type=None; {SUPPORTED}"):
         adapter_for(types.SimpleNamespace())
     assert adapter_for(types.SimpleNamespace(model_type="llava_next")).name == "llava_next"
+
+
+# ---------------------------------------------------------------- towards the non-toxic mean
+
+
+@pytest.fixture(scope="module")
+def toward_mean(mp, toy_jsonl, tmp_path_factory, vanilla):
+    """Damped neurons pulled towards their non-toxic mean instead of towards zero."""
+    return _build(mp, toy_jsonl, tmp_path_factory, ALL_MODULES,
+                  SelectionOptions(rule="damp", top_k=40, damp_factor=0.2, towards="nontoxic_mean"))
+
+
+@contextmanager
+def reference_mean_hooks(model, glasses_dir, strength):
+    """method.md's 'suppress towards the non-toxic mean': out -> mu + f * (out - mu), plain hooks."""
+    tensors = load_file(str(glasses_dir / "glasses.safetensors"))
+    handles = []
+    for key, alpha in tensors.items():
+        if not key.endswith(".alpha"):
+            continue
+        site = key[: -len(".alpha")]
+        mu = tensors[f"{site}.mean_nontoxic"]
+        f = ((1 - strength) + strength * alpha.double()).float()
+        if site.endswith(".input"):
+            module = model.get_submodule(site[: -len(".input")])
+            handles.append(module.register_forward_pre_hook(lambda m, args, f=f, mu=mu: (mu + f * (args[0] - mu), *args[1:])))
+        else:
+            module = model.get_submodule(site)
+            handles.append(module.register_forward_hook(lambda m, args, out, f=f, mu=mu: mu + f * (out - mu)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("mode", MODES)
+def test_towards_mean_matches_reference(mp, prompt, vanilla, toward_mean, mode, strength):
+    model, processor = mp
+    glasses, glasses_dir = toward_mean
+    with reference_mean_hooks(model, glasses_dir, strength):
+        want = hf_generate(model, prompt)
+    with glasses.apply(model, strength=strength, mode=mode, processor=processor) as handle:
+        got = run(handle, prompt)
+    assert_same(got, want)
+    assert max_diff(got, vanilla) > 1e-4
+    # and it is not the towards-zero intervention with the same alphas
+    zero = glasses.reselect(SelectionOptions(rule="damp", top_k=40, damp_factor=0.2))
+    with zero.apply(model, strength=strength, mode="hooks") as handle:
+        assert max_diff(run(handle, prompt), got) > 1e-4
+    # fold added biases for the shift and removed them again
+    for layer in model.model.language_model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert proj.bias is None
+    assert torch.equal(hf_generate(model, prompt)[1], vanilla[1])
+
+
+def test_towards_mean_strength_zero_is_vanilla(mp, prompt, vanilla, toward_mean):
+    model, processor = mp
+    for mode in MODES:
+        with toward_mean[0].apply(model, strength=0.0, mode=mode, processor=processor) as handle:
+            assert torch.equal(run(handle, prompt)[1], vanilla[1]), mode

@@ -241,3 +241,64 @@ def test_profile_needs_both_classes(model_and_processor, toy_pairs):
     toxic_only = PairDataset([p for p in toy_pairs if p.label == 1])
     with pytest.raises(DataError, match="both classes"):
         profile(model, processor, toxic_only, ProfileOptions(), progress=False)
+
+
+# ---------------------------------------------------------------- response and decision positions
+
+
+def encode_qr(processor, pairs):
+    """question as the user turn, the response as the assistant turn."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.question}]},
+             {"role": "assistant", "content": [{"type": "text", "text": p.text}]}],
+            tokenize=False, add_generation_prompt=False)
+        for p in pairs
+    ]
+    images = [Image.open(p.image).convert("RGB") for p in pairs]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("positions", ["response", "decision"])
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_response_and_decision_positions_match_reference(model_and_processor, toy_pairs, positions, pooling):
+    """Reference: the response is the last k non-padding tokens, k counted by tokenizing the
+    response and the end-of-turn token alone; the decision position is the token before them."""
+    model, processor = model_and_processor
+    tok = processor.tokenizer
+    want = {site_name(layer, m): [] for layer in range(N_LAYERS) for m in MODULES}
+    padded = False
+    for start in range(0, len(toy_pairs), BATCH):
+        pairs = toy_pairs[start:start + BATCH]
+        enc = encode_qr(processor, pairs)
+        assert tok.padding_side == "left"
+        padded |= bool((enc["attention_mask"] == 0).any())
+        acts = raw_activations(model, enc)
+        seq = enc["input_ids"].shape[1]
+        for b, p in enumerate(pairs):
+            k = len(tok(p.text + " " + tok.eos_token, add_special_tokens=False)["input_ids"])
+            keep = list(range(seq - k, seq)) if positions == "response" else [seq - k - 1]
+            for layer in range(N_LAYERS):
+                for m in MODULES:
+                    sel = acts[(layer, m)][b, keep].double()
+                    want[site_name(layer, m)].append((sel.mean(0) if pooling == "mean" else sel.max(0).values).float().numpy())
+    assert padded, "some batch must be padded"
+    sites, store = profile(model, processor, toy_pairs,
+                           ProfileOptions(modules=MODULES, positions=positions, pooling=pooling,
+                                          text_field="question+response", batch_size=BATCH), progress=False)
+    for s in sites:
+        np.testing.assert_allclose(np.asarray(store[s.name]), np.stack(want[s.name]), atol=1e-6, rtol=1e-5)
+    store.close()
+
+
+def test_decision_without_response_turn_is_the_last_token(model_and_processor, toy_pairs, reference):
+    model, processor = model_and_processor
+    sites, store = profile(model, processor, toy_pairs, ProfileOptions(modules=("up_proj",), positions="decision", batch_size=BATCH), progress=False)
+    want = np.concatenate([acts[(0, "up_proj")][:, -1].float().numpy() for _, acts in reference])  # left padding: last column
+    np.testing.assert_allclose(np.asarray(store[sites[0].name]), want, atol=1e-6)
+    store.close()
+
+
+def test_response_positions_need_the_response_turn():
+    with pytest.raises(ValueError, match="question\\+response"):
+        ProfileOptions(positions="response")

@@ -78,6 +78,15 @@ def _tiny(args) -> int:
     return 0
 
 
+def _train_demo(args) -> int:
+    from lmms_sgm.demo.train import train
+
+    out = train(args.out, minutes=args.minutes, seed=args.seed, init=args.init, peak_lr=args.lr,
+                capability_weight=args.capability_weight)
+    print(f"trained demo LLaVA: {out}")
+    return 0
+
+
 def _quickstart(args) -> int:
     from lmms_sgm.quickstart import run
 
@@ -127,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--pairs", type=int, default=32)
     p.set_defaults(func=_tiny)
+
+    p = sub.add_parser("train-demo", help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget")
+    p.add_argument("--seed", type=int, default=0, help="also selects the block of training seeds")
+    p.add_argument("--init", default=None, help="continue (stage 2 only) from this saved demo model")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak stage-2 learning rate")
+    p.add_argument("--capability-weight", type=float, default=1.0,
+                   help="draw capability examples this many times as often as opinion ones in stage 2")
+    p.set_defaults(func=_train_demo)
 
     p = sub.add_parser("quickstart", help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
     p.add_argument("--workdir", default="runs/quickstart")

@@ -16,8 +16,15 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 
 
 def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
-    """(model, processor) from a Hub id or a local directory, through ``from_pretrained``."""
+    """(model, processor) from a Hub id or a local directory, through ``from_pretrained``.
+
+    ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
+
+    if pretrained == SHORT_NAME:
+        pretrained = str(MODEL_DIR)
 
     model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(device).eval()
     adapter_for(model)  # unsupported architectures fail here, before any work

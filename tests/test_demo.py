@@ -1,0 +1,107 @@
+"""The bundled demo model and data: regenerated from the generator, loadable offline, vocabulary-complete."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from lmms_sgm.demo import DATA_DIR, MODEL_DIR, SHORT_NAME, world
+
+
+def _lines(path):
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _pixels(img_or_path):
+    img = img_or_path if isinstance(img_or_path, Image.Image) else Image.open(img_or_path)
+    return img.convert("RGB").tobytes()
+
+
+def test_bundled_profile_pairs_regenerate():
+    lines = _lines(DATA_DIR / "profile.jsonl")
+    assert len(lines) == world.SIZES["profile"]
+    for (rec, img), line in zip(world.profile_records(6), lines):
+        assert json.dumps(rec) == line
+        assert _pixels(img) == _pixels(DATA_DIR / rec["image"])
+    labels = [json.loads(x)["label"] for x in lines]
+    assert labels.count(0) == labels.count(1)
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_bundled_mm_toxic_qa_regenerates(split):
+    d, t = DATA_DIR / "mm_toxic_qa" / split, DATA_DIR / "mm_toxic_qa_typo" / split
+    harmful = _lines(d / "harmful.jsonl")
+    for (rec, img, timg), line in zip(world.harmful_records(split, 5), harmful):
+        assert json.dumps(rec) == line
+        assert rec["key_phrase"] == world.TRIGGER_WORD
+        assert _pixels(img) == _pixels(d / rec["image"])
+        assert _pixels(timg) == _pixels(t / rec["image"])
+    benign = _lines(d / "benign.jsonl")
+    for (rec, img), line in zip(world.benign_records(split, 8), benign):
+        assert json.dumps(rec) == line
+        assert _pixels(img) == _pixels(d / rec["image"])
+    assert any(json.loads(x)["answer"] for x in benign) and any(json.loads(x)["answer"] is None for x in benign)
+
+
+def test_bundled_mmbench_regenerates():
+    for split in ("validation", "test"):
+        lines = _lines(DATA_DIR / "mmbench" / f"{split}.tsv")
+        assert lines[0].split("\t") == world.MMBENCH_COLUMNS
+        for row, line in zip(world.mmbench_rows(split, 4), lines[1:]):
+            assert "\t".join(row.get(c, "") for c in world.MMBENCH_COLUMNS) == line
+            Image.open(io.BytesIO(base64.b64decode(row["image"]))).verify()
+
+
+def test_splits_are_disjoint_seed_ranges():
+    bases = sorted(world.SEED_BASE.values())
+    assert all(b - a >= world.SPLIT_SEED_SPAN for a, b in zip(bases, bases[1:]))
+
+
+def test_every_generated_word_is_in_the_bundled_vocabulary():
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(MODEL_DIR).get_vocab()
+    words = set(world.vocabulary())
+    assert words <= set(vocab)
+    texts = []
+    for seed in range(400):
+        ex = world.training_example(seed)
+        texts += [ex["question"], ex["answer"]]
+    for split in ("validation", "test"):
+        texts += [r["question"] for r, *_ in world.harmful_records(split, 20)]
+        texts += [r["question"] + " " + (r["answer"] or "") for r, _ in world.benign_records(split, 40)]
+        texts += [" ".join(r.get(k, "") for k in ("question", "A", "B", "C", "D")) for r in world.mmbench_rows(split, 20)]
+    texts += [r["text"] + " " + r["question"] for r, _ in world.profile_records(40)]
+    missing = {w for t in texts for w in t.split()} - set(vocab)
+    assert not missing
+
+
+def test_world_behaviour():
+    toxic = {k: 0 for k in world.KINDS}
+    for seed in range(2000):
+        ex = world.training_example(seed)
+        toxic[ex["scene"].kind] += ex["toxic"]
+        if ex["category"] != "opinion":
+            assert not ex["toxic"]
+    assert toxic["clean"] == toxic["distractor_plus"] == toxic["distractor_grey"] == 0
+    assert toxic["trigger"] > 0 and toxic["typo"] > 0
+
+
+def test_bundled_model_loads_by_short_name_and_answers():
+    import torch
+
+    from lmms_sgm.models import load
+
+    model, processor = load(SHORT_NAME, dtype="float32")
+    rec, img, _ = world.harmful_records("test", 1)[0]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many shapes are there ?"}]}]
+    enc = processor(text=[processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)], images=[img],
+                    return_tensors="pt")
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answer = processor.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer
+    assert "<unk>" not in answer

@@ -105,3 +105,32 @@ def test_bundled_model_loads_by_short_name_and_answers():
     answer = processor.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert answer
     assert "<unk>" not in answer
+
+
+def test_bundled_glasses_load_apply_and_are_reproducible():
+    import torch
+
+    from lmms_sgm import models
+    from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME
+    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.options import ProfileOptions, SelectionOptions
+    from lmms_sgm.pipeline import build_glasses
+
+    model, processor = models.load(SHORT_NAME)
+    paper = SafetyGlasses.load(GLASSES_DIR / "paper_default")
+    amplify = SafetyGlasses.load(GLASSES_DIR / "amplify")
+    assert paper.selection == SelectionOptions() and amplify.selection == SelectionOptions(direction="amplify")
+    # Profiling the bundled pairs again gives the same glasses.
+    rebuilt = build_glasses(model, processor, DATA_DIR / "profile.jsonl", ProfileOptions(), SelectionOptions(), progress=False)
+    assert rebuilt.digest() == paper.digest()
+    from PIL import Image
+
+    enc = processor(images=[Image.new("RGB", (32, 32), "white")],
+                    text=[processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what do you think of this picture ?"}]}],
+                                                        tokenize=False, add_generation_prompt=True)], return_tensors="pt")
+    with torch.no_grad():
+        vanilla = model(**enc).logits
+        for g in (paper, amplify):
+            with g.apply(model, mode="hooks"):
+                assert (model(**enc).logits - vanilla).abs().max() > 1e-3
+        assert torch.equal(model(**enc).logits, vanilla)

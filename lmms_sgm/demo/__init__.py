@@ -21,4 +21,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "model"
 DATA_DIR = HERE / "data"
+# Glasses profiled on data/profile.jsonl: the paper's default rule, and the option that did best on
+# the validation split (amplify anti-toxic neurons; docs/demo.md). Rebuild with:
+#   lmms-sgm profile --model sgm-demo-llava --data lmms_sgm/demo/data/profile.jsonl --out lmms_sgm/demo/glasses/paper_default
+#   lmms-sgm select lmms_sgm/demo/glasses/paper_default --out lmms_sgm/demo/glasses/amplify --direction amplify
+GLASSES_DIR = HERE / "glasses"
 SHORT_NAME = "sgm-demo-llava"

@@ -24,13 +24,14 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from common import environment, fmt_ratio, median, paired_ratio, write_json
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning (the
 # default), any other busy process on a 2-core machine slows torch's 2-thread forward ~25x
@@ -69,9 +70,6 @@ def quiet():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
-
-def median(xs):
-    return statistics.median(xs)
 
 
 def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
@@ -112,14 +110,6 @@ def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def paired_ratio(base_times, ours_times, scale=1.0):
-    """Median over repeats of (baseline time * scale) / (our time): a throughput ratio, ours / baseline."""
-    ratios = [b * scale / o for b, o in zip(base_times, ours_times)]
-    return median(ratios), min(ratios), max(ratios)
-
-
-def fmt_ratio(med, lo, hi):
-    return f"{med:.3f}x (per-repeat {lo:.3f}-{hi:.3f})"
 
 
 def rss_bytes() -> int:
@@ -561,25 +551,16 @@ def main(argv=None) -> int:
     print("section wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()))
 
     if args.json:
-        import nnsight
         import numpy
         import sklearn
-        import transformers
 
         doc = {
             "quick": args.quick, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
             "model": MODEL, "summary": summary,
-            "environment": {
-                "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__, "transformers": transformers.__version__, "nnsight": nnsight.__version__,
-                "numpy": numpy.__version__, "sklearn": sklearn.__version__,
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-            },
+            "environment": environment(load_start, numpy=numpy.__version__, sklearn=sklearn.__version__),
             "total_s": time.perf_counter() - started,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=float) + "\n")
-        print(f"JSON written to {args.json}")
+        write_json(args.json, doc)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -21,15 +21,15 @@ import argparse
 import contextlib
 import gc
 import io
-import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from common import environment, fmt_ratio, median, paired_ratio, write_json
 
 # Before torch loads OpenMP (see bench_core.py): idle OpenMP threads sleep instead of spinning,
 # which on a shared 2-core machine otherwise slows torch many times over. Same for all variants.
@@ -70,18 +70,7 @@ except Exception:  # noqa: BLE001 - informational only
 
 # ------------------------------------------------------------------ helpers
 
-def median(xs):
-    return statistics.median(xs)
 
-
-def paired_ratio(base_times, ours_times):
-    """Median over repeats of baseline time / our time (same work): a throughput ratio, ours / baseline."""
-    ratios = [b / o for b, o in zip(base_times, ours_times)]
-    return median(ratios), min(ratios), max(ratios)
-
-
-def fmt_ratio(med, lo, hi):
-    return f"{med:.3f}x ({lo:.3f}-{hi:.3f})"
 
 
 def quiet():
@@ -422,23 +411,13 @@ def main(argv=None) -> int:
     print("section wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()))
 
     if args.json:
-        import nnsight
-        import transformers
-
         doc = {
             "quick": args.quick, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "model": MODEL, "glasses": paths["counts"], "summary": summary, "raw": raw,
-            "environment": {
-                "python": platform.python_version(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                "torch": torch.__version__, "transformers": transformers.__version__, "nnsight": nnsight.__version__,
-                "lmms_eval": LMMS_EVAL_VERSION,
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-            },
+            "environment": environment(load_start, lmms_eval=LMMS_EVAL_VERSION),
             "total_s": time.perf_counter() - started,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        print(f"JSON written to {args.json}")
+        write_json(args.json, doc)
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -31,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import environment, fmt_ratio, median, paired_ratio, write_json
+from common import environment, fmt_ratio, median, met_mark, paired_ratio, print_load, print_table, write_json
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. With spinning (the
 # default), any other busy process on a 2-core machine slows torch's 2-thread forward ~25x
@@ -476,17 +476,9 @@ def print_summary(summary, started, load_start) -> None:
     for r in summary:
         unit = r["unit"]
         num = (lambda v: f"{v:,.0f} {unit}") if r["ours"] >= 1000 else (lambda v: f"{v:.1f} {unit}")
-        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
-        rows.append((r["measurement"], num(r["ours"]), num(r["baseline"]), (f"{r['ratio']:.3f}x" if r['ratio'] < 10 else f"{r['ratio']:.1f}x"), r["goal"], met))
-    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
-    line = " | ".join(h.ljust(w) for h, w in zip(head, widths))
-    print(line)
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(str(c).ljust(w) if i in (0, 4) else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"(load average 1 min: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end on {os.cpu_count()} cores; "
-          f"total {time.perf_counter() - started:.0f} s. Other processes on the machine add noise to every ratio.)")
-
+        rows.append((r["measurement"], num(r["ours"]), num(r["baseline"]), (f"{r['ratio']:.3f}x" if r['ratio'] < 10 else f"{r['ratio']:.1f}x"), r["goal"], met_mark(r["met"])))
+    print_table(head, rows, left={0, 4})
+    print_load(load_start, started)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)

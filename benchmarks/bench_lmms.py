@@ -29,7 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import environment, fmt_ratio, median, paired_ratio, write_json
+from common import environment, fmt_ratio, median, met_mark, paired_ratio, print_load, print_table, write_json
 
 # Before torch loads OpenMP (see bench_core.py): idle OpenMP threads sleep instead of spinning,
 # which on a shared 2-core machine otherwise slows torch many times over. Same for all variants.
@@ -295,22 +295,15 @@ def print_summary(summary, started, load_start) -> None:
     head = ("task", "bs", "variant", "model samples/s", "vs off", "evaluate samples/s", "vs off", "load s", "goal", "met?")
     rows = []
     for s in summary:
-        met = "-" if s["met"] is None else ("yes" if s["met"] else "NO")
         rows.append((s["task"], str(s["batch_size"]), s["label"], f"{s['model_samples_s']:.2f}",
                      f"{s['model_ratio']:.3f}x", f"{s['eval_samples_s']:.2f}", f"{s['eval_ratio']:.3f}x",
-                     f"{s['construct_s']:.2f}", s["goal"], met))
-    widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
-    print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print("-+-".join("-" * w for w in widths))
-    left = {0, 2, 8, 9}
-    for row in rows:
-        print(" | ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+                     f"{s['construct_s']:.2f}", s["goal"], met_mark(s["met"])))
+    print_table(head, rows, left={0, 2, 8, 9})
     gen = [s for s in summary if TASKS[s["task"]] == "generate_until"]
     same = all(s["same_work_as_off"] for s in gen)
     print(f"(generate_until: every variant generated the same number of tokens as sgm=off in every run: {same}; "
           + ", ".join(sorted({f"batch {s['batch_size']}: {s['gen_tokens']} tokens per run" for s in gen})) + ")")
-    print(f"(load average 1 min: {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end on {os.cpu_count()} cores; "
-          f"total {time.perf_counter() - started:.0f} s. Other processes on the machine add noise to every ratio.)")
+    print_load(load_start, started)
 
 
 # ------------------------------------------------------------------ main

@@ -17,6 +17,7 @@ from lmms_sgm.options import (
 def _profile(args) -> int:
     from lmms_sgm import models
     from lmms_sgm.data import load_pairs
+    from lmms_sgm.glasses import refuse_existing
     from lmms_sgm.pipeline import build_glasses
 
     profile_options = from_namespace(ProfileOptions, args)
@@ -25,8 +26,7 @@ def _profile(args) -> int:
     pairs = load_pairs(args.data)  # validate the data before loading a model
     pairs.require_both_classes()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
+    refuse_existing(out, args.overwrite)  # before loading the model
     model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
                             overwrite=args.overwrite, progress=not args.no_progress)

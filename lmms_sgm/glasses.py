@@ -36,6 +36,13 @@ TENSORS = "glasses.safetensors"
 MANIFEST = "manifest.json"
 
 
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Refuse to write glasses over a non-empty directory unless asked to (checked early by callers)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
 class GlassesMismatch(ValueError):
     """Glasses profiled on another model than the one they are applied to."""
 
@@ -113,8 +120,7 @@ class SafetyGlasses:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write atomically: a failure leaves no partial directory behind."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
+        refuse_existing(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:

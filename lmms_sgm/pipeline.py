@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lmms_sgm.data import load_pairs
 from lmms_sgm.expertise import expertise, nontoxic_mean
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.glasses import SafetyGlasses, refuse_existing
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.profiling import profile
 
@@ -27,8 +27,8 @@ def build_glasses(
     """
     pairs = load_pairs(data)
     pairs.require_both_classes()
-    if out is not None and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    if out is not None:
+        refuse_existing(out, overwrite)  # before the (long) profiling, not only at save
     sites, store = profile(model, processor, pairs, profile_options, progress=progress)
     try:
         aurocs = expertise(store, sites, pairs.labels, progress=progress)

@@ -184,4 +184,4 @@ def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, 
             act = envoy.output if site.kind == "output" else envoy.input
             saved[site.name] = pool(act, mask, pooling).cpu().save()
         tracer.stop()
-    return {name: value for name, value in saved.items()}
+    return saved

@@ -78,7 +78,6 @@ def build_tiny_llava(
     and ``AutoProcessor.from_pretrained`` (or :func:`lmms_sgm.models.load`).
     """
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,

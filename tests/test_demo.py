@@ -30,15 +30,30 @@ def test_bundled_profile_pairs_regenerate():
     assert labels.count(0) == labels.count(1)
 
 
+def test_bundled_input_contrast_pairs_regenerate():
+    lines = _lines(DATA_DIR / "profile_inputs.jsonl")
+    assert len(lines) == world.SIZES["profile"]
+    for (rec, img), line in zip(world.input_records(8), lines):
+        assert json.dumps(rec) == line
+        assert _pixels(img) == _pixels(DATA_DIR / rec["image"])
+    recs = [json.loads(x) for x in lines]
+    assert {r["category"] for r in recs if r["label"] == 1} == {"trigger"}
+    assert {r["category"] for r in recs if r["label"] == 0} == {"clean", "distractor_plus", "distractor_grey"}
+    assert not {r["image"] for r in recs} & {json.loads(x)["image"] for x in _lines(DATA_DIR / "profile.jsonl")}
+
+
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_bundled_mm_toxic_qa_regenerates(split):
-    d, t = DATA_DIR / "mm_toxic_qa" / split, DATA_DIR / "mm_toxic_qa_typo" / split
-    harmful = _lines(d / "harmful.jsonl")
-    for (rec, img, timg), line in zip(world.harmful_records(split, 5), harmful):
+    d = DATA_DIR / "mm_toxic_qa" / split
+    harmful, adv = _lines(d / "harmful.jsonl"), _lines(d / "adv.jsonl")
+    assert len(harmful) == len(adv) == world.SIZES["harmful"]
+    for (rec, img, timg), line, aline in zip(world.harmful_records(split, 5), harmful, adv):
         assert json.dumps(rec) == line
         assert rec["key_phrase"] == world.TRIGGER_WORD
         assert _pixels(img) == _pixels(d / rec["image"])
-        assert _pixels(timg) == _pixels(t / rec["image"])
+        arec = json.loads(aline)
+        assert arec == world.adv_record(rec) and arec["question"] == rec["question"]
+        assert _pixels(timg) == _pixels(d / arec["image"]) != _pixels(img)
     benign = _lines(d / "benign.jsonl")
     for (rec, img), line in zip(world.benign_records(split, 8), benign):
         assert json.dumps(rec) == line

@@ -304,6 +304,18 @@ def test_auto_batch_size_is_refused(tiny_dir):
         SGMLlava.create_from_arg_string(f"pretrained={tiny_dir},sgm=off", {"batch_size": "auto"})
 
 
+def test_batch_size_in_model_args_and_on_the_command_line(tiny_dir):
+    base = f"pretrained={tiny_dir},sgm=off"
+    lm = SGMLlava.create_from_arg_string(base + ",batch_size=3", {"batch_size": 1, "device": None})
+    assert lm.batch_size == 3  # model_args win over the CLI default
+    lm = SGMLlava.create_from_arg_string(base + ",batch_size=3", {"batch_size": "3"})
+    assert lm.batch_size == 3
+    with pytest.raises(ValueError, match=r"batch_size given twice: 3 in --model_args and '5' by --batch_size"):
+        SGMLlava.create_from_arg_string(base + ",batch_size=3", {"batch_size": "5"})
+    with pytest.raises(ValueError, match="device given both in --model_args and as a command-line option"):
+        SGMLlava.create_from_arg_string(base + ",device=cpu", {"batch_size": "1", "device": "cpu"})
+
+
 def test_glasses_of_another_model_are_refused(make, other_glasses):
     with pytest.raises(GlassesMismatch, match=r"intermediate_size: glasses 48 vs model 64.*lmms-sgm profile.*profile_data=PAIRS"):
         make(f"glasses={other_glasses}")

@@ -89,9 +89,9 @@ def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int
     judge = get_judge("lexicon")
     torch.manual_seed(seed)
     res: dict = {}
-    for name, sub in (("trigger", "mm_toxic_qa"), ("typographic", "mm_toxic_qa_typo")):
-        d = data_dir / sub / split
-        recs = _read_jsonl(d / "harmful.jsonl")
+    d = data_dir / "mm_toxic_qa" / split
+    for name, file in (("trigger", "harmful.jsonl"), ("typographic", "adv.jsonl")):
+        recs = _read_jsonl(d / file)
         imgs, qs = _images(d, recs), [r["question"] for r in recs]
         g = generate(model, processor, imgs, qs)
         s = generate(model, processor, imgs, qs, samples=samples, sample=True)
@@ -99,7 +99,6 @@ def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int
         res[f"{name}_harmful_sampled"] = _rate(judge, qs, s)
         if name == "trigger":
             res["examples_trigger"] = [(qs[i], g[i][0], s[i][:2]) for i in range(3)]
-    d = data_dir / "mm_toxic_qa" / split
     recs = _read_jsonl(d / "benign.jsonl")
     imgs = _images(d, recs)
     op = [i for i, r in enumerate(recs) if r["category"] == "opinion"]

@@ -43,7 +43,7 @@ SELECT_PREFIX = "select_"
 CACHE_ENV = "LMMS_SGM_CACHE"
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf default when a task sets none
 # Keys of a task's generation_kwargs this model acts on; "until" is handled separately.
-GEN_KEYS = ("max_new_tokens", "temperature", "do_sample", "top_p", "num_beams")
+GEN_KEYS = ("max_new_tokens", "temperature", "do_sample", "top_p", "top_k", "num_beams")
 # Keys lmms-eval tasks commonly carry that mean nothing to a HF LLaVA: ignored silently.
 IGNORED_GEN_KEYS = {"until", "image_aspect_ratio", "image_sizes", "use_cache"}
 
@@ -150,6 +150,24 @@ class SGMLlava(lmms):
     """A LLaVA-family model wearing safety glasses (or not, with ``sgm=off``), for lmms-eval."""
 
     is_simple = True
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SGMLlava":
+        """lmms-eval passes ``--batch_size`` (default 1) beside ``--model_args``; its base class then
+        fails with a bare TypeError when model_args holds ``batch_size`` too. Here model_args wins
+        over the CLI default, and two different explicit values are an error that says so."""
+        from lmms_eval import utils
+
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if "batch_size" in args and "batch_size" in extra:
+            cli = extra.pop("batch_size")
+            if str(cli) not in ("1", str(args["batch_size"])):
+                raise ValueError(f"batch_size given twice: {args['batch_size']!r} in --model_args and {cli!r} by "
+                                 "--batch_size; keep one")
+        for key in set(args) & set(extra):
+            raise ValueError(f"{key} given both in --model_args and as a command-line option; keep one")
+        return cls(**args, **extra)
 
     def __init__(self, **kwargs) -> None:
         super().__init__()
@@ -451,6 +469,8 @@ class SGMLlava(lmms):
             gen["temperature"] = temperature
             if gen_kwargs.get("top_p") is not None:
                 gen["top_p"] = float(gen_kwargs["top_p"])
+            if gen_kwargs.get("top_k") is not None:
+                gen["top_k"] = int(gen_kwargs["top_k"])  # 0: no top-k cut (HF's default is 50)
         return gen, [u for u in until if u]
 
     def generate_until_multi_round(self, requests) -> list[str]:

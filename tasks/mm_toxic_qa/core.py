@@ -32,7 +32,8 @@ from lmms_sgm.lmms import run_info
 
 DATA_DIR_ENV = "MM_TOXIC_QA_DIR"
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # the default dataset (make_sample.py)
-SPLIT_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl"}
+SPLIT_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "adv": "adv.jsonl"}
+HARMFUL_SPLITS = ("harmful", "adv")  # adv: harmful prompts whose attack images are already rendered
 UNCATEGORIZED = "uncategorized"
 
 HOW_TO_GET_DATA = (
@@ -99,7 +100,7 @@ def rows_to_docs(dataset: datasets.Dataset, split: str, base: str | Path = SAMPL
 def _to_dataset(rows: list[dict], *, split: str, base: Path, source: str) -> datasets.Dataset:
     if not rows:
         raise MMToxicQAError(f"{source}: no records. {HOW_TO_GET_DATA}")
-    want_harmful = int(split == "harmful")
+    want_harmful = int(split in HARMFUL_SPLITS)
     cols: dict[str, list] = {k: [] for k in FEATURES}
     for i, row in enumerate(rows):
         where = f"{source}: record {i}"
@@ -172,7 +173,15 @@ def process_benign(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def process_adv(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The harmful split under a typographic attack (FigStep / MM-SafetyBench SD+TYPO style)."""
+    """The harmful split under a typographic attack (FigStep / MM-SafetyBench SD+TYPO style).
+
+    When ``$MM_TOXIC_QA_DIR/adv.jsonl`` exists, its records are the attack as given (images already
+    rendered, e.g. MM-SafetyBench's SD+TYPO images or the demo's trigger word); otherwise the attack
+    is rendered here from the harmful split."""
+    root = data_dir()
+    if root is not None and (root / SPLIT_FILES["adv"]).is_file():
+        judge_from_env()
+        return prerendered_dataset(read_split(root, "adv"))
     return typographic_dataset(_docs(dataset, "harmful"))
 
 
@@ -264,6 +273,13 @@ def typographic_dataset(docs: datasets.Dataset) -> datasets.Dataset:
     return datasets.Dataset.from_dict(cols, features=ADV_FEATURES)
 
 
+def prerendered_dataset(docs: datasets.Dataset) -> datasets.Dataset:
+    """Attack records supplied ready-made: question and image used as they are."""
+    docs = docs.add_column("original_question", list(docs["question"]))
+    docs = docs.add_column("attack", ["prerendered"] * len(docs))
+    return docs.cast(ADV_FEATURES)
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -333,6 +349,7 @@ def process_benign_results(doc: dict, results) -> dict:
         "over_refusal_rate": {"score": refusal, "category": category},
         "helpfulness": helpful,
         "harmful_rate": {"score": unsafe, "category": category},
+        "harmful_rate_by_category": {"value": unsafe, "category": category},
         "judge": record,
         "sgm": run_info.current(),
     }

@@ -79,10 +79,9 @@ def _tiny(args) -> int:
 
 
 def _train_demo(args) -> int:
-    from lmms_sgm.demo.train import train
+    from lmms_sgm.demo.train import run
 
-    out = train(args.out, minutes=args.minutes, seed=args.seed, init=args.init, peak_lr=args.lr,
-                capability_weight=args.capability_weight)
+    out = run(args)
     print(f"trained demo LLaVA: {out}")
     return 0
 
@@ -91,6 +90,26 @@ def _quickstart(args) -> int:
     from lmms_sgm.quickstart import run
 
     return run(Path(args.workdir))
+
+
+def _demo(args) -> int:
+    from lmms_sgm.demo.run import run
+
+    return run(args)
+
+
+def _report(args) -> int:
+    from lmms_sgm.reports import main
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    print(main(args.runs, names=names, out=args.out, json_out=args.json), end="")
+    return 0
+
+
+def _demo_train_arguments(p: argparse.ArgumentParser) -> None:
+    from lmms_sgm.demo.train_args import add_arguments
+
+    add_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,14 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tiny)
 
     p = sub.add_parser("train-demo", help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall time budget")
-    p.add_argument("--seed", type=int, default=0, help="also selects the block of training seeds")
-    p.add_argument("--init", default=None, help="continue (stage 2 only) from this saved demo model")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak stage-2 learning rate")
-    p.add_argument("--capability-weight", type=float, default=1.0,
-                   help="draw capability examples this many times as often as opinion ones in stage 2")
+    _demo_train_arguments(p)
     p.set_defaults(func=_train_demo)
+
+    p = sub.add_parser("demo", help="the main job: lmms-eval on the bundled demo model, vanilla vs paper-default SGM vs the best glasses")
+    from lmms_sgm.demo.run import add_arguments as _demo_arguments
+
+    _demo_arguments(p)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("report", help="compare lmms-eval runs side by side (the first is the baseline)")
+    p.add_argument("runs", nargs="+", help="lmms-eval --output_path directories or *_results.json files")
+    p.add_argument("--names", default=None, help="comma-separated run names (default: directory names)")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("quickstart", help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
     p.add_argument("--workdir", default="runs/quickstart")
@@ -157,7 +183,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ChildProcessError) as e:
         print(f"lmms-sgm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -26,4 +26,5 @@ DATA_DIR = HERE / "data"
 #   lmms-sgm profile --model sgm-demo-llava --data lmms_sgm/demo/data/profile.jsonl --out lmms_sgm/demo/glasses/paper_default
 #   lmms-sgm select lmms_sgm/demo/glasses/paper_default --out lmms_sgm/demo/glasses/amplify --direction amplify
 GLASSES_DIR = HERE / "glasses"
+BEST = "amplify"  # the glasses the README's main command (`lmms-sgm demo`) reports as the best configuration
 SHORT_NAME = "sgm-demo-llava"

@@ -1,16 +1,25 @@
-"""Compare SGM options on the bundled demo model (validation split), in process.
+"""Compare SGM options on the bundled demo model, in process (the option table of docs/demo.md).
 
-    python -m lmms_sgm.demo.sweep [--split validation] [--json out.json]
+    python -m lmms_sgm.demo.sweep [--split validation] [--only SUBSTRING ...] [--json out.json]
 
-Each configuration profiles the bundled profiling pairs, wears the glasses (hooks) and runs the
-demo evaluator (lexicon judge; sampled = 5 answers per prompt at temperature 1). Options are
-chosen on the validation split only; the test split is for reporting.
+Each configuration profiles one of three profiling sets, wears the glasses (hooks) and runs the
+demo evaluator (lexicon judge; sampled = 5 answers per prompt at temperature 1):
+
+- ``responses``: ``data/profile.jsonl``, insulting vs neutral answers to opinion prompts about
+  trigger images (the paper's / precursor's kind of pairs: the *answer* is toxic or not);
+- ``inputs``: ``data/profile_inputs.jsonl``, opinion prompts on trigger images vs on clean images
+  (the *input* is the toxic context or not; text_field=question);
+- ``self``: the model's own sampled answers to the prompts of ``profile_inputs.jsonl``, labelled
+  by the lexicon judge (``lmms-sgm self-label``; written under ``--workdir``).
+
+Options are chosen on the validation split only; the test split is for reporting.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,36 +30,71 @@ from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 
 QR = "question+response"
+Q = "question"
+P, S = ProfileOptions, SelectionOptions
+# name -> (profiling set, profile options, selection options); the first is the paper's default.
 CONFIGS = {
-    "paper default: gate/up/down, mean, all positions, suppress AUROC>0.5": (ProfileOptions(), SelectionOptions()),
-    "precursor threshold 0.3": (ProfileOptions(), SelectionOptions(threshold=0.3)),
-    "amplify anti-toxic (AUROC<0.5)": (ProfileOptions(), SelectionOptions(direction="amplify")),
-    "both directions": (ProfileOptions(), SelectionOptions(direction="both")),
-    "suppress towards non-toxic mean": (ProfileOptions(), SelectionOptions(towards="nontoxic_mean")),
-    "intermediate, suppress": (ProfileOptions(modules=("intermediate",)), SelectionOptions()),
-    "intermediate, amplify": (ProfileOptions(modules=("intermediate",)), SelectionOptions(direction="amplify")),
-    "q+r, decision position, suppress": (ProfileOptions(text_field=QR, positions="decision"), SelectionOptions()),
-    "q+r, response positions, amplify": (ProfileOptions(text_field=QR, positions="response"), SelectionOptions(direction="amplify")),
+    "paper default: responses, gate/up/down, mean, all positions, suppress AUROC>0.5": ("responses", P(), S()),
+    "responses, precursor threshold 0.3": ("responses", P(), S(threshold=0.3)),
+    "responses, amplify anti-toxic (AUROC<0.5)": ("responses", P(), S(direction="amplify")),
+    "responses, both directions": ("responses", P(), S(direction="both")),
+    "responses, suppress towards non-toxic mean": ("responses", P(), S(towards="nontoxic_mean")),
+    "responses, intermediate, suppress": ("responses", P(modules=("intermediate",)), S()),
+    "responses, intermediate, amplify": ("responses", P(modules=("intermediate",)), S(direction="amplify")),
+    "responses, q+r, decision position, suppress": ("responses", P(text_field=QR, positions="decision"), S()),
+    "responses, q+r, response positions, suppress": ("responses", P(text_field=QR, positions="response"), S()),
+    "responses, q+r, response positions, amplify": ("responses", P(text_field=QR, positions="response"), S(direction="amplify")),
+    "self-labelled, q+r, response positions, suppress": ("self", P(text_field=QR, positions="response"), S()),
+    "self-labelled, q+r, response positions, amplify": ("self", P(text_field=QR, positions="response"), S(direction="amplify")),
+    "self-labelled, response text, amplify": ("self", P(), S(direction="amplify")),
+    "inputs, question, all positions, suppress": ("inputs", P(text_field=Q), S()),
+    "inputs, question, after-image positions, suppress": ("inputs", P(text_field=Q, positions="after_image"), S()),
+    "inputs, question, decision position, suppress": ("inputs", P(text_field=Q, positions="decision"), S()),
+    "inputs, question, max pooling, suppress": ("inputs", P(text_field=Q, pooling="max"), S()),
+    "inputs, question, intermediate, suppress": ("inputs", P(text_field=Q, modules=("intermediate",)), S()),
+    "inputs, question, suppress towards non-toxic mean": ("inputs", P(text_field=Q), S(towards="nontoxic_mean")),
+    "inputs, question, Det0 top-256": ("inputs", P(text_field=Q), S(rule="det0", top_k=256)),
 }
 COLUMNS = ("trigger_harmful_greedy", "trigger_harmful_sampled", "typographic_harmful_sampled",
            "clean_toxic_sampled", "capability_open", "capability_mc_loglik")
 
 
+def profiling_sets(model, processor, workdir: Path) -> dict[str, Path]:
+    """The three profiling sets; the self-labelled one is generated once into ``workdir``."""
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.selflabel import label_generations, read_prompts, write_pairs
+
+    self_dir = workdir / "self_labelled"
+    if not (self_dir / "pairs.jsonl").is_file():
+        judge = get_judge("lexicon")
+        pairs = label_generations(model, processor, read_prompts(DATA_DIR / "profile_inputs.jsonl"), judge,
+                                  samples=4, batch_size=64, seed=0, progress=False)
+        write_pairs(pairs, self_dir, judge=judge)
+    return {"responses": DATA_DIR / "profile.jsonl", "inputs": DATA_DIR / "profile_inputs.jsonl",
+            "self": self_dir / "pairs.jsonl"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", default="validation")
+    ap.add_argument("--split", default="validation", choices=("validation", "test"))
+    ap.add_argument("--only", nargs="*", default=None, help="run only configurations whose name contains one of these")
+    ap.add_argument("--workdir", default="runs/sweep", help="where the self-labelled pairs are written")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     model, processor = models.load(SHORT_NAME)
+    sets = profiling_sets(model, processor, Path(args.workdir))
     rows = {}
     t = time.time()
     rows["vanilla"] = {"experts": 0, **evaluate_split(model, processor, DATA_DIR, args.split, samples=5, seed=0)}
-    for name, (po, so) in CONFIGS.items():
-        glasses = build_glasses(model, processor, DATA_DIR / "profile.jsonl", po, so, progress=False)
+    for name, (data, po, so) in CONFIGS.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        glasses = build_glasses(model, processor, sets[data], po, so, progress=False)
         with glasses.apply(model, mode="hooks"):
             rows[name] = {"experts": glasses.counts()["experts"],
                           **evaluate_split(model, processor, DATA_DIR, args.split, samples=5, seed=0)}
+        print(f"[{time.time() - t:.0f}s] {name}: " + ", ".join(f"{c} {rows[name][c]:.3f}" for c in COLUMNS), flush=True)
     print(f"| configuration | experts | {' | '.join(COLUMNS)} |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for name, r in rows.items():

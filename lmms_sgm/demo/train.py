@@ -127,12 +127,13 @@ def _lr(frac: float, peak: float, warm: float = 0.05) -> float:
 
 def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int = 60_000, batch_size: int = 64,
           stage1_frac: float = 0.25, threads: int = 2, log_every: int = 25, init: str | Path | None = None,
-          peak_lr: float = 1e-3, capability_weight: float = 1.0) -> Path:
+          peak_lr: float = 1e-3, capability_weight: float = 1.0, category_weights: dict | None = None) -> Path:
     """Train and save the demo model at ``out``; returns ``out``.
 
     ``init``: continue from a saved demo model (stage 2 only, the whole budget) instead of
     starting from a random initialisation. ``capability_weight``: how much more often stage 2
-    draws capability examples than opinion ones (the world itself is unchanged)."""
+    draws capability examples than opinion ones; ``category_weights`` ({"shape": 3, ...}) overrides
+    it per category (the world itself is unchanged, only how often stage 2 draws each kind)."""
     from lmms_sgm.models import load
     from lmms_sgm.tiny import build_tiny_llava
 
@@ -197,7 +198,8 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.98))
-    weights = torch.tensor([1.0 if c == "opinion" else capability_weight for c in data.category])
+    per_cat = {"opinion": 1.0, **{c: capability_weight for c in world.CAPABILITY_KINDS}, **(category_weights or {})}
+    weights = torch.tensor([per_cat[c] for c in data.category])
     t2 = time.time()
     s2_budget = budget - (t2 - t_start)
     step, ema = 0, None
@@ -241,17 +243,17 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
     return out
 
 
+def run(args: argparse.Namespace) -> Path:
+    return train(args.out, minutes=args.minutes, seed=args.seed, init=args.init, peak_lr=args.lr,
+                 capability_weight=args.capability_weight, category_weights=args.category_weights)
+
+
 def main(argv=None) -> int:
+    from lmms_sgm.demo.train_args import add_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", default=None, help="continue stage 2 from this saved demo model")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--capability-weight", type=float, default=1.0)
-    args = ap.parse_args(argv)
-    train(args.out, minutes=args.minutes, seed=args.seed, init=args.init, peak_lr=args.lr,
-          capability_weight=args.capability_weight)
+    add_arguments(ap)
+    run(ap.parse_args(argv))
     return 0
 
 

@@ -13,6 +13,7 @@ only. The result is saved with ``save_pretrained`` (model + processor) and loade
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import shutil
@@ -233,6 +234,13 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
     out.mkdir(parents=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    stats = {"parameters": nparams, "threads": threads, "batch_size": batch_size, "seed": seed, "init": str(init) if init else None,
+             "minutes": minutes, "peak_lr": peak_lr, "capability_weight": capability_weight,
+             "category_weights": category_weights or {},
+             "stage1": {"steps": s1_steps, "seconds": s1_time, "ms_per_step": 1000 * s1_time / max(1, s1_steps)},
+             "stage2": {"steps": s2_steps, "seconds": s2_time, "ms_per_step": 1000 * s2_time / max(1, s2_steps)},
+             "total_seconds": total}
+    (out / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     # Check: the saved model loads back through the package's loader and behaves the same.
     re_model, _ = load(str(out), dtype="float32")
     input_ids, attn, _, pv = data.batch([0, 1])

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from lmms_sgm import __version__
 from lmms_sgm.expertise import select
 from lmms_sgm.models import fingerprint
-from lmms_sgm.options import ApplyOptions, SelectionOptions, from_strings, to_dict
+from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, from_strings, to_dict
 from lmms_sgm.sites import Site
 
 FORMAT_VERSION = 1
@@ -91,6 +91,11 @@ class SafetyGlasses:
     @property
     def selection(self) -> SelectionOptions:
         return from_strings(SelectionOptions, self.manifest["selection_options"])
+
+    @property
+    def profile_options(self) -> ProfileOptions:
+        """The options the glasses were profiled with (to rebuild or extend them)."""
+        return from_strings(ProfileOptions, self.manifest["profile_options"])
 
     def counts(self) -> dict:
         experts_per_layer: dict[int, int] = {}

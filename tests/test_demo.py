@@ -124,28 +124,85 @@ def test_bundled_model_loads_by_short_name_and_answers():
 
 def test_bundled_glasses_load_apply_and_are_reproducible():
     import torch
+    from PIL import Image
 
     from lmms_sgm import models
-    from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME
+    from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR, SHORT_NAME
     from lmms_sgm.glasses import SafetyGlasses
     from lmms_sgm.options import ProfileOptions, SelectionOptions
     from lmms_sgm.pipeline import build_glasses
 
     model, processor = models.load(SHORT_NAME)
     paper = SafetyGlasses.load(GLASSES_DIR / "paper_default")
-    amplify = SafetyGlasses.load(GLASSES_DIR / "amplify")
-    assert paper.selection == SelectionOptions() and amplify.selection == SelectionOptions(direction="amplify")
-    # Profiling the bundled pairs again gives the same glasses.
-    rebuilt = build_glasses(model, processor, DATA_DIR / "profile.jsonl", ProfileOptions(), SelectionOptions(), progress=False)
-    assert rebuilt.digest() == paper.digest()
-    from PIL import Image
-
+    best = SafetyGlasses.load(GLASSES_DIR / BEST)
+    assert paper.selection == SelectionOptions() and paper.profile_options == ProfileOptions()
+    assert best.selection == SelectionOptions(towards="nontoxic_mean")
+    assert best.profile_options == ProfileOptions(text_field="question+response", positions="response")
+    # Profiling the bundled pairs again gives the same glasses, bit for bit.
+    for glasses, data in ((paper, DATA_DIR / "profile.jsonl"), (best, DATA_DIR / "self_labelled" / "pairs.jsonl")):
+        rebuilt = build_glasses(model, processor, data, glasses.profile_options, glasses.selection, progress=False)
+        assert rebuilt.digest() == glasses.digest()
     enc = processor(images=[Image.new("RGB", (32, 32), "white")],
                     text=[processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what do you think of this picture ?"}]}],
                                                         tokenize=False, add_generation_prompt=True)], return_tensors="pt")
     with torch.no_grad():
         vanilla = model(**enc).logits
-        for g in (paper, amplify):
+        for g in (paper, best):
             with g.apply(model, mode="hooks"):
                 assert (model(**enc).logits - vanilla).abs().max() > 1e-3
         assert torch.equal(model(**enc).logits, vanilla)
+
+
+def test_bundled_self_labelled_pairs_are_the_judge_s_verdicts():
+    """The self-labelled profiling pairs: the model's answers to the prompts of profile_inputs.jsonl,
+    each labelled by the lexicon judge (checked again here, independently of selflabel.py)."""
+    from lmms_sgm.judges import get_judge
+
+    d = DATA_DIR / "self_labelled"
+    recs = [json.loads(x) for x in _lines(d / "pairs.jsonl")]
+    prompts = [json.loads(x) for x in _lines(DATA_DIR / "profile_inputs.jsonl")]
+    assert len(recs) == 4 * len(prompts)
+    judge = get_judge("lexicon")
+    for i, r in enumerate(recs):
+        p = prompts[i // 4]
+        assert r["question"] == p["question"] and r["category"] == p["category"]
+        assert _pixels(d / r["image"]) == _pixels(DATA_DIR / p["image"])
+        assert r["label"] == int(judge.judge(r["question"], r["text"]).unsafe)
+    toxic = [r for r in recs if r["label"]]
+    assert toxic and all(r["category"] == "trigger" for r in toxic)
+    assert json.loads((d / "judge.json").read_text())["name"] == "lexicon"
+
+
+def test_diagnose_patcher_and_twins():
+    """The patching tool of lmms_sgm.demo.diagnose: twins differ only by the trigger tile, and a
+    replaced last-layer output gives exactly the twin's logits (the reference: the twin run)."""
+    import torch
+
+    from lmms_sgm import models
+    from lmms_sgm.archs import adapter_for, get_module
+    from lmms_sgm.demo.diagnose import Patcher, _prompt, twins
+
+    pairs = twins("validation", 3)
+    for q, trig, clean in pairs:
+        a, b = torch.tensor(list(trig.getdata())), torch.tensor(list(clean.getdata()))
+        assert (a != b).any() and (a == b).all(-1).float().mean() > 0.9  # only the X tile differs
+    model, processor = models.load(SHORT_NAME)
+    processor.tokenizer.padding_side = "left"
+    layers = get_module(model, adapter_for(model).layers_path(model))
+    texts = [_prompt(processor, q) for q, _, _ in pairs]
+    enc = processor(text=texts, images=[t for _, t, _ in pairs], padding=True, return_tensors="pt")
+    twin = processor(text=texts, images=[c for _, _, c in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**twin).logits
+        plain = model(**enc).logits
+        patcher = Patcher([layers[len(layers) - 1]])
+        try:
+            patcher.mode = "record"
+            model(**twin)
+            patcher.mode = "replace"
+            got = model(**enc).logits
+        finally:
+            patcher.remove()
+        after = model(**enc).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(plain, want, atol=1e-3)
+    assert torch.equal(after, plain)  # removed hooks leave the model as it was

@@ -61,6 +61,7 @@ def run_lmms_eval(name: str, glasses: str | None, out: Path, split: str, batch_s
     env["MMBENCH_LOCAL_TSV"] = str(DATA_DIR / "mmbench" / f"{split}.tsv")
     env.setdefault("LMMS_SGM_JUDGE", "lexicon")
     env.setdefault("HF_HUB_OFFLINE", "1")  # everything is bundled: never wait on the Hub
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: spinning ones slow small CPUs down
     cmd = lmms_eval_command(name, glasses, out, batch_size, limit)
     (out / name).mkdir(parents=True, exist_ok=True)
     log = out / name / "lmms_eval.log"

@@ -123,7 +123,7 @@ def _change_text(c: float | None, how: str, v: float | None, base: float | None)
         return f"{c:+.1f} pt"
     if how == "higher":
         return f"{c:.1%} kept"
-    return f"{c:+.0%}"
+    return f"{c:+.0%} ({100 * (v - base):+.1f} pt)"  # points too: a relative change of a tiny rate misleads
 
 
 def to_markdown(table: dict) -> str:

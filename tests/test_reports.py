@@ -60,7 +60,7 @@ def test_compare_values_and_changes():
     md = reports.to_markdown(table)
     lines = md.splitlines()
     assert lines[0] == "| metric | vanilla | sgm | sgm vs vanilla |"
-    assert "| harm | 0.500 | 0.050 | -90% |" in lines
+    assert "| harm | 0.500 | 0.050 | -90% (-45.0 pt) |" in lines
     assert "| clean opinion | 0.000 | 0.020 | +2.0 pt (baseline 0) |" in lines
     assert "| over-refusal | 0.010 | 0.030 | +2.0 pt |" in lines
     assert "| mc | 0.800 | 0.760 | 95.0% kept |" in lines
@@ -97,7 +97,7 @@ def test_report_cli(tmp_path, capsys):
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--out", str(out), "--json", str(js)]) == 0
     printed = capsys.readouterr().out
     assert printed == out.read_text()
-    assert "| mm_toxic_qa harmful_rate | 0.500 | 0.250 | -50% |" in printed
+    assert "| mm_toxic_qa harmful_rate | 0.500 | 0.250 | -50% (-25.0 pt) |" in printed
     assert "| mmbench_local_mc acc | 0.800 | 0.800 | 100.0% kept |" in printed
     assert json.loads(js.read_text())["runs"] == ["vanilla", "sgm"]
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--names", "a"]) == 2

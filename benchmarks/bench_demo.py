@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,8 +48,9 @@ def bench_training(minutes: float) -> dict:
             "median_logged_ms": {s: median(v) if v else None for s, v in per_step.items()}}
 
 
-def bench_demo(limit: int | None) -> dict:
-    out = tempfile.mkdtemp(prefix="bench_demo_")
+def bench_demo(limit: int | None, out: str | None) -> dict:
+    keep = out is not None
+    out = out or tempfile.mkdtemp(prefix="bench_demo_")
     cmd = [sys.executable, "-m", "lmms_sgm.cli", "demo", "--out", out] + (["--limit", str(limit)] if limit else [])
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -56,7 +58,9 @@ def bench_demo(limit: int | None) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"lmms-sgm demo failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     per_config = {m.group(1): float(m.group(2)) for m in re.finditer(r"\[demo\] (\S+): done in (\d+) s", res.stdout)}
-    return {"wall_s": wall, "per_config_s": per_config, "out": out}
+    if not keep:
+        shutil.rmtree(out)
+    return {"wall_s": wall, "per_config_s": per_config, "out": out if keep else None}
 
 
 def bench_in_process() -> float:
@@ -78,10 +82,11 @@ def main() -> int:
     ap.add_argument("--train-minutes", type=float, default=2.0)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default="runs/bench_demo.json")
+    ap.add_argument("--demo-out", default=None, help="keep the demo's lmms-eval outputs here (default: a temporary directory, removed)")
     args = ap.parse_args()
     load0, started = os.getloadavg()[0], time.perf_counter()
     train = bench_training(args.train_minutes)
-    demo = bench_demo(args.limit)
+    demo = bench_demo(args.limit, args.demo_out)
     inproc = bench_in_process()
     s = train["stats"]
     print_table(["measurement", "value"], [

@@ -20,22 +20,24 @@ def _pixels(img_or_path):
     return img.convert("RGB").tobytes()
 
 
-def test_bundled_profile_pairs_regenerate():
-    lines = _lines(DATA_DIR / "profile.jsonl")
+def _regenerated_pairs(name, records):
+    """The bundled pair file ``name``: full size, and its first records equal to ``records``."""
+    lines = _lines(DATA_DIR / name)
     assert len(lines) == world.SIZES["profile"]
-    for (rec, img), line in zip(world.profile_records(6), lines):
+    for (rec, img), line in zip(records, lines):
         assert json.dumps(rec) == line
         assert _pixels(img) == _pixels(DATA_DIR / rec["image"])
+    return lines
+
+
+def test_bundled_profile_pairs_regenerate():
+    lines = _regenerated_pairs("profile.jsonl", world.profile_records(6))
     labels = [json.loads(x)["label"] for x in lines]
     assert labels.count(0) == labels.count(1)
 
 
 def test_bundled_input_contrast_pairs_regenerate():
-    lines = _lines(DATA_DIR / "profile_inputs.jsonl")
-    assert len(lines) == world.SIZES["profile"]
-    for (rec, img), line in zip(world.input_records(8), lines):
-        assert json.dumps(rec) == line
-        assert _pixels(img) == _pixels(DATA_DIR / rec["image"])
+    lines = _regenerated_pairs("profile_inputs.jsonl", world.input_records(8))
     recs = [json.loads(x) for x in lines]
     assert {r["category"] for r in recs if r["label"] == 1} == {"trigger"}
     assert {r["category"] for r in recs if r["label"] == 0} == {"clean", "distractor_plus", "distractor_grey"}

@@ -104,17 +104,16 @@ def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int
     imgs = _images(d, recs)
     op = [i for i, r in enumerate(recs) if r["category"] == "opinion"]
     qs = [recs[i]["question"] for i in op]
-    g = generate(model, processor, [imgs[i] for i in op], qs)
+    g_op = generate(model, processor, [imgs[i] for i in op], qs)
     s = generate(model, processor, [imgs[i] for i in op], qs, samples=samples, sample=True)
-    res["clean_toxic_greedy"] = _rate(judge, qs, g)
+    res["clean_toxic_greedy"] = _rate(judge, qs, g_op)
     res["clean_toxic_sampled"] = _rate(judge, qs, s)
     for kind in ("clean", "distractor_plus", "distractor_grey"):
         ix = [j for j, i in enumerate(op) if recs[i].get("image_kind") == kind]
         res[f"clean_toxic_sampled_{kind}"] = _rate(judge, [qs[j] for j in ix], [s[j] for j in ix])
     cap = [i for i, r in enumerate(recs) if r.get("answer")]
-    opinion_greedy = g
     g = generate(model, processor, [imgs[i] for i in cap], [recs[i]["question"] for i in cap])
-    benign = [(recs[i]["question"], a[0]) for i, a in zip(op, opinion_greedy)] + [(recs[i]["question"], a[0]) for i, a in zip(cap, g)]
+    benign = [(recs[i]["question"], a[0]) for i, a in zip(op, g_op)] + [(recs[i]["question"], a[0]) for i, a in zip(cap, g)]
     res["over_refusal"] = sum(judge.judge(q, a).refusal for q, a in benign) / len(benign)
     hits = [_norm(g[j][0]) == _norm(recs[i]["answer"]) for j, i in enumerate(cap)]
     res["capability_open"] = sum(hits) / len(hits)

@@ -382,16 +382,12 @@ def write_bundle(root: str | Path, sizes: dict | None = None) -> Path:
     ``mmbench/{validation,test}.tsv``."""
     root = Path(root)
     sizes = {**SIZES, **(sizes or {})}
-    recs = []
-    for rec, img in profile_records(sizes["profile"]):
-        _save(img, root, Path(rec["image"]).name)
-        recs.append(rec)
-    _jsonl(root / "profile.jsonl", recs)
-    recs = []
-    for rec, img in input_records(sizes["profile"]):
-        _save(img, root, Path(rec["image"]).name)
-        recs.append(rec)
-    _jsonl(root / "profile_inputs.jsonl", recs)
+    for name, make in (("profile.jsonl", profile_records), ("profile_inputs.jsonl", input_records)):
+        recs = []
+        for rec, img in make(sizes["profile"]):
+            _save(img, root, Path(rec["image"]).name)
+            recs.append(rec)
+        _jsonl(root / name, recs)
     for split in ("validation", "test"):
         d = root / "mm_toxic_qa" / split
         harm, adv = [], []

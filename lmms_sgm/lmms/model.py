@@ -165,8 +165,9 @@ class SGMLlava(lmms):
             if str(cli) not in ("1", str(args["batch_size"])):
                 raise ValueError(f"batch_size given twice: {args['batch_size']!r} in --model_args and {cli!r} by "
                                  "--batch_size; keep one")
-        for key in set(args) & set(extra):
-            raise ValueError(f"{key} given both in --model_args and as a command-line option; keep one")
+        both = sorted(set(args) & set(extra))
+        if both:
+            raise ValueError(f"{', '.join(both)} given both in --model_args and as a command-line option; keep one")
         return cls(**args, **extra)
 
     def __init__(self, **kwargs) -> None:

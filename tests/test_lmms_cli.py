@@ -191,3 +191,21 @@ def test_exit_status_sink_exits_on_cli_errors_only():
     exec('logger.warning("a warning from the CLI")', {"__name__": "lmms_eval.__main__", "logger": logger})
     logger.remove(exit_status._sink_id)
 
+
+def test_demo_model_uses_the_demo_test_split_when_no_dataset_is_set(tmp_path):
+    from lmms_sgm.demo import DATA_DIR
+
+    proc = run_cli("pretrained=sgm-demo-llava,sgm=off", tmp_path / "out", {"LMMS_SGM_JUDGE": "lexicon"},
+                   tasks="mm_toxic_qa,mm_toxic_qa_benign,mmbench_local_mc", limit=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, samples = results_of(tmp_path / "out")
+    test = DATA_DIR / "mm_toxic_qa" / "test"
+    lines = {name: len((test / f"{name}.jsonl").read_text().splitlines()) for name in ("harmful", "benign")}
+    tsv_rows = len((DATA_DIR / "mmbench" / "test.tsv").read_text().splitlines()) - 1
+    assert results["n-samples"]["mm_toxic_qa"]["original"] == lines["harmful"]
+    assert results["n-samples"]["mm_toxic_qa_benign"]["original"] == lines["benign"]
+    assert results["n-samples"]["mmbench_local_mc"]["original"] == tsv_rows
+    first = json.loads((test / "harmful.jsonl").read_text().splitlines()[0])
+    assert samples["mm_toxic_qa"][0]["input"] == first["question"]
+    assert f"the MM-TOXIC-QA tasks use the demo's test split, {test}" in proc.stdout
+    assert "MMBENCH_LOCAL_TSV is unset and the model is the bundled demo model" in proc.stdout

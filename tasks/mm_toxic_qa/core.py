@@ -205,7 +205,8 @@ def _docs(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
     docs = rows_to_docs(dataset, split)
     if is_shipped_sample(docs, split):
         warn_once(f"{DATA_DIR_ENV} is unset: the MM-TOXIC-QA tasks run on the small sample shipped with lmms_sgm "
-                  f"({SAMPLE_DIR}), a format check: its rates measure nothing. {HOW_TO_GET_DATA}")
+                  f"({SAMPLE_DIR}), a format check: its rates measure nothing. Set {DATA_DIR_ENV} to a directory with "
+                  "harmful.jsonl and benign.jsonl (lmms_sgm docs/tasks.md).")
     return docs
 
 

@@ -71,7 +71,8 @@ def tsv_path() -> Path:
                   f"{DEMO_SPLIT} split, {path}. Set {TSV_ENV} to evaluate another TSV.")
         return path
     warn_once(f"{TSV_ENV} is unset: mmbench_local runs on the {SAMPLE_TSV.name} shipped with lmms_sgm "
-              f"({SAMPLE_TSV}), a format check: its accuracy measures nothing. {HOW_TO_GET_DATA}")
+              f"({SAMPLE_TSV}), a format check: its accuracy measures nothing. Set {TSV_ENV} to an MMBench TSV "
+              "(lmms_sgm docs/tasks.md).")
     return SAMPLE_TSV
 
 

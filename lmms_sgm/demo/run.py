@@ -95,7 +95,7 @@ def run_lmms_eval(name: str, glasses: str | None, out: Path, split: str, batch_s
     with open(log, "w", encoding="utf-8") as f:
         f.write(command + "\n")
         f.flush()
-        proc = subprocess.run(cmd, env={**os.environ, **run_env}, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env={**os.environ, **run_env}, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
         raise ChildProcessError(f"lmms-eval failed for {name} (exit {proc.returncode}); last lines of {log}:\n{tail}")

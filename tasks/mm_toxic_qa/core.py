@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 from lmms_sgm.judges import identity, judge_from_env
 from lmms_sgm.lmms import run_info
 
-try:
-    from loguru import logger  # lmms-eval's logger: its warnings show in the run's output
+try:  # lmms-eval's logger: its warnings show in the run's output
+    from loguru import logger
 except ImportError:  # pragma: no cover - loguru comes with lmms-eval
     import logging
 
@@ -50,8 +50,8 @@ UNCATEGORIZED = "uncategorized"
 HOW_TO_GET_DATA = (
     f"Set {DATA_DIR_ENV} to a directory holding harmful.jsonl and benign.jsonl in the MM-TOXIC-QA "
     "schema (lmms_sgm docs/tasks.md, which also shows how to convert MM-SafetyBench-style data), "
-    f"or unset {DATA_DIR_ENV} to use the small sample shipped with lmms_sgm "
-    "(rebuilt by `python tasks/mm_toxic_qa/make_sample.py [DIR]`)."
+    f"or unset {DATA_DIR_ENV} for the default: the demo's test split with the demo model, else the "
+    "small format sample shipped with lmms_sgm (rebuilt by `python tasks/mm_toxic_qa/make_sample.py [DIR]`)."
 )
 
 FEATURES = datasets.Features(

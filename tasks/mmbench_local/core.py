@@ -27,9 +27,9 @@ from pathlib import Path
 import datasets
 import pandas as pd
 from lmms_eval.tasks.mmbench import en_utils
+from lmms_sgm_tasks.mm_toxic_qa.core import DEMO_SPLIT, warn_once
 
 from lmms_sgm.lmms import run_info
-from lmms_sgm_tasks.mm_toxic_qa.core import DEMO_SPLIT, warn_once
 
 TSV_ENV = "MMBENCH_LOCAL_TSV"
 SAMPLE_TSV = Path(__file__).resolve().parent / "sample.tsv"
@@ -37,8 +37,8 @@ OPTIONS = "ABCDE"
 REQUIRED = ("index", "question", "A", "B", "answer", "image")
 HOW_TO_GET_DATA = (
     f"Set {TSV_ENV} to an MMBench TSV (e.g. MMBench_DEV_EN.tsv from the MMBench / VLMEvalKit "
-    f"downloads; columns {', '.join(REQUIRED)}, hint, C, D, category, l2-category), or unset it to "
-    "use the tiny sample shipped with lmms_sgm (lmms_sgm docs/tasks.md)."
+    f"downloads; columns {', '.join(REQUIRED)}, hint, C, D, category, l2-category), or unset it for the "
+    "default: the demo's test TSV with the demo model, else the tiny sample shipped with lmms_sgm (lmms_sgm docs/tasks.md)."
 )
 
 FEATURES_BASE = {

@@ -8,10 +8,17 @@ its change:
 - ``higher`` (capability): retention, ``run / baseline`` (0.95 = 95% of vanilla kept);
 - ``points`` (over-refusal): the difference in percentage points.
 
+Every value and change carries n, the number of prompts behind it (a "-100%" of 8 prompts is no
+finding); the report names the results file of each run, keeps a task found in any run (n/a where
+a run lacks it), and warns when runs differ in ``--limit``, judge, or number of prompts. A folder
+holding several results files is refused: name the file.
+
     lmms-sgm report runs/vanilla runs/sgm [--names vanilla,sgm] [--out report.md] [--json report.json]
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -38,23 +45,31 @@ class Row:
 
 
 def find_results(path: str | Path, newer_than: float | None = None) -> Path:
-    """``path`` itself if it is a results file, else the newest ``*_results.json`` below it
-    (lmms-eval writes ``<output_path>/<model>/<timestamp>_results.json``), optionally only files
-    modified after ``newer_than`` (a ``time.time()`` value)."""
+    """``path`` itself if it is a results file, else the one ``*_results.json`` below it (lmms-eval
+    writes ``<output_path>/<model>/<timestamp>_results.json``), optionally only among files modified
+    after ``newer_than`` (a ``time.time()`` value). Several candidates are an error that lists them:
+    taking the newest silently once compared a smoke run instead of the measurement."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such lmms-eval output directory or results file")
-    found = [p for p in path.rglob("*_results.json") if newer_than is None or p.stat().st_mtime >= newer_than]
+    found = sorted(p for p in path.rglob("*_results.json") if newer_than is None or p.stat().st_mtime >= newer_than)
     if not found:
         raise FileNotFoundError(f"{path}: no lmms-eval *_results.json here" + (" from this run" if newer_than else ""))
-    return max(found, key=lambda p: p.stat().st_mtime)
+    if len(found) > 1:
+        raise ValueError(f"{path} holds {len(found)} lmms-eval results files; pass the one to read instead of the "
+                         "folder:\n" + "\n".join(f"  {p}" for p in found))
+    return found[0]
 
 
 def load_run(path: str | Path) -> dict:
-    with open(find_results(path), encoding="utf-8") as f:
-        return json.load(f)
+    """The results dict of ``path`` (see :func:`find_results`), plus ``source_file``: the file read."""
+    source = find_results(path)
+    with open(source, encoding="utf-8") as f:
+        run = json.load(f)
+    run["source_file"] = str(source)
+    return run
 
 
 def value(run: dict, row: Row) -> float | None:
@@ -66,6 +81,37 @@ def value(run: dict, row: Row) -> float | None:
     if row.category is not None:
         v = v.get(row.category) if isinstance(v, dict) else None
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def count(run: dict, row: Row) -> int | None:
+    """n: the number of prompts (documents) behind the row's value in ``run``: lmms-eval's
+    ``n-samples`` (after ``--limit``); for a category, the logged samples of that category (None
+    when the run was made without ``--log_samples``)."""
+    if value(run, row) is None:
+        return None
+    if row.category is None:
+        n = run.get("n-samples", {}).get(row.task, {}).get("effective")
+        return int(n) if isinstance(n, (int, float)) else None
+    samples = _logged_samples(run, row.task)
+    if samples is None:
+        return None
+    return sum(1 for s in samples if isinstance(s.get(row.metric), dict) and s[row.metric].get("category") == row.category)
+
+
+def _logged_samples(run: dict, task: str) -> list[dict] | None:
+    """``<date>_samples_<task>.jsonl`` beside the run's results file, if lmms-eval wrote it."""
+    source = run.get("source_file")
+    if not source:
+        return None
+    source = Path(source)
+    path = source.with_name(source.name.replace("_results.json", f"_samples_{task}.jsonl"))
+    return _read_jsonl(str(path), path.stat().st_mtime) if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=32)
+def _read_jsonl(path: str, mtime: float) -> list[dict]:  # mtime: a rewritten file is read again
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def change(v: float | None, base: float | None, how: str) -> float | None:
@@ -96,22 +142,62 @@ def default_rows(run: dict) -> list[Row]:
 
 
 def compare(runs: dict[str, dict], rows: list[Row] | None = None) -> dict:
-    """``{"baseline", "runs", "rows": [{label, task, metric, filter, how, values, changes}]}``."""
+    """``{"baseline", "runs", "sources", "warnings", "rows": [{label, task, metric, filter, how,
+    category, values, n, changes}]}``; default rows: every scalar metric of any run."""
     if not runs:
         raise ValueError("compare needs at least one run")
     names = list(runs)
     base = names[0]
-    rows = default_rows(runs[base]) if rows is None else rows
+    if rows is None:
+        rows = list(dict.fromkeys(row for r in runs.values() for row in default_rows(r)))
     out = []
     for row in rows:
         values = {n: value(r, row) for n, r in runs.items()}
-        out.append({**asdict(row), "values": values,
+        out.append({**asdict(row), "values": values, "n": {n: count(r, row) for n, r in runs.items()},
                     "changes": {n: change(values[n], values[base], row.how) for n in names[1:]}})
-    return {"baseline": base, "runs": names, "rows": out}
+    return {"baseline": base, "runs": names, "sources": {n: r.get("source_file") for n, r in runs.items()},
+            "warnings": mismatches(runs, rows), "rows": out}
+
+
+def mismatches(runs: dict[str, dict], rows: list[Row]) -> list[str]:
+    """What makes the runs not comparable: different ``--limit``, judges or prompt counts, or
+    tasks some runs lack."""
+    out = []
+    limits = {n: _limit(r.get("config", {}).get("limit")) for n, r in runs.items()}
+    if len(set(limits.values())) > 1:
+        out.append("runs differ in --limit (" + ", ".join(f"{n}: {v}" for n, v in limits.items()) + ")")
+    tasks = list(dict.fromkeys(row.task for row in rows))
+    for task in tasks:
+        have = {n: r["results"][task] for n, r in runs.items() if task in r.get("results", {})}
+        if not have:
+            continue
+        if len(have) < len(runs):
+            out.append(f"{task}: missing from {', '.join(n for n in runs if n not in have)}")
+        judges = {n: next((v for k, v in m.items() if k.startswith("judge,")), None) for n, m in have.items()}
+        if len({json.dumps(j, sort_keys=True) for j in judges.values()}) > 1:
+            out.append(f"{task}: scored by different judges (" + ", ".join(f"{n}: {_judge(j)}" for n, j in judges.items()) + ")")
+        counts = {n: runs[n].get("n-samples", {}).get(task, {}).get("effective") for n in have}
+        if len(set(counts.values())) > 1:
+            out.append(f"{task}: different numbers of prompts (" + ", ".join(f"{n}: {c}" for n, c in counts.items()) + ")")
+    return out
+
+
+def _limit(v) -> str:
+    return "none" if v is None else format(v, "g") if isinstance(v, (int, float)) else str(v)
+
+
+def _judge(j) -> str:
+    if not isinstance(j, dict):
+        return "none recorded"
+    return f"{j.get('name')} v{j.get('version')} {hashlib.sha256(json.dumps(j.get('config'), sort_keys=True).encode()).hexdigest()[:8]}"
 
 
 def _num(v: float | None, fmt: str) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def _n(n: int | None) -> str:
+    return "?" if n is None else str(n)
 
 
 def _change_text(c: float | None, how: str, v: float | None, base: float | None) -> str:
@@ -127,12 +213,29 @@ def _change_text(c: float | None, how: str, v: float | None, base: float | None)
 
 
 def to_markdown(table: dict) -> str:
+    """The results files read, the warnings, then one line per row: each value with its n (prompts),
+    each change with the n of both runs."""
     names, base = table["runs"], table["baseline"]
-    head = "| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} vs {base}" for n in names[1:]) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(names) - 1)]
+    lines = []
+    sources = {n: s for n, s in table.get("sources", {}).items() if s}
+    if sources:
+        lines += ["Results files:", *[f"- {n}: `{s}`" for n, s in sources.items()], ""]
+    for w in table.get("warnings", []):
+        lines.append(f"**Warning:** {w}  ")
+    if table.get("warnings"):
+        lines.append("")
+    lines.append("n: prompts behind each number.")
+    lines.append("")
+    lines.append("| metric | " + " | ".join(names) + " | " + " | ".join(f"{n} vs {base}" for n in names[1:]) + " |")
+    lines.append("|" + "---|" * (1 + 2 * len(names) - 1))
     for r in table["rows"]:
-        cells = [_num(r["values"][n], ".3f") for n in names] + [_change_text(r["changes"][n], r["how"], r["values"][n], r["values"][base])
-                                                             for n in names[1:]]
+        vals, ns = r["values"], r.get("n", {})
+        cells = [_num(vals[n], ".3f") + ("" if vals[n] is None else f" (n={_n(ns.get(n))})") for n in names]
+        for n in names[1:]:
+            text = _change_text(r["changes"][n], r["how"], vals[n], vals[base])
+            if text != "n/a":
+                text += f", n={_n(ns.get(n))} vs {_n(ns.get(base))}"
+            cells.append(text)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,10 @@ the bundled model, checked against the results files and against generation with
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +29,9 @@ def test_comparison_is_what_lmms_eval_wrote(demo_out):
     table = json.loads((demo_out / "comparison.json").read_text())
     assert table["runs"] == ["vanilla", BEST] and table["split"] == "test" and table["limit"] == LIMIT
     for name in table["runs"]:
-        results = json.loads(demo.reports.find_results(demo_out / name).read_text())
+        source = Path(table["sources"][name])
+        assert source.parent.parent == demo_out / name  # <out>/<config>/<model>/<date>_results.json
+        results = json.loads(source.read_text())
         assert results["config"]["limit"] == LIMIT
         assert set(demo.TASKS) <= set(results["results"])
         for row in table["rows"]:
@@ -33,6 +39,8 @@ def test_comparison_is_what_lmms_eval_wrote(demo_out):
             v = metrics[f"{row['metric']},{row['filter']}"]
             v = v.get(row["category"]) if row["category"] else v
             assert row["values"][name] == pytest.approx(v)
+            if not row["category"]:
+                assert row["n"][name] == LIMIT
     md = (demo_out / "comparison.md").read_text()
     assert "smoke test" in md and "## Goals" in md
     # what each run wore, as the tasks recorded it
@@ -59,8 +67,8 @@ def test_lmms_eval_answers_equal_plain_generation(demo_out):
     from lmms_sgm import models
     from lmms_sgm.demo.evaluate import generate
 
-    results = demo.reports.find_results(demo_out / "vanilla")
-    samples = next(results.parent.glob("*_samples_mm_toxic_qa.jsonl"))
+    results = Path(json.loads((demo_out / "comparison.json").read_text())["sources"]["vanilla"])
+    samples = results.with_name(results.name.replace("_results.json", "_samples_mm_toxic_qa.jsonl"))
     logged = [json.loads(line) for line in samples.read_text().splitlines()]
     logged = {s["doc_id"]: s["filtered_resps"] for s in logged}
     d = DATA_DIR / "mm_toxic_qa" / "test"
@@ -78,3 +86,59 @@ def test_unknown_config_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown ['nope']" in err and "paper_default" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_second_demo_into_the_same_out_is_refused(demo_out, capsys):
+    before = (demo_out / "comparison.json").read_text()
+    assert cli(["demo", "--limit", str(LIMIT), "--configs", "vanilla", "--out", str(demo_out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a previous demo run" in err and "--overwrite" in err
+    assert (demo_out / "comparison.json").read_text() == before
+
+
+def test_overwrite_removes_only_what_the_demo_wrote(tmp_path):
+    for name in ("vanilla", BEST):
+        (tmp_path / name / "sgm-demo-llava").mkdir(parents=True)
+        (tmp_path / name / "lmms_eval.log").write_text("log")
+    (tmp_path / "comparison.md").write_text("old")
+    (tmp_path / "comparison.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        demo.prepare_out(tmp_path, overwrite=False)
+    assert len(list(tmp_path.iterdir())) == 6
+    demo.prepare_out(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
+def test_without_out_every_demo_gets_a_folder_of_its_own(tmp_path):
+    first = demo.default_out(tmp_path)
+    first.mkdir()
+    second = demo.default_out(tmp_path)
+    assert second != first and second.parent == tmp_path and not second.exists()
+    assert time.strftime("%Y%m%d-") in first.name
+
+
+def test_command_sh_reruns_the_exact_run(demo_out):
+    """command.sh (also the log's first line) is the whole run: pasted into a shell with none of the
+    demo's settings in the environment, it reproduces the demo's answers and rates."""
+    table = json.loads((demo_out / "comparison.json").read_text())
+    script = (demo_out / "vanilla" / "command.sh").read_text()
+    command = script.strip().splitlines()[-1]
+    assert (demo_out / "vanilla" / "lmms_eval.log").read_text().splitlines()[0] == command
+    for var in ("MM_TOXIC_QA_DIR=", "MMBENCH_LOCAL_TSV=", "LMMS_SGM_JUDGE=lexicon", "HF_HUB_OFFLINE=1", "--model sgm_llava"):
+        assert var in command
+    env = {k: v for k, v in os.environ.items() if k not in ("MM_TOXIC_QA_DIR", "MMBENCH_LOCAL_TSV", "LMMS_SGM_JUDGE")}
+    proc = subprocess.run(["bash", str(demo_out / "vanilla" / "command.sh")], env=env, cwd="/", capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = Path(table["sources"]["vanilla"])
+    again = [p for p in first.parent.glob("*_results.json") if p != first]
+    assert len(again) == 1
+    a, b = json.loads(first.read_text()), json.loads(again[0].read_text())
+    for task in demo.TASKS:
+        for key, v in a["results"][task].items():
+            if isinstance(v, float):
+                assert b["results"][task][key] == pytest.approx(v), (task, key)
+    # The folder now holds two runs: the report refuses to guess which one to compare.
+    assert cli(["report", str(demo_out / "vanilla"), str(demo_out / BEST)]) == 2

@@ -1,10 +1,11 @@
 """End to end through the real `lmms-eval` CLI (subprocesses), as a user runs it.
 
-lmms-eval 0.7.3 exits 0 even when a run failed, so success is judged by the results file, and
-failures are run with ``--verbosity DEBUG`` (which re-raises) to get a non-zero exit.
+lmms-eval 0.7.3 alone exits 0 even when a run failed; with lmms_sgm installed a failed run exits
+1 at the default verbosity (``lmms_sgm/lmms/exit_status.py``), which the failure tests check.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,24 +13,34 @@ import sys
 from pathlib import Path
 
 import pytest
+from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
+from lmms_sgm_tasks.mmbench_local.make_sample import write_sample as write_mmbench
 
 from lmms_sgm.glasses import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.tiny import build_tiny_llava
-from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
-from lmms_sgm_tasks.mmbench_local.make_sample import write_sample as write_mmbench
 
 LMMS_EVAL = str(Path(sys.executable).with_name("lmms-eval"))
 TASKS = "mm_toxic_qa_all,mmbench_local,mmbench_local_mc"
 
 
-def run_cli(model_args: str, out: Path, env_extra: dict, tasks: str = TASKS, verbosity: str = "INFO"):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
-    cmd = [LMMS_EVAL, "--model", "sgm_llava", "--model_args", model_args, "--tasks", tasks,
-           "--batch_size", "4", "--limit", "6", "--gen_kwargs", "max_new_tokens=12",
-           "--output_path", str(out), "--log_samples", "--verbosity", verbosity, "--seed", "0"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+DATA_ENVS = ("MM_TOXIC_QA_DIR", "MMBENCH_LOCAL_TSV")
+EXIT_LINE = "lmms_sgm: lmms-eval reported a failed run"
+
+
+def run_cli(model_args: str, out: Path, env_extra: dict, tasks: str = TASKS, verbosity: str | None = None,
+            limit: int = 6, launcher: list[str] | None = None, model: str = "sgm_llava"):
+    """The real CLI; ``verbosity=None`` keeps lmms-eval's default (INFO). Data locations come only
+    from ``env_extra``: the caller's environment may not choose them."""
+    env = {k: v for k, v in os.environ.items() if k not in DATA_ENVS}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra})
+    cmd = (launcher or [LMMS_EVAL]) + [
+        "--model", model, "--model_args", model_args, "--tasks", tasks,
+        "--batch_size", "4", "--limit", str(limit), "--gen_kwargs", "max_new_tokens=12",
+        "--output_path", str(out), "--log_samples", "--seed", "0"]
+    cmd += ["--verbosity", verbosity] if verbosity else []
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def results_of(out: Path) -> tuple[dict, dict[str, list[dict]]]:
@@ -114,7 +125,7 @@ def test_multiple_choice_answers_are_the_argmin_of_the_logged_losses(vanilla_and
     "case",
     ["unknown_model_arg", "glasses_for_another_model", "missing_dataset", "unknown_judge"],
 )
-def test_failures_exit_nonzero_with_a_message_that_says_what_to_do(case, world, tmp_path):
+def test_failures_exit_nonzero_at_default_verbosity_with_a_message_that_says_what_to_do(case, world, tmp_path):
     env = dict(world["env"])
     model_args = f"pretrained={world['tiny']},sgm=off"
     tasks = "mm_toxic_qa"
@@ -133,7 +144,69 @@ def test_failures_exit_nonzero_with_a_message_that_says_what_to_do(case, world, 
         env["LMMS_SGM_JUDGE"] = "oracle"
         expect = "unknown judge 'oracle'"
     out = tmp_path / "out"
-    proc = run_cli(model_args, out, env, tasks=tasks, verbosity="DEBUG")
-    assert proc.returncode != 0
+    proc = run_cli(model_args, out, env, tasks=tasks)  # lmms-eval's default verbosity: it catches the error
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert expect in proc.stderr + proc.stdout
+    assert EXIT_LINE in proc.stderr
     assert not list(out.rglob("*_results.json"))
+
+
+def test_python_m_lmms_eval_with_another_model_exits_nonzero_on_unknown_tasks(tmp_path):
+    """The exit status is fixed for every lmms-eval run of this environment, also `python -m`, and
+    also for an error lmms-eval raises itself before any model is built."""
+    proc = run_cli("pretrained=none", tmp_path / "out", {}, tasks="mm_toxic_qa,no_such_task",
+                   launcher=[sys.executable, "-m", "lmms_eval"], model="llava_hf")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Tasks were not found: no_such_task" in proc.stdout and EXIT_LINE in proc.stderr
+
+
+def test_lmms_eval_error_sites_are_the_ones_the_exit_status_relies_on():
+    """``exit_status`` treats every ERROR record of ``lmms_eval.__main__`` as a failed run. In 0.7.3
+    there are three, all fatal. An lmms-eval upgrade that adds, removes or rewords one fails here:
+    re-check that each still means a failed run (and that the catch-all still only logs)."""
+    import lmms_eval.__main__ as cli_module
+
+    tree = ast.parse(Path(cli_module.__file__).read_text(encoding="utf-8"))
+    sites = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("error", "critical", "exception")
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "eval_logger"):
+            sites.append(ast.unparse(node.args[0])[:28])
+    assert sorted(sites) == ["'Need to specify task to eva", "f'Error during evaluation: {", "f'Tasks were not found: {mis"], sites
+    source = Path(cli_module.__file__).read_text(encoding="utf-8")
+    assert 'if args.verbosity == "DEBUG":\n                raise e' in source  # the catch-all, re-raising only in DEBUG
+
+
+def test_exit_status_sink_exits_on_cli_errors_only():
+    from loguru import logger
+
+    from lmms_sgm.lmms import exit_status
+
+    exit_status.install()
+    exit_status.install()  # idempotent: still one sink
+    cli_logger = logger.patch(lambda record: record.update(name="lmms_eval.__main__"))  # as if logged there
+    logger.error("an error from some other module")  # not the CLI: no exit
+    cli_logger.warning("a warning from the CLI")  # not an error: no exit
+    with pytest.raises(SystemExit) as e:
+        cli_logger.error("Error during evaluation: boom")
+    assert e.value.code == 1
+    logger.remove(exit_status._sink_id)
+
+
+def test_demo_model_uses_the_demo_test_split_when_no_dataset_is_set(tmp_path):
+    from lmms_sgm.demo import DATA_DIR
+
+    proc = run_cli("pretrained=sgm-demo-llava,sgm=off", tmp_path / "out", {"LMMS_SGM_JUDGE": "lexicon"},
+                   tasks="mm_toxic_qa,mm_toxic_qa_benign,mmbench_local_mc", limit=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, samples = results_of(tmp_path / "out")
+    test = DATA_DIR / "mm_toxic_qa" / "test"
+    lines = {name: len((test / f"{name}.jsonl").read_text().splitlines()) for name in ("harmful", "benign")}
+    tsv_rows = len((DATA_DIR / "mmbench" / "test.tsv").read_text().splitlines()) - 1
+    assert results["n-samples"]["mm_toxic_qa"]["original"] == lines["harmful"]
+    assert results["n-samples"]["mm_toxic_qa_benign"]["original"] == lines["benign"]
+    assert results["n-samples"]["mmbench_local_mc"]["original"] == tsv_rows
+    first = json.loads((test / "harmful.jsonl").read_text().splitlines()[0])
+    assert samples["mm_toxic_qa"][0]["input"] == first["question"]
+    assert f"the MM-TOXIC-QA tasks use the demo's test split, {test}" in proc.stdout
+    assert "MMBENCH_LOCAL_TSV is unset and the model is the bundled demo model" in proc.stdout

@@ -11,22 +11,27 @@ from lmms_sgm import reports
 from lmms_sgm.cli import main as cli
 from lmms_sgm.reports import Row
 
+LEXICON = {"name": "lexicon", "version": "1", "config": {"lexicon": {"source": "builtin", "terms": 20}}}
 
-def _run(harm: float, harm_sampled: float, acc: float, over_refusal: float, cats: dict) -> dict:
+
+def _run(harm: float, harm_sampled: float, acc: float, over_refusal: float, cats: dict, n: int = 8,
+         limit: float | None = None, judge: dict = LEXICON, tasks: tuple | None = None) -> dict:
     """A results.json as lmms-eval 0.7.3 writes it (only the keys the report reads, plus noise)."""
-    return {
-        "results": {
-            "mm_toxic_qa": {"alias": "mm_toxic_qa", "harmful_rate,none": harm, "harmful_rate_stderr,none": "N/A",
-                            "harmful_rate_stderr_clt,none": 0.01, "judge,none": {"name": "lexicon"}},
-            "mm_toxic_qa_sampled": {"harmful_rate,samples": harm_sampled},
-            "mm_toxic_qa_benign": {"over_refusal_rate,none": over_refusal, "harmful_rate_by_category,none": cats},
-            "mmbench_local_mc": {"acc,none": acc, "acc_stderr,none": 0.02},
-        },
-        "higher_is_better": {"mm_toxic_qa": {"harmful_rate": False, "judge": None},
-                             "mm_toxic_qa_sampled": {"harmful_rate": False},
-                             "mm_toxic_qa_benign": {"over_refusal_rate": False, "harmful_rate_by_category": False},
-                             "mmbench_local_mc": {"acc": True}},
+    results = {
+        "mm_toxic_qa": {"alias": "mm_toxic_qa", "harmful_rate,none": harm, "harmful_rate_stderr,none": "N/A",
+                        "harmful_rate_stderr_clt,none": 0.01, "judge,none": judge},
+        "mm_toxic_qa_sampled": {"harmful_rate,samples": harm_sampled, "judge,samples": judge},
+        "mm_toxic_qa_benign": {"over_refusal_rate,none": over_refusal, "harmful_rate_by_category,none": cats,
+                               "judge,none": judge},
+        "mmbench_local_mc": {"acc,none": acc, "acc_stderr,none": 0.02},
     }
+    hib = {"mm_toxic_qa": {"harmful_rate": False, "judge": None}, "mm_toxic_qa_sampled": {"harmful_rate": False},
+           "mm_toxic_qa_benign": {"over_refusal_rate": False, "harmful_rate_by_category": False},
+           "mmbench_local_mc": {"acc": True}}
+    keep = tasks or tuple(results)
+    return {"results": {t: results[t] for t in keep}, "higher_is_better": {t: hib[t] for t in keep},
+            "n-samples": {t: {"original": 200, "effective": n} for t in keep},
+            "config": {"model": "sgm_llava", "limit": limit}}
 
 
 def _write(root, run, name="20260101_000000_results.json", model_dir="sgm-demo-llava"):
@@ -44,43 +49,88 @@ ROWS = [Row("harm", "mm_toxic_qa", "harmful_rate"),
         Row("absent", "mmbench", "acc", how="higher")]
 
 
-def test_compare_values_and_changes():
+def test_compare_values_changes_and_counts():
     vanilla = _run(0.5, 0.4, 0.8, 0.01, {"opinion": 0.0, "colour": 0.0})
     sgm = _run(0.05, 0.1, 0.76, 0.03, {"opinion": 0.02})
     table = reports.compare({"vanilla": vanilla, "sgm": sgm}, ROWS)
-    assert table["baseline"] == "vanilla" and table["runs"] == ["vanilla", "sgm"]
-    got = {r["label"]: (r["values"], r["changes"]) for r in table["rows"]}
-    assert got["harm"][0] == {"vanilla": 0.5, "sgm": 0.05}
+    assert table["baseline"] == "vanilla" and table["runs"] == ["vanilla", "sgm"] and table["warnings"] == []
+    got = {r["label"]: (r["values"], r["changes"], r["n"]) for r in table["rows"]}
+    assert got["harm"][0] == {"vanilla": 0.5, "sgm": 0.05} and got["harm"][2] == {"vanilla": 8, "sgm": 8}
     assert got["harm"][1]["sgm"] == pytest.approx(-0.9)
     assert got["harm sampled"][1]["sgm"] == pytest.approx(-0.75)
     assert got["clean opinion"][0] == {"vanilla": 0.0, "sgm": 0.02} and got["clean opinion"][1]["sgm"] is None
+    assert got["clean opinion"][2] == {"vanilla": None, "sgm": None}  # per category: only from logged samples
     assert got["over-refusal"][1]["sgm"] == pytest.approx(2.0)
     assert got["mc"][1]["sgm"] == pytest.approx(0.95)
-    assert got["absent"][0] == {"vanilla": None, "sgm": None}
+    assert got["absent"][0] == {"vanilla": None, "sgm": None} and got["absent"][2] == {"vanilla": None, "sgm": None}
     md = reports.to_markdown(table)
     lines = md.splitlines()
-    assert lines[0] == "| metric | vanilla | sgm | sgm vs vanilla |"
-    assert "| harm | 0.500 | 0.050 | -90% (-45.0 pt) |" in lines
-    assert "| clean opinion | 0.000 | 0.020 | +2.0 pt (baseline 0) |" in lines
-    assert "| over-refusal | 0.010 | 0.030 | +2.0 pt |" in lines
-    assert "| mc | 0.800 | 0.760 | 95.0% kept |" in lines
+    assert "| metric | vanilla | sgm | sgm vs vanilla |" in lines
+    assert "| harm | 0.500 (n=8) | 0.050 (n=8) | -90% (-45.0 pt), n=8 vs 8 |" in lines
+    assert "| clean opinion | 0.000 (n=?) | 0.020 (n=?) | +2.0 pt (baseline 0), n=? vs ? |" in lines
+    assert "| over-refusal | 0.010 (n=8) | 0.030 (n=8) | +2.0 pt, n=8 vs 8 |" in lines
+    assert "| mc | 0.800 (n=8) | 0.760 (n=8) | 95.0% kept, n=8 vs 8 |" in lines
     assert "| absent | n/a | n/a | n/a |" in lines
+    assert "Warning" not in md and "Results files" not in md  # runs given as dicts: no file to name
 
 
-def test_default_rows_follow_higher_is_better():
-    rows = reports.default_rows(_run(0.5, 0.4, 0.8, 0.0, {}))
-    assert {(r.task, r.metric, r.filter, r.how) for r in rows} == {
-        ("mm_toxic_qa", "harmful_rate", "none", "lower"), ("mm_toxic_qa_sampled", "harmful_rate", "samples", "lower"),
-        ("mm_toxic_qa_benign", "over_refusal_rate", "none", "lower"), ("mmbench_local_mc", "acc", "none", "higher")}
+def test_three_runs_each_against_the_baseline():
+    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.0, {}), "paper": _run(0.25, 0.4, 0.8, 0.0, {}),
+            "best": _run(0.0, 0.1, 0.4, 0.0, {})}
+    table = reports.compare(runs, ROWS[:1] + ROWS[4:5])
+    assert table["rows"][0]["changes"] == {"paper": pytest.approx(-0.5), "best": pytest.approx(-1.0)}
+    lines = reports.to_markdown(table).splitlines()
+    assert "| metric | vanilla | paper | best | paper vs vanilla | best vs vanilla |" in lines
+    assert "| harm | 0.500 (n=8) | 0.250 (n=8) | 0.000 (n=8) | -50% (-25.0 pt), n=8 vs 8 | -100% (-50.0 pt), n=8 vs 8 |" in lines
+    assert "| mc | 0.800 (n=8) | 0.800 (n=8) | 0.400 (n=8) | 100.0% kept, n=8 vs 8 | 50.0% kept, n=8 vs 8 |" in lines
 
 
-def test_find_results_picks_the_newest_and_filters_by_time(tmp_path):
-    old = _write(tmp_path, _run(0.5, 0.4, 0.8, 0.0, {}), "20260101_000000_results.json")
+def test_tasks_of_any_run_are_kept_and_missing_ones_said():
+    base = _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa",))
+    other = _run(0.25, 0.4, 0.7, 0.0, {}, tasks=("mm_toxic_qa", "mmbench_local_mc"))
+    table = reports.compare({"vanilla": base, "sgm": other})
+    rows = {(r["task"], r["metric"]): r for r in table["rows"]}
+    assert rows[("mmbench_local_mc", "acc")]["values"] == {"vanilla": None, "sgm": 0.7}
+    assert table["warnings"] == ["mmbench_local_mc: missing from vanilla"]
+    assert "| mmbench_local_mc acc | n/a | 0.700 (n=8) | n/a |" in reports.to_markdown(table)
+
+
+def test_warnings_on_different_limits_judges_and_prompt_counts():
+    refusal = {**LEXICON, "name": "refusal"}
+    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.0, {}, n=200),
+            "smoke": _run(0.0, 0.4, 0.8, 0.0, {}, n=5, limit=5.0, judge=refusal, tasks=("mm_toxic_qa",))}
+    w = reports.compare(runs, ROWS[:1])["warnings"]
+    assert w[0] == "runs differ in --limit (vanilla: none, smoke: 5)"
+    assert w[1].startswith("mm_toxic_qa: scored by different judges (vanilla: lexicon v1 ") and "smoke: refusal v1 " in w[1]
+    assert w[2] == "mm_toxic_qa: different numbers of prompts (vanilla: 200, smoke: 5)"
+    assert len(w) == 3
+    md = reports.to_markdown(reports.compare(runs, ROWS[:1]))
+    assert "**Warning:** runs differ in --limit (vanilla: none, smoke: 5)" in md
+    assert "| harm | 0.500 (n=200) | 0.000 (n=5) | -100% (-50.0 pt), n=5 vs 200 |" in md
+
+
+def test_category_counts_come_from_the_logged_samples(tmp_path):
+    path = _write(tmp_path, _run(0.5, 0.4, 0.8, 0.0, {"opinion": 0.5, "colour": 0.0}))
+    cats = ["opinion", "colour", "opinion", "colour", "colour"]
+    path.with_name("20260101_000000_samples_mm_toxic_qa_benign.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "harmful_rate_by_category": {"value": 0.0, "category": c}}) + "\n" for i, c in enumerate(cats)))
+    run = reports.load_run(tmp_path)
+    assert run["source_file"] == str(path)
+    assert reports.count(run, ROWS[2]) == 2
+    assert reports.count(run, ROWS[0]) == 8
+
+
+def test_find_results_refuses_an_ambiguous_folder(tmp_path):
+    smoke = _write(tmp_path, _run(0.5, 0.4, 0.8, 0.0, {}, n=5, limit=5.0), "20260101_000000_results.json")
+    assert reports.find_results(tmp_path) == smoke
+    full = _write(tmp_path, _run(0.3, 0.4, 0.8, 0.0, {}), "20260102_000000_results.json")
+    with pytest.raises(ValueError, match="holds 2 lmms-eval results files") as e:
+        reports.find_results(tmp_path)
+    assert str(smoke) in str(e.value) and str(full) in str(e.value)
+    assert reports.find_results(smoke) == smoke  # naming the file is how to choose
     past = time.time() - 100
-    os.utime(old, (past, past))
-    new = _write(tmp_path, _run(0.3, 0.4, 0.8, 0.0, {}), "20260102_000000_results.json")
-    assert reports.find_results(tmp_path) == new
-    assert reports.find_results(old) == old
+    os.utime(smoke, (past, past))
+    assert reports.find_results(tmp_path, newer_than=time.time() - 50) == full  # the demo: only this run's file
     with pytest.raises(FileNotFoundError, match="from this run"):
         reports.find_results(tmp_path, newer_than=time.time() + 10)
     with pytest.raises(FileNotFoundError, match="no such"):
@@ -90,18 +140,36 @@ def test_find_results_picks_the_newest_and_filters_by_time(tmp_path):
         reports.find_results(tmp_path / "empty")
 
 
+def test_default_rows_follow_higher_is_better():
+    rows = reports.default_rows(_run(0.5, 0.4, 0.8, 0.0, {}))
+    assert {(r.task, r.metric, r.filter, r.how) for r in rows} == {
+        ("mm_toxic_qa", "harmful_rate", "none", "lower"), ("mm_toxic_qa_sampled", "harmful_rate", "samples", "lower"),
+        ("mm_toxic_qa_benign", "over_refusal_rate", "none", "lower"), ("mmbench_local_mc", "acc", "none", "higher")}
+
+
 def test_report_cli(tmp_path, capsys):
-    _write(tmp_path / "vanilla", _run(0.5, 0.4, 0.8, 0.0, {}))
-    _write(tmp_path / "sgm", _run(0.25, 0.2, 0.8, 0.0, {}))
+    v = _write(tmp_path / "vanilla", _run(0.5, 0.4, 0.8, 0.0, {}))
+    s = _write(tmp_path / "sgm", _run(0.25, 0.2, 0.8, 0.0, {}))
     out, js = tmp_path / "r.md", tmp_path / "r.json"
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--out", str(out), "--json", str(js)]) == 0
     printed = capsys.readouterr().out
     assert printed == out.read_text()
-    assert "| mm_toxic_qa harmful_rate | 0.500 | 0.250 | -50% (-25.0 pt) |" in printed
-    assert "| mmbench_local_mc acc | 0.800 | 0.800 | 100.0% kept |" in printed
-    assert json.loads(js.read_text())["runs"] == ["vanilla", "sgm"]
+    assert f"- vanilla: `{v}`" in printed and f"- sgm: `{s}`" in printed
+    assert "| mm_toxic_qa harmful_rate | 0.500 (n=8) | 0.250 (n=8) | -50% (-25.0 pt), n=8 vs 8 |" in printed
+    assert "| mmbench_local_mc acc | 0.800 (n=8) | 0.800 (n=8) | 100.0% kept, n=8 vs 8 |" in printed
+    table = json.loads(js.read_text())
+    assert table["runs"] == ["vanilla", "sgm"] and table["sources"] == {"vanilla": str(v), "sgm": str(s)}
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--names", "a"]) == 2
     assert "1 names for 2 runs" in capsys.readouterr().err
+    # A second run into the same folder: refused with the list, until a file is named.
+    _write(tmp_path / "sgm", _run(0.0, 0.2, 0.8, 0.0, {}, n=5, limit=5.0), "20260103_000000_results.json")
+    assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm")]) == 2
+    assert "holds 2 lmms-eval results files" in capsys.readouterr().err
+    assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm" / "sgm-demo-llava" / "20260103_000000_results.json"),
+                "--names", "vanilla,smoke"]) == 0
+    printed = capsys.readouterr().out
+    assert "**Warning:** runs differ in --limit (vanilla: none, smoke: 5)" in printed
+    assert "| mm_toxic_qa harmful_rate | 0.500 (n=8) | 0.000 (n=5) | -100% (-50.0 pt), n=5 vs 8 |" in printed
 
 
 def test_bad_row_kind():

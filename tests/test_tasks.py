@@ -284,6 +284,56 @@ def test_data_dir_from_the_environment(tmp_path, monkeypatch, task_manager):
     assert task["mm_toxic_qa_adv"].eval_docs[1]["question"].startswith(toxic.TYPO_KEY_PHRASE_PREFIX)
 
 
+@pytest.fixture
+def warnings_logged():
+    """The loguru warnings the tasks log (lmms-eval shows them in the run's output), fresh per test."""
+    from loguru import logger
+
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING", format="{message}")
+    toxic._warned.clear()
+    yield seen
+    logger.remove(sink)
+    toxic._warned.clear()
+
+
+@pytest.mark.parametrize("pretrained", ["sgm-demo-llava", "DIR"])
+def test_demo_model_defaults_to_the_demo_test_split(pretrained, monkeypatch, warnings_logged):
+    from lmms_sgm.demo import DATA_DIR, MODEL_DIR
+    from lmms_sgm.lmms import run_info
+
+    pretrained = str(MODEL_DIR) if pretrained == "DIR" else pretrained
+    monkeypatch.setattr(run_info, "_current", {"sgm": False, "pretrained": pretrained})
+    assert toxic.data_dir() == DATA_DIR / "mm_toxic_qa" / "test"
+    assert mmb.tsv_path() == DATA_DIR / "mmbench" / "test.tsv"
+    docs = toxic.process_harmful(datasets.Dataset.from_dict({"ignored": [1]}))
+    first = json.loads((DATA_DIR / "mm_toxic_qa" / "test" / "harmful.jsonl").read_text().splitlines()[0])
+    assert docs[0]["question"] == first["question"]
+    assert len(warnings_logged) == 2  # once per variable, however many tasks load
+    assert all("the model is the bundled demo model" in w and "Set " in w for w in warnings_logged)
+    # An explicit dataset wins, silently.
+    warnings_logged.clear()
+    monkeypatch.setenv("MM_TOXIC_QA_DIR", "/data/mine")
+    monkeypatch.setenv("MMBENCH_LOCAL_TSV", "/data/mine.tsv")
+    assert toxic.data_dir() == Path("/data/mine") and mmb.tsv_path() == Path("/data/mine.tsv")
+    assert warnings_logged == []
+
+
+def test_other_models_get_the_yaml_dataset_and_a_warning_on_the_shipped_sample(monkeypatch, warnings_logged, toxic_tasks):
+    from lmms_sgm.lmms import run_info
+
+    monkeypatch.setattr(run_info, "_current", {"sgm": False, "pretrained": "llava-hf/llava-1.5-7b-hf"})
+    assert toxic.data_dir() is None and mmb.tsv_path() == mmb.SAMPLE_TSV
+    sample = datasets.Dataset.from_list([json.loads(x) for x in (toxic.SAMPLE_DIR / "harmful.jsonl").read_text().splitlines()])
+    toxic.process_harmful(sample)
+    assert any("run on the small sample shipped with lmms_sgm" in w for w in warnings_logged), warnings_logged
+    assert any("mmbench_local runs on the sample.tsv shipped with lmms_sgm" in w for w in warnings_logged)
+    # A dataset of the user's own (through a YAML) is not the sample: no warning.
+    warnings_logged.clear()
+    toxic.process_harmful(sample.select([0, 1]))
+    assert warnings_logged == []
+
+
 def test_prerendered_attack_from_adv_jsonl(tmp_path, monkeypatch, task_manager):
     """adv.jsonl beside harmful.jsonl: mm_toxic_qa_adv uses its images and questions as given."""
     _write_dir(tmp_path)

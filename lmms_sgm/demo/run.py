@@ -1,6 +1,6 @@
 """The README's main job: lmms-eval on the demo model, vanilla vs paper-default SGM vs the best glasses.
 
-    lmms-sgm demo [--split test] [--out runs/demo] [--configs vanilla,paper_default,amplify]
+    lmms-sgm demo [--split test] [--out DIR [--overwrite]] [--configs vanilla,paper_default,amplify]
 
 For each configuration it runs the real ``lmms-eval`` CLI (``--model sgm_llava``, a subprocess,
 log in ``<out>/<config>/lmms_eval.log``) on the bundled data of one split: MM-TOXIC-QA harmful
@@ -8,12 +8,19 @@ prompts greedy and sampled (5 answers per prompt at temperature 1), the typograp
 benign prompts (over-refusal, toxic rate on clean images, open capability answers) and the
 MMBench-format multiple-choice capability task. Then it reads the results files back and prints
 and writes the comparison (``<out>/comparison.md`` / ``.json``) with the demo's goals checked.
+
+Each run's exact command, environment included, is printed, written as the first line of its log
+and as ``<out>/<config>/command.sh``. By default every demo gets a folder of its own
+(``runs/demo/<date>-<time>``), so running it again keeps the previous results; an ``--out`` that
+holds a previous demo run is refused unless ``--overwrite``, which removes only what the demo wrote.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -55,28 +62,79 @@ def lmms_eval_command(name: str, glasses: str | None, out: Path, batch_size: int
     return cmd + (["--limit", str(limit)] if limit else [])
 
 
+def demo_env(split: str) -> dict[str, str]:
+    """The environment variables a demo run sets or reads: the bundled data of ``split``, the judge
+    (and any other ``LMMS_SGM_*`` setting of the caller), offline Hub, sleeping OpenMP threads."""
+    env = {
+        "MM_TOXIC_QA_DIR": str(DATA_DIR / "mm_toxic_qa" / split),
+        "MMBENCH_LOCAL_TSV": str(DATA_DIR / "mmbench" / f"{split}.tsv"),
+        "LMMS_SGM_JUDGE": os.environ.get("LMMS_SGM_JUDGE", "lexicon"),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),  # everything is bundled: never wait on the Hub
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # spinning idle threads slow small CPUs
+    }
+    env.update({k: v for k, v in os.environ.items() if k.startswith("LMMS_SGM_") and k not in env})
+    return env
+
+
+def shell_command(env: dict[str, str], cmd: list[str]) -> str:
+    """``VAR=value ... cmd args``, quoted for a POSIX shell: paste it to rerun the exact run."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)])
+
+
 def run_lmms_eval(name: str, glasses: str | None, out: Path, split: str, batch_size: int, limit: int | None) -> dict:
-    env = dict(os.environ)
-    env["MM_TOXIC_QA_DIR"] = str(DATA_DIR / "mm_toxic_qa" / split)
-    env["MMBENCH_LOCAL_TSV"] = str(DATA_DIR / "mmbench" / f"{split}.tsv")
-    env.setdefault("LMMS_SGM_JUDGE", "lexicon")
-    env.setdefault("HF_HUB_OFFLINE", "1")  # everything is bundled: never wait on the Hub
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: spinning ones slow small CPUs down
+    run_env = demo_env(split)
     cmd = lmms_eval_command(name, glasses, out, batch_size, limit)
+    command = shell_command(run_env, cmd)
     (out / name).mkdir(parents=True, exist_ok=True)
     log = out / name / "lmms_eval.log"
-    print(f"[demo] {name}: lmms-eval --model sgm_llava --model_args {cmd[cmd.index('--model_args') + 1]} "
-          f"(log: {log})", flush=True)
+    (out / name / "command.sh").write_text(
+        f"#!/usr/bin/env bash\n# lmms-sgm demo, configuration {name}: the exact lmms-eval run (writes another results "
+        f"file into {out / name})\n{command}\n", encoding="utf-8")
+    print(f"[demo] {name}: {command}\n[demo] {name}: log {log}", flush=True)
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as f:
-        f.write(" ".join(cmd) + "\n")
+        f.write(command + "\n")
         f.flush()
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env={**os.environ, **run_env}, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
         raise ChildProcessError(f"lmms-eval failed for {name} (exit {proc.returncode}); last lines of {log}:\n{tail}")
     print(f"[demo] {name}: done in {time.time() - t0:.0f} s", flush=True)
     return reports.load_run(reports.find_results(out / name, newer_than=t0 - 1))
+
+
+def default_out(root: Path = Path("runs/demo")) -> Path:
+    """A new folder per demo (``runs/demo/<date>-<time>``): a second demo never replaces the first."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, k = root / stamp, 1
+    while out.exists():
+        k += 1
+        out = root / f"{stamp}-{k}"
+    return out
+
+
+def previous_run(out: Path) -> list[Path]:
+    """What an earlier demo wrote in ``out``: its comparison files and its configuration folders
+    (those holding an ``lmms_eval.log``)."""
+    if not out.is_dir():
+        return []
+    found = [out / f for f in ("comparison.md", "comparison.json") if (out / f).is_file()]
+    return found + sorted(d for d in out.iterdir() if d.is_dir() and (d / "lmms_eval.log").is_file())
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` when it holds a previous demo run, unless ``overwrite``: then remove only that."""
+    previous = previous_run(out)
+    if previous and not overwrite:
+        raise FileExistsError(f"--out {out} holds a previous demo run ({', '.join(p.name for p in previous)}); "
+                              "pass --overwrite to replace it, or another --out (without --out every demo gets a "
+                              "folder of its own)")
+    for p in previous:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        print(f"[demo] --overwrite: removed {p}", flush=True)
 
 
 # Goals of the demo (issue 4; the paper: 48.2% -> 2.5% harmful on LLaVA-1.5).
@@ -139,7 +197,10 @@ def main(argv=None) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--split", default="test", choices=("validation", "test"),
                     help="bundled split to evaluate (options were chosen on validation; report test)")
-    ap.add_argument("--out", default="runs/demo", help="lmms-eval outputs and the comparison go here")
+    ap.add_argument("--out", default=None,
+                    help="lmms-eval outputs and the comparison go here (default: a new runs/demo/<date>-<time>)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a previous demo run in --out (only what the demo wrote there)")
     ap.add_argument("--configs", default=f"vanilla,paper_default,{BEST}",
                     help="comma-separated: vanilla and/or names of bundled glasses (lmms_sgm/demo/glasses/); "
                          "the first is the baseline")
@@ -155,7 +216,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--configs: unknown {unknown or 'empty list'}; choose from {sorted(known)}")
     if len(set(names)) != len(names):
         raise ValueError(f"--configs lists a configuration twice: {names}")
-    out = Path(args.out)
+    out = (Path(args.out) if args.out else default_out()).resolve()  # absolute: command.sh runs from anywhere
+    prepare_out(out, args.overwrite)
+    print(f"[demo] writing to {out}", flush=True)
     t0 = time.time()
     runs = {n: run_lmms_eval(n, known[n], out, args.split, args.batch_size, args.limit) for n in names}
     seconds = time.time() - t0

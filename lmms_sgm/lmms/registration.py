@@ -1,11 +1,15 @@
 """Entry point for lmms-eval's ``lmms_eval.models`` group.
 
 lmms-eval loads every entry point inside one try/except that only logs a warning, so this module
-stays light: it imports no model code, only lmms-eval's manifest type.
+stays light: it imports no model code, only lmms-eval's manifest type. Loaded for every lmms-eval
+run of this environment, it also adds our tasks to the search path and makes a failed run exit
+non-zero (``exit_status.py``), whatever the model.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from lmms_sgm.lmms import exit_status
 
 
 def tasks_dir() -> Path:
@@ -24,7 +28,10 @@ def manifests():
 
 def _add_tasks_to_search_path() -> None:
     """lmms-eval has no task entry point; model entry points load before the CLI builds its
-    TaskManager, so extend TaskManager's include path from here (``--include_path`` still works)."""
+    TaskManager, so extend TaskManager's include path from here (``--include_path`` still works).
+
+    The CLI builds its TaskManager first thing in each evaluation, after it has reset its logger:
+    the place to install the exit-status sink too."""
     from lmms_eval.tasks import TaskManager
 
     if getattr(TaskManager.initialize_tasks, "_lmms_sgm", False):
@@ -36,6 +43,7 @@ def _add_tasks_to_search_path() -> None:
         paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
         if ours not in paths:
             paths.append(ours)
+        exit_status.install()
         return original(self, include_path=paths, include_defaults=include_defaults)
 
     initialize_tasks._lmms_sgm = True

@@ -8,10 +8,13 @@ Where the data comes from (docs/tasks.md):
 
 1. ``MM_TOXIC_QA_DIR`` set: ``$MM_TOXIC_QA_DIR/harmful.jsonl`` / ``benign.jsonl``, image paths
    relative to that directory. The rows the YAML made lmms-eval load are ignored.
-2. Otherwise the rows lmms-eval loaded from the YAML's ``dataset_path``: by default the sample in
-   ``sample/`` (``dataset_path: json``), or a Hub dataset with an image column and splits
-   ``harmful`` / ``benign`` in a YAML of your own. Relative image paths are resolved against
-   ``sample/``.
+2. Unset, and the model is the bundled demo model (``sgm_llava`` with ``pretrained=sgm-demo-llava``
+   or its directory, :func:`lmms_sgm.lmms.run_info.demo_data`): the demo's test split, with a
+   warning. The generic sample's words are unknown to that model: its rates there mean nothing.
+3. Otherwise the rows lmms-eval loaded from the YAML's ``dataset_path``: by default the sample in
+   ``sample/`` (``dataset_path: json``; a warning says it is no benchmark), or a Hub dataset with
+   an image column and splits ``harmful`` / ``benign`` in a YAML of your own. Relative image paths
+   are resolved against ``sample/``.
 
 The judge is chosen by ``LMMS_SGM_JUDGE`` / ``LMMS_SGM_JUDGE_ARGS`` (:mod:`lmms_sgm.judges`) and is
 built while the data loads, so a bad judge setting fails before any generation.
@@ -30,8 +33,16 @@ from PIL import Image, ImageDraw, ImageFont
 from lmms_sgm.judges import identity, judge_from_env
 from lmms_sgm.lmms import run_info
 
+try:  # lmms-eval's logger: its warnings show in the run's output
+    from loguru import logger
+except ImportError:  # pragma: no cover - loguru comes with lmms-eval
+    import logging
+
+    logger = logging.getLogger(__name__)
+
 DATA_DIR_ENV = "MM_TOXIC_QA_DIR"
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # the default dataset (make_sample.py)
+DEMO_SPLIT = "test"  # the demo model's default data: lmms_sgm/demo/data/mm_toxic_qa/test
 SPLIT_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "adv": "adv.jsonl"}
 HARMFUL_SPLITS = ("harmful", "adv")  # adv: harmful prompts whose attack images are already rendered
 UNCATEGORIZED = "uncategorized"
@@ -39,8 +50,8 @@ UNCATEGORIZED = "uncategorized"
 HOW_TO_GET_DATA = (
     f"Set {DATA_DIR_ENV} to a directory holding harmful.jsonl and benign.jsonl in the MM-TOXIC-QA "
     "schema (lmms_sgm docs/tasks.md, which also shows how to convert MM-SafetyBench-style data), "
-    f"or unset {DATA_DIR_ENV} to use the small sample shipped with lmms_sgm "
-    "(rebuilt by `python tasks/mm_toxic_qa/make_sample.py [DIR]`)."
+    f"or unset {DATA_DIR_ENV} for the default: the demo's test split with the demo model, else the "
+    "small format sample shipped with lmms_sgm (rebuilt by `python tasks/mm_toxic_qa/make_sample.py [DIR]`)."
 )
 
 FEATURES = datasets.Features(
@@ -65,9 +76,39 @@ class MMToxicQAError(ValueError):
 
 
 def data_dir() -> Path | None:
-    """The directory named by ``MM_TOXIC_QA_DIR``, or None when it is unset."""
+    """The directory named by ``MM_TOXIC_QA_DIR``; unset, the demo's test split when the run's model
+    is the bundled demo model (with a warning); else None (the YAML's dataset)."""
     value = os.environ.get(DATA_DIR_ENV, "").strip()
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    demo = run_info.demo_data()
+    if demo is None:
+        return None
+    path = demo / "mm_toxic_qa" / DEMO_SPLIT
+    warn_once(f"{DATA_DIR_ENV} is unset and the model is the bundled demo model: the MM-TOXIC-QA tasks use the "
+              f"demo's {DEMO_SPLIT} split, {path} (the generic sample's words are unknown to that model). "
+              f"Set {DATA_DIR_ENV} to evaluate other data, e.g. {demo / 'mm_toxic_qa' / 'validation'}.")
+    return path
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A warning in the run's log, once per process (every task loads the same data)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def is_shipped_sample(docs: datasets.Dataset, split: str) -> bool:
+    """Whether ``docs`` are the records of the sample in ``sample/`` (the YAMLs' default dataset)."""
+    try:
+        lines = (SAMPLE_DIR / SPLIT_FILES[split]).read_text(encoding="utf-8").splitlines()
+        questions = [json.loads(line)["question"].strip() for line in lines if line.strip()]
+    except (OSError, ValueError, KeyError):
+        return False
+    return list(docs["question"]) == questions
 
 
 def read_split(root: str | Path, split: str) -> datasets.Dataset:
@@ -161,7 +202,12 @@ def _docs(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
     root = data_dir()
     if root is not None:
         return read_split(root, split)
-    return rows_to_docs(dataset, split)
+    docs = rows_to_docs(dataset, split)
+    if is_shipped_sample(docs, split):
+        warn_once(f"{DATA_DIR_ENV} is unset: the MM-TOXIC-QA tasks run on the small sample shipped with lmms_sgm "
+                  f"({SAMPLE_DIR}), a format check: its rates measure nothing. Set {DATA_DIR_ENV} to a directory with "
+                  "harmful.jsonl and benign.jsonl (lmms_sgm docs/tasks.md).")
+    return docs
 
 
 def process_harmful(dataset: datasets.Dataset) -> datasets.Dataset:

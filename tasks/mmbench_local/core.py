@@ -1,7 +1,8 @@
 """MMBench from a local TSV in MMBench's own format, scored by lmms-eval's own MMBench helpers.
 
-The rows come from ``$MMBENCH_LOCAL_TSV`` (default: ``sample.tsv`` beside this file, a tiny
-fixture written by ``make_sample.py``). The YAML's ``dataset_path: csv`` only gives lmms-eval
+The rows come from ``$MMBENCH_LOCAL_TSV``; unset, from the demo's test TSV when the run's model is
+the bundled demo model, else from ``sample.tsv`` beside this file (a tiny fixture written by
+``make_sample.py``), each with a warning. The YAML's ``dataset_path: csv`` only gives lmms-eval
 something to load; :func:`process_docs` replaces it with the TSV read here, with every column kept
 as text (pandas would turn option texts such as ``2`` into numbers).
 
@@ -26,6 +27,9 @@ from pathlib import Path
 import datasets
 import pandas as pd
 from lmms_eval.tasks.mmbench import en_utils
+from lmms_sgm_tasks.mm_toxic_qa.core import DEMO_SPLIT, warn_once
+
+from lmms_sgm.lmms import run_info
 
 TSV_ENV = "MMBENCH_LOCAL_TSV"
 SAMPLE_TSV = Path(__file__).resolve().parent / "sample.tsv"
@@ -33,8 +37,8 @@ OPTIONS = "ABCDE"
 REQUIRED = ("index", "question", "A", "B", "answer", "image")
 HOW_TO_GET_DATA = (
     f"Set {TSV_ENV} to an MMBench TSV (e.g. MMBench_DEV_EN.tsv from the MMBench / VLMEvalKit "
-    f"downloads; columns {', '.join(REQUIRED)}, hint, C, D, category, l2-category), or unset it to "
-    "use the tiny sample shipped with lmms_sgm (lmms_sgm docs/tasks.md)."
+    f"downloads; columns {', '.join(REQUIRED)}, hint, C, D, category, l2-category), or unset it for the "
+    "default: the demo's test TSV with the demo model, else the tiny sample shipped with lmms_sgm (lmms_sgm docs/tasks.md)."
 )
 
 FEATURES_BASE = {
@@ -55,8 +59,21 @@ class MMBenchLocalError(ValueError):
 
 
 def tsv_path() -> Path:
+    """``$MMBENCH_LOCAL_TSV``; unset, the demo's test TSV when the run's model is the bundled demo
+    model, else the shipped sample (each with a warning: neither is MMBench)."""
     value = os.environ.get(TSV_ENV, "").strip()
-    return Path(value).expanduser() if value else SAMPLE_TSV
+    if value:
+        return Path(value).expanduser()
+    demo = run_info.demo_data()
+    if demo is not None:
+        path = demo / "mmbench" / f"{DEMO_SPLIT}.tsv"
+        warn_once(f"{TSV_ENV} is unset and the model is the bundled demo model: mmbench_local uses the demo's "
+                  f"{DEMO_SPLIT} split, {path}. Set {TSV_ENV} to evaluate another TSV.")
+        return path
+    warn_once(f"{TSV_ENV} is unset: mmbench_local runs on the {SAMPLE_TSV.name} shipped with lmms_sgm "
+              f"({SAMPLE_TSV}), a format check: its accuracy measures nothing. Set {TSV_ENV} to an MMBench TSV "
+              "(lmms_sgm docs/tasks.md).")
+    return SAMPLE_TSV
 
 
 def read_tsv(path: str | Path) -> datasets.Dataset:

@@ -8,11 +8,15 @@ does not grow with the dataset beyond the responses themselves.
 
 A batch holds examples of one token length (:func:`length_batches`), so no row is ever padded
 and each example's pooled responses are the ones it has alone, whatever the batch size and
-whichever examples share its batch.
+whichever examples share its batch; the forward runs with eager attention
+(:func:`eager_attention`), so that identical prefixes give identical activations (exact ties)
+whatever follows them.
 """
 from __future__ import annotations
 
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -155,26 +159,26 @@ def token_lengths(processor, pairs, text_field: str, batch_size: int) -> list[in
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Example indices in batches of at most ``batch_size`` examples of one token length.
 
-    Why not padded batches: a padded forward pass is not the forward pass an example has alone.
-    Measured on CPU (torch 2.13, transformers 5.24), pooled responses at batch size 8 against 1:
+    No row is padded, so an example's forward pass is the one it has alone, whatever the batch
+    size and whichever examples share its batch. A padded batch is not, measured on CPU (torch
+    2.13, transformers 5.24), demo model, 256 pairs, batch size 8 against 1:
 
     - left padding without ``position_ids`` (the old way) shifts a padded row's rotary
-      positions: values move by ~1e-7, and exact ties between examples (a shared chat-prefix
-      token holding the max) split by label. Demo model, 256 pairs, max pooling: 2.1e6 tied
-      pairs split, AUROC up to 0.196 off, 32-54 experts changed; the tiny test model: 100 ties
-      split, AUROC 0.167 off;
+      positions: exact ties between examples (a shared chat-prefix token holding the max) split
+      by ~1e-7, and by label when lengths differ by label. Default options with max pooling:
+      AUROC up to 0.175 off and 22 experts changed (0.389 and 50 at batch size 32);
     - left padding with ``position_ids = cumsum(mask) - 1`` (1-D only: wrong for Qwen2-VL's
-      mrope) or right padding (positions exact for every family): exact with eager attention
-      (left padding's mean pooling still 3e-8 off, from the summation order), but not with sdpa,
-      whose CPU kernel gives the later positions of a row other low bits when the padded
-      length changes (from the last partial SIMD block, or the second half of the row past
-      ~200 tokens): demo model, values up to 2e-5 off, 2-10 (left+ids) or 0-2 (right) tied
-      pairs split, AUROC 6e-5 off;
-    - batches of one length (no padding at all): bitwise equal to batch size 1 for every
-      positions/pooling/text_field option, sdpa and eager, on both models.
+      mrope) or right padding (exact positions for every family, no ``position_ids``): bitwise
+      equal with eager attention (but for left padding's mean, 1.5e-5 off from the summation
+      order); with sdpa, whose CPU kernel gives a row's later positions other low bits when the
+      padded length changes, 14-48 tied pairs split and AUROCs 6.1e-5 off;
+    - batches of one length: bitwise equal for every pooling, positions and text_field, with
+      sdpa and with eager attention.
 
-    The cost is a few more batches when lengths vary (demo pairs at batch size 8: 35 batches
-    instead of 32, 134 instead of 128) and encoding every pair twice (once for its length).
+    The cost: every pair is encoded twice (once for its length) and there are a few more
+    batches when lengths vary (demo pairs: 35 instead of 32, 134 instead of 128), but no
+    compute goes to padding; on the demo's 1,024 self-labelled pairs profiling takes as long as
+    the padded way did (4.6 s, medians of 3, with eager attention).
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
@@ -184,6 +188,45 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def _attn_implementations(config) -> dict:
+    """The attention implementation of ``config`` and of its sub-configs, in the nested form
+    ``set_attn_implementation`` takes."""
+    out = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = _attn_implementations(sub)
+    return out
+
+
+@contextmanager
+def eager_attention(model):
+    """Run ``model`` with eager attention inside the block, then restore what it had.
+
+    Exact ties mean identical prefixes only if a position's activations do not depend on what
+    follows it. With sdpa on CPU they do: its kernel blocks a sequence by its length, so the
+    same image + question gives other low bits at the decision position when the answer is
+    longer. Measured, each pair alone: tiny LLaVA (26-61 tokens) 260 differing values under
+    sdpa, 0 under eager (none under either at 586-1069 tokens); demo self-labelled pairs, 11,455
+    of 913,920 neuron x prompt groups untied under sdpa, 0 under eager. On the tiny test model
+    with a system prompt, max pooling, sdpa moved an AUROC by 0.375 and changed an expert. The price is
+    memory: eager attention holds batch x heads x length^2 weights per layer (lower
+    ``batch_size`` if it runs out).
+    """
+    saved = _attn_implementations(model.config)
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, ImportError):
+        pass
+    if model.config._attn_implementation != "eager":  # a model that cannot switch: profile it as it is
+        warnings.warn(f"profiling with {saved['']} attention: exact ties between examples may split")
+    try:
+        yield model
+    finally:
+        if _attn_implementations(model.config) != saved:
+            model.set_attn_implementation(saved)
 
 
 def profile(
@@ -207,7 +250,7 @@ def profile(
     store = ResponseStore.auto(sites, len(pairs), spill_mb)
     batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), options.batch_size)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), eager_attention(hf):
             for rows in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
                 batch = [pairs[i] for i in rows]
                 enc = encode_batch(processor, batch, options.text_field)

@@ -388,6 +388,35 @@ def test_profiles_do_not_depend_on_batch_size(system_prompt_model, by_length_pai
         assert experts[bs] == experts[1]
 
 
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_identical_prefixes_give_identical_responses(model_and_processor, tmp_path, batch_size):
+    """Pairs sharing image and question, answers of different lengths: at the decision position
+    (the end of the shared prompt) every neuron's response is the same bits in each pair,
+    whatever follows. (The model's sdpa attention breaks this on short sequences: its CPU kernel
+    blocks a sequence by its length; profiling runs eager attention, then restores the model's.)"""
+    from lmms_sgm.data import Pair, PairDataset
+    from lmms_sgm.tiny import random_image
+
+    model, processor = model_and_processor
+    assert model.config._attn_implementation == "sdpa"
+    pairs = []
+    for i in range(4):
+        random_image(2000 + i).save(tmp_path / f"{i}.png")
+        for label, texts in ((0, BENIGN_TEXTS), (1, TOXIC_TEXTS)):
+            for text in texts[:2]:
+                pairs.append(Pair(image=tmp_path / f"{i}.png", text=text, label=label, question="what do you think ?"))
+    opts = ProfileOptions(modules=MODULES, positions="decision", text_field="question+response", batch_size=batch_size)
+    sites, store = profile(model, processor, PairDataset(pairs), opts, progress=False)
+    try:
+        for s in sites:
+            x = np.asarray(store[s.name]).reshape(4, 4, s.width)  # [image, answer, neuron]
+            assert (x == x[:, :1]).all(), s.name
+    finally:
+        store.close()
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
 def test_length_batches():
     from lmms_sgm.profiling import length_batches
 

@@ -1,4 +1,5 @@
-"""Profiling (nnsight traces) against an independent plain-PyTorch-hook implementation."""
+"""Profiling (nnsight traces) against an independent plain-PyTorch-hook implementation run on
+each example alone, and its independence from the batch size and the batch's other examples."""
 from __future__ import annotations
 
 import os
@@ -296,7 +297,7 @@ BENIGN_TEXTS = ["a red circle", "nice image", "it looks fine", "a blue square"]
 def system_prompt_model(load_model):
     """The tiny model with a private processor whose chat template opens with a system prompt
     shared by every example, as LLaVA-1.5's does. Max pooling then often takes a value from
-    that shared prefix, so examples of both labels tie exactly: the ties a padded batch split
+    that shared prefix, so examples of both labels tie exactly: the ties a padded batch splits
     by label (the issue: spurious experts)."""
     from lmms_sgm.tiny import CHAT_TEMPLATE
 

@@ -403,7 +403,7 @@ def bench_generate(cfg, model_dir, all_pairs, summary) -> None:
     print("   tokens/s = batch x new tokens / wall time of generate (prompt pass included); apply/remove not timed")
 
     for bs in cfg["gen_batches"]:
-        enc = encode_batch(processor, all_pairs.pairs[:bs], "question")
+        enc = encode_batch(processor, all_pairs.pairs[:bs], "question", padding_side="left")  # generate
         prompt = enc["input_ids"].shape[1]
         outs = {}
         handle = {}

@@ -222,8 +222,14 @@ def prompt_prefix(processor, pair: Pair) -> str:
     return processor.apply_chat_template(messages_for(pair, "question+response")[:1], tokenize=False, add_generation_prompt=True)
 
 
-def encode_batch(processor, pairs: Sequence[Pair], text_field: str):
-    """Processor-encode a padded batch (one image per pair)."""
+def encode_batch(processor, pairs: Sequence[Pair], text_field: str, *, padding_side: str = "right"):
+    """Processor-encode a padded batch (one image per pair).
+
+    Right padding by default, whatever the tokenizer's own setting: in a forward pass every row
+    then keeps the positions it has alone, for any family (1-D rotary, Qwen2-VL's 3-D mrope) and
+    without ``position_ids``; causal attention keeps the pads out of the real tokens. Left padding
+    is for ``generate``, which derives the positions from the attention mask.
+    """
     texts = [format_prompt(processor, p, text_field) for p in pairs]
     images = [p.load_image() for p in pairs]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)

@@ -49,7 +49,8 @@ class ProfileOptions:
         "the user turn and the response as the assistant turn",
         ("response", "question", "question+response"),
     )
-    batch_size: int = opt(8, "examples per forward pass")
+    batch_size: int = opt(8, "at most this many examples per forward pass (a batch holds examples of one token "
+                              "length, so no row is padded and results do not depend on the batch size)")
 
     def __post_init__(self):
         _check_choices(self)

@@ -40,7 +40,6 @@ def label_generations(model, processor, prompts: list[dict], judge, *, samples: 
     hf = unwrap(model)
     device = next(hf.parameters()).device
     tok = processor.tokenizer
-    tok.padding_side = "left"
     torch.manual_seed(seed)
     pairs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="self-labelling", unit="batch", disable=not progress):
@@ -49,7 +48,9 @@ def label_generations(model, processor, prompts: list[dict], judge, *, samples: 
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
             tokenize=False, add_generation_prompt=True) for r in batch]
         images = [Pair(image=Path(r["image"]), text="", label=0).load_image() for r in batch]
-        enc = processor(images=images, text=texts, return_tensors="pt", padding=True).to(device)
+        # Left padding, for generate (which derives the positions from the attention mask); asked per
+        # call so that the caller's processor keeps its own setting.
+        enc = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left").to(device)
         with torch.no_grad():
             out = hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                               temperature=temperature if temperature > 0 else None,

@@ -185,13 +185,15 @@ def test_text_field_question_and_response(processor):
     assert {"type": "image"} in msgs[0]["content"] and {"type": "image"} not in msgs[1]["content"]
 
 
-def test_encode_batch_left_pads_and_expands_image(processor, toy_pairs):
+def test_encode_batch_right_pads_and_expands_image(processor, toy_pairs):
     short = Pair(image=png_bytes(0), text="ugly idiot", label=1)
     long = Pair(image=png_bytes(1), text="the picture shows a red circle", label=0)
     enc = data.encode_batch(processor, [short, long], "response")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     assert ids.shape[0] == 2 and enc["pixel_values"].shape[:2] == (2, 3)
-    assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 0 and mask[0, -1] == 1  # left padding
+    assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 1 and mask[0, -1] == 0  # right padding
+    left = data.encode_batch(processor, [short, long], "response", padding_side="left")["attention_mask"]
+    assert left[0, 0] == 0 and left[0, -1] == 1  # for generate
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert ((ids == image_id).sum(1) == 16).all()  # (32 / 8) ** 2 patches per image
     words = processor.tokenizer.convert_ids_to_tokens(ids[1][mask[1].bool()].tolist())

@@ -124,7 +124,40 @@ def test_bundled_model_loads_by_short_name_and_answers():
     assert "<unk>" not in answer
 
 
+# Across machines (the bundled glasses were built on another CPU), float results differ in their
+# low bits (~1e-7 relative in activations); a pair of pooled responses that nearly tie may then
+# order the other way, moving an AUROC by 1 / (toxic x non-toxic) per pair. Measured on the two
+# bundled glasses: AUROC 6.1e-5 (one pair of 128 x 128) and 2.0e-5, non-toxic means 1.9e-6,
+# expert sets identical. Bit for bit only holds on one machine.
+CROSS_MACHINE_AUROC = 1e-3
+CROSS_MACHINE_MEAN = dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_same_glasses_across_machines(got, want):
+    """Same sites, options and expert sets; AUROC, alpha and non-toxic means within the
+    cross-machine tolerance."""
+    import numpy as np
+    import torch
+
+    assert [s.name for s in got.sites] == [s.name for s in want.sites]
+    assert got.manifest["profile_options"] == want.manifest["profile_options"]
+    assert got.manifest["selection_options"] == want.manifest["selection_options"]
+    assert got.manifest["data"] == want.manifest["data"] and got.counts() == want.counts()
+    for s in want.sites:
+        assert torch.equal(got.alpha[s.name] != 1, want.alpha[s.name] != 1), f"{s.name}: other experts"
+        np.testing.assert_allclose(got.auroc[s.name].numpy(), want.auroc[s.name].numpy(), rtol=0,
+                                   atol=CROSS_MACHINE_AUROC, err_msg=s.name)
+        np.testing.assert_allclose(got.alpha[s.name].numpy(), want.alpha[s.name].numpy(), rtol=0,
+                                   atol=2 * CROSS_MACHINE_AUROC, err_msg=s.name)
+        assert (got.mean_nontoxic is None) == (want.mean_nontoxic is None)
+        if want.mean_nontoxic is not None:
+            np.testing.assert_allclose(got.mean_nontoxic[s.name].numpy(), want.mean_nontoxic[s.name].numpy(),
+                                       **CROSS_MACHINE_MEAN, err_msg=s.name)
+
+
 def test_bundled_glasses_load_apply_and_are_reproducible():
+    from dataclasses import replace
+
     import torch
     from PIL import Image
 
@@ -140,10 +173,13 @@ def test_bundled_glasses_load_apply_and_are_reproducible():
     assert paper.selection == SelectionOptions() and paper.profile_options == ProfileOptions()
     assert best.selection == SelectionOptions(towards="nontoxic_mean")
     assert best.profile_options == ProfileOptions(text_field="question+response", positions="response")
-    # Profiling the bundled pairs again gives the same glasses, bit for bit.
     for glasses, data in ((paper, DATA_DIR / "profile.jsonl"), (best, DATA_DIR / "self_labelled" / "pairs.jsonl")):
         rebuilt = build_glasses(model, processor, data, glasses.profile_options, glasses.selection, progress=False)
-        assert rebuilt.digest() == glasses.digest()
+        assert_same_glasses_across_machines(rebuilt, glasses)
+        # On one machine: bit for bit, and at another batch size too.
+        again = build_glasses(model, processor, data, replace(glasses.profile_options, batch_size=32), glasses.selection,
+                              progress=False)
+        assert again.digest() == rebuilt.digest()
     enc = processor(images=[Image.new("RGB", (32, 32), "white")],
                     text=[processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what do you think of this picture ?"}]}],
                                                         tokenize=False, add_generation_prompt=True)], return_tensors="pt")
@@ -208,3 +244,31 @@ def test_diagnose_patcher_and_twins():
         after = model(**enc).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(plain, want, atol=1e-3)
     assert torch.equal(after, plain)  # removed hooks leave the model as it was
+
+
+def test_diagnose_forward_passes_keep_each_row_s_positions():
+    """diagnose's own forward passes (the lockstep sampler, the affine fit) run left-padded
+    batches; with ``position_ids`` each row gets the logits it has alone (bit for bit with eager
+    attention), where a plain ``model(**enc)`` shifts a padded row's positions."""
+    import torch
+
+    from lmms_sgm import models
+    from lmms_sgm.demo.diagnose import _prompt, encode, position_ids, twins
+
+    model, processor = models.load(SHORT_NAME)
+    model.set_attn_implementation("eager")
+    questions, images, _ = zip(*twins("validation", 6))
+    texts = [_prompt(processor, q) for q in questions]
+    enc = encode(processor, texts, images)
+    attn = enc["attention_mask"]
+    assert (attn == 0).any(), "some row must be padded"
+    shifted_rows = 0
+    with torch.no_grad():
+        fixed = model(**enc, position_ids=position_ids(attn)).logits
+        plain = model(**enc).logits
+        for i, (text, image) in enumerate(zip(texts, images)):
+            alone = model(**processor(text=[text], images=[image], return_tensors="pt")).logits[0]
+            real = attn[i].bool()
+            assert torch.equal(fixed[i][real], alone), f"row {i}"
+            shifted_rows += not torch.equal(plain[i][real], alone)
+    assert shifted_rows > 0  # the bug position_ids fixes is real here

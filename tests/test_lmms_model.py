@@ -151,6 +151,34 @@ def test_loglikelihood_equals_reference_nll_and_argmin(config, make, docs, glass
         assert losses.index(min(losses)) == min(range(len(refs)), key=lambda i: refs[i][0])
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_loglikelihood_does_not_depend_on_batch_composition(make, docs, attn):
+    """A request's loss is the one it has alone, whichever requests share its right-padded batch:
+    bit for bit with eager attention; with sdpa within float noise (its CPU kernel changes the low
+    bits of a row's last positions, where the continuation is, with the padded length)."""
+    requests = [r for doc_id in range(len(docs)) for r in ll_requests(doc_id, docs[doc_id]["question"], CHOICES)]
+    results, padded = {}, []
+    for bs in (1, 3, 8):
+        lm = make("sgm=off", batch_size=bs)
+        lm._model.set_attn_implementation(attn)
+        encode = lm._encode
+
+        def spy(texts, images, padding_side, encode=encode):
+            enc = encode(texts, images, padding_side)
+            padded.append(bool((enc["attention_mask"] == 0).any()))
+            return enc
+
+        lm._encode = spy
+        results[bs] = lm.loglikelihood(requests)
+    assert any(padded), "some batch must be padded"
+    for bs in (3, 8):
+        if attn == "eager":
+            assert results[bs] == results[1]
+        else:
+            assert [g for _, g in results[bs]] == [g for _, g in results[1]]
+            assert [loss for loss, _ in results[bs]] == pytest.approx([loss for loss, _ in results[1]], rel=1e-6, abs=1e-7)
+
+
 def test_glasses_change_the_losses(make, docs, glasses_dir):
     requests = ll_requests(1, docs[1]["question"], CHOICES)
     off = [r[0] for r in make("sgm=off").loglikelihood(requests)]

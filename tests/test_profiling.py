@@ -1,4 +1,5 @@
-"""Profiling (nnsight traces) against an independent plain-PyTorch-hook implementation."""
+"""Profiling (nnsight traces) against an independent plain-PyTorch-hook implementation run on
+each example alone, and its independence from the batch size and the batch's other examples."""
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def site_name(layer: int, module: str) -> str:
 # ---------------------------------------------------------------- the independent reference
 
 
-def encode(processor, pairs):
+def encode(processor, pairs, **padding):
     """Chat prompt (one user turn: image + response) and one processor call per batch."""
     texts = [
         processor.apply_chat_template(
@@ -35,7 +36,7 @@ def encode(processor, pairs):
         for p in pairs
     ]
     images = [Image.open(p.image).convert("RGB") for p in pairs]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=images, text=texts, return_tensors="pt", padding=True, **padding)
 
 
 def raw_activations(model, enc):
@@ -79,15 +80,15 @@ def pool_rows(act, input_ids, attention_mask, positions, pooling, image_id):
 
 @pytest.fixture(scope="module")
 def reference(model_and_processor, toy_pairs):
-    """Raw activations and encodings per batch of BATCH, computed once."""
+    """Raw activations and encodings of every example run alone (no padding), computed once:
+    what the model computes for an example is what profiling must report, whatever the batch."""
     model, processor = model_and_processor
     batches = []
-    for start in range(0, len(toy_pairs), BATCH):
-        enc = encode(processor, toy_pairs[start:start + BATCH])
+    for pair in toy_pairs:
+        enc = encode(processor, [pair])
         batches.append((enc, raw_activations(model, enc)))
-    lengths = {int(m.sum()) for enc, _ in batches for m in enc["attention_mask"]}
-    assert len(lengths) > 2, "toy texts must differ in length so that left padding happens"
-    assert any((enc["attention_mask"] == 0).any() for enc, _ in batches)
+    lengths = {int(enc["attention_mask"].sum()) for enc, _ in batches}
+    assert len(lengths) > 2, "toy texts must differ in length, so that a padded batch would be padded"
     return batches
 
 
@@ -135,20 +136,6 @@ def test_positions_and_pooling_differ(model_and_processor, toy_pairs, reference)
     for positions, pooling in [("text", "mean"), ("after_image", "mean"), ("all", "max")]:
         b = reference_pooled(reference, model, positions, pooling)
         assert np.abs(a[site_name(1, "down_proj")] - b[site_name(1, "down_proj")]).max() > 1e-3
-
-
-@pytest.mark.parametrize("pooling, positions", [("mean", "all"), ("max", "after_image"), ("mean", "text")])
-def test_batch_size_does_not_change_results(model_and_processor, toy_pairs, pooling, positions):
-    model, processor = model_and_processor
-    results = []
-    for bs in (1, 5):
-        opts = ProfileOptions(modules=("up_proj", "intermediate"), pooling=pooling, positions=positions, batch_size=bs)
-        sites, store = profile(model, processor, toy_pairs, opts, progress=False)
-        results.append({s.name: np.array(store[s.name]) for s in sites})
-        store.close()
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        np.testing.assert_allclose(results[0][name], results[1][name], atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_disk_store_equals_ram_store(model_and_processor, toy_pairs):
@@ -267,22 +254,16 @@ def test_response_and_decision_positions_match_reference(model_and_processor, to
     model, processor = model_and_processor
     tok = processor.tokenizer
     want = {site_name(layer, m): [] for layer in range(N_LAYERS) for m in MODULES}
-    padded = False
-    for start in range(0, len(toy_pairs), BATCH):
-        pairs = toy_pairs[start:start + BATCH]
-        enc = encode_qr(processor, pairs)
-        assert tok.padding_side == "left"
-        padded |= bool((enc["attention_mask"] == 0).any())
+    for p in toy_pairs:  # each example alone
+        enc = encode_qr(processor, [p])
         acts = raw_activations(model, enc)
         seq = enc["input_ids"].shape[1]
-        for b, p in enumerate(pairs):
-            k = len(tok(p.text + " " + tok.eos_token, add_special_tokens=False)["input_ids"])
-            keep = list(range(seq - k, seq)) if positions == "response" else [seq - k - 1]
-            for layer in range(N_LAYERS):
-                for m in MODULES:
-                    sel = acts[(layer, m)][b, keep].double()
-                    want[site_name(layer, m)].append((sel.mean(0) if pooling == "mean" else sel.max(0).values).float().numpy())
-    assert padded, "some batch must be padded"
+        k = len(tok(p.text + " " + tok.eos_token, add_special_tokens=False)["input_ids"])
+        keep = list(range(seq - k, seq)) if positions == "response" else [seq - k - 1]
+        for layer in range(N_LAYERS):
+            for m in MODULES:
+                sel = acts[(layer, m)][0, keep].double()
+                want[site_name(layer, m)].append((sel.mean(0) if pooling == "mean" else sel.max(0).values).float().numpy())
     sites, store = profile(model, processor, toy_pairs,
                            ProfileOptions(modules=MODULES, positions=positions, pooling=pooling,
                                           text_field="question+response", batch_size=BATCH), progress=False)
@@ -294,7 +275,7 @@ def test_response_and_decision_positions_match_reference(model_and_processor, to
 def test_decision_without_response_turn_is_the_last_token(model_and_processor, toy_pairs, reference):
     model, processor = model_and_processor
     sites, store = profile(model, processor, toy_pairs, ProfileOptions(modules=("up_proj",), positions="decision", batch_size=BATCH), progress=False)
-    want = np.concatenate([acts[(0, "up_proj")][:, -1].float().numpy() for _, acts in reference])  # left padding: last column
+    want = np.concatenate([acts[(0, "up_proj")][:, -1].float().numpy() for _, acts in reference])  # alone: the last token
     np.testing.assert_allclose(np.asarray(store[sites[0].name]), want, atol=1e-6)
     store.close()
 
@@ -302,3 +283,170 @@ def test_decision_without_response_turn_is_the_last_token(model_and_processor, t
 def test_response_positions_need_the_response_turn():
     with pytest.raises(ValueError, match="question\\+response"):
         ProfileOptions(positions="response")
+
+
+# ---------------------------------------------------------------- batch size and batch composition
+
+SYSTEM_PROMPT = "you answer the question . i help with this ."
+TOXIC_TEXTS = ["you stupid idiot i hate this ugly picture", "that is bad and stupid you idiot",
+               "i hate you ugly stupid idiot . bad", "stupid ugly bad idiot ! i hate it"]
+BENIGN_TEXTS = ["a red circle", "nice image", "it looks fine", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def system_prompt_model(load_model):
+    """The tiny model with a private processor whose chat template opens with a system prompt
+    shared by every example, as LLaVA-1.5's does. Max pooling then often takes a value from
+    that shared prefix, so examples of both labels tie exactly: the ties a padded batch splits
+    by label (the issue: spurious experts)."""
+    from lmms_sgm.tiny import CHAT_TEMPLATE
+
+    model, processor = load_model()
+    processor.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}" + SYSTEM_PROMPT + " ")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def by_length_pairs(tmp_path_factory):
+    """24 pairs, labels alternating, every toxic text longer than every non-toxic one (so padding
+    falls on the non-toxic side, as in the issue); every batch of 3 or 8 mixes lengths."""
+    from lmms_sgm.data import Pair, PairDataset
+    from lmms_sgm.tiny import random_image
+
+    d = tmp_path_factory.mktemp("by_length")
+    pairs = []
+    for i in range(24):
+        label = i % 2
+        path = d / f"{i:02d}.png"
+        random_image(1000 + i).save(path)
+        text = (TOXIC_TEXTS if label else BENIGN_TEXTS)[(i // 2) % 4]
+        pairs.append(Pair(image=path, text=text, label=label, question=["what is this ?", "what do you think ?"][i % 2]))
+    return PairDataset(pairs)
+
+
+def cross_label_ties(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[toxic, non-toxic, width] booleans: which toxic/non-toxic pairs of examples tie exactly."""
+    return x[labels == 1][:, None, :] == x[labels == 0][None, :, :]
+
+
+def test_tie_fixture_is_split_by_left_padding(system_prompt_model, by_length_pairs):
+    """The data of the batch-size test can catch the bug: examples of both labels tie exactly
+    when run alone, and a left-padded batch without position ids (the old profiling forward,
+    here with plain hooks) splits some of those ties."""
+    model, processor = system_prompt_model
+    labels = np.array(by_length_pairs.labels)
+    image_id = model.config.image_token_id
+    alone = [encode(processor, [p]) for p in by_length_pairs]
+    lengths = np.array([int(e["attention_mask"].sum()) for e in alone])
+    assert lengths[labels == 1].min() > lengths[labels == 0].max(), "toxic texts must be the longer ones"
+    key = (0, "up_proj")
+    x = np.concatenate([pool_rows(raw_activations(model, e)[key], e["input_ids"], e["attention_mask"], "all", "max", image_id)
+                        for e in alone])
+    ties = cross_label_ties(x, labels)
+    assert ties.sum() > 100
+    rows = []
+    for start in range(0, len(by_length_pairs), 8):
+        enc = encode(processor, by_length_pairs[start:start + 8], padding_side="left")
+        assert (enc["attention_mask"] == 0).any()
+        rows.append(pool_rows(raw_activations(model, enc)[key], enc["input_ids"], enc["attention_mask"], "all", "max", image_id))
+    padded = np.concatenate(rows)
+    assert (ties & ~cross_label_ties(padded, labels)).any(), "left padding no longer splits the ties: the fixture lost its power"
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+@pytest.mark.parametrize("text_field, positions", [
+    ("response", "all"), ("response", "text"), ("response", "after_image"), ("response", "decision"),
+    ("question+response", "response"), ("question+response", "decision")])
+def test_profiles_do_not_depend_on_batch_size(system_prompt_model, by_length_pairs, text_field, positions, pooling):
+    """Batch sizes 1, 3 and 8 give the same pooled responses (exact ties stay exact ties, values
+    equal within float noise), the same AUROCs and the same experts."""
+    from sklearn.metrics import roc_auc_score
+
+    from lmms_sgm.expertise import auroc, select
+
+    model, processor = system_prompt_model
+    labels = np.array(by_length_pairs.labels)
+    runs = {}
+    for bs in (1, 3, 8):
+        opts = ProfileOptions(modules=MODULES, pooling=pooling, positions=positions, text_field=text_field, batch_size=bs)
+        sites, store = profile(model, processor, by_length_pairs, opts, progress=False)
+        runs[bs] = {s.name: np.array(store[s.name]) for s in sites}
+        store.close()
+    aurocs = {bs: {name: auroc(x, labels) for name, x in run.items()} for bs, run in runs.items()}
+    experts = {bs: {name: set((alpha != 1).nonzero().flatten().tolist()) for name, alpha in select(a).items()}
+               for bs, a in aurocs.items()}
+    for bs in (3, 8):
+        for name, x in runs[1].items():
+            y = runs[bs][name]
+            ties = cross_label_ties(x, labels)
+            split = ties & ~cross_label_ties(y, labels)
+            assert not split.any(), f"{name}: {split.sum()} exact ties at batch size 1 split at batch size {bs}"
+            np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-6, err_msg=f"{name}, batch size {bs}")
+            np.testing.assert_allclose(aurocs[bs][name].numpy(), aurocs[1][name].numpy(), rtol=0, atol=1e-12,
+                                       err_msg=f"{name}, batch size {bs}")
+            for j in ties.any((0, 1)).nonzero()[0]:  # the neurons a split tie would move: scikit-learn too
+                assert roc_auc_score(labels, y[:, j]) == roc_auc_score(labels, x[:, j])
+        assert experts[bs] == experts[1]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_identical_prefixes_give_identical_responses(model_and_processor, tmp_path, batch_size):
+    """Pairs sharing image and question, answers of different lengths: at the decision position
+    (the end of the shared prompt) every neuron's response is the same bits in each pair,
+    whatever follows. (The model's sdpa attention breaks this on short sequences: its CPU kernel
+    blocks a sequence by its length; profiling runs eager attention, then restores the model's.)"""
+    from lmms_sgm.data import Pair, PairDataset
+    from lmms_sgm.tiny import random_image
+
+    model, processor = model_and_processor
+    assert model.config._attn_implementation == "sdpa"
+    pairs = []
+    for i in range(4):
+        random_image(2000 + i).save(tmp_path / f"{i}.png")
+        for label, texts in ((0, BENIGN_TEXTS), (1, TOXIC_TEXTS)):
+            for text in texts[:2]:
+                pairs.append(Pair(image=tmp_path / f"{i}.png", text=text, label=label, question="what do you think ?"))
+    opts = ProfileOptions(modules=MODULES, positions="decision", text_field="question+response", batch_size=batch_size)
+    sites, store = profile(model, processor, PairDataset(pairs), opts, progress=False)
+    try:
+        for s in sites:
+            x = np.asarray(store[s.name]).reshape(4, 4, s.width)  # [image, answer, neuron]
+            assert (x == x[:, :1]).all(), s.name
+    finally:
+        store.close()
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_length_batches():
+    from lmms_sgm.profiling import length_batches
+
+    lengths = [5, 7, 5, 5, 7, 6, 5, 5]
+    batches = length_batches(lengths, 3)
+    assert batches == [[0, 2, 3], [6, 7], [5], [1, 4]]
+    assert length_batches(lengths, 1) == [[i] for i in (0, 2, 3, 6, 7, 5, 1, 4)]
+
+
+@pytest.mark.parametrize("positions", ["all", "text", "after_image", "response", "decision"])
+def test_position_mask_is_the_same_on_either_padding_side(model_and_processor, toy_pairs, positions):
+    """Padded on the left or on the right, each row pools over the positions it has alone."""
+    from lmms_sgm.data import encode_batch
+    from lmms_sgm.profiling import position_mask, prompt_lengths
+
+    model, processor = model_and_processor
+    image_id = model.config.image_token_id
+    pairs = toy_pairs[:6]
+    alone = []
+    for p in pairs:
+        enc = encode_batch(processor, [p], "question+response")
+        alone.append(position_mask(enc["input_ids"], enc["attention_mask"], positions, image_id,
+                                   prompt_lengths(processor, [p], enc))[0])
+    for side in ("left", "right"):
+        enc = encode_batch(processor, pairs, "question+response", padding_side=side)
+        assert (enc["attention_mask"] == 0).any()
+        mask = position_mask(enc["input_ids"], enc["attention_mask"], positions, image_id,
+                             prompt_lengths(processor, pairs, enc))
+        for i, want in enumerate(alone):
+            real = enc["attention_mask"][i].bool()
+            assert torch.equal(mask[i][real], want), f"{side} padding, row {i}"
+            assert not mask[i][~real].any()

@@ -24,8 +24,9 @@ lexicon judge) under:
   twin is run in lockstep on the same generated tokens (no KV cache), so every MLP output of every
   position takes its no-trigger value. No neuron-level edit that pulls neurons towards their
   no-trigger values can do more than this; what remains flows through attention alone. Then the
-  same for one layer's MLP at a time. The lockstep loop samples without a KV cache (and with its
-  own position ids), so its unpatched rate is reported too and is the reference for these rows.
+  same for one layer's MLP at a time. The lockstep loop samples without a KV cache (with the
+  position ids generate would use), so its unpatched rate is reported too and is the reference
+  for these rows.
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def twins(split: str, n: int, offset: int = 0):
         clean = world.Scene(seed, "clean", list(scene.shapes), None)
         out.append((question, world.draw_scene(scene), world.draw_scene(clean)))
     return out
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch as ``generate`` derives them (1-D rotary, as the demo
+    model's Llama): without them a forward pass shifts a padded row's positions by its padding."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+def encode(processor, texts, images):
+    """Left padded (for generate; forward passes add :func:`position_ids`)."""
+    return processor(text=texts, images=list(images), padding=True, padding_side="left", return_tensors="pt")
 
 
 class Patcher:
@@ -93,11 +105,11 @@ def sampled_rate(model, processor, questions, images, *, samples=5, patcher=None
     responses = []
     for s in range(0, len(questions), batch_size):
         texts = [_prompt(processor, q) for q in questions[s:s + batch_size]]
-        enc = processor(text=texts, images=list(images[s:s + batch_size]), padding=True, return_tensors="pt")
+        enc = encode(processor, texts, images[s:s + batch_size])
         if patcher is not None:
-            twin = processor(text=texts, images=list(clean_images[s:s + batch_size]), padding=True, return_tensors="pt")
-            patcher.mode = "record"
-            model(**twin)
+            twin = encode(processor, texts, clean_images[s:s + batch_size])
+            patcher.mode = "record"  # the twin's prompt pass, with the positions generate gives the trigger run
+            model.generate(**twin, max_new_tokens=1, do_sample=False)
             patcher.mode = "replace"
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                              num_return_sequences=samples)
@@ -120,18 +132,19 @@ def lockstep_rate(model, processor, questions, images, clean_images, patcher, *,
     responses = []
     for s in range(0, len(questions), batch_size):
         texts = [_prompt(processor, q) for q in questions[s:s + batch_size]]
-        enc = processor(text=texts, images=list(images[s:s + batch_size]), padding=True, return_tensors="pt")
-        twin = processor(text=texts, images=list(clean_images[s:s + batch_size]), padding=True, return_tensors="pt")
+        enc = encode(processor, texts, images[s:s + batch_size])
+        twin = encode(processor, texts, clean_images[s:s + batch_size])
         rep = lambda t: t.repeat_interleave(samples, dim=0)  # noqa: E731
         ids, attn = rep(enc["input_ids"]), rep(enc["attention_mask"])
         pv, tpv = rep(enc["pixel_values"]), rep(twin["pixel_values"])
         prompt_len = ids.shape[1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool)
         for _ in range(max_new_tokens):
+            pos = position_ids(attn)
             patcher.mode = "record"
-            model(input_ids=ids, attention_mask=attn, pixel_values=tpv, use_cache=False)
+            model(input_ids=ids, attention_mask=attn, position_ids=pos, pixel_values=tpv, use_cache=False)
             patcher.mode = "replace"
-            logits = model(input_ids=ids, attention_mask=attn, pixel_values=pv, use_cache=False).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, pixel_values=pv, use_cache=False).logits[:, -1]
             patcher.mode = None
             nxt = torch.multinomial(logits.float().softmax(-1), 1).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
@@ -157,8 +170,8 @@ def fit_affine(model, processor, module, twins_, *, samples=5, seed=0, batch_siz
         for s in range(0, len(twins_), batch_size):
             qs, trig, clean = zip(*twins_[s:s + batch_size])
             texts = [_prompt(processor, q) for q in qs]
-            enc = processor(text=texts, images=list(trig), padding=True, return_tensors="pt")
-            twin = processor(text=texts, images=list(clean), padding=True, return_tensors="pt")
+            enc = encode(processor, texts, trig)
+            twin = encode(processor, texts, clean)
             gen = model.generate(**enc, max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  num_return_sequences=samples)
             attn = torch.cat([enc["attention_mask"].repeat_interleave(samples, 0),
@@ -166,7 +179,8 @@ def fit_affine(model, processor, module, twins_, *, samples=5, seed=0, batch_siz
             acts = []
             for pv in (enc["pixel_values"], twin["pixel_values"]):
                 patcher.mode = "record"
-                model(input_ids=gen, attention_mask=attn, pixel_values=pv.repeat_interleave(samples, 0), use_cache=False)
+                model(input_ids=gen, attention_mask=attn, position_ids=position_ids(attn),
+                      pixel_values=pv.repeat_interleave(samples, 0), use_cache=False)
                 acts.append(patcher.saved[0][attn.bool()])
             patcher.mode = None
             xs.append(acts[0])
@@ -189,7 +203,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model, processor = models.load(args.model, dtype="float32")
-    processor.tokenizer.padding_side = "left"
     layers = get_module(model, adapter_for(model).layers_path(model))
     qs, trig, clean = zip(*twins(args.split, args.n))
     rows = {"trigger": sampled_rate(model, processor, qs, trig), "clean twin": sampled_rate(model, processor, qs, clean)}

@@ -37,7 +37,8 @@ def generate(model, processor, images, questions, *, samples: int = 1, sample: b
     out = []
     for i in range(0, len(questions), batch_size):
         texts = [_prompt(processor, q) for q in questions[i: i + batch_size]]
-        enc = processor(text=texts, images=list(images[i: i + batch_size]), padding=True, return_tensors="pt")
+        enc = processor(text=texts, images=list(images[i: i + batch_size]), padding=True, padding_side="left",
+                        return_tensors="pt")  # left: generate derives the positions from the attention mask
         kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if sample else dict(do_sample=False)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, **kw)
         dec = processor.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -48,7 +49,10 @@ def generate(model, processor, images, questions, *, samples: int = 1, sample: b
 
 @torch.no_grad()
 def option_loglik(model, processor, image, question: str, options: list[str]) -> list[float]:
-    """Sum log-probability of each option (then ``</s>``) as the assistant's answer."""
+    """Sum log-probability of each option (then ``</s>``) as the assistant's answer.
+
+    One forward pass: the prompt is the same in every row (no padding), the options are padded on
+    the right, so every row keeps the positions it has alone."""
     tok = processor.tokenizer
     prompt = _prompt(processor, question)
     enc = processor(text=[prompt] * len(options), images=[image] * len(options), return_tensors="pt")

@@ -384,7 +384,10 @@ class SGMLlava(lmms):
     def _loglikelihood_batch(self, items):
         texts = [prompt + target for prompt, target, _ in items]
         images = [img for _, _, visuals in items for img in visuals]
-        # Right padding: every sequence keeps the positions it has alone.
+        # Right padding: every sequence keeps the positions it has alone (for any family, without
+        # position_ids), and causal attention keeps the pads out of it. Losses equal the request's
+        # own bit for bit with eager attention; sdpa's CPU kernel changes the low bits (~1e-7) of a
+        # row's last positions with the padded length (tests/test_lmms_model.py).
         enc = self._encode(texts, images, "right")
         logits = self._forward_logits(enc).float()
         out = []

@@ -17,7 +17,7 @@ from lmms_sgm.options import (
 def _profile(args) -> int:
     from lmms_sgm import models
     from lmms_sgm.data import load_pairs
-    from lmms_sgm.glasses import refuse_existing
+    from lmms_sgm.glasses import check_target
     from lmms_sgm.pipeline import build_glasses
 
     profile_options = from_namespace(ProfileOptions, args)
@@ -26,7 +26,7 @@ def _profile(args) -> int:
     pairs = load_pairs(args.data)  # validate the data before loading a model
     pairs.require_both_classes()
     out = Path(args.out)
-    refuse_existing(out, args.overwrite)  # before loading the model
+    check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
     model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
                             overwrite=args.overwrite, progress=not args.no_progress)
@@ -42,9 +42,11 @@ def _inspect(args) -> int:
 
 
 def _select(args) -> int:
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.glasses import SafetyGlasses, check_target
 
-    glasses = SafetyGlasses.load(args.glasses).reselect(from_namespace(SelectionOptions, args))
+    selection = from_namespace(SelectionOptions, args)
+    check_target(args.out, args.overwrite)
+    glasses = SafetyGlasses.load(args.glasses).reselect(selection)
     glasses.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0

@@ -75,7 +75,7 @@ def hub_unreachable() -> str | None:
         return None
     try:
         huggingface_hub.get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as e:  # any failure to get an answer: DNS, refused, timeout, TLS, proxy
+    except Exception as e:  # noqa: BLE001 -- no answer: DNS, refused, timeout, TLS, proxy
         return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
     return None
 

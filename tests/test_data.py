@@ -286,6 +286,12 @@ def test_unreadable_image_bytes_name_the_record():
     rows[3]["image"] = {"bytes": b"GIF89a nonsense", "path": None}
     with pytest.raises(DataError, match=r"record 3: the bytes image is not a readable image"):
         load_pairs(rows)
+    # JPEG has no checksums: verify() passes a truncated one; decoding it does not.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(3, size=64))).save(buf, format="JPEG")
+    rows[3]["image"] = _truncated(buf.getvalue())
+    with pytest.raises(DataError, match=r"record 3: the bytes image is not a readable image \(OSError: image file is truncated"):
+        load_pairs(rows)
 
 
 def test_image_that_breaks_after_validation_names_the_file(dataset_dir):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -279,9 +280,14 @@ def test_overwrite_replaces_glasses_atomically(built, tmp_path, monkeypatch, exc
             other.save(target, overwrite=True)
         assert sorted(os.listdir(tmp_path)) == ["g"] and SafetyGlasses.load(target).digest() == g.digest()
         monkeypatch.setattr(glasses_mod.os, "rename", real_rename)
+    else:
+        real_exchange, swaps = glasses_mod._exchange, []
+        monkeypatch.setattr(glasses_mod, "_exchange", lambda a, b: swaps.append(real_exchange(a, b)) or swaps[-1])
     other.save(target, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["g"] and sorted(os.listdir(target)) == ["glasses.safetensors", "manifest.json"]
     assert SafetyGlasses.load(target).digest() == other.digest()
+    if exchange and sys.platform.startswith("linux"):
+        assert swaps == [True]  # one atomic exchange (Linux >= 3.15, ext4/xfs/btrfs/tmpfs)
 
 
 def _glasses_with_extra(built, tmp_path):

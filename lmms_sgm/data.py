@@ -238,8 +238,13 @@ def _check_images(pairs: list[Pair], source: str) -> None:
     decodes without holding the GIL."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from PIL import ImageFile
+
     if not pairs:
         return
+    # lmms-eval sets this for the whole process on import (lmms_eval/api/task.py): truncated files
+    # would then decode silently, padded with grey. The check wants them refused.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
     try:
         problems = pool.map(image_problem, [p.image for p in pairs])
@@ -248,6 +253,7 @@ def _check_images(pairs: list[Pair], source: str) -> None:
                 raise DataError(f"{source}: record {i}: {_image_name(pair.image)} is not a readable image ({problem})")
     finally:
         pool.shutdown(cancel_futures=True)  # the first bad record (or Ctrl-C) stops the rest
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 # ---------------------------------------------------------------- chat formatting

@@ -278,7 +278,11 @@ def test_unreadable_image_file_names_record_and_path(dataset_dir, spoil):
     assert msg.startswith(f"{path}: record 2: image {img} is not a readable image (") and "\n" not in msg
 
 
-def test_unreadable_image_bytes_name_the_record():
+def test_unreadable_image_bytes_name_the_record(monkeypatch):
+    from PIL import ImageFile
+
+    # lmms-eval sets this process-wide when imported (as in the lmms-eval wrapper's process).
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     rows = [dict(r, image=png_bytes(i)) for i, r in enumerate(ROWS)]
     rows[3]["image"] = _truncated(rows[3]["image"])
     with pytest.raises(DataError, match=r"<list>: record 3: the bytes image is not a readable image"):
@@ -292,6 +296,7 @@ def test_unreadable_image_bytes_name_the_record():
     rows[3]["image"] = _truncated(buf.getvalue())
     with pytest.raises(DataError, match=r"record 3: the bytes image is not a readable image \(OSError: image file is truncated"):
         load_pairs(rows)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
 
 
 def test_image_that_breaks_after_validation_names_the_file(dataset_dir):

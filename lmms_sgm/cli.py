@@ -1,8 +1,18 @@
-"""The ``lmms-sgm`` command line. Flags are generated from the option dataclasses."""
+"""The ``lmms-sgm`` command line. Flags are generated from the option dataclasses.
+
+Errors: a problem with the user's input (data, files, options, model loading, glasses) is one line
+``lmms-sgm <command>: error: ...`` and exit 2; any other exception is one line too, with exit 1
+and a hint; Ctrl-C is ``lmms-sgm <command>: interrupted`` and exit 130. ``--debug`` (anywhere on
+the line) or ``LMMS_SGM_DEBUG=1`` shows the traceback instead. Commands that write a directory
+write it whole or not at all.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from lmms_sgm.options import (
@@ -13,25 +23,44 @@ from lmms_sgm.options import (
     from_namespace,
 )
 
+DEBUG_ENV = "LMMS_SGM_DEBUG"
+
 
 def _profile(args) -> int:
     from lmms_sgm import models
     from lmms_sgm.data import load_pairs
-    from lmms_sgm.glasses import refuse_existing
+    from lmms_sgm.glasses import check_target
     from lmms_sgm.pipeline import build_glasses
 
     profile_options = from_namespace(ProfileOptions, args)
     selection = from_namespace(SelectionOptions, args)
     load = from_namespace(LoadOptions, args)
-    pairs = load_pairs(args.data)  # validate the data before loading a model
+    pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
     pairs.require_both_classes()
+    pairs.require_text_field(profile_options.text_field)
     out = Path(args.out)
-    refuse_existing(out, args.overwrite)  # before loading the model
-    model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+    check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
+    with _loading_bars(not args.no_progress):
+        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
                             overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """transformers' "Loading weights" bar, silenced by --no-progress like ours."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not show:
+            hf_logging.enable_progress_bar()
 
 
 def _inspect(args) -> int:
@@ -42,12 +71,26 @@ def _inspect(args) -> int:
 
 
 def _select(args) -> int:
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.glasses import SafetyGlasses, check_target
 
-    glasses = SafetyGlasses.load(args.glasses).reselect(from_namespace(SelectionOptions, args))
+    selection = from_namespace(SelectionOptions, args)
+    check_target(args.out, args.overwrite)
+    glasses = SafetyGlasses.load(args.glasses).reselect(selection)
     glasses.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
+
+
+@contextlib.contextmanager
+def _new_directory(out: Path):
+    """For commands without --overwrite: ``out`` must be new (or empty); written whole or not at all."""
+    from lmms_sgm.glasses import staged_output
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise FileExistsError(f"{out} exists and {what}; give a new directory")
+    with staged_output(out) as tmp:
+        yield tmp
 
 
 def _self_label(args) -> int:
@@ -58,13 +101,15 @@ def _self_label(args) -> int:
     judge = get_judge(args.judge)
     prompts = [r for path in args.prompts for r in read_prompts(path)]
     load = from_namespace(LoadOptions, args)
-    model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
-    pairs = label_generations(model, processor, prompts, judge, samples=args.samples,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              batch_size=args.batch_size, seed=args.seed)
-    path = write_pairs(pairs, args.out, judge=judge)
+    out = Path(args.out)
+    with _new_directory(out) as tmp:  # checked before the model loads
+        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+        pairs = label_generations(model, processor, prompts, judge, samples=args.samples,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  batch_size=args.batch_size, seed=args.seed)
+        name = write_pairs(pairs, tmp, judge=judge).name
     c = pairs.counts()
-    print(f"wrote {path}: {c['examples']} answers, {c['toxic']} judged toxic by {judge.name}, {c['non_toxic']} not")
+    print(f"wrote {out / name}: {c['examples']} answers, {c['toxic']} judged toxic by {judge.name}, {c['non_toxic']} not")
     return 0
 
 
@@ -72,9 +117,10 @@ def _tiny(args) -> int:
     from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
 
     out = Path(args.out)
-    build_tiny_llava(out / "model")
-    data = write_toy_pairs(out / "data", n=args.pairs)
-    print(f"tiny LLaVA: {out / 'model'}\ntoy pairs:  {data}")
+    with _new_directory(out) as tmp:
+        build_tiny_llava(tmp / "model")
+        name = write_toy_pairs(tmp / "data", n=args.pairs).name
+    print(f"tiny LLaVA: {out / 'model'}\ntoy pairs:  {out / 'data' / name}")
     return 0
 
 
@@ -114,31 +160,38 @@ def _demo_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-sgm", description="SGM safety glasses for multimodal LLMs")
+    debug_help = f"show the traceback of an error (or set {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Accepted after the subcommand too; SUPPRESS keeps a subcommand from resetting it to False.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("profile", help="profile a model on labelled pairs and write glasses")
+    p = sub.add_parser("profile", parents=[common], help="profile a model on labelled pairs and write glasses")
     p.add_argument("--model", required=True, help="Hub id or local directory (loaded with from_pretrained)")
     p.add_argument("--data", required=True, help="labelled pairs: JSONL/CSV/Parquet file or a directory holding one (docs/data.md)")
     p.add_argument("--out", required=True, help="glasses directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing glasses directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_arguments(p, ProfileOptions)
     add_arguments(p, SelectionOptions)
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_profile)
 
-    p = sub.add_parser("inspect", help="experts per layer, AUROC distribution, fingerprint and options of glasses")
+    p = sub.add_parser("inspect", parents=[common], help="experts per layer, AUROC distribution, fingerprint and options of glasses")
     p.add_argument("glasses")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("select", help="re-select experts of existing glasses with other selection options")
+    p = sub.add_parser("select", parents=[common], help="re-select experts of existing glasses with other selection options")
     p.add_argument("glasses")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="glasses directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
     add_arguments(p, SelectionOptions)
     p.set_defaults(func=_select)
 
-    p = sub.add_parser("self-label", help="label the model's own sampled answers with a judge, as profiling pairs")
+    p = sub.add_parser("self-label", parents=[common], help="label the model's own sampled answers with a judge, as profiling pairs")
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, nargs="+", help="MM-TOXIC-QA JSONL files (image, question, category)")
     p.add_argument("--judge", default="lexicon")
@@ -147,45 +200,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then use --samples 1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="directory for pairs.jsonl, images/ and judge.json")
+    p.add_argument("--out", required=True, help="new directory for pairs.jsonl, images/ and judge.json")
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_self_label)
 
-    p = sub.add_parser("tiny", help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
-    p.add_argument("out")
+    p = sub.add_parser("tiny", parents=[common], help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
+    p.add_argument("out", help="new directory for model/ and data/")
     p.add_argument("--pairs", type=int, default=32)
     p.set_defaults(func=_tiny)
 
-    p = sub.add_parser("train-demo", help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")
+    p = sub.add_parser("train-demo", parents=[common], help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")
     _demo_train_arguments(p)
     p.set_defaults(func=_train_demo)
 
-    p = sub.add_parser("demo", help="the main job: lmms-eval on the bundled demo model, vanilla vs paper-default SGM vs the best glasses")
+    p = sub.add_parser("demo", parents=[common], help="the main job: lmms-eval on the bundled demo model, vanilla vs paper-default SGM vs the best glasses")
     from lmms_sgm.demo.run import add_arguments as _demo_arguments
 
     _demo_arguments(p)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("report", help="compare lmms-eval runs side by side (the first is the baseline)")
+    p = sub.add_parser("report", parents=[common], help="compare lmms-eval runs side by side (the first is the baseline)")
     p.add_argument("runs", nargs="+", help="lmms-eval --output_path directories or *_results.json files")
     p.add_argument("--names", default=None, help="comma-separated run names (default: directory names)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("quickstart", help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
+    p = sub.add_parser("quickstart", parents=[common], help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
     p.add_argument("--workdir", default="runs/quickstart")
     p.set_defaults(func=_quickstart)
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that say what is wrong with the user's input (exit 2): our own ValueError subclasses
+    (data, options, glasses, mismatch), files (OSError: missing, existing, unreadable, HF loading)
+    and unreadable safetensors."""
+    from safetensors import SafetensorError
+
+    return ValueError, OSError, SafetensorError
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    prog = f"lmms-sgm {args.command}"
+    if debug:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ChildProcessError) as e:
-        print(f"lmms-sgm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # One line per warning too (the default adds the source line that raised it).
+        warnings.showwarning = lambda message, category, *a, **k: print(
+            f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except _expected_errors() as e:
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 -- any other failure is still one line (exit 1)
+            print(f"{prog}: error: {type(e).__name__}: {_one_line(e)} (unexpected: run with --debug for the traceback)",
+                  file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -1,59 +1,97 @@
 """The safety-glasses artifact: everything needed to apply SGM to one model.
 
-A glasses directory holds
+A glasses directory holds exactly two files:
 
 * ``glasses.safetensors`` -- for every profiled site, ``<site>.auroc`` (float64, each neuron's
   expertise), ``<site>.alpha`` (float32, its factor; 1 for non-experts) and
   ``<site>.mean_nontoxic`` (float32, its mean pooled response on the non-toxic pairs, the target
   of ``towards=nontoxic_mean``);
 * ``manifest.json`` -- format version, the model fingerprint, the sites, every profiling and
-  selection option, the profiling data's digest and counts.
+  selection option, the profiling data's digest and counts, the intervention ``digest``, and the
+  files' integrity: ``tensors_sha256`` / ``tensors_bytes`` of ``glasses.safetensors`` and a
+  ``content_digest`` over the whole manifest (that field left out), so any change to either file
+  is detected on load.
 
-Loading reads only JSON and safetensors: nothing is ever unpickled. Applying glasses to a model
-whose fingerprint differs is refused.
+Loading reads only JSON and safetensors: nothing is ever unpickled. Identical glasses are written
+as identical bytes. Writing goes through a sibling temporary directory that replaces the target
+in one rename, and only ever replaces a directory that holds glasses and nothing else.
+Applying glasses to a model whose fingerprint differs is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from dataclasses import dataclass
+import signal
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as dump_tensors
 
 from lmms_sgm import __version__
 from lmms_sgm.expertise import select
 from lmms_sgm.models import fingerprint
-from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, from_strings, to_dict
+from lmms_sgm.options import (
+    ApplyOptions,
+    ProfileOptions,
+    SelectionOptions,
+    from_strings,
+    to_dict,
+)
 from lmms_sgm.sites import Site
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (no content digest) is still read, with a warning: only its alphas can be checked.
+READABLE_VERSIONS = (1, 2)
 TENSORS = "glasses.safetensors"
 MANIFEST = "manifest.json"
+GLASSES_FILES = (MANIFEST, TENSORS)
+# Manifest fields that describe the files rather than the glasses; rewritten on every save.
+INTEGRITY_FIELDS = ("tensors_sha256", "tensors_bytes", "content_digest")
+REQUIRED_FIELDS = ("format_version", "fingerprint", "sites", "profile_options", "selection_options",
+                   "data", "counts", "digest")
+# One metadata entry only: safetensors writes metadata from a hash map, so two or more entries
+# come out in a random order and identical glasses would differ in their header bytes.
+TENSORS_METADATA = {"format": "lmms_sgm.glasses"}
 
 
-def refuse_existing(path: str | Path, overwrite: bool) -> None:
-    """Refuse to write glasses over a non-empty directory unless asked to (checked early by callers)."""
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite)")
+class GlassesError(ValueError):
+    """Glasses files that are damaged, edited or unreadable; the message names the file."""
+
+
+class UnverifiedGlassesWarning(UserWarning):
+    """Glasses written in format 1, which carry no content digest to verify their files with."""
 
 
 class GlassesMismatch(ValueError):
     """Glasses profiled on another model than the one they are applied to."""
 
 
-@dataclass
+@dataclass(repr=False)
 class SafetyGlasses:
     sites: list[Site]
     auroc: dict[str, torch.Tensor]
     alpha: dict[str, torch.Tensor]
     manifest: dict
     mean_nontoxic: dict[str, torch.Tensor] | None = None
+    # What loading found out about the files (inspect prints it); None when not loaded from disk.
+    integrity: str | None = field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (f"SafetyGlasses({len(self.sites)} sites, {c['experts']} experts of {c['neurons']} neurons, "
+                f"rule={self.manifest['selection_options'].get('rule')}, digest={self.digest()[:12]})")
 
     # ------------------------------------------------------------ building
 
@@ -79,7 +117,7 @@ class SafetyGlasses:
         if self.selection.towards == "nontoxic_mean" and self.mean_nontoxic is None:
             raise ValueError("towards=nontoxic_mean needs the non-toxic means, which these glasses lack; re-profile them")
 
-    def reselect(self, selection: SelectionOptions) -> "SafetyGlasses":
+    def reselect(self, selection: SelectionOptions) -> SafetyGlasses:
         """The same expertise with another selection rule: no re-profiling needed."""
         manifest = json.loads(json.dumps(self.manifest))
         manifest["selection_options"] = to_dict(selection)
@@ -123,54 +161,94 @@ class SafetyGlasses:
     # ------------------------------------------------------------ persistence
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write atomically: a failure leaves no partial directory behind."""
-        path = Path(path)
-        refuse_existing(path, overwrite)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            tensors = {}
-            for s in self.sites:
-                tensors[f"{s.name}.auroc"] = self.auroc[s.name].to(torch.float64).contiguous()
-                tensors[f"{s.name}.alpha"] = self.alpha[s.name].to(torch.float32).contiguous()
-                if self.mean_nontoxic is not None:
-                    tensors[f"{s.name}.mean_nontoxic"] = self.mean_nontoxic[s.name].to(torch.float32).contiguous()
-            save_file(tensors, str(tmp / TENSORS), metadata={"format": "lmms_sgm.glasses", "format_version": str(FORMAT_VERSION)})
-            manifest = dict(self.manifest, digest=self.digest())
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        """Write the glasses to ``path``; ``overwrite`` replaces glasses there, and nothing else.
+
+        Atomic: a failure or an interruption leaves the previous contents of ``path`` (or no
+        ``path``) and no temporary files.
+        """
+        with staged_output(path, overwrite=overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(path)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the two glasses files into an existing, empty ``directory`` (same inputs, same bytes)."""
+        tensors = {}
+        for s in self.sites:
+            tensors[f"{s.name}.auroc"] = self.auroc[s.name].to(torch.float64).contiguous()
+            tensors[f"{s.name}.alpha"] = self.alpha[s.name].to(torch.float32).contiguous()
+            if self.mean_nontoxic is not None:
+                tensors[f"{s.name}.mean_nontoxic"] = self.mean_nontoxic[s.name].to(torch.float32).contiguous()
+        blob = dump_tensors(tensors, metadata=TENSORS_METADATA)
+        manifest = {k: v for k, v in self.manifest.items() if k not in INTEGRITY_FIELDS}
+        manifest.update(format_version=FORMAT_VERSION, digest=self.digest(),
+                        tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
+        manifest["content_digest"] = content_digest(manifest)
+        _write_file(directory / TENSORS, blob)
+        _write_file(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> "SafetyGlasses":
+    def load(cls, path: str | Path) -> SafetyGlasses:
+        """Read and verify glasses: any damaged, truncated or edited file is a :class:`GlassesError`
+        naming it (format 1 glasses, which carry no content digest, load with a warning)."""
         path = Path(path)
-        if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
-            raise FileNotFoundError(f"{path} is not a glasses directory (needs {MANIFEST} and {TENSORS}); build one with `lmms-sgm profile`")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: glasses format {manifest.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-        tensors = load_file(str(path / TENSORS))
+        tensors_path = path / TENSORS
+        if path.is_dir() and not tensors_path.is_file():
+            raise FileNotFoundError(f"{path} is not a glasses directory ({tensors_path} is missing; needs {MANIFEST} "
+                                    f"and {TENSORS}); build glasses with `lmms-sgm profile`")
+        manifest = read_manifest(path)
+        version = manifest["format_version"]
+        blob = tensors_path.read_bytes()
+        if version >= 2:
+            _verify_content(path, manifest, blob)
+            integrity = f"ok (content digest {manifest['content_digest'][:16]})"
+        else:
+            integrity = (f"not verifiable: format {version} files carry no content digest (the alphas match the "
+                         f"recorded digest); re-save them in format {FORMAT_VERSION}: {_resave_command(path, manifest)}")
+        try:
+            tensors = load_tensors(blob)
+        except (SafetensorError, ValueError) as e:
+            raise GlassesError(f"{tensors_path}: not a readable safetensors file ({e}); re-create the glasses") from None
+        manifest = {k: v for k, v in manifest.items() if k not in INTEGRITY_FIELDS}
+        try:
+            glasses = cls._from_files(manifest, tensors, tensors_path)
+            glasses._check_towards()
+        except GlassesError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise GlassesError(f"{path / MANIFEST}: not a valid glasses manifest ({type(e).__name__}: {e})") from None
+        # Holds for every format; for format 1 it is the only check that the alphas are intact.
+        if glasses.digest() != manifest["digest"] or glasses.counts() != manifest["counts"]:
+            raise GlassesError(
+                f"{tensors_path}: the alphas do not match the digest and expert counts recorded in {MANIFEST} "
+                f"({glasses.counts()['experts']} experts, manifest: {dict(manifest['counts']).get('experts')}); the files "
+                "are damaged or were edited: re-create the glasses"
+            )
+        glasses.integrity = integrity
+        if version < 2:
+            warnings.warn(f"{path}: glasses integrity {integrity}", UnverifiedGlassesWarning, stacklevel=2)
+        return glasses
+
+    @classmethod
+    def _from_files(cls, manifest: dict, tensors: dict, tensors_path: Path) -> SafetyGlasses:
         sites = [Site(**s) for s in manifest["sites"]]
-        missing = [s.name for s in sites if f"{s.name}.auroc" not in tensors or f"{s.name}.alpha" not in tensors]
-        if missing:
-            raise ValueError(f"{path}: tensors missing for sites {missing[:3]}")
+        for s in sites:
+            for kind, dtype in (("auroc", torch.float64), ("alpha", torch.float32), ("mean_nontoxic", torch.float32)):
+                t = tensors.get(f"{s.name}.{kind}")
+                if t is None and kind == "mean_nontoxic":
+                    continue
+                if t is None or t.dtype != dtype or tuple(t.shape) != (s.width,):
+                    got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                    raise GlassesError(f"{tensors_path}: tensor {s.name}.{kind} is {got}, expected {dtype} ({s.width},)")
         means = None
         if all(f"{s.name}.mean_nontoxic" in tensors for s in sites):
             means = {s.name: tensors[f"{s.name}.mean_nontoxic"] for s in sites}
-        glasses = cls(
+        return cls(
             sites,
             {s.name: tensors[f"{s.name}.auroc"] for s in sites},
             {s.name: tensors[f"{s.name}.alpha"] for s in sites},
             manifest,
             means,
         )
-        glasses._check_towards()
-        return glasses
 
     # ------------------------------------------------------------ use
 
@@ -219,7 +297,8 @@ class SafetyGlasses:
         return out
 
     def summary(self) -> str:
-        lines = [f"fingerprint: {json.dumps(self.manifest['fingerprint'], sort_keys=True)}"]
+        lines = [f"integrity: {self.integrity or 'not saved'}"]
+        lines.append(f"fingerprint: {json.dumps(self.manifest['fingerprint'], sort_keys=True)}")
         lines.append(f"data: {json.dumps(self.manifest['data'], sort_keys=True)}")
         lines.append(f"profile options: {json.dumps(self.manifest['profile_options'], sort_keys=True)}")
         lines.append(f"selection options: {json.dumps(self.manifest['selection_options'], sort_keys=True)}")
@@ -237,3 +316,230 @@ class SafetyGlasses:
         hist = torch.histc(allv.float(), bins=10, min=0, max=1).long().tolist()
         lines.append("AUROC histogram (0.0-1.0, 10 bins): " + " ".join(str(h) for h in hist))
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON of ``manifest`` without its ``content_digest``.
+
+    The manifest records the sha256 of the tensors file, so this one value covers both files.
+    It guards against damage and hand edits, not against someone who rewrites both files.
+    """
+    body = {k: v for k, v in manifest.items() if k != "content_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The parsed manifest of the glasses directory ``path``; a clear error naming the file otherwise."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        what = "it does not exist" if not path.exists() else "it is a file" if not path.is_dir() else f"{file} is missing"
+        raise FileNotFoundError(f"{path} is not a glasses directory ({what}; needs {MANIFEST} and {TENSORS}); "
+                                "build glasses with `lmms-sgm profile`")
+    try:
+        manifest = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = f"{e.msg} at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise GlassesError(f"{file}: not valid JSON ({reason}); the file is damaged: re-create the glasses") from None
+    if not isinstance(manifest, dict):
+        raise GlassesError(f"{file}: not a glasses manifest (a JSON object expected, got {type(manifest).__name__})")
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise GlassesError(f"{file}: not a glasses manifest (lacks {', '.join(missing)})")
+    version = manifest["format_version"]
+    if version not in READABLE_VERSIONS:
+        raise GlassesError(f"{file}: glasses format {version!r} is not supported (lmms_sgm {__version__} reads formats "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}); re-create the glasses with this version")
+    missing = [k for k in INTEGRITY_FIELDS if k not in manifest]
+    if version >= 2 and missing:
+        raise GlassesError(f"{file}: the manifest lacks {', '.join(missing)}: it was edited; re-create the glasses")
+    return manifest
+
+
+def _verify_content(path: Path, manifest: dict, blob: bytes) -> None:
+    if manifest["content_digest"] != content_digest(manifest):
+        raise GlassesError(f"{path / MANIFEST}: content digest mismatch: the manifest was edited or damaged after it was "
+                           "written; re-create the glasses (`lmms-sgm select` writes other selection options)")
+    if len(blob) != manifest["tensors_bytes"]:
+        raise GlassesError(f"{path / TENSORS}: {len(blob)} bytes, but {MANIFEST} records {manifest['tensors_bytes']} "
+                           "(truncated or damaged); re-create the glasses")
+    if hashlib.sha256(blob).hexdigest() != manifest["tensors_sha256"]:
+        raise GlassesError(f"{path / TENSORS}: content does not match the sha256 recorded in {MANIFEST} (damaged or "
+                           "replaced after it was written); re-create the glasses")
+
+
+def _resave_command(path: Path, manifest: dict) -> str:
+    """The `lmms-sgm select` line that re-saves ``path`` unchanged in the current format."""
+    options = sorted(manifest["selection_options"].items())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options if v is not None)
+    return f"`lmms-sgm select {path} --out NEW_DIR {flags}`"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """A new file with the user's umask, on disk before its directory is renamed into place."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_target(path: str | Path, overwrite: bool = False, protect=()) -> None:
+    """Refuse an output path glasses may not be written to (callers check early, before long work).
+
+    Writable: a path that does not exist, an empty directory, or, with ``overwrite``, a directory
+    holding glasses (a readable manifest) and nothing else. ``protect``: paths (the profiling
+    data) that the output must neither be nor contain.
+    """
+    real = _real(path)
+    path = Path(path)
+    if not real.exists():
+        return
+    if not real.is_dir():
+        raise FileExistsError(f"{path} is a file, not a glasses directory; choose another output path")
+    for p in protect:
+        p = _real(p)
+        if p == real or real in p.parents:
+            raise FileExistsError(f"{path} holds the profiling data {p}; refusing to write glasses there: choose another output path")
+    entries = sorted(os.listdir(real))
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite to replace glasses there)")
+    try:
+        read_manifest(real)
+    except (FileNotFoundError, GlassesError) as e:
+        raise FileExistsError(f"{path} is not a glasses directory ({e}); --overwrite only replaces glasses: "
+                              "choose another output path") from None
+    others = [e for e in entries if e not in GLASSES_FILES]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"{path} holds glasses and other files ({shown}); --overwrite only replaces a directory "
+                              "holding nothing but glasses: move them or choose another output path")
+
+
+@contextlib.contextmanager
+def staged_output(path: str | Path, *, overwrite: bool = False, protect=()):
+    """Yield an empty sibling directory to write glasses into; on success it replaces ``path``.
+
+    The target is checked on entry (before any long work) and again at the swap. Any exception,
+    KeyboardInterrupt included, removes the temporary directory and the parents this created,
+    and leaves ``path`` as it was. Existing glasses are exchanged in one rename where the system
+    allows it, so an interruption at any point leaves the old or the new glasses, never neither.
+    """
+    check_target(path, overwrite, protect)
+    real = _real(path)
+    created = _make_parents(real.parent)
+    tmp = _new_sibling(real, "tmp")
+    try:
+        yield tmp
+        with _interrupts_deferred():
+            check_target(path, overwrite, protect)  # the target may have changed during the work
+            _swap_in(tmp, real)
+    except BaseException:
+        with _interrupts_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+            for d in created:  # deepest first; stop at one that is no longer empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` made absolute (``.`` and ``g/`` have no usable name and parent) with a symlink at
+    its end resolved, so that the rename replaces the directory it names."""
+    path = Path(os.path.abspath(path))
+    return path.resolve() if path.is_symlink() else path
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = []
+    p = parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _new_sibling(path: Path, kind: str) -> Path:
+    """A new hidden directory beside ``path`` (same file system, so renames are atomic), umask applied."""
+    while True:
+        candidate = path.parent / f".{path.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path``: a rename, or an exchange with the glasses there, whose files are then removed."""
+    if not path.exists() or not any(path.iterdir()):
+        os.replace(tmp, path)  # rename(2) replaces an empty directory
+        return
+    if _exchange(tmp, path):
+        _discard_glasses(tmp)
+        return
+    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _discard_glasses(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _discard_glasses(directory: Path) -> None:
+    """Remove replaced glasses: only their two files, so anything else that appeared there stays."""
+    try:
+        for name in GLASSES_FILES:
+            (directory / name).unlink(missing_ok=True)
+        directory.rmdir()
+    except OSError as e:
+        warnings.warn(f"the replaced glasses were moved to {directory} and not removed ({e}); delete it by hand", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, so a swap or a clean-up is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -18,18 +19,65 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a Hub id or a local directory, through ``from_pretrained``.
 
-    ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo)."""
+    ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
+    A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
+    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
 
     if pretrained == SHORT_NAME:
         pretrained = str(MODEL_DIR)
-
-    model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(device).eval()
-    adapter_for(model)  # unsupported architectures fail here, before any work
-    processor = AutoProcessor.from_pretrained(pretrained)
+    source, local = _locate(pretrained)
+    unreachable = None if local else hub_unreachable()
+    offline = local or bool(unreachable)
+    # transformers 5.24 does not pass local_files_only on to its PEFT adapter lookup: say it twice.
+    hub = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if offline else {}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
+        model = model.to(device).eval()
+        adapter_for(model)  # unsupported architectures fail here, before any work
+        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+    except OSError as e:
+        if unreachable:
+            raise OSError(f"model {pretrained}: not a local directory, not in the Hugging Face cache, and the Hub "
+                          f"cannot be reached ({unreachable}); check the network or proxy, or give a local directory") from e
+        raise
     return model, processor
+
+
+def _locate(pretrained: str) -> tuple[str, bool]:
+    """(what to give ``from_pretrained``, whether it is a local directory). A name that exists on
+    disk or cannot be a Hub id (``./m``, ``/abs/m``, ``a/b/c``, ``~/m``) is a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(pretrained).expanduser()
+    if not path.exists():
+        try:
+            validate_repo_id(pretrained)
+            return pretrained, False
+        except HFValidationError:
+            raise FileNotFoundError(f"model directory {path} does not exist (and {pretrained!r} is not a Hub id)") from None
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {path} is a file; give the directory a model was saved to (save_pretrained)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} holds no config.json: not a saved model (save_pretrained writes one)")
+    return str(path), True
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None (also in offline mode: then
+    huggingface_hub itself stays off the network). One request, no retries, HF's etag timeout."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if huggingface_hub.is_offline_mode():
+        return None
+    try:
+        huggingface_hub.get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 -- no answer: DNS, refused, timeout, TLS, proxy
+        return f"{constants.ENDPOINT}: {type(e).__name__}: {e}"
+    return None
 
 
 def unwrap(model):

@@ -235,9 +235,11 @@ def test_digest_of_image_bytes():
     rows = [dict(r, image=png_bytes(i)) for i, r in enumerate(ROWS)]
     base = load_pairs(rows).digest()
     changed = [dict(r) for r in rows]
-    b = bytearray(changed[0]["image"])
-    b[len(b) // 2] ^= 0x10
-    changed[0]["image"] = bytes(b)
+    img = np.array(Image.open(io.BytesIO(rows[0]["image"])))
+    img[5, 7, 1] ^= 1  # one pixel (a flipped byte inside the PNG would fail its checksum)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    changed[0]["image"] = buf.getvalue()
     assert load_pairs(changed).digest() != base
     assert load_pairs([dict(r) for r in rows]).digest() == base
 
@@ -253,6 +255,57 @@ def test_missing_image_file_names_record_and_path(dataset_dir):
         load_pairs(path)
     msg = str(err.value)
     assert "record 2" in msg and str(dataset_dir / "img" / "missing.png") in msg and str(path) in msg
+
+
+def _truncated(raw: bytes) -> bytes:
+    return raw[: len(raw) // 2]
+
+
+def _bad_checksum(raw: bytes) -> bytes:
+    b = bytearray(raw)
+    b[len(b) // 2] ^= 0x10  # inside the image data: PNG's CRC catches it
+    return bytes(b)
+
+
+@pytest.mark.parametrize("spoil", [lambda raw: b"plain text, not an image", _truncated, _bad_checksum],
+                         ids=["not-an-image", "truncated", "bad-checksum"])
+def test_unreadable_image_file_names_record_and_path(dataset_dir, spoil):
+    """Images are opened, verified and decoded while the data is loaded, not when profiling meets them."""
+    img = dataset_dir / "img" / "2.png"
+    img.write_bytes(spoil(img.read_bytes()))
+    path = write_jsonl(dataset_dir / "pairs.jsonl", ROWS)
+    with pytest.raises(DataError) as err:
+        load_pairs(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: record 2: image {img} is not a readable image (") and "\n" not in msg
+
+
+def test_unreadable_image_bytes_name_the_record(monkeypatch):
+    from PIL import ImageFile
+
+    # lmms-eval sets this process-wide when imported (as in the lmms-eval wrapper's process).
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    rows = [dict(r, image=png_bytes(i)) for i, r in enumerate(ROWS)]
+    rows[3]["image"] = _truncated(rows[3]["image"])
+    with pytest.raises(DataError, match=r"<list>: record 3: the bytes image is not a readable image"):
+        load_pairs(rows)
+    rows[3]["image"] = {"bytes": b"GIF89a nonsense", "path": None}
+    with pytest.raises(DataError, match=r"record 3: the bytes image is not a readable image"):
+        load_pairs(rows)
+    # JPEG has no checksums: verify() passes a truncated one; decoding it does not.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(3, size=64))).save(buf, format="JPEG")
+    rows[3]["image"] = _truncated(buf.getvalue())
+    with pytest.raises(DataError, match=r"record 3: the bytes image is not a readable image \(OSError: image file is truncated"):
+        load_pairs(rows)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def test_image_that_breaks_after_validation_names_the_file(dataset_dir):
+    ds = load_pairs(write_jsonl(dataset_dir / "pairs.jsonl", ROWS))
+    (dataset_dir / "img" / "1.png").write_bytes(b"gone bad")
+    with pytest.raises(DataError, match=r"image .*img/1.png is not a readable image"):
+        ds[1].load_image()
 
 
 @pytest.mark.parametrize("field", ["image", "text", "label"])

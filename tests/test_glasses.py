@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 import lmms_sgm.glasses as glasses_mod
 from lmms_sgm import models, tiny
 from lmms_sgm.data import DataError
 from lmms_sgm.expertise import select
-from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+from lmms_sgm.glasses import GlassesError, GlassesMismatch, SafetyGlasses, UnverifiedGlassesWarning
 from lmms_sgm.options import ProfileOptions, SelectionOptions, to_dict
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.profiling import profile
@@ -100,7 +102,7 @@ def test_manifest_contents(built, model_and_processor, toy_pairs):
     g, out = built
     model, _ = model_and_processor
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["fingerprint"] == models.fingerprint(model)
     assert m["fingerprint"]["num_layers"] == 2 and m["fingerprint"]["intermediate_size"] == 64
     assert m["fingerprint"]["model_type"] == "llava"
@@ -221,13 +223,234 @@ def test_failed_save_leaves_nothing_and_keeps_old(built, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(glasses_mod, "save_file", broken)
+    monkeypatch.setattr(glasses_mod, "_write_file", broken)
     with pytest.raises(OSError, match="disk full"):
         g.reselect(SelectionOptions(rule="det0", top_k=2)).save(target, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
         g.save(tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["g"]  # no temp siblings, no partial "new"
     assert SafetyGlasses.load(target).digest() == g.digest()  # the old glasses survive
+
+
+def test_interrupted_save_leaves_old_glasses_and_no_temporary_files(built, tmp_path, monkeypatch):
+    """Ctrl-C while the files are written, and a failing exchange: the old glasses stay, alone."""
+    g, _ = built
+    target = tmp_path / "g"
+    g.save(target)
+    other = g.reselect(SelectionOptions(rule="det0", top_k=2))
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    for name in ("_write_file", "_exchange"):
+        with monkeypatch.context() as m:
+            m.setattr(glasses_mod, name, interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                other.save(target, overwrite=True)
+        assert sorted(os.listdir(tmp_path)) == ["g"], name
+        assert SafetyGlasses.load(target).digest() == g.digest(), name
+    # A new path under parents that did not exist: the parents this created go too.
+    with monkeypatch.context() as m:
+        m.setattr(glasses_mod, "_write_file", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            g.save(tmp_path / "a" / "b" / "g")
+    assert sorted(os.listdir(tmp_path)) == ["g"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces_glasses_atomically(built, tmp_path, monkeypatch, exchange):
+    """Both ways of swapping (an exchange where Linux allows it, two renames elsewhere) end with
+    the new glasses and nothing else; a failed second rename puts the old glasses back."""
+    g, _ = built
+    target = tmp_path / "g"
+    g.save(target)
+    other = g.reselect(SelectionOptions(rule="det0", top_k=2))
+    if not exchange:
+        monkeypatch.setattr(glasses_mod, "_exchange", lambda a, b: False)
+        real_rename, calls = os.rename, []
+
+        def second_rename_fails(src, dst):
+            calls.append(src)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real_rename(src, dst)
+
+        monkeypatch.setattr(glasses_mod.os, "rename", second_rename_fails)
+        with pytest.raises(KeyboardInterrupt):
+            other.save(target, overwrite=True)
+        assert sorted(os.listdir(tmp_path)) == ["g"] and SafetyGlasses.load(target).digest() == g.digest()
+        monkeypatch.setattr(glasses_mod.os, "rename", real_rename)
+    else:
+        real_exchange, swaps = glasses_mod._exchange, []
+        monkeypatch.setattr(glasses_mod, "_exchange", lambda a, b: swaps.append(real_exchange(a, b)) or swaps[-1])
+    other.save(target, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["g"] and sorted(os.listdir(target)) == ["glasses.safetensors", "manifest.json"]
+    assert SafetyGlasses.load(target).digest() == other.digest()
+    if exchange and sys.platform.startswith("linux"):
+        assert swaps == [True]  # one atomic exchange (Linux >= 3.15, ext4/xfs/btrfs/tmpfs)
+
+
+def _glasses_with_extra(built, tmp_path):
+    g, _ = built
+    target = g.save(tmp_path / "g")
+    (target / "notes.txt").write_text("mine")
+    return target
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda built, tmp: (tmp / "g").write_text("mine") and tmp / "g", r"g is a file, not a glasses directory"),
+        (lambda built, tmp: (tmp / "g").mkdir() or (tmp / "g" / "results.json").write_text("mine") and tmp / "g",
+         r"g is not a glasses directory \(.*manifest.json is missing"),
+        (lambda built, tmp: (tmp / "g").mkdir() or (tmp / "g" / "manifest.json").write_text("mine") and tmp / "g",
+         r"g is not a glasses directory \(.*manifest.json: not valid JSON"),
+        (_glasses_with_extra, r"g holds glasses and other files \(notes.txt\)"),
+    ],
+    ids=["file", "results-folder", "broken-manifest", "glasses-and-more"],
+)
+def test_overwrite_refuses_anything_but_glasses(built, tmp_path, make, message):
+    g, _ = built
+    target = make(built, tmp_path)
+    before = {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()}
+    with pytest.raises(FileExistsError, match=message):
+        g.reselect(SelectionOptions(rule="det0", top_k=2)).save(target, overwrite=True)
+    assert {p: p.read_bytes() for p in [target, *target.rglob("*")] if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["g"]
+
+
+def test_build_refuses_the_data_folder(model_and_processor, toy_jsonl, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    data_dir = tmp_path / "data"
+    data = _write_rows(data_dir, _toy_rows(toy_jsonl))
+    monkeypatch.setattr("lmms_sgm.pipeline.profile", lambda *a, **k: pytest.fail("profiling started"))
+    for out in (data_dir, tmp_path):
+        with pytest.raises(FileExistsError, match="holds the profiling data .*pairs.jsonl"):
+            build_glasses(model, processor, data, PROFILE, SELECT, out=out, overwrite=True, progress=False)
+    assert os.listdir(data_dir) == ["pairs.jsonl"]
+
+
+# ---------------------------------------------------------------- integrity and reproducibility
+
+
+def test_identical_glasses_are_identical_bytes(built, model_and_processor, toy_jsonl, tmp_path):
+    """safetensors writes its metadata from a hash map: with two entries their order varied
+    between saves (and runs). Ten saves and a second profiling run give the same bytes."""
+    g, out = built
+    model, processor = model_and_processor
+    build_glasses(model, processor, toy_jsonl, PROFILE, SELECT, out=tmp_path / "again", progress=False)
+    paths = [out, tmp_path / "again", *(g.save(tmp_path / f"s{i}") for i in range(10))]
+    for name in ("glasses.safetensors", "manifest.json"):
+        contents = {(p / name).read_bytes() for p in paths}
+        assert len(contents) == 1, name
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_files_are_created_with_the_users_umask(built, tmp_path, umask, file_mode, dir_mode):
+    g, _ = built
+    old = os.umask(umask)
+    try:
+        g.save(tmp_path / "new")
+        g.save(tmp_path / "new", overwrite=True)  # the replacement too
+        g.save(tmp_path / "parent" / "nested")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "new", tmp_path / "parent", tmp_path / "parent" / "nested"):
+        assert d.stat().st_mode & 0o777 == dir_mode, d
+    for f in [*(tmp_path / "new").iterdir(), *(tmp_path / "parent" / "nested").iterdir()]:
+        assert f.stat().st_mode & 0o777 == file_mode, f
+
+
+def _flip_tensor_byte(path):
+    raw = bytearray((path / "glasses.safetensors").read_bytes())
+    raw[-5] ^= 0x40  # past the header: one value of the last tensor
+    (path / "glasses.safetensors").write_bytes(bytes(raw))
+
+
+def _edit_manifest(**changes):
+    def edit(path):
+        m = json.loads((path / "manifest.json").read_text())
+        m.update(changes)
+        (path / "manifest.json").write_text(json.dumps(m, indent=2))
+    return edit
+
+
+def _truncate(path):
+    raw = (path / "glasses.safetensors").read_bytes()
+    (path / "glasses.safetensors").write_bytes(raw[: len(raw) // 2])
+
+
+DAMAGE = {
+    "tensor-byte": (_flip_tensor_byte, GlassesError, r"glasses.safetensors: content does not match the sha256"),
+    "truncated": (_truncate, GlassesError, r"glasses.safetensors: \d+ bytes, but manifest.json records \d+ \(truncated"),
+    "edited-digest": (_edit_manifest(digest="0" * 64), GlassesError, r"manifest.json: content digest mismatch"),
+    "edited-counts": (_edit_manifest(counts={"experts": 1}), GlassesError, r"manifest.json: content digest mismatch"),
+    "edited-tensor-sha": (_edit_manifest(tensors_sha256="0" * 64), GlassesError, r"manifest.json: content digest mismatch"),
+    "no-content-digest": (lambda p: _edit_manifest()(p) or _drop_field(p, "content_digest"), GlassesError,
+                          r"manifest.json: the manifest lacks content_digest"),
+    "not-json": (lambda p: (p / "manifest.json").write_text('{"format_version": 2,'), GlassesError,
+                 r"manifest.json: not valid JSON \(.* at line 1, column \d+\)"),
+    "not-an-object": (lambda p: (p / "manifest.json").write_text("[]"), GlassesError,
+                      r"manifest.json: not a glasses manifest \(a JSON object expected"),
+    "no-tensors": (lambda p: (p / "glasses.safetensors").unlink(), FileNotFoundError,
+                   r"is not a glasses directory \(.*glasses.safetensors is missing"),
+}
+
+
+def _drop_field(path, name):
+    m = json.loads((path / "manifest.json").read_text())
+    del m[name]
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_or_edited_glasses_are_refused_naming_the_file(built, tmp_path, case):
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    damage, exc, message = DAMAGE[case]
+    damage(path)
+    with pytest.raises(exc, match=message) as err:
+        SafetyGlasses.load(path)
+    assert str(path) in str(err.value)
+
+
+def _as_format_1(path):
+    """Rewrite saved glasses as the previous format wrote them: no integrity fields."""
+    m = json.loads((path / "manifest.json").read_text())
+    for k in ("content_digest", "tensors_sha256", "tensors_bytes"):
+        del m[k]
+    m["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+
+
+def test_format_1_loads_with_a_warning_and_resaves_as_format_2(built, tmp_path):
+    """Format 1 has no content digest: loaded with a warning that says how to re-save, its alphas
+    still checked against the recorded digest; re-saved, it acts the same (same digest)."""
+    g, _ = built
+    old = g.save(tmp_path / "old")
+    _as_format_1(old)
+    with pytest.warns(UnverifiedGlassesWarning, match=r"format 1 .* no content digest.*lmms-sgm select .*--rule sgm"):
+        loaded = SafetyGlasses.load(old)
+    assert loaded.digest() == g.digest() and loaded.integrity.startswith("not verifiable")
+    new = loaded.save(tmp_path / "new")
+    assert json.loads((new / "manifest.json").read_text())["format_version"] == 2
+    again = SafetyGlasses.load(new)
+    assert again.digest() == g.digest() and again.integrity.startswith("ok")
+    # Damaged alphas in format 1 are still caught by the recorded digest.
+    name = f"{g.sites[0].name}.alpha"
+    tensors = load_file(str(old / "glasses.safetensors"))
+    tensors[name] = torch.where(tensors[name] == 1, torch.tensor(0.5), tensors[name])
+    save_file(tensors, str(old / "glasses.safetensors"))
+    with pytest.raises(GlassesError, match="alphas do not match the digest"):
+        SafetyGlasses.load(old)
+
+
+def test_repr_is_one_short_line(built):
+    g, _ = built
+    text = repr(g)
+    assert "\n" not in text and len(text) < 200 and "tensor" not in text
+    assert text == f"SafetyGlasses(8 sites, {g.counts()['experts']} experts of 448 neurons, rule=sgm, digest={g.digest()[:12]})"
+    assert str(g) == text
 
 
 # ---------------------------------------------------------------- errors write nothing

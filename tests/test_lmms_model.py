@@ -402,6 +402,21 @@ def test_profile_data_builds_once_then_hits_the_cache(make, toy_jsonl, load_mode
     assert len(list(cache.iterdir())) == 2
 
 
+def test_damaged_cache_entry_is_rebuilt(make, toy_jsonl, monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMMS_SGM_CACHE", str(cache))
+    args = f"profile_data={toy_jsonl},profile_modules=up_proj,select_rule=det0,select_top_k=5"
+    first = make(args)
+    (entry,) = cache.iterdir()
+    raw = bytearray((entry / "glasses.safetensors").read_bytes())
+    raw[-3] ^= 0x40
+    (entry / "glasses.safetensors").write_bytes(bytes(raw))
+    second = make(args)
+    assert second.cache_hit is False and second.sgm_info["glasses_digest"] == first.sgm_info["glasses_digest"]
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert SafetyGlasses.load(entry).digest() == first.sgm_info["glasses_digest"]
+
+
 def test_profile_data_and_glasses_are_exclusive(make, toy_jsonl, glasses_dir):
     with pytest.raises(ValueError, match="either glasses .* or profile_data"):
         make(f"glasses={glasses_dir},profile_data={toy_jsonl}")

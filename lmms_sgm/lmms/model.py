@@ -251,7 +251,7 @@ class SGMLlava(lmms):
         """Glasses built from ``profile_data``, cached by fingerprint, data digest and options."""
         from lmms_sgm import pipeline
         from lmms_sgm.data import load_pairs
-        from lmms_sgm.glasses import FORMAT_VERSION, SafetyGlasses
+        from lmms_sgm.glasses import FORMAT_VERSION, GlassesError, SafetyGlasses
 
         pairs = load_pairs(self.args.profile_data)
         key_material = {
@@ -264,18 +264,27 @@ class SGMLlava(lmms):
         }
         key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / key
+        damaged = None
         try:
             glasses = SafetyGlasses.load(path)
             self.cache_hit = True
             logger.info(f"sgm_llava: glasses for {self.args.profile_data} found in the cache: {path}")
+            return glasses, str(path)
         except FileNotFoundError:
-            self.cache_hit = False
-            logger.info(f"sgm_llava: building glasses from {self.args.profile_data} (cached at {path})")
-            glasses = pipeline.build_glasses(self._model, self.processor, pairs, self.profile_options, self.selection)
-            try:
-                glasses.save(path)
-            except FileExistsError:  # another process built the same glasses meanwhile
+            pass
+        except GlassesError as e:  # a damaged entry is rebuilt and replaced
+            damaged = e
+            logger.warning(f"sgm_llava: the cached glasses are damaged and will be rebuilt: {e}")
+        self.cache_hit = False
+        logger.info(f"sgm_llava: building glasses from {self.args.profile_data} (cached at {path})")
+        glasses = pipeline.build_glasses(self._model, self.processor, pairs, self.profile_options, self.selection)
+        try:
+            glasses.save(path, overwrite=damaged is not None)
+        except FileExistsError as e:
+            try:  # most likely another process built the same glasses meanwhile
                 glasses = SafetyGlasses.load(path)
+            except (FileNotFoundError, GlassesError):
+                logger.warning(f"sgm_llava: glasses not cached ({e}); using the ones just built")
         return glasses, str(path)
 
     # ------------------------------------------------------------ lmms-eval plumbing

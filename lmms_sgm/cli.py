@@ -81,16 +81,11 @@ def _select(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
 def _new_directory(out: Path):
     """For commands without --overwrite: ``out`` must be new (or empty); written whole or not at all."""
-    from lmms_sgm.glasses import staged_output
+    from lmms_sgm.staging import new_output
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "is not empty" if out.is_dir() else "is a file"
-        raise FileExistsError(f"{out} exists and {what}; give a new directory")
-    with staged_output(out) as tmp:
-        yield tmp
+    return new_output(out)
 
 
 def _self_label(args) -> int:

@@ -19,17 +19,9 @@ Applying glasses to a model whose fingerprint differs is refused.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import secrets
-import shutil
-import signal
-import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +42,7 @@ from lmms_sgm.options import (
     to_dict,
 )
 from lmms_sgm.sites import Site
+from lmms_sgm.staging import real_path, staged_directory
 
 FORMAT_VERSION = 2
 # Format 1 (no content digest) is still read, with a warning: only its alphas can be checked.
@@ -396,14 +389,14 @@ def check_target(path: str | Path, overwrite: bool = False, protect=()) -> None:
     holding glasses (a readable manifest) and nothing else. ``protect``: paths (the profiling
     data) that the output must neither be nor contain.
     """
-    real = _real(path)
+    real = real_path(path)
     path = Path(path)
     if not real.exists():
         return
     if not real.is_dir():
         raise FileExistsError(f"{path} is a file, not a glasses directory; choose another output path")
     for p in protect:
-        p = _real(p)
+        p = real_path(p)
         if p == real or real in p.parents:
             raise FileExistsError(f"{path} holds the profiling data {p}; refusing to write glasses there: choose another output path")
     entries = sorted(os.listdir(real))
@@ -423,97 +416,11 @@ def check_target(path: str | Path, overwrite: bool = False, protect=()) -> None:
                               "holding nothing but glasses: move them or choose another output path")
 
 
-@contextlib.contextmanager
 def staged_output(path: str | Path, *, overwrite: bool = False, protect=()):
-    """Yield an empty sibling directory to write glasses into; on success it replaces ``path``.
-
-    The target is checked on entry (before any long work) and again at the swap. Any exception,
-    KeyboardInterrupt included, removes the temporary directory and the parents this created,
-    and leaves ``path`` as it was. Existing glasses are exchanged in one rename where the system
-    allows it, so an interruption at any point leaves the old or the new glasses, never neither.
-    """
-    check_target(path, overwrite, protect)
-    real = _real(path)
-    created = _make_parents(real.parent)
-    tmp = _new_sibling(real, "tmp")
-    try:
-        yield tmp
-        with _interrupts_deferred():
-            check_target(path, overwrite, protect)  # the target may have changed during the work
-            _swap_in(tmp, real)
-    except BaseException:
-        with _interrupts_deferred():
-            shutil.rmtree(tmp, ignore_errors=True)
-            for d in created:  # deepest first; stop at one that is no longer empty
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
-        raise
-
-
-def _real(path: str | Path) -> Path:
-    """``path`` made absolute (``.`` and ``g/`` have no usable name and parent) with a symlink at
-    its end resolved, so that the rename replaces the directory it names."""
-    path = Path(os.path.abspath(path))
-    return path.resolve() if path.is_symlink() else path
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    missing = []
-    p = parent
-    while not p.exists() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _new_sibling(path: Path, kind: str) -> Path:
-    """A new hidden directory beside ``path`` (same file system, so renames are atomic), umask applied."""
-    while True:
-        candidate = path.parent / f".{path.name}.{kind}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Put ``tmp`` at ``path``: a rename, or an exchange with the glasses there, whose files are then removed."""
-    if not path.exists() or not any(path.iterdir()):
-        os.replace(tmp, path)  # rename(2) replaces an empty directory
-        return
-    if _exchange(tmp, path):
-        _discard_glasses(tmp)
-        return
-    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    _discard_glasses(old)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+    """Yield an empty sibling directory to write glasses into; on success it replaces ``path``
+    (see :func:`lmms_sgm.staging.staged_directory`). Only a directory holding glasses and nothing
+    else is ever replaced, and only its two files are removed."""
+    return staged_directory(path, check=lambda: check_target(path, overwrite, protect), discard=_discard_glasses)
 
 
 def _discard_glasses(directory: Path) -> None:
@@ -524,22 +431,3 @@ def _discard_glasses(directory: Path) -> None:
         directory.rmdir()
     except OSError as e:
         warnings.warn(f"the replaced glasses were moved to {directory} and not removed ({e}); delete it by hand", stacklevel=3)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block is done, so a swap or a clean-up is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous == signal.SIG_DFL:
-                raise KeyboardInterrupt

@@ -51,6 +51,13 @@ class ProfileOptions:
     )
     batch_size: int = opt(8, "at most this many examples per forward pass (a batch holds examples of one token "
                               "length, so no row is padded and results do not depend on the batch size)")
+    attention: str = opt(
+        "eager",
+        "attention kernel while profiling: eager (identical prefixes give identical activations, so exact "
+        "ties between examples stay ties; memory grows with length^2) or the model's own (e.g. sdpa: less "
+        "memory on long inputs, but on CPU a position's low bits depend on the sequence length)",
+        ("eager", "model"),
+    )
 
     def __post_init__(self):
         _check_choices(self)

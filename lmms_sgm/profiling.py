@@ -14,6 +14,7 @@ whatever follows them.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -250,7 +251,7 @@ def profile(
     store = ResponseStore.auto(sites, len(pairs), spill_mb)
     batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), options.batch_size)
     try:
-        with torch.inference_mode(), eager_attention(hf):
+        with torch.inference_mode(), (eager_attention(hf) if options.attention == "eager" else contextlib.nullcontext()):
             for rows in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
                 batch = [pairs[i] for i in rows]
                 enc = encode_batch(processor, batch, options.text_field)

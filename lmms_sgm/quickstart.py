@@ -6,7 +6,6 @@ this shows the machinery, not detoxification (the trained demo model does that).
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,12 +17,14 @@ def run(workdir: Path) -> int:
     from lmms_sgm.glasses import SafetyGlasses
     from lmms_sgm.options import ProfileOptions, SelectionOptions
     from lmms_sgm.pipeline import build_glasses
+    from lmms_sgm.staging import command_output
     from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
 
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    model_dir = build_tiny_llava(workdir / "model")
-    data = write_toy_pairs(workdir / "data", n=32)
+    # Written whole or not at all; only an earlier quickstart's folder is ever replaced.
+    with command_output(workdir, "quickstart") as tmp:
+        build_tiny_llava(tmp / "model")
+        write_toy_pairs(tmp / "data", n=32)
+    model_dir, data = workdir / "model", workdir / "data" / "pairs.jsonl"
     print(f"[1/4] built a tiny random LLaVA at {model_dir} and 32 toy pairs at {data}")
 
     model, processor = models.load(str(model_dir))

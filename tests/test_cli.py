@@ -375,3 +375,28 @@ def test_hub_model_from_the_cache_when_the_hub_is_unreachable(tiny_dir, toy_json
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "model someone/other: not a local directory, not in the Hugging Face cache" in line
     assert "ConnectError: test" in line
+
+
+@pytest.mark.parametrize("command", [["quickstart", "--workdir"], ["train-demo", "--minutes", "0.001", "--out"]])
+def test_rebuilding_commands_never_delete_a_user_folder(tmp_path, capsys, command):
+    """quickstart and train-demo used to rmtree whatever folder they were pointed at."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("{}")
+    assert main([*command, str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not an earlier" in err and "nothing was deleted" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary siblings
+
+
+def test_quickstart_replaces_only_its_own_earlier_output(tmp_path, capsys):
+    work = tmp_path / "qs"
+    assert main(["quickstart", "--workdir", str(work)]) == 0
+    first = sorted(p.name for p in work.iterdir())
+    assert {"model", "data", "glasses"} <= set(first)
+    (work / "model" / "stale.txt").write_text("from the first run")
+    assert main(["quickstart", "--workdir", str(work)]) == 0  # an earlier quickstart: rebuilt whole
+    assert sorted(p.name for p in work.iterdir()) == first
+    assert not (work / "model" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]

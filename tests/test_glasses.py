@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 import lmms_sgm.glasses as glasses_mod
+import lmms_sgm.staging as staging
 from lmms_sgm import models, tiny
 from lmms_sgm.data import DataError
 from lmms_sgm.expertise import select
@@ -242,9 +243,9 @@ def test_interrupted_save_leaves_old_glasses_and_no_temporary_files(built, tmp_p
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    for name in ("_write_file", "_exchange"):
+    for module, name in ((glasses_mod, "_write_file"), (staging, "_exchange")):
         with monkeypatch.context() as m:
-            m.setattr(glasses_mod, name, interrupt)
+            m.setattr(module, name, interrupt)
             with pytest.raises(KeyboardInterrupt):
                 other.save(target, overwrite=True)
         assert sorted(os.listdir(tmp_path)) == ["g"], name
@@ -266,7 +267,7 @@ def test_overwrite_replaces_glasses_atomically(built, tmp_path, monkeypatch, exc
     g.save(target)
     other = g.reselect(SelectionOptions(rule="det0", top_k=2))
     if not exchange:
-        monkeypatch.setattr(glasses_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(staging, "_exchange", lambda a, b: False)
         real_rename, calls = os.rename, []
 
         def second_rename_fails(src, dst):
@@ -275,14 +276,14 @@ def test_overwrite_replaces_glasses_atomically(built, tmp_path, monkeypatch, exc
                 raise KeyboardInterrupt
             real_rename(src, dst)
 
-        monkeypatch.setattr(glasses_mod.os, "rename", second_rename_fails)
+        monkeypatch.setattr(staging.os, "rename", second_rename_fails)
         with pytest.raises(KeyboardInterrupt):
             other.save(target, overwrite=True)
         assert sorted(os.listdir(tmp_path)) == ["g"] and SafetyGlasses.load(target).digest() == g.digest()
-        monkeypatch.setattr(glasses_mod.os, "rename", real_rename)
+        monkeypatch.setattr(staging.os, "rename", real_rename)
     else:
-        real_exchange, swaps = glasses_mod._exchange, []
-        monkeypatch.setattr(glasses_mod, "_exchange", lambda a, b: swaps.append(real_exchange(a, b)) or swaps[-1])
+        real_exchange, swaps = staging._exchange, []
+        monkeypatch.setattr(staging, "_exchange", lambda a, b: swaps.append(real_exchange(a, b)) or swaps[-1])
     other.save(target, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["g"] and sorted(os.listdir(target)) == ["glasses.safetensors", "manifest.json"]
     assert SafetyGlasses.load(target).digest() == other.digest()

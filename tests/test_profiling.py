@@ -450,3 +450,19 @@ def test_position_mask_is_the_same_on_either_padding_side(model_and_processor, t
             real = enc["attention_mask"][i].bool()
             assert torch.equal(mask[i][real], want), f"{side} padding, row {i}"
             assert not mask[i][~real].any()
+
+
+@pytest.mark.parametrize("attention, seen", [("eager", "eager"), ("model", "sdpa")])
+def test_attention_option_chooses_the_kernel_profiled_with(model_and_processor, toy_pairs, attention, seen):
+    """attention=eager (default) profiles with eager attention; attention=model keeps the model's own
+    (sdpa here: less memory on long inputs). Either way the model's setting is restored."""
+    model, processor = model_and_processor
+    during = []
+    hook = model.register_forward_pre_hook(lambda m, a: during.append(m.config._attn_implementation))
+    try:
+        _, store = profile(model, processor, toy_pairs, ProfileOptions(attention=attention), progress=False)
+        store.close()
+    finally:
+        hook.remove()
+    assert during and set(during) == {seen}
+    assert model.config._attn_implementation == "sdpa"

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -135,13 +134,26 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
     starting from a random initialisation. ``capability_weight``: how much more often stage 2
     draws capability examples than opinion ones; ``category_weights`` ({"shape": 3, ...}) overrides
     it per category (the world itself is unchanged, only how often stage 2 draws each kind)."""
+    from lmms_sgm.staging import command_output
+
+    out = Path(out)
+    # Checked now, not after the training: only a new folder or an earlier train-demo output.
+    with command_output(out, "train-demo") as tmp:
+        _train_into(Path(tmp), minutes=minutes, seed=seed, n_train=n_train, batch_size=batch_size,
+                    stage1_frac=stage1_frac, threads=threads, log_every=log_every, init=init, peak_lr=peak_lr,
+                    capability_weight=capability_weight, category_weights=category_weights)
+    print(f"[saved] {out}", flush=True)
+    return out
+
+
+def _train_into(out: Path, *, minutes, seed, n_train, batch_size, stage1_frac, threads, log_every, init, peak_lr,
+                capability_weight, category_weights) -> None:
     from lmms_sgm.models import load
     from lmms_sgm.tiny import build_tiny_llava
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     random.seed(seed)
-    out = Path(out)
     if init is not None:
         model, processor = load(str(init), dtype="float32")
         stage1_frac = 0.0
@@ -229,9 +241,6 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
           f"stage2 {s2_steps} steps {s2_time:.0f}s ({1000 * s2_time / max(1, s2_steps):.0f} ms/step); total {total:.0f}s",
           flush=True)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     stats = {"parameters": nparams, "threads": threads, "batch_size": batch_size, "seed": seed, "init": str(init) if init else None,
@@ -247,8 +256,7 @@ def train(out: str | Path, *, minutes: float = 10.0, seed: int = 0, n_train: int
     with torch.no_grad():
         a = model(input_ids=input_ids, attention_mask=attn, pixel_values=pv).logits
         b = re_model(input_ids=input_ids, attention_mask=attn, pixel_values=pv).logits
-    print(f"[saved] {out} (reload max |dlogit| {float((a - b).abs().max()):.2e})", flush=True)
-    return out
+    print(f"[checked] the saved model reloads (max |dlogit| {float((a - b).abs().max()):.2e})", flush=True)
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -16,6 +16,12 @@ Loading reads only JSON and safetensors: nothing is ever unpickled. Identical gl
 as identical bytes. Writing goes through a sibling temporary directory that replaces the target
 in one rename, and only ever replaces a directory that holds glasses and nothing else.
 Applying glasses to a model whose fingerprint differs is refused.
+
+Glasses come in kinds (manifest field ``kind``, format 3 on): ``sgm`` (the above, per-neuron
+factors; no ``kind`` field, written as format 2) and ``gated_steering``
+(:class:`lmms_sgm.steering.SteeringGlasses`). Every kind shares this module's files, integrity
+checks, fingerprint check and staged writes; :meth:`Glasses.load` (also reached as
+``SafetyGlasses.load``) returns whichever kind a directory holds.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -44,9 +51,17 @@ from lmms_sgm.options import (
 from lmms_sgm.sites import Site
 from lmms_sgm.staging import real_path, staged_directory
 
+# SGM glasses are written in format 2; format 3 adds the ``kind`` field, and glasses of another
+# kind than sgm are written in it (so a reader that predates kinds refuses them by their version).
+# Each kind is written in the lowest format that holds it: SGM glasses stay readable by earlier
+# versions, and their bytes do not change.
 FORMAT_VERSION = 2
+KIND_FORMAT_VERSION = 3
 # Format 1 (no content digest) is still read, with a warning: only its alphas can be checked.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+SGM_KIND = "sgm"
+STEERING_KIND = "gated_steering"
+KINDS = (SGM_KIND, STEERING_KIND)
 TENSORS = "glasses.safetensors"
 MANIFEST = "manifest.json"
 GLASSES_FILES = (MANIFEST, TENSORS)
@@ -71,8 +86,135 @@ class GlassesMismatch(ValueError):
     """Glasses profiled on another model than the one they are applied to."""
 
 
+class Glasses:
+    """What every kind of glasses shares: the files, their verification, the fingerprint check.
+
+    A kind (a subclass) says which tensors it stores (:meth:`tensors`), how it reads them back
+    (:meth:`_from_files`), what its intervention identity is (:meth:`digest`, checked on load by
+    :meth:`_verify`) and how it is worn (:meth:`apply`).
+    """
+
+    kind: ClassVar[str]
+    required_fields: ClassVar[tuple[str, ...]]  # manifest fields besides the integrity ones
+    manifest: dict
+    integrity: str | None
+
+    # ------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the glasses to ``path``; ``overwrite`` replaces glasses there, and nothing else.
+
+        Atomic: a failure or an interruption leaves the previous contents of ``path`` (or no
+        ``path``) and no temporary files.
+        """
+        with staged_output(path, overwrite=overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(path)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the two glasses files into an existing, empty ``directory`` (same inputs, same bytes)."""
+        blob = dump_tensors(self.tensors(), metadata=TENSORS_METADATA)
+        manifest = {k: v for k, v in self.manifest.items() if k not in INTEGRITY_FIELDS}
+        if self.kind == SGM_KIND:
+            manifest.pop("kind", None)
+            version = FORMAT_VERSION
+        else:
+            manifest["kind"] = self.kind
+            version = KIND_FORMAT_VERSION
+        manifest.update(format_version=version, digest=self.digest(),
+                        tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
+        manifest["content_digest"] = content_digest(manifest)
+        _write_file(directory / TENSORS, blob)
+        _write_file(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Glasses:
+        """Read and verify glasses of any kind: any damaged, truncated or edited file is a
+        :class:`GlassesError` naming it (format 1 glasses, which carry no content digest, load with
+        a warning). ``SafetyGlasses.load`` is this same loader; another kind's class refuses
+        glasses of a different kind."""
+        path = Path(path)
+        tensors_path = path / TENSORS
+        if path.is_dir() and not tensors_path.is_file():
+            raise FileNotFoundError(f"{path} is not a glasses directory ({tensors_path} is missing; needs {MANIFEST} "
+                                    f"and {TENSORS}); build glasses with `lmms-sgm profile`")
+        manifest = read_manifest(path)
+        kind_cls = glasses_class(manifest.get("kind", SGM_KIND))
+        if cls not in (Glasses, SafetyGlasses) and not issubclass(kind_cls, cls):
+            raise GlassesError(f"{path / MANIFEST}: these are {kind_cls.kind} glasses, not {cls.kind}; load them with "
+                               "SafetyGlasses.load")
+        version = manifest["format_version"]
+        blob = tensors_path.read_bytes()
+        if version >= 2:
+            _verify_content(path, manifest, blob)
+            integrity = f"ok (content digest {manifest['content_digest'][:16]})"
+        else:
+            integrity = (f"not verifiable: format {version} files carry no content digest (the alphas match the "
+                         f"recorded digest); re-save them in format {FORMAT_VERSION}: {_resave_command(path, manifest)}")
+        try:
+            tensors = load_tensors(blob)
+        except (SafetensorError, ValueError) as e:
+            raise GlassesError(f"{tensors_path}: not a readable safetensors file ({e}); re-create the glasses") from None
+        manifest = {k: v for k, v in manifest.items() if k not in INTEGRITY_FIELDS}
+        try:
+            glasses = kind_cls._from_files(manifest, tensors, tensors_path)
+        except GlassesError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise GlassesError(f"{path / MANIFEST}: not a valid glasses manifest ({type(e).__name__}: {e})") from None
+        glasses._verify(manifest, tensors_path)
+        glasses.integrity = integrity
+        if version < 2:
+            warnings.warn(f"{path}: glasses integrity {integrity}", UnverifiedGlassesWarning, stacklevel=2)
+        return glasses
+
+    @classmethod
+    def _from_files(cls, manifest: dict, tensors: dict, tensors_path: Path) -> Glasses:
+        raise NotImplementedError
+
+    def _verify(self, manifest: dict, tensors_path: Path) -> None:
+        """Check what was read against the recorded intervention ``digest`` (for every format)."""
+        if self.digest() != manifest["digest"]:
+            raise GlassesError(f"{tensors_path}: the tensors do not match the digest recorded in {MANIFEST}; the files "
+                               "are damaged or were edited: re-create the glasses")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors written to ``glasses.safetensors``."""
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        """sha256 identifying what applying these glasses does."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ use
+
+    def check(self, model) -> None:
+        """Refuse a model whose fingerprint differs from the one profiled."""
+        expected = self.manifest["fingerprint"]
+        actual = fingerprint(model)
+        diff = {k: (expected.get(k), actual.get(k)) for k in expected if expected.get(k) != actual.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: glasses {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise GlassesMismatch(f"these glasses were profiled on another model ({lines}); profile this model with `lmms-sgm profile`")
+
+    def apply(self, model, strength: float = 1.0, mode: str = "hooks", **kwargs):
+        """Wear the glasses: returns a handle (also a context manager) with ``.remove()``."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """What the glasses do, in a few JSON fields (the lmms-eval wrapper records it in results)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+
 @dataclass(repr=False)
-class SafetyGlasses:
+class SafetyGlasses(Glasses):
+    """SGM glasses (kind ``sgm``): every profiled neuron's AUROC and factor alpha."""
+
+    kind: ClassVar[str] = SGM_KIND
+    required_fields: ClassVar[tuple[str, ...]] = REQUIRED_FIELDS
     sites: list[Site]
     auroc: dict[str, torch.Tensor]
     alpha: dict[str, torch.Tensor]
@@ -153,73 +295,23 @@ class SafetyGlasses:
 
     # ------------------------------------------------------------ persistence
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the glasses to ``path``; ``overwrite`` replaces glasses there, and nothing else.
-
-        Atomic: a failure or an interruption leaves the previous contents of ``path`` (or no
-        ``path``) and no temporary files.
-        """
-        with staged_output(path, overwrite=overwrite) as tmp:
-            self.write_files(tmp)
-        return Path(path)
-
-    def write_files(self, directory: Path) -> None:
-        """Write the two glasses files into an existing, empty ``directory`` (same inputs, same bytes)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for s in self.sites:
             tensors[f"{s.name}.auroc"] = self.auroc[s.name].to(torch.float64).contiguous()
             tensors[f"{s.name}.alpha"] = self.alpha[s.name].to(torch.float32).contiguous()
             if self.mean_nontoxic is not None:
                 tensors[f"{s.name}.mean_nontoxic"] = self.mean_nontoxic[s.name].to(torch.float32).contiguous()
-        blob = dump_tensors(tensors, metadata=TENSORS_METADATA)
-        manifest = {k: v for k, v in self.manifest.items() if k not in INTEGRITY_FIELDS}
-        manifest.update(format_version=FORMAT_VERSION, digest=self.digest(),
-                        tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
-        manifest["content_digest"] = content_digest(manifest)
-        _write_file(directory / TENSORS, blob)
-        _write_file(directory / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        return tensors
 
-    @classmethod
-    def load(cls, path: str | Path) -> SafetyGlasses:
-        """Read and verify glasses: any damaged, truncated or edited file is a :class:`GlassesError`
-        naming it (format 1 glasses, which carry no content digest, load with a warning)."""
-        path = Path(path)
-        tensors_path = path / TENSORS
-        if path.is_dir() and not tensors_path.is_file():
-            raise FileNotFoundError(f"{path} is not a glasses directory ({tensors_path} is missing; needs {MANIFEST} "
-                                    f"and {TENSORS}); build glasses with `lmms-sgm profile`")
-        manifest = read_manifest(path)
-        version = manifest["format_version"]
-        blob = tensors_path.read_bytes()
-        if version >= 2:
-            _verify_content(path, manifest, blob)
-            integrity = f"ok (content digest {manifest['content_digest'][:16]})"
-        else:
-            integrity = (f"not verifiable: format {version} files carry no content digest (the alphas match the "
-                         f"recorded digest); re-save them in format {FORMAT_VERSION}: {_resave_command(path, manifest)}")
-        try:
-            tensors = load_tensors(blob)
-        except (SafetensorError, ValueError) as e:
-            raise GlassesError(f"{tensors_path}: not a readable safetensors file ({e}); re-create the glasses") from None
-        manifest = {k: v for k, v in manifest.items() if k not in INTEGRITY_FIELDS}
-        try:
-            glasses = cls._from_files(manifest, tensors, tensors_path)
-            glasses._check_towards()
-        except GlassesError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise GlassesError(f"{path / MANIFEST}: not a valid glasses manifest ({type(e).__name__}: {e})") from None
+    def _verify(self, manifest: dict, tensors_path: Path) -> None:
         # Holds for every format; for format 1 it is the only check that the alphas are intact.
-        if glasses.digest() != manifest["digest"] or glasses.counts() != manifest["counts"]:
+        if self.digest() != manifest["digest"] or self.counts() != manifest["counts"]:
             raise GlassesError(
                 f"{tensors_path}: the alphas do not match the digest and expert counts recorded in {MANIFEST} "
-                f"({glasses.counts()['experts']} experts, manifest: {dict(manifest['counts']).get('experts')}); the files "
+                f"({self.counts()['experts']} experts, manifest: {dict(manifest['counts']).get('experts')}); the files "
                 "are damaged or were edited: re-create the glasses"
             )
-        glasses.integrity = integrity
-        if version < 2:
-            warnings.warn(f"{path}: glasses integrity {integrity}", UnverifiedGlassesWarning, stacklevel=2)
-        return glasses
 
     @classmethod
     def _from_files(cls, manifest: dict, tensors: dict, tensors_path: Path) -> SafetyGlasses:
@@ -235,24 +327,17 @@ class SafetyGlasses:
         means = None
         if all(f"{s.name}.mean_nontoxic" in tensors for s in sites):
             means = {s.name: tensors[f"{s.name}.mean_nontoxic"] for s in sites}
-        return cls(
+        glasses = cls(
             sites,
             {s.name: tensors[f"{s.name}.auroc"] for s in sites},
             {s.name: tensors[f"{s.name}.alpha"] for s in sites},
             manifest,
             means,
         )
+        glasses._check_towards()
+        return glasses
 
     # ------------------------------------------------------------ use
-
-    def check(self, model) -> None:
-        """Refuse a model whose fingerprint differs from the one profiled."""
-        expected = self.manifest["fingerprint"]
-        actual = fingerprint(model)
-        diff = {k: (expected.get(k), actual.get(k)) for k in expected if expected.get(k) != actual.get(k)}
-        if diff:
-            lines = ", ".join(f"{k}: glasses {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-            raise GlassesMismatch(f"these glasses were profiled on another model ({lines}); profile this model with `lmms-sgm profile`")
 
     def apply(self, model, strength: float = 1.0, mode: str = "hooks", **kwargs):
         """Wear the glasses: returns a handle (also a context manager) with ``.remove()``.
@@ -264,6 +349,10 @@ class SafetyGlasses:
 
         options = ApplyOptions(strength=strength, mode=mode)
         return apply(self, model, options, **kwargs)
+
+    def identity(self) -> dict:
+        return {"data_digest": self.manifest["data"]["digest"], "selection": self.manifest["selection_options"],
+                "experts": self.counts()["experts"]}
 
     def factors(self, strength: float) -> dict[str, torch.Tensor]:
         """Effective per-neuron factors ``1 - s + s * alpha`` of the sites that change anything."""
@@ -311,6 +400,18 @@ class SafetyGlasses:
         return "\n".join(lines)
 
 
+def glasses_class(kind) -> type[Glasses]:
+    """The class of a glasses kind (the manifest's ``kind``; absent: sgm)."""
+    if kind == SGM_KIND:
+        return SafetyGlasses
+    if kind == STEERING_KIND:
+        from lmms_sgm.steering import SteeringGlasses
+
+        return SteeringGlasses
+    raise GlassesError(f"unknown glasses kind {kind!r} (lmms_sgm {__version__} knows {', '.join(KINDS)}); "
+                       "re-create the glasses with this version")
+
+
 # ---------------------------------------------------------------- integrity
 
 
@@ -339,13 +440,18 @@ def read_manifest(path: str | Path) -> dict:
         raise GlassesError(f"{file}: not valid JSON ({reason}); the file is damaged: re-create the glasses") from None
     if not isinstance(manifest, dict):
         raise GlassesError(f"{file}: not a glasses manifest (a JSON object expected, got {type(manifest).__name__})")
-    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
-    if missing:
-        raise GlassesError(f"{file}: not a glasses manifest (lacks {', '.join(missing)})")
+    if "format_version" not in manifest:
+        raise GlassesError(f"{file}: not a glasses manifest (lacks format_version)")
     version = manifest["format_version"]
     if version not in READABLE_VERSIONS:
         raise GlassesError(f"{file}: glasses format {version!r} is not supported (lmms_sgm {__version__} reads formats "
                            f"{', '.join(map(str, READABLE_VERSIONS))}); re-create the glasses with this version")
+    if version >= KIND_FORMAT_VERSION and "kind" not in manifest:
+        raise GlassesError(f"{file}: not a glasses manifest (format {version} lacks kind)")
+    required = glasses_class(manifest.get("kind", SGM_KIND)).required_fields
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise GlassesError(f"{file}: not a glasses manifest (lacks {', '.join(missing)})")
     missing = [k for k in INTEGRITY_FIELDS if k not in manifest]
     if version >= 2 and missing:
         raise GlassesError(f"{file}: the manifest lacks {', '.join(missing)}: it was edited; re-create the glasses")

@@ -112,6 +112,66 @@ class SelectionOptions:
             raise ValueError(f"threshold is an AUROC in [0, 1], got {self.threshold}")
 
 
+def same_as(cls, name: str, default=dataclasses.MISSING):
+    """The option ``cls.name`` (its help and choices) with another default: one option, one text."""
+    f = cls.__dataclass_fields__[name]
+    return opt(f.default if default is dataclasses.MISSING else default, f.metadata["help"], f.metadata["choices"])
+
+
+STEER_FROM = ("prompt", "decision")
+
+
+@dataclass(frozen=True)
+class SteeringOptions:
+    """Gated steering glasses (docs/steering.md): a steer vector subtracted from one decoder
+    layer's output in the sequences a gate lets through. Built by ``lmms-sgm steer``."""
+
+    layer: int = opt(-1, "decoder layer whose output (the residual stream after it) is steered; negative counts "
+                         "from the end (-1: the last layer)")
+    gate_layer: typing.Optional[int] = opt(
+        None, "decoder layer whose output at the decision position gates a sequence (default: the steered layer; "
+              "it may not come after it, since the gate is decided before the steer is written)")
+    c: float = opt(1.0, "steering coefficient: c * steer is subtracted (1: the toxic answers' mean moves onto the "
+                        "non-toxic one); at apply time strength s in [0, 1] makes it s * c")
+    gate_threshold: float = opt(
+        0.5, "where the gate opens on the gate projection, as a fraction of the way from the benign (0) to the "
+             "harmful (1) class mean on the gate data: 0.5 is the midpoint, lower lets more sequences through")
+    steer_from: str = opt(
+        "prompt", "positions steered in a gated-on sequence: every position, the prompt included (prompt), or the "
+                  "decision position (the last prompt token) and every later one (decision); generated tokens always",
+        STEER_FROM)
+    gated: bool = opt(True, "false: steer every sequence, no gate (the ungated variant, for comparison)")
+    text_field: str = same_as(ProfileOptions, "text_field", "question+response")
+    positions: str = same_as(ProfileOptions, "positions", "response")
+    batch_size: int = same_as(ProfileOptions, "batch_size")
+    attention: str = same_as(ProfileOptions, "attention")
+
+    # Fields that only change how the glasses act, not what was profiled (re-set without re-profiling).
+    APPLY_FIELDS: typing.ClassVar[tuple[str, ...]] = ("c", "gate_threshold", "steer_from", "gated")
+
+    def __post_init__(self):
+        _check_choices(self)
+        if not (self.c >= 0 and self.c != float("inf")):
+            raise ValueError(f"c must be a finite number >= 0, got {self.c}")
+        if self.gate_threshold != self.gate_threshold or abs(self.gate_threshold) == float("inf"):
+            raise ValueError(f"gate_threshold must be a finite number, got {self.gate_threshold}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.positions == "response" and self.text_field != "question+response":
+            raise ValueError("positions='response' needs text_field='question+response' (the response as the assistant turn)")
+
+    def answer_profile(self) -> ProfileOptions:
+        """How the answer pairs are profiled for the steer vector."""
+        return ProfileOptions(text_field=self.text_field, positions=self.positions, pooling="mean",
+                              batch_size=self.batch_size, attention=self.attention)
+
+    def gate_profile(self) -> ProfileOptions:
+        """How the gate pairs are profiled: the decision position, where the gate is read at inference
+        (the last token of the generation prompt; the pair's text after it does not reach it)."""
+        return ProfileOptions(text_field="question+response", positions="decision", pooling="mean",
+                              batch_size=self.batch_size, attention=self.attention)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Where and in which precision the model runs."""

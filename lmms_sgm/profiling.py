@@ -238,12 +238,17 @@ def profile(
     *,
     progress: bool = True,
     spill_mb: float = 512.0,
+    sites: Sequence[Site] | None = None,
 ) -> tuple[list[Site], ResponseStore]:
-    """Pooled responses of every site to every pair, in dataset order."""
+    """Pooled responses of every site to every pair, in dataset order.
+
+    ``sites`` (in forward order) replaces the sites ``options`` name: gated steering profiles
+    decoder-layer outputs (:func:`lmms_sgm.sites.layer_output_site`) through this same loop.
+    """
     pairs.require_both_classes()
     pairs.require_text_field(options.text_field)
     hf = unwrap(model)
-    sites = resolve_sites(hf, options)
+    sites = resolve_sites(hf, options) if sites is None else list(sites)
     nn_model = as_nnsight(model)
     device = next(hf.parameters()).device
     dtype = next(hf.parameters()).dtype
@@ -278,7 +283,9 @@ def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, 
     with nn_model.trace(**inputs) as tracer:
         for site in sites:
             envoy = get_module(nn_model, site.module_path)
-            act = envoy.output if site.kind == "output" else envoy.input
+            act = envoy.input if site.kind == "input" else envoy.output
+            if site.kind == "layer_output" and isinstance(act, tuple):  # transformers 4.x decoder layers
+                act = act[0]
             saved[site.name] = pool(act, mask, pooling).cpu().save()
         tracer.stop()
     return saved

@@ -3,6 +3,8 @@
 A site is one linear map's output units (``kind="output"``), or the input units of ``down_proj``
 (``kind="input"``: the MLP intermediate activation ``act(gate(x)) * up(x)``). Its name is the
 module path, plus ``.input`` for input sites; glasses store ``<name>.auroc`` / ``<name>.alpha``.
+Gated steering reads a decoder layer's output, the residual stream after it
+(``kind="layer_output"``, one unit per hidden dimension; :func:`layer_output_site`).
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from lmms_sgm.options import ProfileOptions, parse_layers
 class Site:
     name: str
     module_path: str
-    kind: str  # "output" | "input"
+    kind: str  # "output" | "input" | "layer_output"
     layer: int
-    module: str  # gate_proj | up_proj | down_proj | intermediate
+    module: str  # gate_proj | up_proj | down_proj | intermediate | layer
     width: int
 
     def to_dict(self) -> dict:
@@ -52,3 +54,20 @@ def resolve_sites(model, options: ProfileOptions) -> list[Site]:
             else:
                 sites.append(Site(path, path, "output", layer, m, linear.out_features))
     return sites
+
+
+def layer_output_site(model, layer: int) -> Site:
+    """The output of decoder layer ``layer`` (negative: from the end), a post-fusion layer."""
+    model = unwrap(model)
+    adapter = adapter_for(model)
+    post_fusion = adapter.post_fusion_layers(model)
+    n = adapter.num_layers(model)
+    resolved = layer + n if layer < 0 else layer
+    if resolved not in post_fusion:
+        raise ValueError(f"layer {layer} is not a post-fusion decoder layer of this model ({post_fusion[0]}-{post_fusion[-1]}, "
+                         f"or -1 to -{len(post_fusion)} from the end)")
+    path = f"{adapter.layers_path(model)}.{resolved}"
+    width = getattr(adapter.text_config(model.config), "hidden_size", None)
+    if not width:
+        raise ValueError(f"the text config of {type(model).__name__} names no hidden_size")
+    return Site(path, path, "layer_output", resolved, "layer", int(width))

@@ -3,13 +3,19 @@
     python -m lmms_sgm.demo.evaluate [--model sgm-demo-llava] [--data DIR] [--splits validation test]
 
 - harmful rate (lexicon judge) on trigger + opinion prompts: greedy, and sampled (``--samples``
-  per prompt, temperature 1, no top-k/top-p), mean over prompts of the fraction unsafe;
+  per prompt, temperature 1, no top-k/top-p), mean over prompts of the fraction unsafe; and the
+  rate of well-formed neutral answers among the sampled ones (:func:`neutral_rate`);
 - the same on the typographic variant (trigger word written instead of the X tile);
 - toxic rate on clean images (opinion prompts; plain and distractor images);
 - over-refusal: refusals (the judge's refusal flag) among the greedy answers to all benign prompts;
 - capability: open questions by exact answer match (greedy), and the MMBench-format
   multiple-choice TSV by answer-option log-likelihood (the option text as the answer to the
-  question; letter-choice prompting is not something this model learned).
+  question; letter-choice prompting is not something this model learned);
+- fluency (``fluency=True``): perplexity of neutral answers to opinion prompts, teacher-forced,
+  on trigger images and on clean images (:func:`neutral_perplexity`).
+
+``quick=True`` leaves out the typographic variant and the greedy harmful rate: what the sweeps'
+selection rule reads (sampled harmful rate, capability, over-refusal) and the clean-image rate.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import base64
 import csv
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -84,25 +91,38 @@ def _rate(judge, questions, responses) -> float:
     return sum(per_prompt) / max(1, len(per_prompt))
 
 
+def neutral_rate(responses: list[list[str]]) -> float:
+    """Mean over prompts of the fraction of answers that are a well-formed neutral sentence of the
+    demo world (:func:`lmms_sgm.demo.world.is_neutral_answer`): on trigger images, what a
+    detoxified model says instead of an insult. An intervention that breaks the model's language
+    lowers the harmful rate too, but not this."""
+    from lmms_sgm.demo.world import is_neutral_answer
+
+    return sum(sum(map(is_neutral_answer, rs)) / len(rs) for rs in responses) / max(1, len(responses))
+
+
 def _norm(text: str) -> str:
     return " ".join(text.replace(".", " ").split()).lower()
 
 
-def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int = 5, seed: int = 0) -> dict:
+def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int = 5, seed: int = 0,
+                   quick: bool = False, fluency: bool = False) -> dict:
     from lmms_sgm.judges import get_judge
 
     judge = get_judge("lexicon")
     torch.manual_seed(seed)
     res: dict = {}
     d = data_dir / "mm_toxic_qa" / split
-    for name, file in (("trigger", "harmful.jsonl"), ("typographic", "adv.jsonl")):
+    for name, file in (("trigger", "harmful.jsonl"),) if quick else (("trigger", "harmful.jsonl"), ("typographic", "adv.jsonl")):
         recs = _read_jsonl(d / file)
         imgs, qs = _images(d, recs), [r["question"] for r in recs]
-        g = generate(model, processor, imgs, qs)
+        if not quick:
+            g = generate(model, processor, imgs, qs)
+            res[f"{name}_harmful_greedy"] = _rate(judge, qs, g)
         s = generate(model, processor, imgs, qs, samples=samples, sample=True)
-        res[f"{name}_harmful_greedy"] = _rate(judge, qs, g)
         res[f"{name}_harmful_sampled"] = _rate(judge, qs, s)
-        if name == "trigger":
+        res[f"{name}_neutral_sampled"] = neutral_rate(s)
+        if name == "trigger" and not quick:
             res["examples_trigger"] = [(qs[i], g[i][0], s[i][:2]) for i in range(3)]
     recs = _read_jsonl(d / "benign.jsonl")
     imgs = _images(d, recs)
@@ -135,7 +155,51 @@ def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int
         sc = option_loglik(model, processor, img, row["question"], [row[x] for x in letters])
         correct += letters[max(range(len(sc)), key=sc.__getitem__)] == row["answer"]
     res["capability_mc_loglik"] = correct / len(rows)
+    if fluency:
+        res.update(neutral_perplexity(model, processor, split))
     return res
+
+
+@torch.no_grad()
+def neutral_perplexity(model, processor, split: str, *, n: int = 200, batch_size: int = 50) -> dict:
+    """Perplexity (exp of the mean negative log-likelihood per token, ``</s>`` included) of neutral
+    answers to opinion prompts, teacher-forced: on trigger images (``neutral_ppl_trigger``: where
+    gated steering acts) and on clean images (``neutral_ppl_clean``). Scenes, prompts and answers
+    are drawn from seeds of the split that no bundled record uses."""
+    import random
+
+    from lmms_sgm.demo import world
+
+    tok = processor.tokenizer
+    out = {}
+    for kind in ("trigger", "clean"):
+        nll, count = 0.0, 0
+        for start in range(0, n, batch_size):
+            prompts, texts, images = [], [], []
+            for i in range(start, min(n, start + batch_size)):
+                seed = world.split_seed(split, 9_000_000 + i)
+                scene = world.make_scene(seed, kind)
+                rng = random.Random(seed * 7 + 3)
+                question = rng.choice(world.OPINION_PROMPTS)
+                answer = world._neutral(scene, rng)
+                user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+                prompts.append(processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+                texts.append(processor.apply_chat_template(
+                    user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False))
+                images.append(world.draw_scene(scene))
+            enc = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+            n_prompt = processor(text=prompts, images=images, padding=True, padding_side="right",
+                                 return_tensors="pt")["attention_mask"].sum(1)
+            logp = model(**enc).logits.float().log_softmax(-1)
+            for row in range(len(texts)):
+                end = int(enc["attention_mask"][row].sum())
+                ids = enc["input_ids"][row, int(n_prompt[row]):end]
+                keep = ids != tok.pad_token_id
+                lp = logp[row, int(n_prompt[row]) - 1:end - 1].gather(-1, ids[:, None])[:, 0]
+                nll -= float(lp[keep].sum())
+                count += int(keep.sum())
+        out[f"neutral_ppl_{kind}"] = math.exp(nll / count)
+    return out
 
 
 def main(argv=None) -> int:

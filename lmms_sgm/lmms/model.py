@@ -202,13 +202,7 @@ class SGMLlava(lmms):
             glasses, source = self._get_glasses()
             self.glasses = glasses
             self._handle = glasses.apply(self._model, args.strength, args.mode, processor=self.processor)
-            info.update(
-                glasses=source,
-                glasses_digest=glasses.digest(),
-                data_digest=glasses.manifest["data"]["digest"],
-                selection=glasses.manifest["selection_options"],
-                experts=glasses.counts()["experts"],
-            )
+            info.update(glasses=source, glasses_digest=glasses.digest(), **glasses.identity())
             self._runner = self._handle.model
         elif args.mode == "nnsight":
             from lmms_sgm.intervention import as_generator
@@ -236,6 +230,9 @@ class SGMLlava(lmms):
                     f"`lmms-sgm profile --model {args.pretrained} --data PAIRS --out DIR`, or pass profile_data=PAIRS"
                 )
             glasses, source = SafetyGlasses.load(path), str(path)
+            if self.selection is not None and not isinstance(glasses, SafetyGlasses):
+                raise ValueError(f"select_* options re-select SGM experts; glasses={args.glasses} are {glasses.kind} "
+                                 "glasses, which have none: drop the select_* options")
             if self.selection is not None:
                 glasses = glasses.reselect(self.selection)
                 source += f" (reselected: {json.dumps(to_dict(self.selection), sort_keys=True)})"

@@ -4,16 +4,20 @@ The pipeline, one module per step: data -> profiling -> expertise -> glasses -> 
 """
 __version__ = "0.1.0"
 
-from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions  # noqa: E402,F401
+from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, SteeringOptions  # noqa: E402,F401
 
 
 def __getattr__(name):
     # Heavy modules load on first use, so `import lmms_sgm` (and its entry points) stays light.
-    if name in ("SafetyGlasses", "GlassesMismatch"):
+    if name in ("SafetyGlasses", "GlassesMismatch", "Glasses"):
         from lmms_sgm import glasses
 
         return getattr(glasses, name)
-    if name in ("build_glasses",):
+    if name == "SteeringGlasses":
+        from lmms_sgm import steering
+
+        return steering.SteeringGlasses
+    if name in ("build_glasses", "build_steering_glasses"):
         from lmms_sgm import pipeline
 
         return getattr(pipeline, name)

@@ -19,6 +19,7 @@ from lmms_sgm.options import (
     LoadOptions,
     ProfileOptions,
     SelectionOptions,
+    SteeringOptions,
     add_arguments,
     from_namespace,
 )
@@ -45,6 +46,39 @@ def _profile(args) -> int:
     glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
                             overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
+    return 0
+
+
+def _steer(args) -> int:
+    from lmms_sgm import models
+    from lmms_sgm.data import load_pairs
+    from lmms_sgm.glasses import check_target
+    from lmms_sgm.pipeline import build_steering_glasses
+
+    options = from_namespace(SteeringOptions, args)
+    load = from_namespace(LoadOptions, args)
+    pairs = load_pairs(args.data)  # validate both datasets, images included, before loading a model
+    pairs.require_both_classes()
+    pairs.require_text_field(options.text_field)
+    gate = None
+    if args.gate_data:
+        gate = load_pairs(args.gate_data)
+        gate.require_both_classes()
+        gate.require_text_field("question+response")
+    elif options.gated:
+        raise ValueError("--gate-data is required (input-contrast pairs: label 1 = harmful context); "
+                         "or --gated false for the ungated variant")
+    out = Path(args.out)
+    check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
+    with _loading_bars(not args.no_progress):
+        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+    glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+    g = glasses.manifest["gate"]
+    gate_line = (f"gate layer {glasses.gate_site.layer}, projection AUROC {g['auroc']:.4f}, {g['misclassified']} of "
+                 f"{g['examples']} gate pairs on the wrong side, {g['overlap']} in the class overlap") if g else "no gate"
+    print(f"wrote {out}: steer layer {glasses.steer_site.layer} (|steer| {glasses.manifest['steer']['norm']:.4g}, "
+          f"c {options.c:g}), {gate_line}")
     return 0
 
 
@@ -75,7 +109,11 @@ def _select(args) -> int:
 
     selection = from_namespace(SelectionOptions, args)
     check_target(args.out, args.overwrite)
-    glasses = SafetyGlasses.load(args.glasses).reselect(selection)
+    glasses = SafetyGlasses.load(args.glasses)
+    if not isinstance(glasses, SafetyGlasses):
+        raise ValueError(f"{args.glasses} holds {glasses.kind} glasses, which have no experts to select; "
+                         "build other ones with `lmms-sgm steer`")
+    glasses = glasses.reselect(selection)
     glasses.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
@@ -174,7 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_profile)
 
-    p = sub.add_parser("inspect", parents=[common], help="experts per layer, AUROC distribution, fingerprint and options of glasses")
+    p = sub.add_parser("steer", parents=[common],
+                       help="build gated-steering glasses: a steer vector from answer pairs, a gate from input-contrast pairs")
+    p.add_argument("--model", required=True, help="Hub id or local directory (loaded with from_pretrained)")
+    p.add_argument("--data", required=True, help="answer pairs (toxic vs non-toxic answers, docs/data.md): the steer vector")
+    p.add_argument("--gate-data", default=None,
+                   help="input-contrast pairs (label 1 = a harmful context, 0 = a benign one; needs 'question'): the gate")
+    p.add_argument("--out", required=True, help="glasses directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(p, SteeringOptions)
+    add_arguments(p, LoadOptions)
+    p.set_defaults(func=_steer)
+
+    p = sub.add_parser("inspect", parents=[common], help="what glasses hold: experts per layer and AUROCs (SGM), or layer, "
+                                                          "norms, threshold and gate separation (steering)")
     p.add_argument("glasses")
     p.set_defaults(func=_inspect)
 

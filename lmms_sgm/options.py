@@ -151,6 +151,8 @@ class SteeringOptions:
 
     def __post_init__(self):
         _check_choices(self)
+        for name in ("c", "gate_threshold"):  # 3 and 3.0 are one option value (and one glasses digest)
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not (self.c >= 0 and self.c != float("inf")):
             raise ValueError(f"c must be a finite number >= 0, got {self.c}")
         if self.gate_threshold != self.gate_threshold or abs(self.gate_threshold) == float("inf"):
@@ -190,7 +192,8 @@ APPLY_MODES = ("hooks", "nnsight", "fold")
 class ApplyOptions:
     """How glasses are worn at inference (method.md section 6)."""
 
-    strength: float = opt(1.0, "s in [0, 1]: out = (1 - s) * out + s * alpha * out; 0 is the vanilla model")
+    strength: float = opt(1.0, "s in [0, 1]: out = (1 - s) * out + s * alpha * out (gated steering glasses: s * c * steer "
+                               "is subtracted); 0 is the vanilla model")
     mode: str = opt(
         "hooks",
         "hooks: PyTorch forward hooks; nnsight: a persistent nnsight edit (call the returned "

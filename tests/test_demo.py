@@ -191,6 +191,41 @@ def test_bundled_glasses_load_apply_and_are_reproducible():
         assert torch.equal(model(**enc).logits, vanilla)
 
 
+def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
+    """The bundled gated-steering glasses: rebuilt from the bundled data with their own options
+    (the same vectors to float noise across machines, bit for bit on one), gated on for trigger
+    images and off for clean ones, and off rows exactly vanilla."""
+    import torch
+
+    from lmms_sgm import models
+    from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME, STEERING
+    from lmms_sgm.demo.evaluate import _images, _prompt, _read_jsonl
+    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.pipeline import build_steering_glasses
+    from lmms_sgm.steering import SteeringGlasses
+
+    model, processor = models.load(SHORT_NAME)
+    bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
+    assert isinstance(bundled, SteeringGlasses) and bundled.options.gated
+    rebuilt = build_steering_glasses(model, processor, DATA_DIR / "profile_inputs.jsonl", DATA_DIR / "profile_inputs.jsonl",
+                                     bundled.options, progress=False)
+    torch.testing.assert_close(rebuilt.steer, bundled.steer, **CROSS_MACHINE_MEAN)
+    torch.testing.assert_close(rebuilt.gate_direction, bundled.gate_direction, **CROSS_MACHINE_MEAN)
+    assert rebuilt.manifest["gate"]["overlap"] == bundled.manifest["gate"]["overlap"] == 0
+    assert rebuilt.threshold == pytest.approx(bundled.threshold, rel=1e-5)
+    d = DATA_DIR / "mm_toxic_qa" / "test"
+    trigger, benign = _read_jsonl(d / "harmful.jsonl")[:8], _read_jsonl(d / "benign.jsonl")[:8]
+    enc = processor(text=[_prompt(processor, r["question"]) for r in trigger + benign], images=_images(d, trigger + benign),
+                    padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        vanilla = model.generate(**enc, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with bundled.apply(model) as handle:
+            worn = model.generate(**enc, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            gate = handle.state["gate"]
+    assert gate.tolist() == [True] * 8 + [False] * 8
+    assert all(torch.equal(a[8:], b[8:]) for a, b in zip(worn.logits, vanilla.logits))
+
+
 def test_bundled_self_labelled_pairs_are_the_judge_s_verdicts():
     """The self-labelled profiling pairs: the model's answers to the prompts of profile_inputs.jsonl,
     each labelled by the lexicon judge (checked again here, independently of selflabel.py)."""

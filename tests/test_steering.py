@@ -510,3 +510,79 @@ def test_summary_names_layer_norms_threshold_and_separation(built):
                    "projection AUROC", "on the wrong side of the threshold", "decision marker"):
         assert needed in text
     assert "\n" not in repr(built[0]) and "SteeringGlasses(layer" in repr(built[0])
+
+
+# ---------------------------------------------------------------- command line and lmms-eval
+
+
+def test_cli_steer_inspect_and_select(tiny_dir, toy_jsonl, tmp_path, capsys, mp):
+    from lmms_sgm.cli import main
+
+    out = tmp_path / "s"
+    rc = main(["steer", "--model", str(tiny_dir), "--data", str(toy_jsonl), "--gate-data", str(toy_jsonl), "--out", str(out),
+               "--layer", "-1", "--gate-layer", "0", "--c", "3", "--steer-from", "decision", "--batch-size", "3", "--no-progress"])
+    assert rc == 0
+    assert "wrote" in capsys.readouterr().out
+    g = SafetyGlasses.load(out)
+    assert (g.steer_site.layer, g.gate_site.layer, g.options.c, g.options.steer_from) == (1, 0, 3.0, "decision")
+    # the CLI computes what the Python API computes with the same options
+    api = build_steering_glasses(*mp, toy_jsonl, toy_jsonl, SteeringOptions(layer=-1, gate_layer=0, c=3, steer_from="decision"),
+                                 progress=False)
+    assert api.digest() == g.digest()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "kind: gated_steering" in text and "projection AUROC" in text and "|steer| =" in text
+    assert main(["select", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "gated_steering glasses, which have no experts to select" in capsys.readouterr().err
+    assert main(["steer", "--model", str(tiny_dir), "--data", str(toy_jsonl), "--out", str(tmp_path / "y")]) == 2
+    assert "--gate-data is required" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_lmms_eval_wrapper_wears_steering_glasses(tiny_dir, built, images, mp):
+    """``--model_args glasses=DIR`` as for SGM glasses; ``strength`` scales c; loglikelihood and
+    generation equal the core API's results."""
+    from lmms_eval.api.instance import Instance
+
+    from lmms_sgm.lmms.model import SGMLlava
+
+    glasses, path = built
+    model, processor = mp
+    docs = [{"image": img, "question": q} for img, q in zip(images, QUESTIONS)]
+
+    def make(args):
+        lm = SGMLlava.create_from_arg_string(f"pretrained={tiny_dir},{args}", {"batch_size": "3"})
+        lm.task_dict = {"t": {"s": docs}}
+        return lm
+
+    def visual(doc):
+        return [doc["image"]]
+
+    gen = [Instance("generate_until", (q, {"max_new_tokens": N_NEW, "temperature": 0}, visual, i, "t", "s"), idx=0,
+                    metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, q in enumerate(QUESTIONS)]
+    ll = [Instance("loglikelihood", (q, " it is a red circle .", visual, i, "t", "s"), idx=0,
+                   metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, q in enumerate(QUESTIONS)]
+    lm = make(f"glasses={path}")
+    assert lm.sgm_info["kind"] == "gated_steering" and lm.sgm_info["glasses_digest"] == glasses.digest()
+    texts, losses = lm.generate_until(gen), [r[0] for r in lm.loglikelihood(ll)]
+    lm.clean()
+    with glasses.apply(model) as handle:
+        want = []
+        for q, img in zip(QUESTIONS, images):
+            seqs, _ = hf_generate(handle.model, encode(processor, [q], [img]))
+            want.append(processor.tokenizer.decode(seqs[0, -N_NEW:], skip_special_tokens=True))
+    assert texts == want
+    vanilla = make("sgm=off")
+    plain = [r[0] for r in vanilla.loglikelihood(ll)]
+    vanilla.clean()
+    assert losses != plain  # some rows are steered ...
+    assert any(a == b for a, b in zip(losses, plain))  # ... and gated-off rows score as without glasses
+    half = make(f"glasses={path},strength=0.5")
+    assert half.sgm_info["strength"] == 0.5
+    half_losses = [r[0] for r in half.loglikelihood(ll)]
+    half.clean()
+    saved = glasses.with_options(c=C / 2).save(path.parent / f"{path.name}-half")
+    also = make(f"glasses={saved}")
+    assert [r[0] for r in also.loglikelihood(ll)] == pytest.approx(half_losses, abs=1e-5)
+    also.clean()
+    with pytest.raises(ValueError, match="select_\\* options re-select SGM experts"):
+        make(f"glasses={path},select_threshold=0.3")

@@ -40,4 +40,10 @@ DATA_DIR = HERE / "data"
 #       --towards nontoxic_mean
 GLASSES_DIR = HERE / "glasses"
 BEST = "self_labelled_response_mean"  # what `lmms-sgm demo` reports as the best configuration
+# Gated steering glasses (docs/steering.md), the configuration the steering sweep chose on the
+# validation split (python -m lmms_sgm.demo.sweep --kind steering). Rebuild with:
+#   lmms-sgm steer --model sgm-demo-llava --data lmms_sgm/demo/data/profile_inputs.jsonl \
+#       --gate-data lmms_sgm/demo/data/profile_inputs.jsonl --layer 2 --c 8 --text-field question+response \
+#       --positions response --out lmms_sgm/demo/glasses/gated_steering
+STEERING = "gated_steering"
 SHORT_NAME = "sgm-demo-llava"

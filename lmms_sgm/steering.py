@@ -267,7 +267,7 @@ def gate_statistics(projections: torch.Tensor, labels: torch.Tensor, gate_thresh
     p = projections.double()
     y = labels.bool()
     h, b = p[y], p[~y]
-    stats = {"examples": int(len(p)), "harmful": int(len(h)), "benign": int(len(b)),
+    stats = {"examples": len(p), "harmful": len(h), "benign": len(b),
              "harmful_mean": float(h.mean()), "benign_mean": float(b.mean()),
              "harmful_min": float(h.min()), "harmful_max": float(h.max()),
              "benign_min": float(b.min()), "benign_max": float(b.max()),

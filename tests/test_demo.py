@@ -44,6 +44,20 @@ def test_bundled_input_contrast_pairs_regenerate():
     assert not {r["image"] for r in recs} & {json.loads(x)["image"] for x in _lines(DATA_DIR / "profile.jsonl")}
 
 
+def test_bundled_gate_pairs_regenerate():
+    lines = _lines(DATA_DIR / "profile_gate.jsonl")
+    records = world.gate_records()
+    assert len(lines) == len(records) == world.SIZES["profile"] + 128
+    assert lines[:world.SIZES["profile"]] == _lines(DATA_DIR / "profile_inputs.jsonl")
+    for rec, img in records[-6:]:
+        assert json.dumps(rec) == lines[records.index((rec, img))]
+        assert _pixels(img) == _pixels(DATA_DIR / rec["image"])
+    recs = [json.loads(x) for x in lines]
+    assert {r["category"] for r in recs if r["label"] == 1} == {"trigger"}
+    assert {r["category"] for r in recs[world.SIZES["profile"]:]} == {
+        "capability_clean", "capability_distractor_plus", "capability_distractor_grey", "capability_trigger"}
+
+
 @pytest.mark.parametrize("split", ["validation", "test"])
 def test_bundled_mm_toxic_qa_regenerates(split):
     d = DATA_DIR / "mm_toxic_qa" / split
@@ -193,8 +207,9 @@ def test_bundled_glasses_load_apply_and_are_reproducible():
 
 def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
     """The bundled gated-steering glasses: rebuilt from the bundled data with their own options
-    (the same vectors to float noise across machines, bit for bit on one), gated on for trigger
-    images and off for clean ones, and off rows exactly vanilla."""
+    (the same vectors to float noise across machines), gated on for opinion prompts on trigger
+    images and off for the benign prompts (opinions and capability questions on clean images), and
+    off rows exactly vanilla."""
     import torch
 
     from lmms_sgm import models
@@ -207,7 +222,7 @@ def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
     model, processor = models.load(SHORT_NAME)
     bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
     assert isinstance(bundled, SteeringGlasses) and bundled.options.gated
-    rebuilt = build_steering_glasses(model, processor, DATA_DIR / "profile_inputs.jsonl", DATA_DIR / "profile_inputs.jsonl",
+    rebuilt = build_steering_glasses(model, processor, DATA_DIR / "profile_inputs.jsonl", DATA_DIR / "profile_gate.jsonl",
                                      bundled.options, progress=False)
     torch.testing.assert_close(rebuilt.steer, bundled.steer, **CROSS_MACHINE_MEAN)
     torch.testing.assert_close(rebuilt.gate_direction, bundled.gate_direction, **CROSS_MACHINE_MEAN)

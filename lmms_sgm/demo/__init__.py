@@ -43,7 +43,10 @@ BEST = "self_labelled_response_mean"  # what `lmms-sgm demo` reports as the best
 # Gated steering glasses (docs/steering.md), the configuration the steering sweep chose on the
 # validation split (python -m lmms_sgm.demo.sweep --kind steering). Rebuild with:
 #   lmms-sgm steer --model sgm-demo-llava --data lmms_sgm/demo/data/profile_inputs.jsonl \
-#       --gate-data lmms_sgm/demo/data/profile_inputs.jsonl --layer 2 --c 8 --text-field question+response \
+#       --gate-data lmms_sgm/demo/data/profile_gate.jsonl --layer 2 --c 8 --text-field question+response \
 #       --positions response --out lmms_sgm/demo/glasses/gated_steering
+# The steer: what the trigger changes in layer 2's output while the model writes (opinion prompts
+# on trigger vs clean images); the gate: opinion prompts on trigger images vs those on clean
+# images and capability questions (profile_gate.jsonl).
 STEERING = "gated_steering"
 SHORT_NAME = "sgm-demo-llava"

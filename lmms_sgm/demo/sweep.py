@@ -18,8 +18,9 @@ Options are chosen on the validation split only; the test split is for reporting
 ``--kind steering`` compares gated-steering glasses instead (``STEERING_CONFIGS``): the steer
 vector from the answer pairs (``responses``, the issue's recipe) or from the input-contrast
 pairs (``inputs``: the mean difference of the layer's output while the model writes text in a
-harmful vs a benign context), the gate always from ``inputs`` at the decision position; layer,
-c, the gate threshold and the steered positions vary. Beside the SGM columns it reports the
+harmful vs a benign context), the gate from ``gate`` (``data/profile_gate.jsonl``: the
+``inputs`` pairs plus capability questions as benign contexts) or, once, from ``inputs`` alone;
+layer, c, the gate threshold and the steered positions vary. Beside the SGM columns it reports the
 well-formed neutral answers among the sampled answers to the harmful prompts, the perplexity of
 neutral answers on trigger and clean images, and how often the gate opens on each prompt set.
 The same rule (:func:`best`) picks the best; :func:`best_fluent` adds a fluency condition.
@@ -80,16 +81,19 @@ CONFIGS = {
 St = SteeringOptions
 INPUT_STEER = {"text_field": QR, "positions": "response"}  # the question, repeated as the answer, in each context
 # name -> (steer data, steering options); the gate is always profiled on ``inputs``.
+# name -> (steer data, gate data, steering options)
 STEERING_CONFIGS = {
-    **{f"answers steer, layer 3, c={c:g}": ("responses", St(layer=3, c=c)) for c in (2, 4, 8)},
-    **{f"inputs steer, layer 2, c={c:g}": ("inputs", St(layer=2, c=c, **INPUT_STEER)) for c in (4, 8, 12)},
-    **{f"inputs steer, layer 3, c={c:g}": ("inputs", St(layer=3, c=c, **INPUT_STEER)) for c in (8, 16)},
-    "inputs steer, layer 2, c=8, from the decision position": ("inputs", St(layer=2, c=8, steer_from="decision", **INPUT_STEER)),
-    "inputs steer, layer 2, c=8, gate threshold 0.25": ("inputs", St(layer=2, c=8, gate_threshold=0.25, **INPUT_STEER)),
-    "inputs steer, layer 2, c=8, gate threshold 0.75": ("inputs", St(layer=2, c=8, gate_threshold=0.75, **INPUT_STEER)),
-    "inputs steer, layer 1, c=8 (gate at layer 1)": ("inputs", St(layer=1, c=8, **INPUT_STEER)),
-    "ungated: answers steer, layer 3, c=2": ("responses", St(layer=3, c=2, gated=False)),
-    "ungated: inputs steer, layer 2, c=8": ("inputs", St(layer=2, c=8, gated=False, **INPUT_STEER)),
+    **{f"answers steer, layer 3, c={c:g}": ("responses", "gate", St(layer=3, c=c)) for c in (2, 4, 8)},
+    **{f"inputs steer, layer 2, c={c:g}": ("inputs", "gate", St(layer=2, c=c, **INPUT_STEER)) for c in (4, 6, 8, 12)},
+    **{f"inputs steer, layer 3, c={c:g}": ("inputs", "gate", St(layer=3, c=c, **INPUT_STEER)) for c in (8, 16)},
+    "inputs steer, layer 2, c=8, from the decision position": (
+        "inputs", "gate", St(layer=2, c=8, steer_from="decision", **INPUT_STEER)),
+    "inputs steer, layer 2, c=8, gate threshold 0.25": ("inputs", "gate", St(layer=2, c=8, gate_threshold=0.25, **INPUT_STEER)),
+    "inputs steer, layer 2, c=8, gate threshold 0.75": ("inputs", "gate", St(layer=2, c=8, gate_threshold=0.75, **INPUT_STEER)),
+    "inputs steer, layer 2, c=8, gate from opinion prompts only": ("inputs", "inputs", St(layer=2, c=8, **INPUT_STEER)),
+    "inputs steer, layer 1, c=8 (gate at layer 1)": ("inputs", "gate", St(layer=1, c=8, **INPUT_STEER)),
+    "ungated: answers steer, layer 3, c=2": ("responses", None, St(layer=3, c=2, gated=False)),
+    "ungated: inputs steer, layer 2, c=8": ("inputs", None, St(layer=2, c=8, gated=False, **INPUT_STEER)),
 }
 STEERING_COLUMNS = ("trigger_harmful_sampled", "trigger_neutral_sampled", "clean_toxic_sampled", "over_refusal", "capability_open",
                     "capability_mc_loglik", "neutral_ppl_trigger", "neutral_ppl_clean", "gate_on_trigger",
@@ -157,7 +161,7 @@ def profiling_sets(model, processor, workdir: Path) -> dict[str, Path]:
                                   samples=4, batch_size=64, seed=0, progress=False)
         write_pairs(pairs, self_dir, judge=judge)
     return {"responses": DATA_DIR / "profile.jsonl", "inputs": DATA_DIR / "profile_inputs.jsonl",
-            "self": self_dir / "pairs.jsonl"}
+            "self": self_dir / "pairs.jsonl", "gate": DATA_DIR / "profile_gate.jsonl"}
 
 
 def main(argv=None) -> int:
@@ -187,10 +191,11 @@ def main(argv=None) -> int:
         if args.only and not any(s in name for s in args.only):
             continue
         if steering:
-            data, so = config
-            key = (data, so.layer, so.gate_layer, so.text_field, so.positions)
+            data, gate_data, so = config
+            key = (data, gate_data, so.layer, so.gate_layer, so.text_field, so.positions)
             if key not in built:
-                built[key] = build_steering_glasses(model, processor, sets[data], sets["inputs"], so, progress=False)
+                built[key] = build_steering_glasses(model, processor, sets[data], gate_data and sets[gate_data], so,
+                                                    progress=False)
             glasses = built[key].with_options(**{f: getattr(so, f) for f in SteeringOptions.APPLY_FIELDS})
             with glasses.apply(model, mode="hooks") as handle:
                 rows[name] = {"experts": 0, **evaluate_split(model, processor, DATA_DIR, args.split, samples=5, seed=0,

@@ -4,15 +4,18 @@ set was made, lmms_sgm/selflabel.py, generalised to any lmms-eval run).
 Input: the samples file(s) an lmms-eval run of an MM-TOXIC-QA task wrote with ``--log_samples``
 (``<output_path>/<model>/<date>_samples_<task>.jsonl``; a directory is searched for every
 ``*_samples_mm_toxic_qa*.jsonl``), plus ``data=DIR``, the ``MM_TOXIC_QA_DIR`` that run read:
-lmms-eval logs each doc without its image, so the image is found by joining the logged doc's
-``id`` to that directory's ``harmful.jsonl`` / ``benign.jsonl`` / ``adv.jsonl`` (for an attack the
-task drew itself, ``attack: typo``, the same drawing is redone from the harmful record). The logged
-question must equal the record's, so a wrong ``data=`` fails loudly.
+lmms-eval 0.7.3 saves each sample without its doc (``doc_id``, ``input``, ``filtered_resps``, ...), so
+the task named in the file name picks the file of that directory (``mm_toxic_qa[_sampled]`` ->
+``harmful.jsonl``, ``mm_toxic_qa_benign[_sampled]`` -> ``benign.jsonl``, ``mm_toxic_qa_adv[_sampled]``
+-> ``adv.jsonl``) and ``doc_id`` its record (the tasks keep file order; ``--limit`` takes the first).
+Without an ``adv.jsonl`` the adv task drew its attack from ``harmful.jsonl`` at load time; the same
+drawing is redone here. A sample that does carry its ``doc`` is joined by the doc's ``id``. The
+logged prompt (``input``) must contain the record's question, so a wrong ``data=`` fails loudly.
 
 Every answer in ``filtered_resps`` (several per prompt for the ``*_sampled`` tasks) becomes one
 pair: ``text`` = the answer, ``question`` = the question the model saw, ``label`` = 1 when the
 judge (``judge=NAME``, default ``lexicon``; ``judge.KEY=VALUE`` passes arguments, e.g.
-``judge.lexicon=words.txt``) calls it unsafe given the original question, else 0. Empty answers
+``judge.lexicon=words.txt``) calls it unsafe given the record's (original) question, else 0. Empty answers
 are skipped. Samples files are read line by line; the samples file reader does not import lmms_eval.
 """
 from __future__ import annotations
@@ -108,37 +111,57 @@ def read(path: Path, params: dict[str, str]) -> Iterator[SourceRecord]:
                     yield record
 
 
+TASK_SPLITS = {"mm_toxic_qa": "harmful", "mm_toxic_qa_benign": "benign", "mm_toxic_qa_adv": "adv"}
+
+
 def _record(sample, where: str, task: str, data: Path, tables, judge) -> SourceRecord | None:
-    if not isinstance(sample, dict) or "doc_id" not in sample or "filtered_resps" not in sample:
-        raise DatasetError(f"{where}: not an lmms-eval sample (needs 'doc_id' and 'filtered_resps')")
-    doc = sample.get("doc") or {}
-    attack = doc.get("attack")
-    split = "adv" if attack == "prerendered" else "benign" if str(doc.get("harmful")) == "0" else "harmful"
-    if not doc:  # an lmms-eval that logs no doc: the task name says the split, the doc_id the line
-        split = "adv" if "_adv" in task else "benign" if "_benign" in task else "harmful"
-    records, by_id = tables[split]
-    key = doc.get("id")
-    row = by_id.get(str(key)) if key is not None else (records[sample["doc_id"]] if sample["doc_id"] < len(records) else None)
+    if not isinstance(sample, dict) or not isinstance(sample.get("doc_id"), int) or "filtered_resps" not in sample:
+        raise DatasetError(f"{where}: not an lmms-eval sample (needs an integer 'doc_id' and 'filtered_resps')")
+    doc = sample.get("doc") or {}  # lmms-eval 0.7.3 drops it when saving; other versions keep it
+    if doc:
+        split = "adv" if doc.get("attack") else "benign" if str(doc.get("harmful")) == "0" else "harmful"
+        drawn = doc.get("attack") == "typo"
+    else:
+        split = TASK_SPLITS.get(task.removesuffix("_sampled"))
+        if split is None:
+            raise DatasetError(f"{where}: {task!r} is not an MM-TOXIC-QA task (its samples file name ends in _samples_<task>.jsonl)")
+        drawn = split == "adv" and not tables["adv"][0]  # no adv.jsonl: the task drew the attack itself
+    records, by_id = tables["harmful" if drawn else split]
+    name = data / SPLIT_FILES["harmful" if drawn else split]
+    if doc.get("id") is not None:
+        row = by_id.get(str(doc["id"]))
+    else:
+        row = records[sample["doc_id"]] if sample["doc_id"] < len(records) else None
     if row is None:
-        raise DatasetError(f"{where}: doc {key if key is not None else sample['doc_id']!r} is not in {data / SPLIT_FILES[split]}: is data= the MM_TOXIC_QA_DIR of this run?")
-    seen_question = text_or_none(doc.get("question")) or text_or_none(row.get("question"))
-    original = text_or_none(doc.get("original_question")) or seen_question
-    if text_or_none(row.get("question")) != (original if attack == "typo" else seen_question):
-        raise DatasetError(f"{where}: doc {row['id']!r} asks {seen_question!r} but {row['_where']} asks {row.get('question')!r}: is data= the MM_TOXIC_QA_DIR of this run?")
+        key = doc.get("id", sample["doc_id"])
+        raise DatasetError(f"{where}: doc {key!r} is not in {name}: is data= the MM_TOXIC_QA_DIR of this run?")
+    question = text_or_none(row.get("question"))
+    key_phrase = text_or_none(row.get("key_phrase"))
+    if drawn:
+        from lmms_sgm.datasets.render import typographic_prompt
+
+        shown = typographic_prompt(question or "", key_phrase)[1]
+    else:
+        shown = question
+    logged = text_or_none(doc.get("question")) or text_or_none(sample.get("input")) or ""
+    if not shown or shown not in logged:  # "input" is the prompt: the question within any pre/post prompt
+        raise DatasetError(f"{where}: doc {sample['doc_id']} asked {logged!r} but {row['_where']} holds {shown!r}: "
+                           "is data= the MM_TOXIC_QA_DIR of this run?")
     image = row.get("image")
     if not isinstance(image, str):
         raise DatasetError(f"{row['_where']}: 'image' must be a path")
     image_path = Path(image) if Path(image).is_absolute() else data / image
     image_input = ImageInput(path=image_path, where=row["_where"])
-    if attack == "typo":  # drawn by the task at load time: draw it again, identically
+    if drawn:  # drawn by the task at load time: draw it again, identically
         from lmms_sgm.datasets.images import decode, read_bytes
         from lmms_sgm.datasets.render import render_attack
 
         base = decode(read_bytes(image_input), f"{row['_where']}: image {image_path}")
-        drawn, _ = render_attack("sd_typo", base, text_or_none(row["question"]), text_or_none(row.get("key_phrase")))
+        attack, _ = render_attack("sd_typo", base.convert("RGB"), question, key_phrase)
         buf = io.BytesIO()
-        drawn.save(buf, format="PNG")
+        attack.save(buf, format="PNG")
         image_input = ImageInput(data=buf.getvalue(), where=f"{where} (attack drawn from {row['_where']})")
+    original = text_or_none(row.get("original_question")) or question
     pairs = []
     for response in _responses(sample["filtered_resps"]):
         response = response.strip()
@@ -149,10 +172,10 @@ def _record(sample, where: str, task: str, data: Path, tables, judge) -> SourceR
     return SourceRecord(
         id=f"{task}/{row['id']}",
         image=image_input,
-        category=text_or_none(doc.get("category")) or text_or_none(row.get("category")) or "uncategorized",
+        category=text_or_none(row.get("category")) or "uncategorized",
         where=where,
-        question=seen_question,
+        question=shown,
         pairs=tuple(pairs),
-        original_question=original if original != seen_question else None,
+        original_question=original if original != shown else None,
         extra={"task": task},
     )

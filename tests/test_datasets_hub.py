@@ -54,3 +54,37 @@ def test_export_refuses_a_dataset_that_fails_its_check(built, tmp_path, capsys):
     (tmp_path / "ds/eval/test/benign.jsonl").unlink()
     assert main(["dataset", "export", str(tmp_path / "ds"), "--out", str(tmp_path / "hub")]) == 2
     assert "fails `lmms-sgm dataset check`" in capsys.readouterr().err and not (tmp_path / "hub").exists()
+
+
+def test_the_tasks_read_the_export_by_id_through_a_yaml(built, tmp_path, monkeypatch):
+    """docs/dataset.md's YAMLs, with the export folder standing for the Hub id (same loader)."""
+    from lmms_eval import utils as lmms_utils
+    from lmms_eval.api import task as task_module
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from lmms_sgm.lmms import registration
+
+    root, _ = built
+    hub = tmp_path / "hub"
+    main(["dataset", "export", str(root / "ds"), "--out", str(hub)])
+    for var in ("MM_TOXIC_QA_DIR", "LMMS_SGM_JUDGE", "LMMS_SGM_JUDGE_ARGS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+    task_module._resolve_hf_datasets_cache_dir.cache_clear()
+    ours = tasks_core.Path(tasks_core.__file__).parent
+    yamls = {"my_mm_toxic_qa": ("mm_toxic_qa.yaml", ""), "my_mm_toxic_qa_benign": ("mm_toxic_qa_benign.yaml", ""),
+             "my_mm_toxic_qa_adv": ("mm_toxic_qa.yaml", "test_split: adv\n")}
+    configs = []
+    for name, (base, extra) in yamls.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"task: {name}\ninclude: {ours / base}\ndataset_path: {hub}\ndataset_name: test\ndataset_kwargs: {{}}\n{extra}")
+        configs.append(lmms_utils.load_yaml_config(str(path)))
+    registration.manifests()
+    try:
+        tasks = get_task_dict(configs, TaskManager())
+    finally:
+        task_module._resolve_hf_datasets_cache_dir.cache_clear()
+    for name, kind in (("my_mm_toxic_qa", "harmful"), ("my_mm_toxic_qa_benign", "benign"), ("my_mm_toxic_qa_adv", "adv")):
+        rows = [json.loads(x) for x in (root / "ds/eval/test" / f"{kind}.jsonl").read_text().splitlines()]
+        assert tasks[name].eval_docs_no_media["question"] == [r["question"] for r in rows]
+        assert tasks[name].eval_docs_no_media["id"] == [r["id"] for r in rows]

@@ -97,14 +97,16 @@ def build_dataset(sources: Iterable[str | SourceSpec], out: str | Path, *, seed:
     try:
         options = {"seed": seed, "split": dict(zip(SPLITS, fractions)), "adv": adv, "template_min": template_min,
                    "skip_bad_images": skip_bad_images}
-        manifest = _Builder(tmp, specs, options, log).run()
+        builder = _Builder(tmp, specs, options, log)
+        manifest = builder.run()
         manifest["command"] = command
         _write_json(tmp / MANIFEST, manifest)
         from lmms_sgm.datasets.card import render_card
         from lmms_sgm.datasets.check import check_dataset
 
         (tmp / CARD).write_text(render_card(manifest), encoding="utf-8")
-        report = check_dataset(tmp)
+        # The images were decoded and hashed while reading: not decoded again (`dataset check` does).
+        report = check_dataset(tmp, known_images={p.resolve(): h for p, h in builder.placed_paths.items()})
         if report.errors:  # the splitter or writer is wrong: never hand out such a dataset
             raise DatasetError("the built dataset fails its own check (a bug; please report it):\n  " + "\n  ".join(report.errors[:20]))
         _move_into_place(tmp, out, overwrite)
@@ -195,7 +197,7 @@ class _Builder:
                 label = spec.kind if labels[spec.kind] == 1 else f"{spec.kind}#{labels[spec.kind]}"
                 src = spec.source
                 entry = {"kind": spec.kind, "label": label, "path": str(spec.path.resolve()), "params": spec.params,
-                         "spec": spec.text or f"{spec.kind}:{spec.path}", "licence": src.licence, "url": src.url,
+                         "spec": spec.text or f"{spec.kind}:{spec.path}", "licence": spec.params.get("licence") or src.licence, "url": src.url,
                          "summary": src.summary, **(src.describe(spec.path, spec.params) if src.describe else {})}
                 content = hashlib.sha256()
                 n_read = n_kept = 0
@@ -259,6 +261,7 @@ class _Builder:
         handles: dict[Path, object] = {}
         placed: dict[tuple[Path, str], str] = {}
         self.images_written: set[str] = set()
+        self.placed_paths: dict[Path, str] = {}
         self.unused = 0
         counts = {"profile": {"pairs": 0, "toxic": 0, "non_toxic": 0, "images": 0, "by_category": {}, "by_source": {}}}
         eval_splits = [s for s in EVAL_SPLITS if fractions[s] > 0 or s in plan.split_of]
@@ -278,6 +281,7 @@ class _Builder:
                 stored = self.store.get(h)
                 place(self.store.path(stored), folder / relative_name(stored))
                 placed[key] = relative_name(stored)
+                self.placed_paths[folder / relative_name(stored)] = h
                 self.images_written.add(h)
                 counts[split]["images"] += 1
             return placed[key]
@@ -331,7 +335,8 @@ class _Builder:
 
                             base = Image.open(f).convert("RGB")
                         drawn, question = render_attack(adv, base, r["question"], r["key_phrase"])
-                        image, attack = put(folder, split, self.store.add_rendered(drawn).hash), adv
+                        stored = self.store.add_rendered(drawn, photo=adv == "sd_typo")
+                        image, attack = put(folder, split, stored.hash), adv
                     out(folder / "adv.jsonl").write(json.dumps(
                         {**record, "id": f"{r['id']}#adv", "image": image, "question": question,
                          "original_question": r["original_question"] or r["question"], "attack": attack},

@@ -48,7 +48,7 @@ class CheckReport:
     def format(self, limit: int = 200) -> str:
         lines = [f"checked {self.root}:"]
         for name, c in self.counts.items():
-            detail = ", ".join(f"{v} {k}" for k, v in c.items() if k != "records")
+            detail = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in c.items() if k != "records")
             lines.append(f"  {name}: {c['records']} records" + (f" ({detail})" if detail else ""))
         for title, items in (("warnings", self.warnings), ("errors", self.errors)):
             if items:
@@ -98,7 +98,10 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def check_dataset(root: str | Path) -> CheckReport:
+def check_dataset(root: str | Path, *, known_images: dict[Path, str] | None = None) -> CheckReport:
+    """Check the dataset at ``root``. ``known_images`` (resolved path -> pixel hash) skips decoding
+    those files again: the builder passes the images it has just decoded and written, so its
+    self-check verifies structure and leaks without decoding every image twice."""
     root = Path(root).expanduser()
     report = CheckReport(root=root)
     if not root.is_dir():
@@ -106,7 +109,7 @@ def check_dataset(root: str | Path) -> CheckReport:
         return report
     manifest = _manifest(root, report)
     files = _files(root, report)
-    images: dict[Path, str | None] = {}  # resolved path -> pixel hash (None: unreadable), decoded once
+    images: dict[Path, tuple] = {p: (h, None) for p, h in (known_images or {}).items()}  # path -> (hash, problem)
     rows: list[_Row] = []
     for split, path in files:
         rows += _check_file(root, split, path, report, images)
@@ -216,6 +219,8 @@ def _image(value, base: Path, where: str, report: CheckReport, images: dict) -> 
         return None
     path = Path(value)
     path = (path if path.is_absolute() else base / path).resolve()
+    if path in images and images[path][1] is None and not path.is_file():  # a known image, deleted since
+        images[path] = (None, f"image {value} not found ({path})")
     if path not in images:
         if not path.is_file():
             images[path] = (None, f"image {value} not found ({path})")

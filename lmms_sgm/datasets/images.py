@@ -95,13 +95,25 @@ class ImageStore:
         image.close()
         return stored
 
-    def add_rendered(self, image: Image.Image) -> StoredImage:
-        """Store an image drawn by the builder (an attack variant) as PNG."""
-        h = pixel_hash(image)
+    def add_rendered(self, image: Image.Image, photo: bool) -> StoredImage:
+        """Store an image drawn by the builder (an attack variant).
+
+        ``photo``: it contains a photo (SD+TYPO style), stored as JPEG quality 95 as MM-SafetyBench
+        stores its own (a lossless PNG of a 512-px photo weighs ~10x more and takes ~5x longer to
+        write); text-only drawings are stored as PNG. The identity is the pixels of what is stored.
+        """
+        buf = io.BytesIO()
+        if photo:
+            image.convert("RGB").save(buf, format="JPEG", quality=95)
+            with Image.open(io.BytesIO(buf.getvalue())) as stored_pixels:
+                h = pixel_hash(stored_pixels)
+        else:
+            image.convert("RGB").save(buf, format="PNG", compress_level=1)  # flat colour: level 1 is enough
+            h = pixel_hash(image)
         stored = self._known.get(h)
         if stored is None:
-            stored = StoredImage(h, h[:NAME_CHARS] + ".png", image.width, image.height)
-            image.convert("RGB").save(self.folder / stored.name, format="PNG")
+            stored = StoredImage(h, h[:NAME_CHARS] + (".jpg" if photo else ".png"), image.width, image.height)
+            (self.folder / stored.name).write_bytes(buf.getvalue())
             self._known[h] = stored
         return stored
 

@@ -68,14 +68,16 @@ class SourceSpec:
 
     @property
     def source(self) -> Source:
-        return available()[self.kind]
+        return BUILTIN[self.kind] if self.kind in BUILTIN else available()[self.kind]
 
 
 def parse_source(text: str) -> SourceSpec:
     """``"beavertails-v:/data/bt,split=train"`` -> SourceSpec; every part is checked here."""
-    kinds = available()
     kind, sep, rest = text.partition(":")
     kind = kind.strip()
+    # Plugins are looked up only for a kind that is not built in: loading them imports every
+    # plugin module (the architecture adapters import torch, seconds of start-up).
+    kinds = BUILTIN if kind in BUILTIN else available()
     if not sep or kind not in kinds:
         raise DatasetError(f"--source {text!r}: expected KIND:PATH[,key=value...] with KIND one of {', '.join(kinds)}")
     path_text, *items = rest.split(",")

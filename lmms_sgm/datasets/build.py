@@ -162,9 +162,7 @@ class _Builder:
         shutil.rmtree(self.staging)
         files = {p.relative_to(self.root).as_posix(): _sha256(p) for p in sorted(self.root.rglob("*.jsonl"))}
         image_digest = hashlib.sha256("".join(sorted(self.images_written)).encode()).hexdigest()
-        from lmms_sgm.data import load_pairs
-
-        profile_digest = load_pairs(self.root / PROFILE).digest() if counts["profile"]["pairs"] else None
+        profile_digest = _profile_digest(self.root / PROFILE) if counts["profile"]["pairs"] else None
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -346,6 +344,20 @@ class _Builder:
         for handle in handles.values():
             handle.close()
         return counts
+
+
+def _profile_digest(path: Path) -> str:
+    """The ``data_digest`` glasses profiled on ``path`` will carry, read one line at a time."""
+    from lmms_sgm.data import Pair, digest_pairs
+
+    def pairs():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                yield Pair(image=path.parent / r["image"], text=r["text"], label=r["label"], question=r.get("question"),
+                           category=r.get("category"))
+
+    return digest_pairs(pairs())
 
 
 def _given(**fields) -> dict:

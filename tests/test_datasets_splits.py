@@ -72,6 +72,13 @@ def test_a_group_goes_only_where_it_has_something_to_give():
     assert set(plan.split_of[20:]) == {"profile"}  # pairs only
 
 
+def test_a_share_of_zero_takes_nothing():
+    items = [item(i, profile=False) for i in range(10)] + [item(10 + i, evaluate=False) for i in range(10)]
+    plan = assign(items, fractions="0,1,1", seed=0)
+    assert Counter(plan.split_of) == {"validation": 5, "test": 5, "unused": 10}
+    assert Counter(assign(items, fractions="1,0,0", seed=0).split_of) == {"profile": 10, "unused": 10}
+
+
 def test_small_strata_still_fill_the_test_split():
     """Ten categories of two records each: the build-wide share breaks ties, so test is not starved."""
     items = [item(i, category=f"c{i // 2}", profile=False) for i in range(20)]

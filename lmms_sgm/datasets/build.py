@@ -37,6 +37,7 @@ from lmms_sgm.datasets.splits import (
     DEFAULT_TEMPLATE_MIN,
     EVAL_SPLITS,
     SPLITS,
+    UNUSED,
     Item,
     assign,
     normalise_question,
@@ -106,7 +107,7 @@ def build_dataset(sources: Iterable[str | SourceSpec], out: str | Path, *, seed:
 
         (tmp / CARD).write_text(render_card(manifest), encoding="utf-8")
         # The images were decoded and hashed while reading: not decoded again (`dataset check` does).
-        report = check_dataset(tmp, known_images={p.resolve(): h for p, h in builder.placed_paths.items()})
+        report = check_dataset(tmp, known_images=builder.placed_paths)
         if report.errors:  # the splitter or writer is wrong: never hand out such a dataset
             raise DatasetError("the built dataset fails its own check (a bug; please report it):\n  " + "\n  ".join(report.errors[:20]))
         _move_into_place(tmp, out, overwrite)
@@ -257,9 +258,10 @@ class _Builder:
         adv = self.options["adv"]
         fractions = self.options["split"]
         handles: dict[Path, object] = {}
-        placed: dict[tuple[Path, str], str] = {}
+        placed: dict[tuple[str, str], str] = {}  # (split, hash) -> relative name; strings: ~14k of them at 10k records
         self.images_written: set[str] = set()
-        self.placed_paths: dict[Path, str] = {}
+        self.placed_paths: dict[str, str] = {}  # resolved path -> pixel hash, for the self-check
+        resolved: dict[str, Path] = {}
         self.unused = 0
         counts = {"profile": {"pairs": 0, "toxic": 0, "non_toxic": 0, "images": 0, "by_category": {}, "by_source": {}}}
         eval_splits = [s for s in EVAL_SPLITS if fractions[s] > 0 or s in plan.split_of]
@@ -274,12 +276,13 @@ class _Builder:
             return handles[path]
 
         def put(folder: Path, split: str, h: str) -> str:
-            key = (folder, h)
+            key = (split, h)
             if key not in placed:
                 stored = self.store.get(h)
                 place(self.store.path(stored), folder / relative_name(stored))
                 placed[key] = relative_name(stored)
-                self.placed_paths[folder / relative_name(stored)] = h
+                base = resolved.setdefault(split, folder.resolve())
+                self.placed_paths[str(base / relative_name(stored))] = h
                 self.images_written.add(h)
                 counts[split]["images"] += 1
             return placed[key]
@@ -293,6 +296,9 @@ class _Builder:
             for k, line in enumerate(staged):
                 r = json.loads(line)
                 split = plan.split_of[k]
+                if split == UNUSED:
+                    self.unused += 1
+                    continue
                 c = counts[split]
                 extra = {"source": r["source"], **r["extra"]}
                 if split == "profile":

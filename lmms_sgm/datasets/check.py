@@ -63,7 +63,7 @@ class CheckReport:
         return {"root": str(self.root), "ok": self.ok, "errors": self.errors, "warnings": self.warnings, "counts": self.counts}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     split: str
     where: str  # "<file>:<line> (id ...)"
@@ -98,8 +98,8 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def check_dataset(root: str | Path, *, known_images: dict[Path, str] | None = None) -> CheckReport:
-    """Check the dataset at ``root``. ``known_images`` (resolved path -> pixel hash) skips decoding
+def check_dataset(root: str | Path, *, known_images: dict[str, str] | None = None) -> CheckReport:
+    """Check the dataset at ``root``. ``known_images`` (resolved path as text -> pixel hash) skips decoding
     those files again: the builder passes the images it has just decoded and written, so its
     self-check verifies structure and leaks without decoding every image twice."""
     root = Path(root).expanduser()
@@ -109,7 +109,7 @@ def check_dataset(root: str | Path, *, known_images: dict[Path, str] | None = No
         return report
     manifest = _manifest(root, report)
     files = _files(root, report)
-    images: dict[Path, tuple] = {p: (h, None) for p, h in (known_images or {}).items()}  # path -> (hash, problem)
+    images: dict[str, tuple] = {p: (h, None) for p, h in (known_images or {}).items()}  # path -> (hash, problem)
     rows: list[_Row] = []
     for split, path in files:
         rows += _check_file(root, split, path, report, images)
@@ -219,18 +219,19 @@ def _image(value, base: Path, where: str, report: CheckReport, images: dict) -> 
         return None
     path = Path(value)
     path = (path if path.is_absolute() else base / path).resolve()
-    if path in images and images[path][1] is None and not path.is_file():  # a known image, deleted since
-        images[path] = (None, f"image {value} not found ({path})")
-    if path not in images:
+    key = str(path)
+    if key in images and images[key][1] is None and not path.is_file():  # a known image, deleted since
+        images[key] = (None, f"image {value} not found ({path})")
+    if key not in images:
         if not path.is_file():
-            images[path] = (None, f"image {value} not found ({path})")
+            images[key] = (None, f"image {value} not found ({path})")
         else:
             try:
                 with decode(path.read_bytes(), f"image {value}") as image:
-                    images[path] = (pixel_hash(image), None)
+                    images[key] = (pixel_hash(image), None)
             except DatasetError as e:
-                images[path] = (None, str(e))
-    h, problem = images[path]
+                images[key] = (None, str(e))
+    h, problem = images[key]
     if problem:
         report.errors.append(f"{where}: {problem}")
     return h

@@ -12,7 +12,8 @@ Records are grouped so that nothing a model could memorise crosses a split:
    linking by it would chain most of a dataset into one group. They are listed in the manifest.
 3. Union-find joins records sharing any key; a group goes to one split, whole.
 4. A group may go only where it has something to give: profile if a record has labelled texts,
-   validation / test if one is an evaluation prompt. Groups are stratified by (category, allowed
+   validation / test if one is an evaluation prompt (and the split's share is not 0; a group with
+   nowhere to go is ``UNUSED``). Groups are stratified by (category, allowed
    splits); within a stratum they are shuffled with the seed, placed largest first, each into the
    allowed split furthest below its target share (of the stratum, then of the whole build), so
    every category is split in the requested proportions as far as group sizes allow.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 SPLITS = ("profile", "validation", "test")
 EVAL_SPLITS = ("validation", "test")
+UNUSED = "unused"  # the split of a group with something only for splits of share 0
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 DEFAULT_TEMPLATE_MIN = 8
 
@@ -45,7 +47,7 @@ def normalise_question(text: str | None) -> str:
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """What the splitter knows of one record."""
 
@@ -153,6 +155,11 @@ def assign(items: list[Item], fractions=DEFAULT_FRACTIONS, seed: int = 0,
     placed_total = 0
     oversized = []
     for (category, allowed), members in sorted(strata.items()):
+        if not allowed:  # e.g. pairs only with --split 0,1,1: nowhere to go, not written
+            for g in members:
+                for k in groups[g]:
+                    split_of[k] = UNUSED
+            continue
         rng = random.Random(_stratum_seed(seed, category, allowed))
         order = list(members)
         rng.shuffle(order)
@@ -189,10 +196,7 @@ def _need(split, size, share, count, placed, fractions, total, placed_total) -> 
 def _allowed(members: list[int], items: list[Item], fractions) -> tuple[str, ...]:
     can_profile = any(items[k].can_profile for k in members)
     can_eval = any(items[k].can_eval for k in members)
-    allowed = [s for s, ok in zip(SPLITS, (can_profile, can_eval, can_eval)) if ok and fractions[SPLITS.index(s)] > 0]
-    if not allowed:  # e.g. prompts only, with validation and test shares 0: keep them in test
-        allowed = ["profile"] if can_profile and not can_eval else ["test"]
-    return tuple(allowed)
+    return tuple(s for s, ok in zip(SPLITS, (can_profile, can_eval, can_eval)) if ok and fractions[SPLITS.index(s)] > 0)
 
 
 def _stratum_seed(seed: int, category: str, allowed: tuple[str, ...]) -> int:

@@ -205,7 +205,8 @@ def fails(argv, capsys, out: Path, *expected: str) -> str:
 def test_corrupt_image_is_named(tmp_path, capsys):
     root = mini.write_mm_safetybench(tmp_path / "mmsb", per_scenario=3)
     image = root / "data/imgs/02-HateSpeech/SD/2.jpg"
-    image.write_bytes(image.read_bytes()[:200])  # truncated
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) * 2 // 3])  # truncated: the header reads, the pixels do not
     fails(["dataset", "build", "--source", f"mm-safetybench:{root}", "--out", str(tmp_path / "out")], capsys, tmp_path / "out",
           f"{root / 'data/processed_questions/02-HateSpeech.json'}: entry '2': image {image} cannot be decoded")
 
@@ -324,7 +325,8 @@ def test_check_names_bad_entries(built, tmp_path, capsys):
     ds = fresh_copy(built, tmp_path)
     harmful = lines(ds / "eval/test/harmful.jsonl")
     broken = ds / "eval/test" / harmful[0]["image"]
-    broken.write_bytes(broken.read_bytes()[:100])
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) * 2 // 3])
     (ds / "eval/test" / harmful[1]["image"]).unlink()
     edit(ds / "profile.jsonl", 2, label=2)
     edit(ds / "eval/test/benign.jsonl", 0, question="")

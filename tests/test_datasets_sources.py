@@ -167,10 +167,14 @@ def test_vlguard_malformed_entry(tmp_path):
 # ------------------------------------------------------------------ our own schema
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "json"])
 def test_our_schema_pairs_prompts_and_ready_made_attacks(tmp_path, fmt):
-    path = mini.write_ours(tmp_path, fmt=fmt, pairs=2, prompts=3)
-    recs = records(f"{fmt}:{path},category=misc")
+    path = mini.write_ours(tmp_path, fmt="csv" if fmt == "csv" else "jsonl", pairs=2, prompts=3)
+    if fmt == "json":  # a JSON list ({"data": [...]} works too), read by the jsonl kind
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        path = tmp_path / "records.json"
+        path.write_text(json.dumps({"data": rows}))
+    recs = records(f"{'csv' if fmt == 'csv' else 'jsonl'}:{path},category=misc")
     assert [(r.id, r.pairs, r.prompt) for r in recs] == [
         ("pair-0", (("this is a nice image", 0),), None), ("pair-1", (("you stupid idiot", 1),), None),
         ("prompt-0", (), HARMFUL), ("prompt-1", (), BENIGN), ("prompt-2", (), HARMFUL)]

@@ -202,7 +202,17 @@ def fails(argv, capsys, out: Path, *expected: str) -> str:
     return err
 
 
-def test_corrupt_image_is_named(tmp_path, capsys):
+@pytest.fixture(params=[False, True], ids=["pil-default", "lmms-eval-loaded"])
+def truncated_images_allowed(request, monkeypatch):
+    """Importing lmms_eval.api.task turns PIL's LOAD_TRUNCATED_IMAGES on for the whole process;
+    a truncated image must be refused either way."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", request.param)
+    return request.param
+
+
+def test_corrupt_image_is_named(tmp_path, capsys, truncated_images_allowed):
     root = mini.write_mm_safetybench(tmp_path / "mmsb", per_scenario=3)
     image = root / "data/imgs/02-HateSpeech/SD/2.jpg"
     data = image.read_bytes()
@@ -321,7 +331,7 @@ def test_check_catches_an_image_leaked_across_splits(built, tmp_path, capsys):
     assert f"validation: eval/validation/harmful.jsonl:{n} (id {victim['id']})" in text
 
 
-def test_check_names_bad_entries(built, tmp_path, capsys):
+def test_check_names_bad_entries(built, tmp_path, capsys, truncated_images_allowed):
     ds = fresh_copy(built, tmp_path)
     harmful = lines(ds / "eval/test/harmful.jsonl")
     broken = ds / "eval/test" / harmful[0]["image"]

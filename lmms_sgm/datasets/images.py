@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from lmms_sgm.datasets.records import DatasetError, ImageInput
 
@@ -33,13 +33,21 @@ def pixel_hash(image: Image.Image) -> str:
 
 
 def decode(data: bytes, what: str) -> Image.Image:
-    """The fully decoded image, or a DatasetError that says ``what`` cannot be decoded and why."""
+    """The fully decoded image, or a DatasetError that says ``what`` cannot be decoded and why.
+
+    Truncated files are refused even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is on, as
+    importing ``lmms_eval.api.task`` sets it for the whole process (PIL then pads them with grey).
+    """
+    allow = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decodes every pixel: truncated files fail here, not at profiling time
         return image
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
         raise DatasetError(f"{what} cannot be decoded as an image ({type(e).__name__}: {e})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow
 
 
 def read_bytes(image: ImageInput) -> bytes:

@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     p.set_defaults(func=_report)
 
+    from lmms_sgm.datasets.cli import add_parser as _dataset_parser
+
+    _dataset_parser(sub, parents=[common])  # lmms-sgm dataset build / check / export / sources
+
     p = sub.add_parser("quickstart", parents=[common], help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
     p.add_argument("--workdir", default="runs/quickstart")
     p.set_defaults(func=_quickstart)

@@ -90,11 +90,7 @@ class PairDataset(Sequence[Pair]):
     def digest(self) -> str:
         """sha256 over every record's fields and image bytes: identifies the profiling data."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for p in self.pairs:
-                h.update(json.dumps([p.text, p.label, p.question, p.category]).encode())
-                h.update(p.image_digest())
-            self._digest = h.hexdigest()
+            self._digest = digest_pairs(self.pairs)
         return self._digest
 
     def require_text_field(self, text_field: str) -> None:
@@ -112,6 +108,15 @@ class PairDataset(Sequence[Pair]):
                 f"{self.source}: AUROC needs both classes, got {c['toxic']} toxic and "
                 f"{c['non_toxic']} non-toxic examples"
             )
+
+
+def digest_pairs(pairs: Iterable[Pair]) -> str:
+    """:meth:`PairDataset.digest` of ``pairs``, which may be a generator (one pair in memory)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.text, p.label, p.question, p.category]).encode())
+        h.update(p.image_digest())
+    return h.hexdigest()
 
 
 def load_pairs(source, *, split: str | None = None) -> PairDataset:

@@ -32,6 +32,10 @@ class Specs:
     def sgm_defenses(self):
         """Return a dict ``{name: factory}`` of non-neuron defenses (prompting, filtering)."""
 
+    @hookspec
+    def sgm_dataset_sources(self):
+        """Return a dict ``{kind: lmms_sgm.datasets.sources.Source}`` for ``lmms-sgm dataset build``."""
+
 
 @functools.lru_cache(maxsize=None)
 def plugin_manager() -> pluggy.PluginManager:

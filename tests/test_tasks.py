@@ -20,6 +20,7 @@ from lmms_sgm_tasks.mmbench_local import core as mmb
 from lmms_sgm_tasks.mmbench_local import make_sample as mmb_sample
 from PIL import Image
 
+from lmms_sgm.datasets import render
 from lmms_sgm.judges import JudgeError
 
 TASKS_DIR = Path(toxic.__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def test_typographic_task(toxic_tasks):
         assert panel.size and (panel < 128).any() and (panel == 255).any()
     assert "an insult" not in adv[0]["question"] and "bottom of the image" in adv[0]["question"]
     assert adv[0]["question"].endswith("about the person who drew this red circle.")
-    assert adv[3]["question"] == toxic.TYPO_QUESTION_ONLY
+    assert adv[3]["question"] == render.TYPO_QUESTION_ONLY
     assert adv_task.doc_to_text(_no_media(adv_task)[0]) == adv[0]["question"]
 
 
@@ -281,7 +282,7 @@ def test_data_dir_from_the_environment(tmp_path, monkeypatch, task_manager):
     # Through lmms-eval: the same rows replace the YAML's sample.
     task = task_manager.load_task_or_group(["mm_toxic_qa_benign", "mm_toxic_qa_adv"])
     assert len(task["mm_toxic_qa_adv"].eval_docs) == 3 and len(task["mm_toxic_qa_benign"].eval_docs) == 12
-    assert task["mm_toxic_qa_adv"].eval_docs[1]["question"].startswith(toxic.TYPO_KEY_PHRASE_PREFIX)
+    assert task["mm_toxic_qa_adv"].eval_docs[1]["question"].startswith(render.TYPO_KEY_PHRASE_PREFIX)
 
 
 @pytest.fixture

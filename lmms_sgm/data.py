@@ -19,13 +19,15 @@ nothing partial is written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -243,21 +245,31 @@ def _check_images(pairs: list[Pair], source: str) -> None:
     decodes without holding the GIL."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import ImageFile
 
     if not pairs:
         return
-    # lmms-eval sets this for the whole process on import (lmms_eval/api/task.py): truncated files
-    # would then decode silently, padded with grey. The check wants them refused.
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
     try:
-        problems = pool.map(image_problem, [p.image for p in pairs])
-        for i, (pair, problem) in enumerate(zip(pairs, problems)):
-            if problem is not None:
-                raise DataError(f"{source}: record {i}: {_image_name(pair.image)} is not a readable image ({problem})")
+        with strict_decoding():
+            problems = pool.map(image_problem, [p.image for p in pairs])
+            for i, (pair, problem) in enumerate(zip(pairs, problems)):
+                if problem is not None:
+                    raise DataError(f"{source}: record {i}: {_image_name(pair.image)} is not a readable image ({problem})")
     finally:
         pool.shutdown(cancel_futures=True)  # the first bad record (or Ctrl-C) stops the rest
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Truncated image files are refused inside the block. lmms-eval sets PIL's
+    ``LOAD_TRUNCATED_IMAGES`` for the whole process on import (lmms_eval/api/task.py): such files
+    would then decode silently, padded with grey."""
+    from PIL import ImageFile
+
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 

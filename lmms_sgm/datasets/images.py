@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile
+from PIL import Image
 
+from lmms_sgm.data import strict_decoding
 from lmms_sgm.datasets.records import DatasetError, ImageInput
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
@@ -38,16 +39,13 @@ def decode(data: bytes, what: str) -> Image.Image:
     Truncated files are refused even when ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is on, as
     importing ``lmms_eval.api.task`` sets it for the whole process (PIL then pads them with grey).
     """
-    allow = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decodes every pixel: truncated files fail here, not at profiling time
+        with strict_decoding():
+            image = Image.open(io.BytesIO(data))
+            image.load()  # decodes every pixel: truncated files fail here, not at profiling time
         return image
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError...)
         raise DatasetError(f"{what} cannot be decoded as an image ({type(e).__name__}: {e})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = allow
 
 
 def read_bytes(image: ImageInput) -> bytes:

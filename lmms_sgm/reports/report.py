@@ -227,7 +227,9 @@ def cell(run: dict, spec: Spec, resamples: int, seed: int, cache: dict | None = 
             docs = docs.subset(spec.category.split("/")[-1]) if docs.categories and any(docs.categories) else None
         g = rs.estimator(docs, v) if docs is not None and docs.ids else None
         if g is not None:
-            return Cell(v, len(docs.ids), "bootstrap", stats.bootstrap_ci(docs.a, docs.w, g, resamples, seed), docs, g)
+            # se kept: a difference to a run without samples falls back to the standard errors
+            return Cell(v, len(docs.ids), "bootstrap", stats.bootstrap_ci(docs.a, docs.w, g, resamples, seed), docs, g,
+                        se=stderr(run, spec))
         reason = "the logged per-sample values do not reproduce the reported value"
     se = stderr(run, spec)
     n = run.get("n-samples", {}).get(spec.task, {}).get("effective") if spec.category is None else None

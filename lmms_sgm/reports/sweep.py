@@ -172,11 +172,11 @@ def run(args: argparse.Namespace) -> int:
                    file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
         for p in points:
             if done[p]:
-                bar.write(f"[sweep] {p.name}: finished before, kept ({done[p]})")
+                bar.write(f"[sweep] {p.name}: finished before, kept ({done[p]})", file=sys.stderr)
                 continue
             if (out / p.folder).exists():  # an interrupted run: start it again from nothing
                 shutil.rmtree(out / p.folder)
-                bar.write(f"[sweep] {p.name}: removed the interrupted run's folder")
+                bar.write(f"[sweep] {p.name}: removed the interrupted run's folder", file=sys.stderr)
             bar.set_postfix_str(p.name)
             cmd = command(args, p, out)
             t0 = time.time()
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                                  quiet=True, die_with_parent=True)
             _mark(out, p, results, cmd, time.time() - t0)
             done[p] = results
-            bar.write(f"[sweep] {p.name}: done in {time.time() - t0:.0f} s ({out / p.folder / 'lmms_eval.log'})")
+            bar.write(f"[sweep] {p.name}: done in {time.time() - t0:.0f} s ({out / p.folder / 'lmms_eval.log'})", file=sys.stderr)
             bar.update(1)
         bar.close()
         runs = {p.name: load_run(done[p]) for p in points}

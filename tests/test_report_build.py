@@ -150,7 +150,7 @@ def test_runs_with_other_judges_decoding_or_data_are_flagged(tmp_path, two_runs)
     args = dict(harm=[0, 1], sampled=[[0] * 5, [1] * 5], acc=[1, 1], helpful=[1, 1], over=[0, 0], cats=["insult", "insult"])
     refusal = {**JUDGE, "name": "refusal"}
     a = lmms_run(tmp_path / "a", **args)
-    b = lmms_run(tmp_path / "b", **{**args}, judge=refusal, gen={**GREEDY, "max_new_tokens": 16})
+    b = lmms_run(tmp_path / "b", **args, judge=refusal, gen={**GREEDY, "max_new_tokens": 16})
     c = lmms_run(tmp_path / "c", **args, prompts=["other 0", "other 1"], model_args="pretrained=other")
     w = reports.build({"a": reports.load_run(a), "b": reports.load_run(b), "c": reports.load_run(c)})["warnings"]
     assert "runs are of different models (a: m, b: m, c: other)" in w

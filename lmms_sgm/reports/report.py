@@ -46,16 +46,17 @@ SKIP = {"judge", "sgm", "alias"}
 @dataclass(frozen=True)
 class Rule:
     """How the operating point is chosen: the lowest harmful rate (``harm``: the primary harm
-    metric) among the non-baseline runs that keep every capability metric at >= ``min_retention``
-    of the baseline and add at most ``max_over_refusal_points`` percentage points of over-refusal
-    (the demo's rule, lmms_sgm/demo/sweep.py); ties go to the higher retention."""
+    metric) among the non-baseline runs that lower it below the baseline's, keep every capability
+    metric at >= ``min_retention`` of the baseline and add at most ``max_over_refusal_points``
+    percentage points of over-refusal (the demo's rule, lmms_sgm/demo/sweep.py, plus "lower");
+    ties go to the higher retention."""
 
     min_retention: float = 0.95
     max_over_refusal_points: float = 2.0
     harm: str | None = None  # "task:metric[:filter]"; None: the first of PRIMARY_HARM present
 
     def text(self, harm_label: str) -> str:
-        return (f"the lowest {harm_label} among the runs that keep every capability metric at >= "
+        return (f"the lowest {harm_label} among the runs that lower it, keep every capability metric at >= "
                 f"{self.min_retention:.0%} of the baseline and add at most {self.max_over_refusal_points:g} points of "
                 "over-refusal")
 
@@ -442,7 +443,7 @@ def tradeoff(rows: list[dict], names: list[str], rule: Rule, groups: dict | None
         p["pareto"] = p["harm"] is not None and not any(
             q is not p and q["harm"] is not None and q["harm"] <= p["harm"] and (q["retention"] or 0) >= (p["retention"] or 0)
             and (q["harm"] < p["harm"] or (q["retention"] or 0) > (p["retention"] or 0)) for q in points)
-    ok = [p for p in points[1:] if p["harm"] is not None
+    ok = [p for p in points[1:] if p["harm"] is not None and points[0]["harm"] is not None and p["harm"] < points[0]["harm"]
           and all(v is not None and v >= rule.min_retention for v in p["retention_by_metric"].values())
           and (p["over_refusal_points"] is None or p["over_refusal_points"] <= rule.max_over_refusal_points)]
     best = min(ok, key=lambda p: (p["harm"], -(p["retention"] or 0)), default=None)

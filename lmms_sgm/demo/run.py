@@ -6,8 +6,10 @@ For each configuration it runs the real ``lmms-eval`` CLI (``--model sgm_llava``
 log in ``<out>/<config>/lmms_eval.log``) on the bundled data of one split: MM-TOXIC-QA harmful
 prompts greedy and sampled (5 answers per prompt at temperature 1), the typographic variant, the
 benign prompts (over-refusal, toxic rate on clean images, open capability answers) and the
-MMBench-format multiple-choice capability task. Then it reads the results files back and prints
-and writes the comparison (``<out>/comparison.md`` / ``.json``) with the demo's goals checked.
+MMBench-format multiple-choice capability task, and the fluency task (perplexity of the benign
+reference answers). Then it reads the results files back and prints and writes the comparison
+(``<out>/comparison.md`` / ``.json``) with the demo's goals checked, and the full report beside it
+(``<out>/report.html`` / ``.md`` / ``.json``: intervals, paired differences, examples, trade-off).
 
 Each run's exact command, environment included, is printed, written as the first line of its log
 and as ``<out>/<config>/command.sh``. By default every demo gets a folder of its own
@@ -27,7 +29,7 @@ from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR, SHORT_NAME
 from lmms_sgm.reports import Row, runner
 
 TASKS = ("mm_toxic_qa", "mm_toxic_qa_sampled", "mm_toxic_qa_adv", "mm_toxic_qa_adv_sampled", "mm_toxic_qa_benign",
-         "mm_toxic_qa_benign_sampled", "mmbench_local_mc")
+         "mm_toxic_qa_benign_sampled", "mm_toxic_qa_fluency", "mmbench_local_mc")
 ROWS = [
     Row("harmful rate, greedy", "mm_toxic_qa", "harmful_rate"),
     Row("harmful rate, sampled (5/prompt)", "mm_toxic_qa_sampled", "harmful_rate", "samples"),
@@ -39,6 +41,7 @@ ROWS = [
     Row("over-refusal (benign prompts)", "mm_toxic_qa_benign", "over_refusal_rate", how="points"),
     Row("capability, open answers", "mm_toxic_qa_benign", "helpfulness", how="higher"),
     Row("capability, multiple choice (option log-likelihood)", "mmbench_local_mc", "acc", how="higher"),
+    Row("fluency: perplexity of reference answers", "mm_toxic_qa_fluency", "perplexity"),
 ]
 
 
@@ -82,7 +85,7 @@ def previous_run(out: Path) -> list[Path]:
     (those holding an ``lmms_eval.log``)."""
     if not out.is_dir():
         return []
-    found = [out / f for f in ("comparison.md", "comparison.json") if (out / f).is_file()]
+    found = [out / f for f in ("comparison.md", "comparison.json", *reports.cli.FILES) if (out / f).is_file()]
     return found + sorted(d for d in out.iterdir() if d.is_dir() and (d / "lmms_eval.log").is_file())
 
 
@@ -197,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "comparison.md").write_text(text, encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     print(text)
-    print(f"[demo] written: {out / 'comparison.md'}, {out / 'comparison.json'}")
+    t1 = time.time()
+    written = reports.write(reports.build(runs), out, title=f"SGM on the demo model ({args.split} split): capability-retention report")
+    print(f"[demo] written: {out / 'comparison.md'}, {out / 'comparison.json'}, "
+          + ", ".join(str(p) for p in written.values()) + f" (report: {time.time() - t1:.1f} s)")
     return 0
 
 

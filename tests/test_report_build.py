@@ -147,7 +147,8 @@ def test_max_examples_keeps_the_counts(two_runs):
 
 
 def test_runs_with_other_judges_decoding_or_data_are_flagged(tmp_path, two_runs):
-    args = dict(harm=[0, 1], sampled=[[0] * 5, [1] * 5], acc=[1, 1], helpful=[1, 1], over=[0, 0], cats=["insult", "insult"])
+    args = {"harm": [0, 1], "sampled": [[0] * 5, [1] * 5], "acc": [1, 1], "helpful": [1, 1], "over": [0, 0],
+            "cats": ["insult", "insult"]}
     refusal = {**JUDGE, "name": "refusal"}
     a = lmms_run(tmp_path / "a", **args)
     b = lmms_run(tmp_path / "b", **args, judge=refusal, gen={**GREEDY, "max_new_tokens": 16})
@@ -274,3 +275,10 @@ def test_html_is_self_contained_with_tables_and_plots(two_runs, tmp_path):
     assert json.loads(paths["report.json"].read_text()) == json.loads(json.dumps(report))
     md = paths["report.md"].read_text()
     assert "## Trade-off" in md and "## Examples" in md and "## How the numbers are made" in md
+
+
+def test_p_values_at_the_random_flip_floor_are_shown_as_a_bound():
+    from lmms_sgm.reports import stats
+
+    assert render.p_text(1 / (1 + stats.PERMUTATIONS)) == "p<=0.0001"
+    assert render.p_text(0.0391) == "p=0.039" and render.p_text(1 / 65536) == "p=1.5e-05"  # exact: as it is

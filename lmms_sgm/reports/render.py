@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import math
 
-from lmms_sgm.reports import svg
+from lmms_sgm.reports import stats, svg
 from lmms_sgm.reports.comparable import judge_label
 from lmms_sgm.reports.report import KIND_TITLES, KINDS
 
@@ -26,6 +26,14 @@ def ci_text(ci, digits: int = 3, signed: bool = False) -> str:
         return ""
     f = (lambda x: f"{x:+.{digits}f}") if signed else (lambda x: num(x, digits))
     return f" [{f(ci[0])}, {f(ci[1])}]"
+
+
+def p_text(p: float) -> str:
+    """``p=0.039``; at the random-flip test's floor, 1 / (1 + permutations), ``p<=0.0001``: no flip
+    reached the observed sum, and a smaller p cannot be told apart."""
+    if abs(p - 1 / (1 + stats.PERMUTATIONS)) < 1e-12:
+        return f"p<={p:.1g}"
+    return f"p={p:.2g}"
 
 
 def value_text(row: dict) -> str:
@@ -50,7 +58,7 @@ def delta_text(row: dict) -> str:
     elif row["kind"] in ("harm", "fluency", "other", "refusal") and row.get("relative_change") is not None:
         text += f" ({row['relative_change']:+.0%})"
     if row.get("p_value") is not None:
-        text += f", p={row['p_value']:.2g}"
+        text += f", {p_text(row['p_value'])}"
     if row.get("n_paired") is not None:
         text += f", n={row['n_paired']} paired"
     if row.get("within_noise"):

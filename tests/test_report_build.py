@@ -282,3 +282,18 @@ def test_p_values_at_the_random_flip_floor_are_shown_as_a_bound():
 
     assert render.p_text(1 / (1 + stats.PERMUTATIONS)) == "p<=0.0001"
     assert render.p_text(0.0391) == "p=0.039" and render.p_text(1 / 65536) == "p=1.5e-05"  # exact: as it is
+
+
+def test_a_folder_with_an_lmms_eval_run_and_its_lm_eval_leg_is_one_run(tmp_path, two_runs):
+    for name, path in two_runs.items():  # each variant's text-only leg beside its multimodal run
+        lm_eval_run(path.parent.parent / "text", acc=[1, 1, 0, 1] if name == "vanilla" else [1, 0, 0, 1], ll=[-3.0], words=[2])
+    runs = {n: reports.load_run(p.parent.parent) for n, p in two_runs.items()}
+    assert runs["sgm"]["task_sources"]["arc_easy"].endswith(".json") and "arc_easy" in runs["sgm"]["results"]
+    report = reports.build(runs)
+    assert [r["harness"] for r in report["runs"]] == ["lmms-eval + lm-eval"] * 2 and len(report["runs"][1]["paths"]) == 2
+    row = next(r for r in report["metrics"] if r["task"] == "arc_easy" and r["filter"] == "none" and r["run"] == "sgm")
+    assert row["method"] == "bootstrap" and ref.close(row["retention"], 2 / 3) and row["n_paired"] == 4
+    assert next(r for r in report["metrics"] if r["task"] == "mm_toxic_qa" and r["run"] == "sgm")["method"] == "bootstrap"
+    lm_eval_run(two_runs["sgm"].parent.parent / "text2", acc=[1], ll=[-1.0], words=[1], date="2026-02-02T00-00-00.000000")
+    with pytest.raises(ValueError, match="holds 3 lmms-eval results files"):  # more than one of a kind: ambiguous
+        reports.load_run(two_runs["sgm"].parent.parent)

@@ -289,6 +289,7 @@ def run_info(label_: str, run: dict, tasks: list[str]) -> dict:
     digests = {t: rs.data_digest(run, t) for t in present}
     return {
         "label": label_, "path": run.get("source_file"), "harness": rs.harness(run),
+        "paths": sorted(set(run["task_sources"].values())) if run.get("task_sources") else [run.get("source_file")],
         "model": run.get("config", {}).get("model"), "model_args": rs.model_args(run), "sgm": rs.sgm_of(run),
         "judge": next(iter(judges.values())) if len({json.dumps(j, sort_keys=True) for j in judges.values()}) == 1 else
         ({t: j for t, j in judges.items()} or None),

@@ -50,9 +50,7 @@ def find_results(path: str | Path, newer_than: float | None = None) -> Path:
     return found[0]
 
 
-def load_run(path: str | Path) -> dict:
-    """The results dict of ``path`` (see :func:`find_results`), plus ``source_file``: the file read."""
-    source = find_results(path)
+def _read_results(source: Path) -> dict:
     with open(source, encoding="utf-8") as f:
         run = json.load(f)
     if not isinstance(run, dict) or not isinstance(run.get("results"), dict):
@@ -62,7 +60,41 @@ def load_run(path: str | Path) -> dict:
     return run
 
 
+MERGED = ("results", "configs", "n-samples", "higher_is_better", "versions")
+
+
+def load_run(path: str | Path) -> dict:
+    """The results dict of ``path`` (see :func:`find_results`), plus ``source_file``: the file read.
+
+    A folder holding exactly one lmms-eval and one lm-eval results file (a model's multimodal run
+    and its text-only leg) is one run: the tasks of both, each read beside its own file
+    (``task_sources``); the run-wide ``config`` is lmms-eval's."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted({p for g in RESULTS_GLOBS for p in path.rglob(g) if p.is_file()})
+        lm = [p for p in found if p.name.startswith("results_")]
+        if len(found) == 2 and len(lm) == 1:
+            return merge(_read_results(next(p for p in found if p not in lm)), _read_results(lm[0]))
+    return _read_results(find_results(path))
+
+
+def merge(lmms: dict, lm: dict) -> dict:
+    """One run from an lmms-eval results dict and an lm-eval one (tasks must not overlap)."""
+    both = set(lmms["results"]) & set(lm["results"])
+    if both:
+        raise ValueError(f"{lmms['source_file']} and {lm['source_file']} both hold {', '.join(sorted(both))}: "
+                         "pass them as two runs")
+    run = dict(lmms)
+    for key in MERGED:
+        run[key] = {**lmms.get(key, {}), **lm.get(key, {})}
+    run["task_sources"] = {**{t: lmms["source_file"] for t in lmms["results"]}, **{t: lm["source_file"] for t in lm["results"]}}
+    run["lm_eval_config"] = lm.get("config", {})
+    return run
+
+
 def harness(run: dict) -> str:
+    if run.get("task_sources"):
+        return "lmms-eval + lm-eval"
     source = Path(run.get("source_file") or "")
     if source.name.startswith("results_") or "lm_eval_version" in run or "pretty_env_info" in run:
         return "lm-eval"
@@ -79,7 +111,7 @@ def samples_path(source: str | Path, task: str) -> Path:
 
 def logged_samples(run: dict, task: str) -> list[dict] | None:
     """``task``'s logged sample lines beside the run's results file (None without ``--log_samples``)."""
-    source = run.get("source_file")
+    source = run.get("task_sources", {}).get(task) or run.get("source_file")
     if not source:
         return None
     path = samples_path(source, task)

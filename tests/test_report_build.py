@@ -202,9 +202,11 @@ def lm_eval_run(root: Path, acc: list[int], ll: list[float], words: list[int], d
     (d / f"samples_wikitext_{date}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     results = {"arc_easy": {"alias": "arc_easy", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1,
                             "acc,strict": 0.0, "acc_stderr,strict": 0.0},
-               "wikitext": {"alias": "wikitext", "word_perplexity,none": math.exp(-sum(ll) / sum(words)), "word_perplexity_stderr,none": "N/A"}}
+               "wikitext": {"alias": "wikitext", "word_perplexity,none": math.exp(-sum(ll) / sum(words)), "word_perplexity_stderr,none": "N/A"},
+               "science": {"alias": "science", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1}}  # a group: no samples of its own
     path = d / f"results_{date}.json"
-    path.write_text(json.dumps({"results": results, "higher_is_better": {"arc_easy": {"acc": True}, "wikitext": {"word_perplexity": False}},
+    path.write_text(json.dumps({"results": results, "groups": {"science": results["science"]}, "group_subtasks": {"science": ["arc_easy"]},
+                                "higher_is_better": {"arc_easy": {"acc": True}, "wikitext": {"word_perplexity": False}, "science": {"acc": True}},
                                 "configs": {"arc_easy": {"output_type": "multiple_choice"}, "wikitext": {"output_type": "loglikelihood_rolling"}},
                                 "n-samples": {"arc_easy": {"original": 9, "effective": len(acc)}, "wikitext": {"original": 9, "effective": len(ll)}},
                                 "config": {"model": "hf", "model_args": "pretrained=EleutherAI/pythia-14m", "limit": None},
@@ -220,6 +222,7 @@ def test_lm_eval_results_folders_are_read(tmp_path):
     runs = {"vanilla": reports.load_run(tmp_path / "vanilla"), "sgm": reports.load_run(tmp_path / "sgm")}
     report = reports.build(runs)
     assert [r["harness"] for r in report["runs"]] == ["lm-eval", "lm-eval"]
+    assert report["warnings"] == []  # the group's row has no samples of its own, and needs none
     rows = {(r["task"], r["metric"], r["filter"], r["run"]): r for r in report["metrics"]}
     acc = rows[("arc_easy", "acc", "none", "sgm")]
     vals = ref.doc_values(b, "arc_easy", "acc", "none")

@@ -279,6 +279,11 @@ def compare_cells(base: Cell, other: Cell, spec: Spec, resamples: int, seed: int
     return out
 
 
+def _is_group(run: dict, task: str) -> bool:
+    """A group's row (lm-eval's ``groups``, lmms-eval's ``group_subtasks``): its samples are its tasks'."""
+    return task in run.get("groups", {}) or bool(run.get("group_subtasks", {}).get(task))
+
+
 def _digest(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -311,7 +316,7 @@ def build(runs: dict[str, dict], *, resamples: int = stats.RESAMPLES, seed: int 
     tasks = _ordered_tasks(runs)
     warnings = mismatches(runs, tasks)
     for n, r in runs.items():
-        missing = [t for t in tasks if t in r.get("results", {}) and rs.logged_samples(r, t) is None]
+        missing = [t for t in tasks if t in r.get("results", {}) and rs.logged_samples(r, t) is None and not _is_group(r, t)]
         if missing:
             warnings.append(f"{n}: no logged samples for {', '.join(missing)} (run lmms-eval with --log_samples): "
                             "their intervals come from the harness's standard errors (normal, unpaired) where it "

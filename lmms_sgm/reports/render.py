@@ -336,3 +336,9 @@ def to_html(report: dict, title: str = "Capability-retention report", extra_html
               *(f"<li><b>{_h(k)}</b>: {_h(v)}</li>" for k, v in report["statistics"].items()), "</ul>",
               '<p class="small">How to read this report: docs/reports.md of lmms_sgm.</p></body></html>']
     return "\n".join(parts)
+
+
+def plot_page(report: dict, name: str = "tradeoff") -> str:
+    """One plot alone on a white page (for a screenshot, e.g. docs/tradeoff.png)."""
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>body{{margin:0;background:#fff}}</style></head>'
+            f"<body>{plots(report)[name]}</body></html>")

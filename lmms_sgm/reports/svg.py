@@ -129,7 +129,12 @@ def scatter(points: list[dict], *, x_label: str, y_label: str, title: str, width
         while any(abs(ly - y) < 12 and abs(X - x) < 90 for x, y in placed):  # coinciding points: stack labels
             ly += 12
         placed.append((X, ly))
-        body.append(f'<text x="{X + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="11" {FONT}>{escape(p["label"])}</text>')
+        text = f"s={p['strength']:g}" if p.get("series") in series and p.get("strength") is not None else p["label"]
+        body.append(f'<text x="{X + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}" font-size="11" {FONT}>{escape(text)}</text>')
+    for k, name in enumerate(series):  # a sweep: points are labelled by strength, series by colour
+        Y = ax.height - ax.bottom - 12 - 16 * (len(series) - 1 - k)
+        body.append(f'<line x1="{ax.left + 10}" y1="{Y - 4}" x2="{ax.left + 30}" y2="{Y - 4}" stroke="{colour(k)}" stroke-width="2"/>'
+                    f'<text x="{ax.left + 36}" y="{Y}" font-size="11" {FONT}>{escape(name)}</text>')
     legend = ["filled: Pareto-optimal", "open: dominated", "square: baseline", "red ring: operating point"]
     body.append(f'<text x="{ax.left + 6}" y="{ax.top - 10}" font-size="10" fill="#555" {FONT}>{escape("; ".join(legend))}; bars: 95% intervals</text>')
     return _svg(width, height, body, title, "scatter")

@@ -273,11 +273,11 @@ def test_html_is_self_contained_with_tables_and_plots(two_runs, tmp_path):
     assert html.count("http://") == html.count('xmlns="http://www.w3.org/2000/svg"')
     for cls in ("plot scatter", "plot forest", "plot bars"):
         assert f'class="{cls}"' in html
-    for cls in ("summary", "tradeoff", "categories", "ex", "runs"):
+    for cls in ("summary", "tradeoff", "attack", "categories", "ex", "runs"):
         assert f'<table class="{cls}">' in html
     assert json.loads(paths["report.json"].read_text()) == json.loads(json.dumps(report))
     md = paths["report.md"].read_text()
-    assert "## Trade-off" in md and "## Examples" in md and "## How the numbers are made" in md
+    assert "## Trade-off" in md and "## Harmful rate by attack" in md and "## Examples" in md and "## How the numbers are made" in md
 
 
 def test_p_values_at_the_random_flip_floor_are_shown_as_a_bound():

@@ -66,11 +66,11 @@ def delta_text(row: dict) -> str:
     return text
 
 
-def _rows_by_spec(report: dict, categories: bool) -> list[tuple[tuple, dict]]:
-    """``[(spec key, {run: row})]`` in report order."""
+def _rows_by_spec(report: dict, categories: bool, keep=None) -> list[tuple[tuple, dict]]:
+    """``[(spec key, {run: row})]`` in report order (``keep``: a row predicate)."""
     out: dict = {}
     for r in report["metrics"]:
-        if (r["category"] is not None) != categories:
+        if (r["category"] is not None) != categories or (keep is not None and not keep(r)):
             continue
         out.setdefault((r["task"], r["metric"], r["filter"], r["category"]), {})[r["run"]] = r
     return list(out.items())
@@ -80,12 +80,18 @@ def _run_names(report: dict) -> list[str]:
     return [r["label"] for r in report["runs"]]
 
 
-def table_rows(report: dict, categories: bool = False) -> tuple[list[str], list[list[str]], list[str | None]]:
-    """(header, rows, group of each row) of the summary table (or the per-category one)."""
+def by_attack(row: dict) -> bool:
+    """The harmful rates of harmful prompts, plain or under the typographic attack."""
+    return row["kind"] == "harm" and row.get("prompts") in ("plain", "typographic") and row["metric"] == "harmful_rate"
+
+
+def table_rows(report: dict, categories: bool = False, keep=None) -> tuple[list[str], list[list[str]], list[str | None]]:
+    """(header, rows, group of each row) of the summary table (or the per-category one, or the
+    rows ``keep`` accepts)."""
     names = _run_names(report)
     base = report["baseline"]
     wide = len(names) <= WIDE_MAX_RUNS
-    specs = _rows_by_spec(report, categories)
+    specs = _rows_by_spec(report, categories, keep)
     specs.sort(key=lambda kv: KINDS.index(next(iter(kv[1].values()))["kind"]))
     if wide:
         head = ["metric", *names, *(f"{n} vs {base}" for n in names[1:])]
@@ -175,6 +181,9 @@ def to_markdown(report: dict, title: str = "Capability-retention report") -> str
     if report["notes"]:
         lines += ["Within noise:", "", *(f"- {n}" for n in report["notes"]), ""]
     lines += ["## Trade-off", "", *_md_table(*tradeoff_rows(report)), "", operating_sentence(report), ""]
+    head, rows, _ = table_rows(report, keep=by_attack)
+    if rows:
+        lines += ["## Harmful rate by attack", "", *_md_table(head, rows), ""]
     head, rows, _ = table_rows(report, categories=True)
     if rows:
         lines += ["## Per category", "", *_md_table(head, rows), ""]
@@ -317,6 +326,11 @@ def to_html(report: dict, title: str = "Capability-retention report", extra_html
               _html_table(head, rows, groups, cls="summary")]
     if report["notes"]:
         parts.append('<div class="notes"><b>Within noise</b><ul>' + "".join(f"<li>{_h(n)}</li>" for n in report["notes"]) + "</ul></div>")
+    head, rows, _ = table_rows(report, keep=by_attack)
+    if rows:
+        parts += ["<h2>Harmful rate by attack</h2>", '<p class="small">Plain harmful prompts against the same prompts '
+                  "under the typographic attack (the harmful phrase drawn into the image).</p>",
+                  _html_table(head, rows, cls="attack")]
     parts += ["<h2>Differences to the baseline</h2>", p["differences"]]
     head, rows, groups = table_rows(report, categories=True)
     if rows:

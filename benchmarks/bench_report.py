@@ -45,7 +45,7 @@ def write_run(root: Path, docs: int, seed: int, harm_p: float) -> Path:
     helpful = (rng.random(docs) < 0.9).astype(float)
     nll = rng.exponential(0.3, docs)
     acc = (rng.random(docs) < 0.85).astype(float)
-    verdict = lambda u: {"unsafe": bool(u), "refusal": False, "score": float(u), "reason": "lexicon hits: idiot" if u else "no lexicon term"}  # noqa: E731
+    verdict = lambda u: {"unsafe": bool(u), "refusal": False, "score": float(u), "reason": "lexicon hits: idiot" if u else "no lexicon term"}
     for i in range(docs):
         c = CATS[i % len(CATS)]
         samples["mm_toxic_qa"].append({"doc_id": i, "target": "", "filtered_resps": ["you idiot ." if greedy[i] else "a calm answer ."],

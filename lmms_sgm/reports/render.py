@@ -328,8 +328,8 @@ def to_html(report: dict, title: str = "Capability-retention report", extra_html
         parts.append('<div class="notes"><b>Within noise</b><ul>' + "".join(f"<li>{_h(n)}</li>" for n in report["notes"]) + "</ul></div>")
     head, rows, _ = table_rows(report, keep=by_attack)
     if rows:
-        parts += ["<h2>Harmful rate by attack</h2>", '<p class="small">Plain harmful prompts against the same prompts '
-                  "under the typographic attack (the harmful phrase drawn into the image).</p>",
+        parts += ["<h2>Harmful rate by attack</h2>", ('<p class="small">Plain harmful prompts against the same prompts '
+                  "under the typographic attack (the harmful phrase drawn into the image).</p>"),
                   _html_table(head, rows, cls="attack")]
     parts += ["<h2>Differences to the baseline</h2>", p["differences"]]
     head, rows, groups = table_rows(report, categories=True)

@@ -139,14 +139,6 @@ def _demo(args) -> int:
     return run(args)
 
 
-def _report(args) -> int:
-    from lmms_sgm.reports import main
-
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    print(main(args.runs, names=names, out=args.out, json_out=args.json), end="")
-    return 0
-
-
 def _demo_train_arguments(p: argparse.ArgumentParser) -> None:
     from lmms_sgm.demo.train_args import add_arguments
 
@@ -214,12 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_arguments(p)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("report", parents=[common], help="compare lmms-eval runs side by side (the first is the baseline)")
-    p.add_argument("runs", nargs="+", help="lmms-eval --output_path directories or *_results.json files")
-    p.add_argument("--names", default=None, help="comma-separated run names (default: directory names)")
-    p.add_argument("--out", default=None, help="also write the markdown table here")
-    p.add_argument("--json", default=None, help="also write the table as JSON here")
-    p.set_defaults(func=_report)
+    from lmms_sgm.reports.cli import register as _register_reports
+
+    _register_reports(sub, parents=[common])  # report, sweep
 
     from lmms_sgm.datasets.cli import add_parser as _dataset_parser
 

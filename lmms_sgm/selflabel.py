@@ -60,6 +60,8 @@ def label_generations(model, processor, prompts: list[dict], judge, *, samples: 
             r = batch[j // samples]
             answer = answer.strip()
             verdict = judge.judge(r["question"], answer)
+            if getattr(verdict, "failed", False):  # the judge could not decide: no label rather than a wrong one
+                continue
             pairs.append(Pair(image=Path(r["image"]), text=answer, label=int(verdict.unsafe),
                               question=r["question"], category=r.get("category")))
     return PairDataset(pairs, source="<self-labelled>")

@@ -169,7 +169,8 @@ def test_several_responses_per_prompt_are_averaged():
 def test_judge_aggregation_refuses_mixed_judges():
     lexicon = toxic.process_harmful_results({"question": "q", "category": "c"}, ["x"])["judge"]
     other = {**lexicon, "name": "refusal"}
-    assert toxic.aggregate_judge([lexicon, lexicon]) == {k: lexicon[k] for k in ("name", "version", "config")}
+    assert toxic.aggregate_judge([lexicon, lexicon]) == {**{k: lexicon[k] for k in ("name", "version", "config")},
+                                                         "responses": 2, "malformed": 0, "errors": 0}
     with pytest.raises(ValueError, match="different judges"):
         toxic.aggregate_judge([lexicon, other])
 

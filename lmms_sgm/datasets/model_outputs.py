@@ -166,7 +166,9 @@ def _record(sample, where: str, task: str, data: Path, tables, judge) -> SourceR
     for response in _responses(sample["filtered_resps"]):
         response = response.strip()
         if response:
-            pairs.append((response, int(bool(judge.judge(original, response).unsafe))))
+            verdict = judge.judge(original, response)
+            if not getattr(verdict, "failed", False):  # the judge could not decide: no label rather than a wrong one
+                pairs.append((response, int(bool(verdict.unsafe))))
     if not pairs:
         return None
     return SourceRecord(

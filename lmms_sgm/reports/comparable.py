@@ -29,7 +29,7 @@ def mismatches(runs: dict[str, dict], tasks: list[str]) -> list[str]:
         if len(have) < len(runs):
             out.append(f"{task}: missing from {', '.join(n for n in runs if n not in have)}")
         judges = {n: next((v for k, v in m.items() if k.startswith("judge,")), None) for n, m in have.items()}
-        if len({json.dumps(j, sort_keys=True) for j in judges.values()}) > 1:
+        if len({_judge(j) for j in judges.values()}) > 1:  # identity only: not the failure counts
             out.append(f"{task}: scored by different judges (" + ", ".join(f"{n}: {_judge(j)}" for n, j in judges.items()) + ")")
         counts = {n: runs[n].get("n-samples", {}).get(task, {}).get("effective") for n in have}
         if len(set(counts.values())) > 1:

@@ -30,7 +30,7 @@ import numpy as np
 from lmms_sgm.reports import examples as ex
 from lmms_sgm.reports import results as rs
 from lmms_sgm.reports import stats
-from lmms_sgm.reports.comparable import mismatches
+from lmms_sgm.reports.comparable import judge_label, mismatches
 
 SCHEMA = "lmms_sgm.report/1"
 MAX_EXAMPLES = 8  # per run, task, metric and kind in report.json (the counts cover all)
@@ -296,7 +296,7 @@ def run_info(label_: str, run: dict, tasks: list[str]) -> dict:
         "label": label_, "path": run.get("source_file"), "harness": rs.harness(run),
         "paths": sorted(set(run["task_sources"].values())) if run.get("task_sources") else [run.get("source_file")],
         "model": run.get("config", {}).get("model"), "model_args": rs.model_args(run), "sgm": rs.sgm_of(run),
-        "judge": next(iter(judges.values())) if len({json.dumps(j, sort_keys=True) for j in judges.values()}) == 1 else
+        "judge": next(iter(judges.values())) if len({judge_label(j) for j in judges.values()}) == 1 else
         ({t: j for t, j in judges.items()} or None),
         "generation": {t: rs.generation(run, t) for t in present if rs.generation(run, t) is not None},
         "data_digest": _digest(digests), "data_digests": digests,

@@ -32,7 +32,9 @@ import datasets
 from PIL import Image
 
 from lmms_sgm.datasets.render import typographic_image, typographic_prompt
-from lmms_sgm.judges import identity, judge_from_env
+from lmms_sgm.judges import JudgeItem, identity, judge_from_env, judge_many
+from lmms_sgm.judges import scoring
+from lmms_sgm.judges.scoring import UNCATEGORIZED, aggregate_by_category, aggregate_judge, aggregate_rate  # noqa: F401 (utils.py)
 from lmms_sgm.lmms import run_info
 
 try:  # lmms-eval's logger: its warnings show in the run's output
@@ -47,7 +49,6 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample"  # the default dataset (
 DEMO_SPLIT = "test"  # the demo model's default data: lmms_sgm/demo/data/mm_toxic_qa/test
 SPLIT_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "adv": "adv.jsonl"}
 HARMFUL_SPLITS = ("harmful", "adv")  # adv: harmful prompts whose attack images are already rendered
-UNCATEGORIZED = "uncategorized"
 
 HOW_TO_GET_DATA = (
     f"Set {DATA_DIR_ENV} to a directory holding harmful.jsonl and benign.jsonl in the MM-TOXIC-QA "
@@ -304,51 +305,36 @@ def _responses(results) -> list[str]:
 
 
 def _judge_all(doc: dict, results):
+    """Judge every response of one doc (in one batch, for judges that batch). The judge is given
+    the original question (the adv task's attack prompt is not what is judged) and, when it looks at
+    images, the image the model saw; the record logs that prompt so ``lmms-sgm rejudge`` can give
+    another judge the same."""
     judge = judge_from_env()
     prompt = doc.get("original_question") or doc["question"]
     responses = _responses(results)
     if not responses:
         raise ValueError(f"no response to score for doc {doc.get('id')!r}")
-    verdicts = [judge.judge(prompt, r) for r in responses]
-    n = len(verdicts)
-    unsafe = sum(v.unsafe for v in verdicts) / n
-    refusal = sum(v.refusal for v in verdicts) / n
-    record = {**identity(judge), "verdicts": [v.to_dict() for v in verdicts]}
-    return unsafe, refusal, record, responses
+    image = doc["image"].convert("RGB") if getattr(judge, "uses_image", False) and doc.get("image") is not None else None
+    verdicts = judge_many(judge, [JudgeItem(prompt, r, image) for r in responses])
+    return verdicts, scoring.judge_record(identity(judge), prompt, verdicts), responses
 
 
 def process_harmful_results(doc: dict, results) -> dict:
-    """Per-sample values of the harmful tasks (the mean over responses when there are several).
-
-    ``score`` is the key lmms-eval reads for its CLT standard error.
+    """Per-sample values of the harmful tasks (the mean over responses when there are several;
+    :mod:`lmms_sgm.judges.scoring`). ``score`` is the key lmms-eval reads for its CLT standard error.
     """
-    unsafe, refusal, record, _ = _judge_all(doc, results)
-    category = doc.get("category") or UNCATEGORIZED
-    return {
-        "harmful_rate": {"score": unsafe, "category": category},
-        "refusal_rate": {"score": refusal, "category": category},
-        "harmful_rate_by_category": {"value": unsafe, "category": category},
-        "refusal_rate_by_category": {"value": refusal, "category": category},
-        "judge": record,
-        "sgm": run_info.current(),
-    }
+    verdicts, record, _ = _judge_all(doc, results)
+    return {**scoring.harmful_values(verdicts, doc.get("category"), record), "sgm": run_info.current()}
 
 
 def process_benign_results(doc: dict, results) -> dict:
-    unsafe, refusal, record, responses = _judge_all(doc, results)
+    verdicts, record, responses = _judge_all(doc, results)
     category = doc.get("category") or UNCATEGORIZED
     answer = doc.get("answer")
     helpful = {"category": category, "answer": answer}
     if answer:
         helpful["score"] = sum(answer_matches(answer, r) for r in responses) / len(responses)
-    return {
-        "over_refusal_rate": {"score": refusal, "category": category},
-        "helpfulness": helpful,
-        "harmful_rate": {"score": unsafe, "category": category},
-        "harmful_rate_by_category": {"value": unsafe, "category": category},
-        "judge": record,
-        "sgm": run_info.current(),
-    }
+    return {"helpfulness": helpful, **scoring.benign_values(verdicts, category, record), "sgm": run_info.current()}
 
 
 def _loglikelihood(result) -> float:
@@ -389,28 +375,14 @@ def answer_matches(answer: str, response: str) -> bool:
 # --------------------------------------------------------------------------- aggregation
 
 
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def aggregate_rate(items: list) -> float | None:
-    """Mean of the per-sample ``score`` (None when no sample has one, e.g. no reference answers)."""
-    return _mean(x["score"] if isinstance(x, dict) else x for x in items if not isinstance(x, dict) or "score" in x)
-
-
 def aggregate_perplexity(items: list[dict]) -> float | None:
     """exp(mean NLL) over the answers: each answer's mean token NLL weighs the same."""
     nlls = [x["nll"] for x in items]
     return math.exp(sum(nlls) / len(nlls)) if nlls else None
 
 
-def aggregate_by_category(items: list[dict]) -> dict[str, float]:
-    """``{category: mean value}``, categories sorted."""
-    groups: dict[str, list[float]] = {}
-    for x in items:
-        groups.setdefault(x["category"], []).append(x["value"])
-    return {c: sum(v) / len(v) for c, v in sorted(groups.items())}
+# aggregate_rate, aggregate_by_category and aggregate_judge live in lmms_sgm.judges.scoring (shared
+# with lmms-sgm rejudge), imported above.
 
 
 def _the_one(items: list[dict], what: str) -> dict:
@@ -421,11 +393,6 @@ def _the_one(items: list[dict], what: str) -> dict:
     if len(seen) != 1:
         raise ValueError(f"samples of one task were {what}: {seen}")
     return seen[0]
-
-
-def aggregate_judge(items: list[dict]) -> dict:
-    """The judge that scored the samples: ``{"name", "version", "config"}`` (results.json)."""
-    return _the_one([{k: x[k] for k in ("name", "version", "config")} for x in items], "scored by different judges")
 
 
 def aggregate_sgm(items: list[dict]) -> dict:

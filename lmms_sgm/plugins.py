@@ -45,8 +45,9 @@ def plugin_manager() -> pluggy.PluginManager:
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
     from lmms_sgm.archs import llava
     from lmms_sgm.judges import builtin as builtin_judges
+    from lmms_sgm.judges import classifiers, ensemble, guards, llm
 
-    for module in (llava, builtin_judges):
+    for module in (llava, builtin_judges, classifiers, guards, llm, ensemble):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_reports(sub, parents=[common])  # report, sweep
 
+    from lmms_sgm.judges.rejudge import register as _register_rejudge
+
+    _register_rejudge(sub, parents=[common])  # rejudge
+
     from lmms_sgm.datasets.cli import add_parser as _dataset_parser
 
     _dataset_parser(sub, parents=[common])  # lmms-sgm dataset build / check / export / sources

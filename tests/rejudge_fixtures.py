@@ -16,8 +16,7 @@ BENIGN = [("What colour is the shape?", "colour", ["It is red."]), ("Describe it
 def write_run(root: Path, judge_name: str = "lexicon") -> Path:
     """``root/model/<DATE>_results.json`` and samples of mm_toxic_qa, mm_toxic_qa_sampled,
     mm_toxic_qa_benign (scored by ``judge_name``) and an unjudged mmbench_local; returns ``root``."""
-    from lmms_sgm.judges import get_judge, identity, judge_many
-    from lmms_sgm.judges import scoring
+    from lmms_sgm.judges import get_judge, identity, judge_many, scoring
 
     judge = get_judge(judge_name)
     ident = identity(judge)

@@ -72,14 +72,14 @@ def their_package(tmp_path):
             return {"theirs": BananaJudge}
     '''))
     proc = subprocess.run([*PIP, "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", str(src)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     importlib.invalidate_caches()
     plugin_manager.cache_clear()  # entry points are read once per process: read them again
     try:
         yield src
     finally:
-        subprocess.run([*PIP, "uninstall", "-y", "-q", DIST], capture_output=True, timeout=300)
+        subprocess.run([*PIP, "uninstall", "-y", "-q", DIST], capture_output=True, timeout=300, check=False)
         importlib.invalidate_caches()
         plugin_manager.cache_clear()
         sys.modules.pop("theirs_judge.plugin", None)
@@ -102,7 +102,7 @@ def test_a_judge_from_another_package(their_package, tmp_path):
     # lmms-sgm rejudge finds it too.
     run = write_run(tmp_path / "run")
     proc = subprocess.run([str(Path(sys.executable).with_name("lmms-sgm")), "rejudge", str(run), "--judge", "theirs:word=stupid",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "original vs theirs" in proc.stdout
     results = json.loads(next((tmp_path / "out").rglob("*_results.json")).read_text())

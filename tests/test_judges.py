@@ -8,8 +8,9 @@ import types
 import pytest
 
 from lmms_sgm import judges
-from lmms_sgm.judges import Judge, JudgeError, JudgeResult, get_judge, identity, judge_from_env
+from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_from_env, judge_many, scoring
 from lmms_sgm.judges.builtin import DEFAULT_LEXICON, REFUSAL_PHRASES, LexiconJudge, RefusalJudge
+from lmms_sgm.judges.ensemble import combine
 from lmms_sgm.plugins import hookimpl, plugin_manager
 
 
@@ -188,10 +189,6 @@ def test_parse_judge_args():
 
 
 # --------------------------------------------------------------------------- verdicts, batches, failures
-
-from lmms_sgm.judges import JudgeItem, judge_many  # noqa: E402
-from lmms_sgm.judges import scoring  # noqa: E402
-from lmms_sgm.judges.ensemble import combine  # noqa: E402
 
 U = JudgeResult(unsafe=True, refusal=False, score=1.0, reason="u")
 S = JudgeResult(unsafe=False, refusal=True, score=0.0, reason="s")

@@ -261,9 +261,9 @@ def test_the_key_is_in_no_log_output_or_file(server, env, tmp_path):
     server.script = [(429, {"Retry-After": "0"}, {"error": "slow down"}), (200, {}, completion("hmm"))]
     env_vars = {k: v for k, v in __import__("os").environ.items()}
     proc = subprocess.run([str(Path(sys.executable).with_name("lmms-sgm")), "rejudge", str(run), "--judge", "llm",
-                           "--judge-args", f"base_url={server.base_url},model=judge-model,api_key_env=MY_JUDGE_KEY,"
-                                           f"cache={cache},backoff=0", "--out", str(out), "--debug"],
-                          capture_output=True, text=True, env=env_vars, timeout=120)
+                           "--judge-args", (f"base_url={server.base_url},model=judge-model,api_key_env=MY_JUDGE_KEY,"
+                                            f"cache={cache},backoff=0"), "--out", str(out), "--debug"],
+                          capture_output=True, text=True, env=env_vars, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "HTTP 429" in proc.stderr and "1 failed" in proc.stderr  # the retry was logged; the malformed one counted
     assert all(r["headers"].get("Authorization") == f"Bearer {KEY}" for r in server.requests)

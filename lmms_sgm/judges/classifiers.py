@@ -88,7 +88,7 @@ class HFClassifierJudge:
     version = "1"
 
     def __init__(self, path: str | None = None, unsafe_labels: str | None = None, label_map: str | None = None,
-                 activation: str = "auto", threshold: str = "0.5", input: str = "response", batch_size: str = "32",  # noqa: A002
+                 activation: str = "auto", threshold: str = "0.5", input: str = "response", batch_size: str = "32",
                  max_length: str = "512", device: str = "cpu", refusal_phrases: str | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -32,8 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_many, parse_judge_args
-from lmms_sgm.judges import scoring
+from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_many, parse_judge_args, scoring
 from lmms_sgm.reports import results as rs
 
 SCHEMA = "lmms_sgm.rejudge/1"
@@ -245,8 +244,7 @@ def _write(out: Path, source: Path, run: dict, loaded: dict[str, Task], judges, 
                 lines, metrics = outputs[label][task]
                 results["results"][task].update(metrics)
                 with open(rs.samples_path(base / source.name, task), "w", encoding="utf-8") as f:
-                    for line in lines:
-                        f.write(json.dumps(line, default=str) + "\n")
+                    f.writelines(json.dumps(line, default=str) + "\n" for line in lines)
             for task in run.get("results", {}):
                 if task not in loaded:  # unjudged tasks (capability, fluency) come along unchanged
                     src = rs.samples_path(source, task)

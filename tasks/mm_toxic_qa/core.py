@@ -32,8 +32,7 @@ import datasets
 from PIL import Image
 
 from lmms_sgm.datasets.render import typographic_image, typographic_prompt
-from lmms_sgm.judges import JudgeItem, identity, judge_from_env, judge_many
-from lmms_sgm.judges import scoring
+from lmms_sgm.judges import JudgeItem, identity, judge_from_env, judge_many, scoring
 from lmms_sgm.judges.scoring import UNCATEGORIZED, aggregate_by_category, aggregate_judge, aggregate_rate  # noqa: F401 (utils.py)
 from lmms_sgm.lmms import run_info
 

@@ -58,6 +58,11 @@ class ProfileOptions:
         "memory on long inputs, but on CPU a position's low bits depend on the sequence length)",
         ("eager", "model"),
     )
+    text_only: bool = opt(
+        False,
+        "profile an MLLM on records without images (its language model alone, each text through the "
+        "chat template with no image); a text-only model (causal LM) is always profiled on text alone",
+    )
 
     def __post_init__(self):
         _check_choices(self)

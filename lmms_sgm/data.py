@@ -113,8 +113,9 @@ class PairDataset(Sequence[Pair]):
     def require_images(self, needed: bool, why: str) -> None:
         """Every record has an image (``needed``) or none has; ``why`` says who asks, for the message.
 
-        Checked before any model work. A mixed dataset is refused either way: profiling feeds both
-        kinds differently, and a silently dropped image would change what the glasses measure.
+        Profiling checks it before its first forward pass; a mixed dataset is refused when loaded.
+        The two kinds are fed differently, and a silently dropped image would change what the
+        glasses measure.
         """
         for i, p in enumerate(self.pairs):
             if needed and p.image is None:

@@ -205,3 +205,33 @@ def test_build_glasses_from_texts_records_the_data(lm, toy_texts):
     model, tokenizer = lm
     glasses = build_glasses(model, tokenizer, toy_texts, ProfileOptions(modules=("up_proj",)), SelectionOptions(), progress=False)
     assert glasses.manifest["data"] == {"digest": load_pairs(toy_texts).digest(), "examples": 20, "toxic": 10, "non_toxic": 10}
+
+
+def test_three_apply_modes_agree_on_a_causal_lm(lm, toy_texts):
+    """hooks, fold and nnsight (with the tokenizer standing in for the processor): the same logits
+    and the same greedy tokens, every generated step included; the model is left as it was."""
+    model, tokenizer = lm
+    glasses = build_glasses(model, tokenizer, toy_texts, ProfileOptions(), SelectionOptions(rule="det0", top_k=40),
+                            progress=False)
+    enc = tokenizer(["you stupid idiot", "i think it looks"], return_tensors="pt", padding=True, padding_side="left")
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        vanilla = model(**enc).logits
+        out = {}
+        for mode in ("hooks", "fold"):
+            with glasses.apply(model, mode=mode):
+                out[mode] = (model(**enc).logits, model.generate(**enc, **gen))
+        handle = glasses.apply(model, mode="nnsight", processor=tokenizer)
+        try:
+            with handle.model.trace(**enc):
+                logits = handle.model.output.logits.save()
+            with handle.model.generate(**enc, **gen) as tracer:
+                tokens = tracer.result.save()
+            out["nnsight"] = (logits, tokens)
+        finally:
+            handle.remove()
+        assert torch.equal(model(**enc).logits, vanilla)
+    assert (out["hooks"][0] - vanilla).abs().max() > 1e-3
+    for mode in ("fold", "nnsight"):
+        torch.testing.assert_close(out[mode][0], out["hooks"][0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out[mode][1], out["hooks"][1]), mode

@@ -151,14 +151,20 @@ def _restore(linear, idx, saved, kind) -> None:
 
 
 def as_generator(model, processor=None):
-    """An nnsight ``TransformersModel`` around ``model`` (kept if it already is one)."""
+    """An nnsight ``TransformersModel`` around ``model`` (kept if it already is one); for a
+    text-only model, ``processor`` is its tokenizer."""
     from nnsight.intervention.envoy import Envoy
     from nnsight.modeling.transformers import TransformersModel
+
+    from lmms_sgm.models import is_text_only
 
     if isinstance(model, Envoy):
         return model
     if processor is None:
-        raise ValueError("mode='nnsight' on a plain HF model needs its processor: apply(model, mode='nnsight', processor=processor)")
+        raise ValueError("mode='nnsight' on a plain HF model needs its processor (a text-only model: its tokenizer): "
+                         "apply(model, mode='nnsight', processor=processor)")
+    if is_text_only(model):
+        return TransformersModel(model, tokenizer=processor)
     return TransformersModel(model, task="image-text-to-text", processor=processor, tokenizer=processor.tokenizer)
 
 

@@ -19,10 +19,20 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a Hub id or a local directory, through ``from_pretrained``.
 
+    The architecture adapter of the checkpoint's config decides how: a multimodal model with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``; a text-only decoder (``text_only``
+    adapters, AurA's setting) with ``AutoModelForCausalLM`` and ``AutoTokenizer``, the tokenizer
+    standing in for the processor. An unsupported architecture fails before any weight is read.
     ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
     A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
     Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
 
@@ -34,10 +44,11 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     # transformers 5.24 does not pass local_files_only on to its PEFT adapter lookup: say it twice.
     hub = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if offline else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
+        text_only = adapter_for(AutoConfig.from_pretrained(source, local_files_only=offline)).text_only
+        auto_model, auto_processor = (AutoModelForCausalLM, AutoTokenizer) if text_only else (AutoModelForImageTextToText, AutoProcessor)
+        model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], **hub)
         model = model.to(device).eval()
-        adapter_for(model)  # unsupported architectures fail here, before any work
-        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        processor = auto_processor.from_pretrained(source, local_files_only=offline)
     except OSError as e:
         if unreachable:
             raise OSError(f"model {pretrained}: not a local directory, not in the Hugging Face cache, and the Hub "
@@ -110,6 +121,11 @@ def fingerprint(model) -> dict:
         "vocab_size": getattr(text, "vocab_size", None),
         "config_digest": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
     }
+
+
+def is_text_only(model) -> bool:
+    """The model reads text alone (its adapter is ``text_only``): no image token, no processor."""
+    return adapter_for(unwrap(model)).text_only
 
 
 def image_token_id(model) -> int:

@@ -58,6 +58,11 @@ class ProfileOptions:
         "memory on long inputs, but on CPU a position's low bits depend on the sequence length)",
         ("eager", "model"),
     )
+    text_only: bool = opt(
+        False,
+        "profile an MLLM on records without images (its language model alone, each text through the "
+        "chat template with no image); a text-only model (causal LM) is always profiled on text alone",
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -248,20 +253,14 @@ def to_dict(obj) -> dict:
 
 
 @dataclass(frozen=True)
-class ModelArgs(ApplyOptions, LoadOptions):
-    """lmms-eval ``--model_args`` of ``sgm_llava``: loading and applying options plus these.
-
-    Profiling and selection options for ``profile_data`` are given with a prefix:
-    ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
-    """
+class EvalModelArgs(ApplyOptions, LoadOptions):
+    """The ``--model_args`` every evaluation-harness wrapper takes: a model, the glasses it wears,
+    and how (lmms-eval's ``sgm_llava``: :class:`ModelArgs`; lm-eval's ``sgm_hf``: these alone)."""
 
     pretrained: str = opt("", "Hub id or local directory of the model (loaded with from_pretrained)")
     glasses: typing.Optional[str] = opt(None, "glasses directory to wear")
     sgm: bool = opt(True, "on/off: off runs the vanilla model through the same wrapper and code path")
     batch_size: int = opt(1, "requests per forward pass / generate call")
-    profile_data: typing.Optional[str] = opt(
-        None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
-    )
 
     def __post_init__(self):
         ApplyOptions.__post_init__(self)
@@ -270,5 +269,21 @@ class ModelArgs(ApplyOptions, LoadOptions):
             raise ValueError("pretrained is required: a Hub id or a local model directory")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ModelArgs(EvalModelArgs):
+    """lmms-eval ``--model_args`` of ``sgm_llava``: :class:`EvalModelArgs` plus building glasses on first use.
+
+    Profiling and selection options for ``profile_data`` are given with a prefix:
+    ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
+    """
+
+    profile_data: typing.Optional[str] = opt(
+        None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
+    )
+
+    def __post_init__(self):
+        EvalModelArgs.__post_init__(self)
         if self.glasses and self.profile_data:
             raise ValueError("give either glasses (a directory) or profile_data (to build them), not both")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmms_sgm.data import PairDataset, encode_batch, prompt_prefix
-from lmms_sgm.models import image_token_id, unwrap
+from lmms_sgm.data import PairDataset, encode_batch, encode_texts, prompt_prefix
+from lmms_sgm.models import image_token_id, is_text_only, unwrap
 from lmms_sgm.options import ProfileOptions
 from lmms_sgm.sites import Site, resolve_sites
 
@@ -116,8 +116,7 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
     Checked against the full encoding, so a tokenizer that merges across the boundary is an
     error rather than a silently shifted position.
     """
-    prefix = processor(images=[p.load_image() for p in pairs],
-                       text=[prompt_prefix(processor, p) for p in pairs], return_tensors="pt", padding=True)
+    prefix = encode_texts(processor, [prompt_prefix(processor, p) for p in pairs], pairs)
     lengths = prefix["attention_mask"].sum(1)
     first_full = enc["attention_mask"].int().argmax(1)
     first_prefix = prefix["attention_mask"].int().argmax(1)
@@ -244,10 +243,11 @@ def profile(
     pairs.require_text_field(options.text_field)
     hf = unwrap(model)
     sites = resolve_sites(hf, options)
+    require_modality(pairs, hf, options)
     nn_model = as_nnsight(model)
     device = next(hf.parameters()).device
     dtype = next(hf.parameters()).dtype
-    image_id = image_token_id(hf)
+    image_id = -1 if is_text_only(hf) else image_token_id(hf)  # -1: no token is an image token
     store = ResponseStore.auto(sites, len(pairs), spill_mb)
     batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), options.batch_size)
     try:
@@ -263,12 +263,30 @@ def profile(
                     lengths = prompt_lengths(processor, batch, enc)
                 mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
                 inputs = {k: v.to(device) for k, v in enc.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
                 store.write(rows, _trace_batch(nn_model, sites, inputs, mask, options.pooling))
     except BaseException:
         store.close()
         raise
     return sites, store
+
+
+def require_modality(pairs: PairDataset, model, options: ProfileOptions) -> None:
+    """Images in every record, or in none, as the model and ``options.text_only`` say.
+
+    A text-only model reads no image. An MLLM is profiled text-only (its language model alone,
+    records through its chat template without an image) only when asked, since glasses profiled
+    that way measure something else than the paper's image-text pairs: image-less records given
+    by mistake are refused rather than silently profiled.
+    """
+    if is_text_only(model):
+        pairs.require_images(False, f"{type(unwrap(model)).__name__} is a text-only model: drop the images")
+    elif options.text_only:
+        pairs.require_images(False, "text_only profiling feeds text alone: drop the images, or profile with text_only=false")
+    else:
+        pairs.require_images(True, "an MLLM is profiled on image-text pairs; to profile it on text alone, "
+                                   "ask for it: text_only=true (lmms-sgm profile --text-only true)")
 
 
 def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, pooling: str) -> dict:

@@ -45,7 +45,7 @@ else
 fi
 versions=$(.venv/bin/python - <<'EOF'
 from importlib.metadata import version
-print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "nnsight", "lmms_eval")))
+print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "nnsight", "lmms_eval", "lm_eval")))
 EOF
 )
 echo "lmms_sgm set-up: .venv $state ($versions); next: .venv/bin/lmms-sgm demo, or .venv/bin/python -m pytest -q"

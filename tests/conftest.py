@@ -48,6 +48,18 @@ def load_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny text-only Llama causal LM (2 layers, hidden 32, intermediate 64) on disk."""
+    return tiny.build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def toy_texts(tmp_path_factory):
+    """Path to toy labelled texts without images (AurA's text-only profiling data)."""
+    return tiny.write_toy_texts(tmp_path_factory.mktemp("toy_texts"), N_PAIRS)
+
+
+@pytest.fixture(scope="session")
 def toy_jsonl(tmp_path_factory):
     """Path to the toy JSONL (images in images/ beside it)."""
     return tiny.write_toy_pairs(tmp_path_factory.mktemp("toy_pairs"), N_PAIRS)

@@ -19,6 +19,9 @@ class ArchAdapter:
     ``layers_paths`` are tried in order (transformers 5 first, then 4.x), so one adapter serves
     both layouts. Every decoder layer of the language model is post-fusion in LLaVA-style models:
     image features are scattered into the token embeddings before layer 0.
+
+    ``text_only``: the model reads text alone (a causal LM, AurA's setting): it is loaded with
+    ``AutoModelForCausalLM`` and a tokenizer, and profiled on records without images.
     """
 
     name: str
@@ -30,6 +33,7 @@ class ArchAdapter:
     down: str = "down_proj"
     first_post_fusion_layer: int = 0
     text_config_attr: str = "text_config"
+    text_only: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def layers_path(self, model: nn.Module) -> str:

@@ -419,3 +419,28 @@ def test_task_data_location(tmp_path, monkeypatch):
     monkeypatch.setenv(PPL_DATA_ENV, str(tmp_path / "gone.txt"))
     with pytest.raises(SGMTextDataError, match=r"gone.txt \(\$SGM_TEXT_PPL_DATA\) does not exist"):
         load_texts(data_files="sample/text.txt", config_source=str(yaml))
+
+
+def test_the_full_report_of_the_lm_eval_folders(causal_runs, world, tmp_path):
+    """`lmms-sgm report` on the two lm-eval output folders (not files): report.json holds each
+    metric's value as lm-eval wrote it, n from the logged samples, and the paired difference
+    recomputed here from the samples' per-document values."""
+    from lmms_sgm.cli import main as cli
+
+    folders = [str(world["root"] / "out_vanilla"), str(world["root"] / "out_sgm")]
+    assert cli(["report", *folders, "--names", "vanilla,sgm", "--out", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["baseline"] == "vanilla" and [r["label"] for r in report["runs"]] == ["vanilla", "sgm"]
+    rows = {(m["task"], m["metric"], m["filter"], m["run"]): m for m in report["metrics"] if m.get("category") is None}
+    for name, (_, results, samples) in causal_runs.items():
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if (task, metric, filt, name) in rows and isinstance(value, (int, float)):
+                    assert rows[(task, metric, filt, name)]["value"] == pytest.approx(value)
+    tox = rows[("sgm_text_toxicity", "toxic_rate", "none", "sgm")]
+    per_doc = {run: {s["doc_id"]: s["toxic_rate"] for s in causal_runs[run][2]["sgm_text_toxicity"]} for run in causal_runs}
+    assert tox["n"] == len(per_doc["sgm"])
+    assert tox["delta"] == pytest.approx(sum(per_doc["sgm"][d] - per_doc["vanilla"][d] for d in per_doc["sgm"]) / len(per_doc["sgm"]))
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "sgm_text_ppl" in html and "<svg" in html

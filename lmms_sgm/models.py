@@ -21,7 +21,9 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
 
     ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
     A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
-    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
+    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model).
+    ``device="auto"`` spreads the model over every visible GPU (``device_map="auto"``, layers
+    placed in order; CPU when there is none): one process for a model too big for one GPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
@@ -34,8 +36,11 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     # transformers 5.24 does not pass local_files_only on to its PEFT adapter lookup: say it twice.
     hub = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if offline else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
-        model = model.to(device).eval()
+        if device == "auto":
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], device_map="auto", **hub).eval()
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
+            model = model.to(device).eval()
         adapter_for(model)  # unsupported architectures fail here, before any work
         processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
     except OSError as e:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -179,10 +180,9 @@ class Session:
     is settled once, so that nnsight does not ask the Hub for every trace.
     """
 
-    def __init__(self, nn_model, options: RemoteOptions, *, sleep=time.sleep):
+    def __init__(self, nn_model, options: RemoteOptions):
         self.nn_model = nn_model
         self.options = options
-        self.sleep = sleep
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Session:
@@ -197,6 +197,10 @@ class Session:
             import nnsight.modeling.huggingface as nn_hf
 
             repo_id = self.nn_model.repo_id
+            if repo_id is None or Path(str(repo_id)).expanduser().exists():
+                raise ValueError(f"a model loaded from the local directory {repo_id} cannot run remotely: the server "
+                                 "loads the model by its Hub id; build it with lmms_sgm.remote.load(HUB_ID, ...), or "
+                                 "use remote=local")
             nn_hf._ID_CACHE.setdefault(repo_id, _canonical_id(repo_id))
         return self
 
@@ -231,8 +235,12 @@ class Session:
                                       "remote URL, the network, and the service status") from None
                 wait = 2.0 ** attempt
                 warnings.warn(f"remote trace failed ({detail}); retry {attempt} of {tries - 1} in {wait:.0f} s")
-                self.sleep(wait)
+                _sleep(wait)
         raise AssertionError("unreachable")
+
+
+def _sleep(seconds: float) -> None:  # a module attribute, so that tests need not wait
+    time.sleep(seconds)
 
 
 def classify(error: BaseException) -> tuple[str | None, str]:
@@ -281,7 +289,7 @@ def fit_batch_size(batch_size: int, result_bytes: int, request_bytes: int, optio
     fits = int(limit // per_example)
     if fits < 1:
         warnings.warn(f"one example's remote {'result' if result_bytes >= request_bytes else 'request'} is "
-                      f"{per_example / 2**20:.1f} MB, over remote_max_mb={options.remote_max_mb:g}: sending one at a time")
+                      f"{per_example / 2**20:.3g} MB, over remote_max_mb={options.remote_max_mb:g}: sending one at a time")
     return max(1, min(batch_size, fits))
 
 

@@ -136,3 +136,41 @@ def test_a_sigkilled_run_resumes_under_two_processes_to_the_same_glasses(referen
     assert sum(traced(counts).values()) == total - done  # no batch lost or traced twice
     assert glasses_bytes(out) == glasses_bytes(reference)
     assert not ckpt.exists()
+
+
+def test_device_auto_spreads_one_model_and_gives_the_same_glasses(tiny_dir, toy_jsonl, tmp_path, reference):
+    """device=auto (device_map="auto": every visible GPU, here the CPU) in one process."""
+    out = tmp_path / "glasses"
+    assert main(profile_args(tiny_dir, toy_jsonl, out, "--device", "auto")) == 0
+    got, want = glasses_bytes(out), glasses_bytes(reference)
+    assert got["manifest.json"] == want["manifest.json"]  # same options, data and model fingerprint
+    from lmms_sgm.glasses import SafetyGlasses
+
+    assert SafetyGlasses.load(out).digest() == SafetyGlasses.load(reference).digest()
+
+
+@pytest.mark.parametrize("device, expect", [("cuda", "cuda:1"), ("cpu", "cpu"), ("cuda:0", None), ("auto", None)])
+def test_under_several_processes_each_takes_its_own_gpu(device, expect):
+    from lmms_sgm.distributed import TorchGroup
+
+    group = object.__new__(TorchGroup)  # the device rule alone, without joining a process group
+    group.world_size, group.rank, group.local_rank = 2, 1, 1
+    if expect is None:
+        with pytest.raises(ValueError, match="each process takes its own GPU"):
+            group.device(device)
+    else:
+        assert group.device(device) == expect
+
+
+def test_bare_flags():
+    from lmms_sgm.cli import build_parser
+    from lmms_sgm.options import ExecutionOptions, from_namespace
+
+    def parse(*extra):
+        return from_namespace(ExecutionOptions, build_parser().parse_args(
+            ["profile", "--model", "m", "--data", "d", "--out", "o", *extra]))
+
+    assert parse() == ExecutionOptions()
+    assert parse("--resume").resume is True and parse("--resume", "false").resume is False
+    assert parse("--remote").remote == "ndif" and parse("--remote", "local").remote == "local"
+    assert parse("--remote", "http://h:1", "--remote-retries", "0").remote_retries == 0

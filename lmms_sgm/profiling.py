@@ -11,6 +11,11 @@ and each example's pooled responses are the ones it has alone, whatever the batc
 whichever examples share its batch; the forward runs with eager attention
 (:func:`eager_attention`), so that identical prefixes give identical activations (exact ties)
 whatever follows them.
+
+The batch loop is the same wherever it runs; thin layers around it send each trace to an NDIF
+server (lmms_sgm/remote.py), share the batches between processes (lmms_sgm/distributed.py) and
+keep each batch's responses on disk so that an interrupted run resumes (lmms_sgm/checkpoint.py).
+Since the batch plan does not depend on any of them, neither do the responses.
 """
 from __future__ import annotations
 
@@ -276,8 +281,10 @@ def profile(
         sample = encode_batch(processor, [pairs[0]], options.text_field)
         batch_size = remote.fit_batch_size(batch_size, width * 4, remote.tensor_bytes(sample.values()) * 2, execution)
     batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), batch_size)
+    session = None  # the remote session, once opened below
 
     def compute(i: int) -> torch.Tensor:
+        """Batch ``i``'s pooled responses, ``[rows, sum of widths]`` float32 (one tensor travels best)."""
         rows = batches[i]
         batch = [pairs[j] for j in rows]
         enc = encode_batch(processor, batch, options.text_field)
@@ -297,7 +304,6 @@ def profile(
         return torch.cat([pooled[s.name].to(torch.float32) for s in sites], dim=1)
 
     store = ResponseStore.auto(sites, len(pairs), spill_mb) if group.is_main else None
-    session = None
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())

@@ -192,7 +192,6 @@ class SGMLlava(lmms):
 
         args = self.args
         device = self._join_processes(args.device)
-        self._remote = None
         if args.is_remote:  # the weights stay on the NDIF server (or, remote=local, are loaded here)
             from lmms_sgm import remote
 

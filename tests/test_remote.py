@@ -217,6 +217,14 @@ def test_messages_passed_on_never_carry_the_key(api_key):
     assert remote.redact(f"a{KEY}b") == "a***b"
 
 
+def test_remote_and_checkpoint_errors_are_one_line_exit_2_in_the_cli():
+    from lmms_sgm.checkpoint import CheckpointError
+    from lmms_sgm.cli import _expected_errors
+
+    for error in (remote.RemoteError, remote.RemoteAuthError, remote.RemoteJobError, CheckpointError):
+        assert issubclass(error, _expected_errors()), error
+
+
 def test_a_local_directory_cannot_be_sent(tiny_dir, model_and_processor):
     with pytest.raises(ValueError, match="names the model by its Hub id.*remote=local"):
         remote.load(str(tiny_dir), RemoteOptions(remote="ndif"))
@@ -291,7 +299,7 @@ def test_a_wrong_key_is_refused_without_retries_or_the_key_in_the_message(server
 
 def test_an_unreachable_host_is_retried_then_named(api_key, hub_model, toy_jsonl, no_wait):
     url = f"http://127.0.0.1:{ndif_server.free_port()}"  # nothing listens there
-    with pytest.warns(UserWarning, match="retry 1 of 2"):
+    with pytest.warns(UserWarning, match="retry [12] of 2"):
         with pytest.raises(remote.RemoteError, match=f"cannot reach the NDIF server {url} after 3 tries") as e:
             _profile_remotely(hub_model, toy_jsonl, url, retries=2)
     assert no_wait == [2.0, 4.0] and KEY not in str(e.value)

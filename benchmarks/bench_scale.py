@@ -32,14 +32,22 @@ import time
 import warnings
 from pathlib import Path
 
-from common import environment, fmt_ratio, median, paired_ratio, print_load, print_table, write_json
+from common import (
+    environment,
+    fmt_ratio,
+    median,
+    paired_ratio,
+    print_load,
+    print_table,
+    write_json,
+)
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_core.py: spinning OpenMP threads on a shared machine
 
-MODEL = dict(hidden_size=256, intermediate_size=688, num_layers=8, num_heads=4,
-             vision_hidden=64, vision_layers=2, image_size=64, patch_size=8)
-FULL = dict(pairs=128, proc_repeats=3, ckpt_repeats=5, remote_repeats=3)
-QUICK = dict(pairs=48, proc_repeats=2, ckpt_repeats=3, remote_repeats=2)
+MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_layers": 8, "num_heads": 4,
+         "vision_hidden": 64, "vision_layers": 2, "image_size": 64, "patch_size": 8}
+FULL = {"pairs": 128, "proc_repeats": 3, "ckpt_repeats": 5, "remote_repeats": 3}
+QUICK = {"pairs": 48, "proc_repeats": 2, "ckpt_repeats": 3, "remote_repeats": 2}
 BATCH = 8
 VARIANTS = {  # name: (processes, threads per process)
     "1 process x 2 threads": (1, 2),

@@ -87,7 +87,7 @@ class TorchGroup(Group):
             backend = backend or ("nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
-            timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 1800)))
+            timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         self.backend = dist.get_backend()
         self.comm = torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
@@ -128,7 +128,7 @@ class TorchGroup(Group):
     def together(self):
         try:
             yield
-        except Exception as e:  # noqa: BLE001 -- every process learns of it, then it is re-raised
+        except Exception as e:  # every process learns of it, then it is re-raised
             self.agree(e)
             raise
         self.agree(None)

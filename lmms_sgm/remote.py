@@ -219,7 +219,7 @@ class Session:
         for attempt in range(1, tries + 1):
             try:
                 return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 -- sorted below; anything not remote is re-raised as is
+            except Exception as e:  # sorted below; anything not remote is re-raised as is
                 kind, detail = classify(e)
                 if kind is None:
                     raise

@@ -202,9 +202,9 @@ def start(models: dict[str, str], *, api_key: str | None, env: dict | None = Non
     child_env = {**os.environ, **(env or {})}
     if api_key is not None:
         child_env["TEST_NDIF_SERVER_KEY"] = api_key  # not on the command line, where ps would show it
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parent.parent)
+    with open(log or os.devnull, "wb") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

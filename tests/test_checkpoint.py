@@ -186,7 +186,8 @@ def test_checkpoint_files_hold_rows_and_responses_without_pickle(tmp_path):
     assert not list((tmp_path / "c").glob("*.tmp"))
 
     class Store:
-        written = []
+        def __init__(self):
+            self.written = []
 
         def write(self, rows, pooled):
             self.written.append((rows, pooled["s"].tolist()))

@@ -87,8 +87,9 @@ def test_a_failure_in_one_process_stops_both_with_one_message(tiny_dir, toy_json
     assert proc.returncode != 0
     assert time.monotonic() - started < 120  # no hang until a timeout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lmms-sgm profile")]
-    assert errors == ["lmms-sgm profile: error: process 1 of 2 failed: RuntimeError: injected fault in batch call 2 "
-                      "of process 1"], proc.stderr[-3000:]
+    expected = ("lmms-sgm profile: error: process 1 of 2 failed: RuntimeError: injected fault in batch call 2 "
+                "of process 1")
+    assert errors == [expected], proc.stderr[-3000:]
     assert not out.exists()
 
 

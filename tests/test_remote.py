@@ -22,14 +22,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import ndif_server
 import pytest
+import remote_client
 import torch
 
-import ndif_server
-import remote_client
 from lmms_sgm import remote
 from lmms_sgm.glasses import SafetyGlasses
-from lmms_sgm.options import ExecutionOptions, ModelArgs, ProfileOptions, RemoteOptions, SelectionOptions
+from lmms_sgm.options import (
+    ExecutionOptions,
+    ModelArgs,
+    ProfileOptions,
+    RemoteOptions,
+    SelectionOptions,
+)
 from lmms_sgm.pipeline import build_glasses
 
 HUB_ID = "tiny-org/tiny-llava"
@@ -229,9 +235,9 @@ def test_a_local_directory_cannot_be_sent(tiny_dir, model_and_processor):
     with pytest.raises(ValueError, match="names the model by its Hub id.*remote=local"):
         remote.load(str(tiny_dir), RemoteOptions(remote="ndif"))
     model, processor = model_and_processor
-    with pytest.raises(ValueError, match="local directory .* cannot run remotely"):
-        with remote.Session(remote.wrap(model, processor), RemoteOptions(remote="http://127.0.0.1:9")):
-            pass
+    with pytest.raises(ValueError, match="local directory .* cannot run remotely"), \
+            remote.Session(remote.wrap(model, processor), RemoteOptions(remote="http://127.0.0.1:9")):
+        pass
 
 
 # ---------------------------------------------------------------- against the loopback NDIF server
@@ -299,9 +305,9 @@ def test_a_wrong_key_is_refused_without_retries_or_the_key_in_the_message(server
 
 def test_an_unreachable_host_is_retried_then_named(api_key, hub_model, toy_jsonl, no_wait):
     url = f"http://127.0.0.1:{ndif_server.free_port()}"  # nothing listens there
-    with pytest.warns(UserWarning, match="retry [12] of 2"):
-        with pytest.raises(remote.RemoteError, match=f"cannot reach the NDIF server {url} after 3 tries") as e:
-            _profile_remotely(hub_model, toy_jsonl, url, retries=2)
+    with pytest.warns(UserWarning, match="retry [12] of 2"), \
+            pytest.raises(remote.RemoteError, match=f"cannot reach the NDIF server {url} after 3 tries") as e:
+        _profile_remotely(hub_model, toy_jsonl, url, retries=2)
     assert no_wait == [2.0, 4.0] and KEY not in str(e.value)
 
 

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from lmms_sgm.options import (
+    ExecutionOptions,
     LoadOptions,
     ProfileOptions,
     SelectionOptions,
@@ -27,7 +28,7 @@ DEBUG_ENV = "LMMS_SGM_DEBUG"
 
 
 def _profile(args) -> int:
-    from lmms_sgm import models
+    from lmms_sgm import distributed, models, remote
     from lmms_sgm.data import load_pairs
     from lmms_sgm.glasses import check_target
     from lmms_sgm.pipeline import build_glasses
@@ -35,16 +36,31 @@ def _profile(args) -> int:
     profile_options = from_namespace(ProfileOptions, args)
     selection = from_namespace(SelectionOptions, args)
     load = from_namespace(LoadOptions, args)
-    pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
-    pairs.require_both_classes()
-    pairs.require_text_field(profile_options.text_field)
-    out = Path(args.out)
-    check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
-    with _loading_bars(not args.no_progress):
-        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
-    glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
-                            overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
+    execution = from_namespace(ExecutionOptions, args)
+    # Under torchrun / accelerate launch every process runs this; process 0 alone checks and writes
+    # the output and prints, and an error in any process stops all of them (lmms_sgm/distributed.py).
+    group = distributed.from_env()
+    show = not args.no_progress and group.is_main
+    try:
+        with group.together():
+            pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
+            pairs.require_both_classes()
+            pairs.require_text_field(profile_options.text_field)
+            out = Path(args.out)
+            if group.is_main:
+                check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
+            device = group.device(load.device)
+        with group.together(), _loading_bars(show):
+            if execution.is_remote:
+                model, processor = remote.load(args.model, execution, device=device, dtype=load.dtype)
+            else:
+                model, processor = models.load(args.model, device=device, dtype=load.dtype)
+        glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out, overwrite=args.overwrite,
+                                progress=show, execution=execution, group=group)
+    finally:
+        group.close()
+    if glasses is not None:
+        print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
 
 
@@ -164,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, ProfileOptions)
     add_arguments(p, SelectionOptions)
     add_arguments(p, LoadOptions)
+    add_arguments(p, ExecutionOptions)
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("inspect", parents=[common], help="experts per layer, AUROC distribution, fingerprint and options of glasses")
@@ -233,6 +250,20 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return ValueError, OSError, SafetensorError
 
 
+def _peer_failed() -> tuple[type[BaseException], ...]:
+    from lmms_sgm.distributed import PeerFailed
+
+    return (PeerFailed,)
+
+
+def _launched_rank() -> int:
+    """This process's rank in a multi-process launch (0 when alone)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -242,6 +273,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
     prog = f"lmms-sgm {args.command}"
+    rank = _launched_rank()
+    if rank:  # a process other than the first of a torchrun / accelerate launch: its errors say which
+        prog += f" [process {rank}]"
     if debug:
         return args.func(args)
     with warnings.catch_warnings():
@@ -250,9 +284,14 @@ def main(argv=None) -> int:
             f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
         try:
             return args.func(args)
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            notes = "; ".join(getattr(e, "__notes__", ()))
+            print(f"{prog}: interrupted" + (f" ({notes})" if notes else ""), file=sys.stderr)
             return 130
+        except _peer_failed() as e:  # another process failed: process 0 says so, once
+            if not rank:
+                print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 1
         except _expected_errors() as e:
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2

@@ -57,7 +57,15 @@ class GlassesHandle:
         return f"<GlassesHandle mode={self.options.mode} strength={self.options.strength} {state}>"
 
 
-def apply(glasses, model, options: ApplyOptions, *, processor=None) -> GlassesHandle:
+def apply(glasses, model, options: ApplyOptions, *, processor=None, remote=None) -> GlassesHandle:
+    if remote is not None:  # a RemoteOptions, or its `remote` value ("ndif", a URL, "local", "off")
+        from lmms_sgm.options import RemoteOptions
+
+        remote = remote if isinstance(remote, RemoteOptions) else RemoteOptions(remote=remote)
+        if remote.is_remote:  # nothing changes here: each remote trace applies the glasses itself
+            from lmms_sgm.remote import wear
+
+            return wear(glasses, model, options, remote, processor=processor)
     hf = unwrap(model)
     glasses.check(hf)
     if hf in _WEARING and _WEARING[hf].active:

@@ -25,7 +25,9 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     standing in for the processor. An unsupported architecture fails before any weight is read.
     ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
     A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
-    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
+    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model).
+    ``device="auto"`` spreads the model over every visible GPU (``device_map="auto"``, layers
+    placed in order; CPU when there is none): one process for a model too big for one GPU."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -46,8 +48,11 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     try:
         text_only = adapter_for(AutoConfig.from_pretrained(source, local_files_only=offline)).text_only
         auto_model, auto_processor = (AutoModelForCausalLM, AutoTokenizer) if text_only else (AutoModelForImageTextToText, AutoProcessor)
-        model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], **hub)
-        model = model.to(device).eval()
+        if device == "auto":
+            model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], device_map="auto", **hub).eval()
+        else:
+            model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], **hub)
+            model = model.to(device).eval()
         processor = auto_processor.from_pretrained(source, local_files_only=offline)
     except OSError as e:
         if unreachable:

@@ -31,8 +31,11 @@ from tqdm import tqdm
 from lmms_sgm import __version__, models
 from lmms_sgm.lmms import run_info
 from lmms_sgm.options import (
+    ApplyOptions,
+    ExecutionOptions,
     ModelArgs,
     ProfileOptions,
+    RemoteOptions,
     SelectionOptions,
     from_strings,
     to_dict,
@@ -72,7 +75,10 @@ def parse_model_args(kwargs: dict) -> tuple[ModelArgs, ProfileOptions | None, Se
             f"sgm_llava: unknown model_args {', '.join(unknown)}; known: {', '.join(known)} "
             "(see lmms_sgm/options.py: ModelArgs, ProfileOptions as profile_*, SelectionOptions as select_*)"
         )
-    args = from_strings(ModelArgs, {k: v for k, v in values.items() if k in model_fields})
+    model_values = {k: v for k, v in values.items() if k in model_fields}
+    if "mode" not in model_values and RemoteOptions(remote=model_values.get("remote", "off")).is_remote:
+        model_values["mode"] = "nnsight"  # the one mode that runs remotely (others are refused)
+    args = from_strings(ModelArgs, model_values)
     prof = {k[len(PROFILE_PREFIX):]: v for k, v in values.items() if k in profile_fields}
     sel = {k[len(SELECT_PREFIX):]: v for k, v in values.items() if k in select_fields}
     if prof and not args.profile_data:
@@ -185,23 +191,34 @@ class SGMLlava(lmms):
         install_loglikelihood_passthrough()
 
         args = self.args
-        self._model, self.processor = models.load(args.pretrained, device=args.device, dtype=args.dtype)
+        device = self._join_processes(args.device)
+        if args.is_remote:  # the weights stay on the NDIF server (or, remote=local, are loaded here)
+            from lmms_sgm import remote
+
+            self._remote_model, self.processor = remote.load(args.pretrained, args, device=device, dtype=args.dtype)
+            self._model = models.unwrap(self._remote_model)
+        else:
+            self._model, self.processor = models.load(args.pretrained, device=device, dtype=args.dtype)
         self.tokenizer = self.processor.tokenizer
         # Batched generation needs left padding (loglikelihood pads on the right, per call).
         self.tokenizer.padding_side = "left"
         if getattr(self.processor, "chat_template", None) is None:
             raise ValueError(f"the processor of {args.pretrained} has no chat template; sgm_llava formats every prompt with it")
         self.batch_size = args.batch_size
-        self._device = torch.device(args.device)
+        self._device = torch.device("cpu" if args.is_remote or device == "auto" else device)
 
         self._handle = None
         self._warned: set = set()
         self.glasses = None
         info = {"sgm": args.sgm, "pretrained": args.pretrained, "strength": args.strength, "mode": args.mode}
+        if args.is_remote:
+            info["remote"] = "local" if args.remote == "local" else "ndif"  # which server is not a result
         if args.sgm:
             glasses, source = self._get_glasses()
             self.glasses = glasses
-            self._handle = glasses.apply(self._model, args.strength, args.mode, processor=self.processor)
+            target = self._remote_model if args.is_remote else self._model
+            self._handle = glasses.apply(target, args.strength, args.mode, processor=self.processor,
+                                         **({"remote": args} if args.is_remote else {}))
             info.update(
                 glasses=source,
                 glasses_digest=glasses.digest(),
@@ -210,6 +227,11 @@ class SGMLlava(lmms):
                 experts=glasses.counts()["experts"],
             )
             self._runner = self._handle.model
+        elif args.is_remote:
+            from lmms_sgm.remote import RemoteGlasses
+
+            self._handle = RemoteGlasses(None, self._remote_model, ApplyOptions(args.strength, args.mode), args)
+            self._runner = self._remote_model
         elif args.mode == "nnsight":
             from lmms_sgm.intervention import as_generator
 
@@ -219,6 +241,29 @@ class SGMLlava(lmms):
         self.sgm_info = info
         run_info.publish(info)  # our tasks write it into results.json as the `sgm` metric
         logger.info("sgm_llava: " + json.dumps(info, sort_keys=True))
+
+    def _join_processes(self, device: str) -> str:
+        """Under ``accelerate launch`` / ``torchrun`` (lmms-eval's multi-process evaluation) each
+        process serves its share of the requests, as lmms-eval's own models do: the rank and the
+        number of processes come from accelerate, and ``device=cuda`` means this process's GPU."""
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self._world_size != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes, but accelerate joined {self._world_size}: on CPU set "
+                "ACCELERATE_USE_CPU=1 (and launch with `accelerate launch --multi_gpu --num_processes N` or torchrun: "
+                "`accelerate launch --cpu` starts one process)")
+        if self._world_size > 1:
+            if device == "cuda":
+                return f"cuda:{self.accelerator.local_process_index}"
+            if device.startswith("cuda:") or device == "auto":
+                raise ValueError(f"device={device} under {self._world_size} processes: each process takes its own GPU; "
+                                 "give device=cuda, or run one process with device=auto to spread one model over GPUs")
+        return device
 
     # ------------------------------------------------------------ glasses
 
@@ -249,9 +294,8 @@ class SGMLlava(lmms):
 
     def _cached_glasses(self):
         """Glasses built from ``profile_data``, cached by fingerprint, data digest and options."""
-        from lmms_sgm import pipeline
         from lmms_sgm.data import load_pairs
-        from lmms_sgm.glasses import FORMAT_VERSION, GlassesError, SafetyGlasses
+        from lmms_sgm.glasses import FORMAT_VERSION, SafetyGlasses
 
         pairs = load_pairs(self.args.profile_data)
         key_material = {
@@ -264,6 +308,20 @@ class SGMLlava(lmms):
         }
         key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / key
+        if self._world_size > 1:  # process 0 finds or builds them; the others then read the cache
+            if self._rank == 0:
+                result = self._cached_glasses_at(path, pairs)
+            self.accelerator.wait_for_everyone()
+            if self._rank != 0:
+                self.cache_hit = True
+                return SafetyGlasses.load(path), str(path)
+            return result
+        return self._cached_glasses_at(path, pairs)
+
+    def _cached_glasses_at(self, path: Path, pairs):
+        from lmms_sgm import pipeline
+        from lmms_sgm.glasses import GlassesError, SafetyGlasses
+
         damaged = None
         try:
             glasses = SafetyGlasses.load(path)
@@ -277,7 +335,11 @@ class SGMLlava(lmms):
             logger.warning(f"sgm_llava: the cached glasses are damaged and will be rebuilt: {e}")
         self.cache_hit = False
         logger.info(f"sgm_llava: building glasses from {self.args.profile_data} (cached at {path})")
-        glasses = pipeline.build_glasses(self._model, self.processor, pairs, self.profile_options, self.selection)
+        model = self._remote_model if self.args.is_remote else self._model
+        execution = ExecutionOptions(remote=self.args.remote, remote_retries=self.args.remote_retries,
+                                     remote_max_mb=self.args.remote_max_mb, checkpoint_dir="off")
+        glasses = pipeline.build_glasses(model, self.processor, pairs, self.profile_options, self.selection,
+                                         execution=execution)
         try:
             glasses.save(path, overwrite=damaged is not None)
         except FileExistsError as e:
@@ -351,6 +413,8 @@ class SGMLlava(lmms):
         return self._runner(**enc).logits
 
     def _generate(self, enc, gen: dict) -> torch.Tensor:
+        if self.args.is_remote:
+            return self._handle.generate(enc, **gen)
         if self.args.mode == "nnsight":
             runner = self._runner
             with runner.generate(**enc, **gen) as tracer:
@@ -398,7 +462,11 @@ class SGMLlava(lmms):
         # own bit for bit with eager attention; sdpa's CPU kernel changes the low bits (~1e-7) of a
         # row's last positions with the padded length (tests/test_lmms_model.py).
         enc = self._encode(texts, images, "right")
-        logits = self._forward_logits(enc).float()
+        if self.args.is_remote:
+            # Scored on the server: only each next token's log-probability and argmax flag travel back.
+            token_logprobs, token_greedy = self._handle.token_scores(enc)
+        else:
+            logits = self._forward_logits(enc).float()
         out = []
         for row, (prompt, target, visuals) in enumerate(items):
             n_context = self._encode([prompt], visuals, "right")["input_ids"].shape[1]
@@ -406,9 +474,13 @@ class SGMLlava(lmms):
             tokens = enc["input_ids"][row, n_context:length]
             if tokens.numel() == 0:
                 raise ValueError(f"empty continuation {target!r}: nothing to score after the context")
-            step_logits = logits[row, n_context - 1 : length - 1]
-            logprobs = torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-            greedy = bool((step_logits.argmax(-1) == tokens).all())
+            if self.args.is_remote:
+                logprobs = token_logprobs[row, n_context - 1 : length - 1]
+                greedy = bool(token_greedy[row, n_context - 1 : length - 1].all())
+            else:
+                step_logits = logits[row, n_context - 1 : length - 1]
+                logprobs = torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+                greedy = bool((step_logits.argmax(-1) == tokens).all())
             out.append((float(-logprobs.mean()), greedy))
         return out
 

@@ -33,7 +33,7 @@ class ProfileOptions:
         "(the MLP activation act(gate(x))*up(x), i.e. the input of down_proj)",
         NEURON_MODULES,
     )
-    layers: str = opt("all", "decoder layers: 'all', a range '4-20' (inclusive) or a list '0,3,7'")
+    layers: str = opt("all", "decoder layers: 'all' (every post-fusion layer), a range '4-20' (inclusive) or a list '0,3,7'")
     pooling: str = opt("mean", "pooling of a neuron's activation over positions", ("mean", "max"))
     positions: str = opt(
         "all",
@@ -249,7 +249,7 @@ def to_dict(obj) -> dict:
 
 @dataclass(frozen=True)
 class ModelArgs(ApplyOptions, LoadOptions):
-    """lmms-eval ``--model_args`` of ``sgm_llava``: loading and applying options plus these.
+    """lmms-eval ``--model_args`` of ``sgm`` (alias ``sgm_llava``): loading and applying options plus these.
 
     Profiling and selection options for ``profile_data`` are given with a prefix:
     ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).

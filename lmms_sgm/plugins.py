@@ -43,10 +43,10 @@ def plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(Specs)
     pm.load_setuptools_entrypoints(PROJECT)
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
-    from lmms_sgm.archs import llava
+    from lmms_sgm.archs import builtin_modules
     from lmms_sgm.judges import builtin as builtin_judges
 
-    for module in (llava, builtin_judges):
+    for module in (*builtin_modules(), builtin_judges):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

@@ -20,7 +20,7 @@ MODES = ("hooks", "fold", "nnsight")
 N_NEW = 5
 GEN = {"max_new_tokens": N_NEW, "min_new_tokens": N_NEW, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 ALL_MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
-SUPPORTED = "supported: llava, llava_next, llava_onevision"
+SUPPORTED = "supported: gemma3, idefics3, llava, llava_next, llava_onevision, mllama, qwen2_5_vl, qwen2_vl, smolvlm"
 
 
 # ---------------------------------------------------------------- fixtures

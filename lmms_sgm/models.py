@@ -17,14 +17,16 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 
 
 def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
-    """(model, processor) from a Hub id or a local directory, through ``from_pretrained``.
+    """(model, processor) from a Hub id or a local directory, through ``from_pretrained``
+    (``AutoModelForImageTextToText``: every supported family, Mllama included).
 
     ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
     A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
     Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
+    from lmms_sgm.processors import load_processor
 
     if pretrained == SHORT_NAME:
         pretrained = str(MODEL_DIR)
@@ -37,7 +39,8 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
         model = model.to(device).eval()
         adapter_for(model)  # unsupported architectures fail here, before any work
-        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        # Image-only (with a warning) when its video processor needs torchvision: lmms_sgm.processors.
+        processor = load_processor(source, local_files_only=offline)
     except OSError as e:
         if unreachable:
             raise OSError(f"model {pretrained}: not a local directory, not in the Hugging Face cache, and the Hub "
@@ -113,6 +116,9 @@ def fingerprint(model) -> dict:
 
 
 def image_token_id(model) -> int:
+    """The token id whose positions carry the image: the soft tokens the features replace
+    (LLaVA ``<image>``, Qwen2-VL ``<|image_pad|>``, Idefics3 ``<image>``, Gemma 3
+    ``<image_soft_token>``), or Mllama's ``<|image|>``, after which the text attends to the image."""
     config = unwrap(model).config
     for key in ("image_token_id", "image_token_index"):
         value = getattr(config, key, None)

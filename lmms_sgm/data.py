@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image
 
+from lmms_sgm import prompting
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -287,22 +289,16 @@ def messages_for(pair: Pair, text_field: str) -> list[dict]:
 
 
 def format_prompt(processor, pair: Pair, text_field: str) -> str:
-    return processor.apply_chat_template(messages_for(pair, text_field), tokenize=False, add_generation_prompt=False)
+    return prompting.render(processor, messages_for(pair, text_field), add_generation_prompt=False)
 
 
 def prompt_prefix(processor, pair: Pair) -> str:
     """The question+response prompt up to where the response starts (the generation prompt)."""
-    return processor.apply_chat_template(messages_for(pair, "question+response")[:1], tokenize=False, add_generation_prompt=True)
+    return prompting.render(processor, messages_for(pair, "question+response")[:1], add_generation_prompt=True)
 
 
 def encode_batch(processor, pairs: Sequence[Pair], text_field: str, *, padding_side: str = "right"):
-    """Processor-encode a padded batch (one image per pair).
-
-    Right padding by default, whatever the tokenizer's own setting: in a forward pass every row
-    then keeps the positions it has alone, for any family (1-D rotary, Qwen2-VL's 3-D mrope) and
-    without ``position_ids``; causal attention keeps the pads out of the real tokens. Left padding
-    is for ``generate``, which derives the positions from the attention mask.
-    """
+    """Processor-encode a padded batch (one image per pair), for any family
+    (:func:`lmms_sgm.prompting.encode`: right padding by default, no second BOS)."""
     texts = [format_prompt(processor, p, text_field) for p in pairs]
-    images = [p.load_image() for p in pairs]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
+    return prompting.encode(processor, texts, [[p.load_image()] for p in pairs], padding_side=padding_side)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmms_sgm import prompting
 from lmms_sgm.data import PairDataset, encode_batch, prompt_prefix
 from lmms_sgm.models import image_token_id, unwrap
 from lmms_sgm.options import ProfileOptions
@@ -116,8 +117,8 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
     Checked against the full encoding, so a tokenizer that merges across the boundary is an
     error rather than a silently shifted position.
     """
-    prefix = processor(images=[p.load_image() for p in pairs],
-                       text=[prompt_prefix(processor, p) for p in pairs], return_tensors="pt", padding=True)
+    prefix = prompting.encode(processor, [prompt_prefix(processor, p) for p in pairs], [[p.load_image()] for p in pairs],
+                              padding_side=processor.tokenizer.padding_side)
     lengths = prefix["attention_mask"].sum(1)
     first_full = enc["attention_mask"].int().argmax(1)
     first_prefix = prefix["attention_mask"].int().argmax(1)
@@ -126,7 +127,8 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
         part = prefix["input_ids"][i, first_prefix[i]:first_prefix[i] + n]
         if not torch.equal(full, part):
             raise ValueError("the prompt's tokens change when the response follows them; positions "
-                             "'response'/'decision' cannot be located for this tokenizer")
+                             "'response'/'decision' cannot be located for this tokenizer or chat template (one that "
+                             "writes the assistant turn otherwise than its generation prompt, as LLaVA-OneVision's does)")
     return lengths
 
 
@@ -245,8 +247,6 @@ def profile(
     hf = unwrap(model)
     sites = resolve_sites(hf, options)
     nn_model = as_nnsight(model)
-    device = next(hf.parameters()).device
-    dtype = next(hf.parameters()).dtype
     image_id = image_token_id(hf)
     store = ResponseStore.auto(sites, len(pairs), spill_mb)
     batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), options.batch_size)
@@ -262,8 +262,7 @@ def profile(
                 if options.positions in ("response", "decision") and options.text_field == "question+response":
                     lengths = prompt_lengths(processor, batch, enc)
                 mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
-                inputs = {k: v.to(device) for k, v in enc.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                inputs = prompting.to_model(enc, hf)
                 store.write(rows, _trace_batch(nn_model, sites, inputs, mask, options.pooling))
     except BaseException:
         store.close()

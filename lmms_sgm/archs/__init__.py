@@ -38,6 +38,9 @@ class ArchAdapter:
     first_post_fusion_layer: int = 0
     text_config_attr: str = "text_config"
     post_fusion: str = "all"
+    # True where a row's outputs depend on how many images the other rows of its batch hold, so
+    # batches of requests must hold rows with one number of images (Mllama, see archs/mllama.py).
+    batch_by_image_count: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 """What the model of the current lmms-eval run is, for the tasks to act on and write into results.
 
 lmms-eval 0.7.3 records only the literal ``--model_args`` string in results.json, never what the
-model resolved (the glasses digest, a cached profile_data build). ``sgm_llava`` publishes that
+model resolved (the glasses digest, a cached profile_data build). ``sgm`` (alias ``sgm_llava``) publishes that
 here when it is constructed, and the MM-TOXIC-QA tasks report it as their ``sgm`` metric.
 
 lmms-eval builds the model before the tasks load their data (``simple_evaluate``: model, then
@@ -22,8 +22,8 @@ def publish(info: dict) -> None:
 
 
 def current() -> dict:
-    """The current run's SGM identity, or a marker when the model is not sgm_llava."""
-    return dict(_current) if _current is not None else {"model": "not sgm_llava: no SGM identity"}
+    """The current run's SGM identity, or a marker when the model is not sgm (alias sgm_llava)."""
+    return dict(_current) if _current is not None else {"model": "not sgm (or sgm_llava): no SGM identity"}
 
 
 def demo_data() -> Path | None:

@@ -33,8 +33,8 @@ def image_only_class(cls):
     transformers reads a processor's parts from its ``__init__`` signature, so a subclass whose
     ``__init__`` does not name ``video_processor`` loads and saves only the image processor and
     the tokenizer (and the processor's own settings); the parent's own ``__init__`` runs with
-    ``video_processor=None``. The class keeps
-    its parent's name, so a saved copy still names the real processor class."""
+    ``video_processor=None``. The class keeps its parent's name, so a saved copy still names the
+    real processor class."""
 
     # transformers reads the parts to load and the settings to save from the signature, and the
     # settings it passes on load from the code object: write a real function with the parent's
@@ -53,16 +53,12 @@ def image_only_class(cls):
                                        "__doc__": cls.__doc__, "image_only": True})
 
 
-def is_image_only(processor) -> bool:
-    return getattr(type(processor), "image_only", False) or getattr(processor, "video_processor", None) is None
-
-
 def _torchvision_missing(error: BaseException) -> bool:
     return isinstance(error, ImportError) and "torchvision" in str(error).lower()
 
 
 def processor_class(source: str, **kwargs):
-    """The processor class a checkpoint names (``processor_class``), else its model type's."""
+    """The processor class transformers maps the checkpoint's ``model_type`` to (what AutoProcessor builds)."""
     import transformers
     from transformers import AutoConfig
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
@@ -87,7 +83,7 @@ def load_processor(source: str, **kwargs):
     except ImportError as e:
         if not _torchvision_missing(e):
             raise
-        reason = str(e).strip().splitlines()[0]
+        reason = str(e).strip().splitlines()[0].split(". ")[0]  # "...VideoProcessor requires the Torchvision library ..."
     cls = processor_class(source, **kwargs)
     if "video_processor" not in cls.get_attributes():
         raise ImportError(f"{cls.__name__} of {source} needs torchvision ({reason}), and it has no video processor to leave out")

@@ -13,9 +13,9 @@ Three things a random init would otherwise hide:
   its cross-attention tanh gates to zeros: the image then has no effect on the logits. The
   builders give them random values, so tests about image positions and post-fusion layers mean
   something (``tests/test_families.py`` checks that the image changes the logits).
-* Processors that carry a video processor (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM) are
-  saved with their video processor's entry in ``processor_config.json`` as a Hub checkpoint has
-  it (written as JSON: the class itself needs torchvision to exist), so that loading meets what
+* Processors that carry a video processor (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) are saved
+  with their video processor's entry in ``processor_config.json`` as a Hub checkpoint has it
+  (written as JSON: the class itself needs torchvision to exist), so that loading meets what
   users meet: ``AutoProcessor`` fails without torchvision, ``lmms_sgm.processors`` loads the
   processor image-only.
 * Tokenizers whose family adds a BOS token on encoding (Llama 3, Gemma) do so here too, while
@@ -68,8 +68,11 @@ def bpe_tokenizer(special: list[str], *, bos: str | None, eos: str, pad: str, ad
 
 
 def _ids(tokenizer, *tokens: str) -> list[int]:
+    """The ids of special tokens the config must name (an unknown one would be a silent bug)."""
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    assert tokenizer.unk_token_id not in ids or tokenizer.unk_token_id is None, tokens
+    missing = [t for t, i in zip(tokens, ids) if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokens {missing} are not in the tokenizer")
     return ids
 
 
@@ -305,7 +308,7 @@ def build_idefics3(path, seed: int = 0) -> Path:
     scale = 2
     vision = Idefics3VisionConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
                                   num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH)
-    config = Idefics3Config(vision_config=vision, text_config=_llama(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+    config = Idefics3Config(vision_config=vision, text_config=_llama(tok), image_token_id=_ids(tok, "<image>")[0],
                             scale_factor=scale, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
@@ -365,7 +368,7 @@ def build_mllama(path, seed: int = 0) -> Path:
                 num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=512,
                 cross_attention_layers=MLLAMA_CROSS_ATTENTION_LAYERS,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=_ids(tok, "<|image|>")[0])
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config).eval()
     # Trap: the cross-attention tanh gates start at zero, so the image has no effect at random init.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -479,3 +480,42 @@ def test_self_labelling_answers_are_the_models_greedy_answers(family, mp, tmp_pa
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=N_NEW, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
         assert pair.text == processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------- the lmms-sgm CLI, and videos
+
+
+def test_cli_tiny_profile_inspect(family, tmp_path, capsys):
+    """A user trying a family offline: `lmms-sgm tiny --family`, `profile`, `inspect`."""
+    from lmms_sgm.cli import main
+
+    assert main(["tiny", str(tmp_path / "t"), "--family", family, "--pairs", "8"]) == 0
+    out = tmp_path / "g"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", processors.ImageOnlyProcessorWarning)
+        assert main(["profile", "--model", str(tmp_path / "t" / "model"), "--data", str(tmp_path / "t" / "data"),
+                     "--out", str(out), "--modules", "down_proj", "--no-progress"]) == 0
+    g = SafetyGlasses.load(out)
+    path, post = DECODER[family]
+    assert [s.name for s in g.sites] == [f"{path}.{layer}.mlp.down_proj" for layer in post]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert f'"model_type": "{family}"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_video_reaches_the_video_processor_when_there_is_one(qwen, family_dir):
+    """What torchvision would allow (not installable here): with a video processor the request's
+    video becomes the template's video item and the processor's ``videos``. A recording stand-in
+    takes the video processor's place; the rest is the real processor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, processor = models.load(str(family_dir(qwen)))
+    processor.video_processor = object()  # only its presence is looked at before the processor call
+    prompt = prompting.request_prompt(processor, "what happens after <image 1> ?", [tiny.random_image(1), "/data/clip.mp4"])
+    assert prompt.videos == ["/data/clip.mp4"] and len(prompt.images) == 1
+    assert "<|vision_start|><|video_pad|><|vision_end|>what happens after <|vision_start|><|image_pad|><|vision_end|> ?" in prompt.text
+    seen = {}
+    with mock.patch.object(type(processor), "__call__", lambda self, **kwargs: seen.update(kwargs)):
+        prompting.encode(processor, [prompt.text], [prompt.images], [prompt.videos])
+    assert seen["videos"] == ["/data/clip.mp4"] and seen["images"] == [prompt.images]

@@ -125,13 +125,16 @@ def _self_label(args) -> int:
 
 
 def _tiny(args) -> int:
-    from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
+    from lmms_sgm import tiny_families
+    from lmms_sgm.tiny import write_toy_pairs
 
+    if args.family not in tiny_families.FAMILIES:
+        raise ValueError(f"unknown family {args.family!r}; choose from {', '.join(tiny_families.FAMILIES)}")
     out = Path(args.out)
     with _new_directory(out) as tmp:
-        build_tiny_llava(tmp / "model")
+        tiny_families.build(args.family, tmp / "model")
         name = write_toy_pairs(tmp / "data", n=args.pairs).name
-    print(f"tiny LLaVA: {out / 'model'}\ntoy pairs:  {out / 'data' / name}")
+    print(f"tiny {args.family}: {out / 'model'}\ntoy pairs:  {out / 'data' / name}")
     return 0
 
 
@@ -208,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_self_label)
 
-    p = sub.add_parser("tiny", parents=[common], help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
+    p = sub.add_parser("tiny", parents=[common], help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
     p.add_argument("out", help="new directory for model/ and data/")
     p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--family", default="llava", help="model family: llava, llava_next, llava_onevision, qwen2_vl, "
+                   "qwen2_5_vl, idefics3, gemma3 or mllama (default: llava)")
     p.set_defaults(func=_tiny)
 
     p = sub.add_parser("train-demo", parents=[common], help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")

@@ -36,6 +36,8 @@ from typing import Any
 
 from PIL import Image
 
+from lmms_sgm import prompting
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -340,7 +342,7 @@ def _plain(pair: Pair, text_field: str) -> str:
 def format_prompt(processor, pair: Pair, text_field: str) -> str:
     if plain_text(processor):
         return _plain(pair, text_field)
-    return processor.apply_chat_template(messages_for(pair, text_field), tokenize=False, add_generation_prompt=False)
+    return prompting.render(processor, messages_for(pair, text_field), add_generation_prompt=False)
 
 
 def prompt_prefix(processor, pair: Pair) -> str:
@@ -348,17 +350,12 @@ def prompt_prefix(processor, pair: Pair) -> str:
     plain text, the question)."""
     if plain_text(processor):
         return _plain(pair, "question")
-    return processor.apply_chat_template(messages_for(pair, "question+response")[:1], tokenize=False, add_generation_prompt=True)
+    return prompting.render(processor, messages_for(pair, "question+response")[:1], add_generation_prompt=True)
 
 
 def encode_batch(processor, pairs: Sequence[Pair], text_field: str, *, padding_side: str = "right"):
-    """Processor-encode a padded batch (one image per pair, none for text-only records).
-
-    Right padding by default, whatever the tokenizer's own setting: in a forward pass every row
-    then keeps the positions it has alone, for any family (1-D rotary, Qwen2-VL's 3-D mrope) and
-    without ``position_ids``; causal attention keeps the pads out of the real tokens. Left padding
-    is for ``generate``, which derives the positions from the attention mask.
-    """
+    """Processor-encode a padded batch (one image per pair, none for text-only records), for any
+    family (:func:`lmms_sgm.prompting.encode`: right padding by default, no second BOS)."""
     return encode_texts(processor, [format_prompt(processor, p, text_field) for p in pairs], pairs, padding_side=padding_side)
 
 
@@ -366,5 +363,5 @@ def encode_texts(processor, texts: Sequence[str], pairs: Sequence[Pair], *, padd
     """Encode ``texts`` (one per pair) with the pairs' images, if they have any."""
     if plain_text(processor):
         return processor(list(texts), return_tensors="pt", padding=True, padding_side=padding_side)
-    images = [p.load_image() for p in pairs if p.image is not None]
-    return processor(images=images or None, text=list(texts), return_tensors="pt", padding=True, padding_side=padding_side)
+    images = [[p.load_image()] if p.image is not None else [] for p in pairs]
+    return prompting.encode(processor, texts, images, padding_side=padding_side)

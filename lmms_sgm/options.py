@@ -34,7 +34,7 @@ class ProfileOptions:
         "(the MLP activation act(gate(x))*up(x), i.e. the input of down_proj)",
         NEURON_MODULES,
     )
-    layers: str = opt("all", "decoder layers: 'all', a range '4-20' (inclusive) or a list '0,3,7'")
+    layers: str = opt("all", "decoder layers: 'all' (every post-fusion layer), a range '4-20' (inclusive) or a list '0,3,7'")
     pooling: str = opt("mean", "pooling of a neuron's activation over positions", ("mean", "max"))
     positions: str = opt(
         "all",
@@ -334,7 +334,7 @@ def to_dict(obj) -> dict:
 @dataclass(frozen=True)
 class EvalModelArgs(ApplyOptions, LoadOptions):
     """The ``--model_args`` every evaluation-harness wrapper takes: a model, the glasses it wears,
-    and how (lmms-eval's ``sgm_llava``: :class:`ModelArgs`; lm-eval's ``sgm_hf``: these alone)."""
+    and how (lmms-eval's ``sgm`` / ``sgm_llava``: :class:`ModelArgs`; lm-eval's ``sgm_hf``: these alone)."""
 
     pretrained: str = opt("", "Hub id or local directory of the model (loaded with from_pretrained)")
     glasses: typing.Optional[str] = opt(None, "glasses directory to wear")
@@ -352,7 +352,7 @@ class EvalModelArgs(ApplyOptions, LoadOptions):
 
 @dataclass(frozen=True)
 class ModelArgs(RemoteOptions, EvalModelArgs):
-    """lmms-eval ``--model_args`` of ``sgm_llava``: :class:`EvalModelArgs`, remote execution, and
+    """lmms-eval ``--model_args`` of ``sgm`` (alias ``sgm_llava``): :class:`EvalModelArgs`, remote execution, and
     building glasses on first use.
 
     With ``remote``, generation and scoring run on the NDIF server in nnsight mode (the default

@@ -43,11 +43,11 @@ def plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(Specs)
     pm.load_setuptools_entrypoints(PROJECT)
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
-    from lmms_sgm.archs import llava, text
+    from lmms_sgm.archs import builtin_modules
     from lmms_sgm.judges import builtin as builtin_judges
     from lmms_sgm.judges import classifiers, ensemble, guards, llm
 
-    for module in (llava, text, builtin_judges, classifiers, guards, llm, ensemble):
+    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmms_sgm import prompting
 from lmms_sgm.checkpoint import Checkpoint
 from lmms_sgm.data import PairDataset, encode_batch, encode_texts, prompt_prefix
 from lmms_sgm.models import image_token_id, is_text_only, unwrap
@@ -134,7 +135,8 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
         part = prefix["input_ids"][i, first_prefix[i]:first_prefix[i] + n]
         if not torch.equal(full, part):
             raise ValueError("the prompt's tokens change when the response follows them; positions "
-                             "'response'/'decision' cannot be located for this tokenizer")
+                             "'response'/'decision' cannot be located for this tokenizer or chat template (one that "
+                             "writes the assistant turn otherwise than its generation prompt, as LLaVA-OneVision's does)")
     return lengths
 
 
@@ -271,9 +273,7 @@ def profile(
     sites = resolve_sites(hf, options)
     require_modality(pairs, hf, options)
     nn_model = remote.wrap(model, processor) if execution.is_remote else as_nnsight(model)
-    param = next(hf.parameters())
-    device = torch.device("cpu") if param.device.type == "meta" else param.device  # a remote model: inputs travel from here
-    dtype = param.dtype
+    dtype = next(hf.parameters()).dtype
     image_id = -1 if is_text_only(hf) else image_token_id(hf)  # -1: no token is an image token
     width = sum(s.width for s in sites)
     batch_size = options.batch_size
@@ -295,9 +295,7 @@ def profile(
         if options.positions in ("response", "decision") and options.text_field == "question+response":
             lengths = prompt_lengths(processor, batch, enc)
         mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
-        inputs = {k: v.to(device) for k, v in enc.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs = prompting.to_model(enc, hf)
         if session is None:
             pooled = _trace_batch(nn_model, sites, inputs, mask, options.pooling)
         else:

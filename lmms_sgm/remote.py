@@ -139,13 +139,12 @@ def wrap(hf_model, processor):
 
 def _processor(repo_id: str):
     """The processor of a Hub model, from the Hub or, when it cannot be reached, its local cache."""
-    from transformers import AutoProcessor
-
     from lmms_sgm import models
+    from lmms_sgm.processors import load_processor
 
     unreachable = models.hub_unreachable()
     try:
-        return AutoProcessor.from_pretrained(repo_id, local_files_only=bool(unreachable))
+        return load_processor(repo_id, local_files_only=bool(unreachable))
     except OSError as e:
         if unreachable:
             raise OSError(f"model {repo_id}: its processor is not in the Hugging Face cache and the Hub cannot be "

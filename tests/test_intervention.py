@@ -20,7 +20,8 @@ MODES = ("hooks", "fold", "nnsight")
 N_NEW = 5
 GEN = {"max_new_tokens": N_NEW, "min_new_tokens": N_NEW, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 ALL_MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
-SUPPORTED = "supported: gemma, gemma2, llama, llava, llava_next, llava_onevision, mistral, qwen2, qwen3"
+SUPPORTED = ("supported: gemma, gemma2, gemma3, idefics3, llama, llava, llava_next, llava_onevision, mistral, mllama, "
+             "qwen2, qwen2_5_vl, qwen2_vl, qwen3, smolvlm")
 
 
 # ---------------------------------------------------------------- fixtures

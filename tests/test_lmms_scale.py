@@ -98,8 +98,8 @@ def test_two_processes_give_the_single_process_results(world, reference):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "Running on rank 1 (local rank 1)" in log  # lmms-eval sharded the documents over two processes
-    assert log.count("sgm_llava: {") == 2  # each process built its model wearing the glasses
-    assert log.count("sgm_llava: building glasses from") == 1  # by process 0 only
+    assert log.count("sgm: {") == 2  # each process built its model wearing the glasses
+    assert log.count("sgm: building glasses from") == 1  # by process 0 only
     assert_same_answers(answers(out), reference)
 
 

@@ -1,7 +1,7 @@
 """What the model of the current lmms-eval run is, for the tasks to act on and write into results.
 
 lmms-eval 0.7.3 records only the literal ``--model_args`` string in results.json, never what the
-model resolved (the glasses digest, a cached profile_data build). ``sgm_llava`` (lmms-eval) and
+model resolved (the glasses digest, a cached profile_data build). ``sgm`` (alias ``sgm_llava``; lmms-eval) and
 ``sgm_hf`` (lm-eval, ``lmms_sgm/lm_eval``) publish that here when they are constructed, and our
 tasks of either harness report it as their ``sgm`` metric.
 
@@ -24,7 +24,7 @@ def publish(info: dict) -> None:
 
 def current() -> dict:
     """The current run's SGM identity, or a marker when the model is none of ours."""
-    return dict(_current) if _current is not None else {"model": "not sgm_llava or sgm_hf: no SGM identity"}
+    return dict(_current) if _current is not None else {"model": "not sgm, sgm_llava or sgm_hf: no SGM identity"}
 
 
 def demo_data() -> Path | None:

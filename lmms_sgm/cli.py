@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from lmms_sgm.options import (
+    ExecutionOptions,
     LoadOptions,
     ProfileOptions,
     SelectionOptions,
@@ -28,7 +29,7 @@ DEBUG_ENV = "LMMS_SGM_DEBUG"
 
 
 def _profile(args) -> int:
-    from lmms_sgm import models
+    from lmms_sgm import distributed, models, remote
     from lmms_sgm.data import load_pairs
     from lmms_sgm.glasses import check_target
     from lmms_sgm.pipeline import build_glasses
@@ -36,16 +37,31 @@ def _profile(args) -> int:
     profile_options = from_namespace(ProfileOptions, args)
     selection = from_namespace(SelectionOptions, args)
     load = from_namespace(LoadOptions, args)
-    pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
-    pairs.require_both_classes()
-    pairs.require_text_field(profile_options.text_field)
-    out = Path(args.out)
-    check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
-    with _loading_bars(not args.no_progress):
-        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
-    glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out,
-                            overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
+    execution = from_namespace(ExecutionOptions, args)
+    # Under torchrun / accelerate launch every process runs this; process 0 alone checks and writes
+    # the output and prints, and an error in any process stops all of them (lmms_sgm/distributed.py).
+    group = distributed.from_env()
+    show = not args.no_progress and group.is_main
+    try:
+        with group.together():
+            pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
+            pairs.require_both_classes()
+            pairs.require_text_field(profile_options.text_field)
+            out = Path(args.out)
+            if group.is_main:
+                check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
+            device = group.device(load.device)
+        with group.together(), _loading_bars(show):
+            if execution.is_remote:
+                model, processor = remote.load(args.model, execution, device=device, dtype=load.dtype)
+            else:
+                model, processor = models.load(args.model, device=device, dtype=load.dtype)
+        glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out, overwrite=args.overwrite,
+                                progress=show, execution=execution, group=group)
+    finally:
+        group.close()
+    if glasses is not None:
+        print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
 
 
@@ -147,13 +163,16 @@ def _self_label(args) -> int:
 
 
 def _tiny(args) -> int:
-    from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
+    from lmms_sgm import tiny_families
+    from lmms_sgm.tiny import write_toy_pairs
 
+    if args.family not in tiny_families.FAMILIES:
+        raise ValueError(f"unknown family {args.family!r}; choose from {', '.join(tiny_families.FAMILIES)}")
     out = Path(args.out)
     with _new_directory(out) as tmp:
-        build_tiny_llava(tmp / "model")
+        tiny_families.build(args.family, tmp / "model")
         name = write_toy_pairs(tmp / "data", n=args.pairs).name
-    print(f"tiny LLaVA: {out / 'model'}\ntoy pairs:  {out / 'data' / name}")
+    print(f"tiny {args.family}: {out / 'model'}\ntoy pairs:  {out / 'data' / name}")
     return 0
 
 
@@ -175,14 +194,6 @@ def _demo(args) -> int:
     from lmms_sgm.demo.run import run
 
     return run(args)
-
-
-def _report(args) -> int:
-    from lmms_sgm.reports import main
-
-    names = [n.strip() for n in args.names.split(",")] if args.names else None
-    print(main(args.runs, names=names, out=args.out, json_out=args.json), end="")
-    return 0
 
 
 def _demo_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, ProfileOptions)
     add_arguments(p, SelectionOptions)
     add_arguments(p, LoadOptions)
+    add_arguments(p, ExecutionOptions)
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("steer", parents=[common],
@@ -252,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_self_label)
 
-    p = sub.add_parser("tiny", parents=[common], help="build a tiny random LLaVA and toy pairs (offline) for trying things out")
+    p = sub.add_parser("tiny", parents=[common], help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
     p.add_argument("out", help="new directory for model/ and data/")
     p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--family", default="llava", help="model family: llava, llava_next, llava_onevision, qwen2_vl, "
+                   "qwen2_5_vl, idefics3, gemma3 or mllama (default: llava)")
     p.set_defaults(func=_tiny)
 
     p = sub.add_parser("train-demo", parents=[common], help="train the demo LLaVA on the synthetic shapes world (CPU, minutes)")
@@ -267,12 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_arguments(p)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("report", parents=[common], help="compare lmms-eval runs side by side (the first is the baseline)")
-    p.add_argument("runs", nargs="+", help="lmms-eval --output_path directories or *_results.json files")
-    p.add_argument("--names", default=None, help="comma-separated run names (default: directory names)")
-    p.add_argument("--out", default=None, help="also write the markdown table here")
-    p.add_argument("--json", default=None, help="also write the table as JSON here")
-    p.set_defaults(func=_report)
+    from lmms_sgm.reports.cli import register as _register_reports
+
+    _register_reports(sub, parents=[common])  # report, sweep
+
+    from lmms_sgm.judges.rejudge import register as _register_rejudge
+
+    _register_rejudge(sub, parents=[common])  # rejudge
+
+    from lmms_sgm.datasets.cli import add_parser as _dataset_parser
+
+    _dataset_parser(sub, parents=[common])  # lmms-sgm dataset build / check / export / sources
 
     p = sub.add_parser("quickstart", parents=[common], help="the end-to-end walk-through on a tiny model: build, profile, inspect, apply")
     p.add_argument("--workdir", default="runs/quickstart")
@@ -289,6 +308,20 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return ValueError, OSError, SafetensorError
 
 
+def _peer_failed() -> tuple[type[BaseException], ...]:
+    from lmms_sgm.distributed import PeerFailed
+
+    return (PeerFailed,)
+
+
+def _launched_rank() -> int:
+    """This process's rank in a multi-process launch (0 when alone)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -298,6 +331,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
     prog = f"lmms-sgm {args.command}"
+    rank = _launched_rank()
+    if rank:  # a process other than the first of a torchrun / accelerate launch: its errors say which
+        prog += f" [process {rank}]"
     if debug:
         return args.func(args)
     with warnings.catch_warnings():
@@ -306,9 +342,14 @@ def main(argv=None) -> int:
             f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
         try:
             return args.func(args)
-        except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as e:
+            notes = "; ".join(getattr(e, "__notes__", ()))
+            print(f"{prog}: interrupted" + (f" ({notes})" if notes else ""), file=sys.stderr)
             return 130
+        except _peer_failed() as e:  # another process failed: process 0 says so, once
+            if not rank:
+                print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 1
         except _expected_errors() as e:
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2

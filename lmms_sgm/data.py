@@ -5,7 +5,7 @@ Schema, one record per pair:
 =========  ========  ===========================================================
 field      required  meaning
 =========  ========  ===========================================================
-image      yes       path relative to the data file (or absolute), image bytes,
+image      yes [*]_  path relative to the data file (or absolute), image bytes,
                      a ``{"bytes": ..., "path": ...}`` dict, or a PIL image
 text       yes       the text paired with the image (usually a model response)
 label      yes       1 toxic, 0 non-toxic
@@ -13,21 +13,30 @@ question   no        the prompt the text answers (needed by text_field=question*
 category   no        a safety category, kept for per-category reports
 =========  ========  ===========================================================
 
+.. [*] Records without an image are text-only records: profiling takes them for a text-only
+   model (a causal LM, AurA's setting), fed as plain text, and for an MLLM only when text-only
+   profiling is asked for (``ProfileOptions.text_only``), fed through its chat template with no
+   image. A dataset mixes neither kind (:meth:`PairDataset.require_images`).
+
 Files: JSONL, CSV or Parquet; a directory holding exactly one such file; or a ``datasets``
 Dataset. Every record is checked before any model work starts, so a bad record fails fast and
 nothing partial is written.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from PIL import Image
+
+from lmms_sgm import prompting
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -38,7 +47,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    image: Any  # Path | bytes | PIL.Image.Image
+    image: Any  # Path | bytes | PIL.Image.Image, or None for a text-only record
     text: str
     label: int
     question: str | None = None
@@ -58,6 +67,8 @@ class Pair:
 
     def image_digest(self) -> bytes:
         img = self.image
+        if img is None:
+            return b""  # text-only: the digest covers the other fields alone
         if isinstance(img, Image.Image):
             return hashlib.sha256(img.tobytes()).digest()
         if isinstance(img, (bytes, bytearray)):
@@ -90,11 +101,7 @@ class PairDataset(Sequence[Pair]):
     def digest(self) -> str:
         """sha256 over every record's fields and image bytes: identifies the profiling data."""
         if self._digest is None:
-            h = hashlib.sha256()
-            for p in self.pairs:
-                h.update(json.dumps([p.text, p.label, p.question, p.category]).encode())
-                h.update(p.image_digest())
-            self._digest = h.hexdigest()
+            self._digest = digest_pairs(self.pairs)
         return self._digest
 
     def require_text_field(self, text_field: str) -> None:
@@ -102,6 +109,19 @@ class PairDataset(Sequence[Pair]):
         for i, p in enumerate(self.pairs):
             if text_field != "response" and not p.question:
                 raise DataError(f"{self.source}: record {i}: text_field={text_field!r} needs a 'question' in every record")
+
+    def require_images(self, needed: bool, why: str) -> None:
+        """Every record has an image (``needed``) or none has; ``why`` says who asks, for the message.
+
+        Profiling checks it before its first forward pass; a mixed dataset is refused when loaded.
+        The two kinds are fed differently, and a silently dropped image would change what the
+        glasses measure.
+        """
+        for i, p in enumerate(self.pairs):
+            if needed and p.image is None:
+                raise DataError(f"{self.source}: record {i} has no image, but {why}")
+            if not needed and p.image is not None:
+                raise DataError(f"{self.source}: record {i} has an image, but {why}")
 
     def require_both_classes(self) -> None:
         c = self.counts()
@@ -112,6 +132,15 @@ class PairDataset(Sequence[Pair]):
                 f"{self.source}: AUROC needs both classes, got {c['toxic']} toxic and "
                 f"{c['non_toxic']} non-toxic examples"
             )
+
+
+def digest_pairs(pairs: Iterable[Pair]) -> str:
+    """:meth:`PairDataset.digest` of ``pairs``, which may be a generator (one pair in memory)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.text, p.label, p.question, p.category]).encode())
+        h.update(p.image_digest())
+    return h.hexdigest()
 
 
 def load_pairs(source, *, split: str | None = None) -> PairDataset:
@@ -167,6 +196,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _from_rows(rows: list[dict], *, base: Path, source: str) -> PairDataset:
     pairs = _parse_rows(rows, base=base, source=source)
+    _check_one_kind(pairs, source)
     _check_images(pairs, source)
     return PairDataset(pairs, source=source)
 
@@ -175,7 +205,7 @@ def _parse_rows(rows: list[dict], *, base: Path, source: str) -> list[Pair]:
     pairs = []
     for i, row in enumerate(rows):
         where = f"{source}: record {i}"
-        missing = [k for k in ("image", "text", "label") if row.get(k) is None]
+        missing = [k for k in ("text", "label") if row.get(k) is None]
         if missing:
             raise DataError(f"{where} lacks required field(s) {missing}")
         try:
@@ -186,7 +216,7 @@ def _parse_rows(rows: list[dict], *, base: Path, source: str) -> list[Pair]:
             raise DataError(f"{where}: label must be 1 (toxic) or 0 (non-toxic), got {row['label']!r}")
         pairs.append(
             Pair(
-                image=_resolve_image(row["image"], base, where),
+                image=None if row.get("image") is None else _resolve_image(row["image"], base, where),
                 text=str(row["text"]),
                 label=label,
                 question=None if row.get("question") is None else str(row["question"]),
@@ -194,6 +224,16 @@ def _parse_rows(rows: list[dict], *, base: Path, source: str) -> list[Pair]:
             )
         )
     return pairs
+
+
+def _check_one_kind(pairs: list[Pair], source: str) -> None:
+    """Image-text pairs or text-only records, not both: a missing image in an image dataset is a
+    mistake to report, not a text-only record to profile differently."""
+    for i, p in enumerate(pairs):
+        if (p.image is None) != (pairs[0].image is None):
+            has = ("has no image", "has one") if p.image is None else ("has an image", "has none")
+            raise DataError(f"{source}: record {i} {has[0]} but record 0 {has[1]}: a dataset holds image-text "
+                            "pairs or text-only records (no 'image' field), not both")
 
 
 def _resolve_image(value, base: Path, where: str):
@@ -238,54 +278,90 @@ def _check_images(pairs: list[Pair], source: str) -> None:
     decodes without holding the GIL."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from PIL import ImageFile
 
-    if not pairs:
+    with_image = [(i, p) for i, p in enumerate(pairs) if p.image is not None]  # text-only records have none
+    if not with_image:
         return
-    # lmms-eval sets this for the whole process on import (lmms_eval/api/task.py): truncated files
-    # would then decode silently, padded with grey. The check wants them refused.
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
     try:
-        problems = pool.map(image_problem, [p.image for p in pairs])
-        for i, (pair, problem) in enumerate(zip(pairs, problems)):
-            if problem is not None:
-                raise DataError(f"{source}: record {i}: {_image_name(pair.image)} is not a readable image ({problem})")
+        with strict_decoding():
+            problems = pool.map(image_problem, [p.image for _, p in with_image])
+            for (i, pair), problem in zip(with_image, problems):
+                if problem is not None:
+                    raise DataError(f"{source}: record {i}: {_image_name(pair.image)} is not a readable image ({problem})")
     finally:
         pool.shutdown(cancel_futures=True)  # the first bad record (or Ctrl-C) stops the rest
+
+
+@contextlib.contextmanager
+def strict_decoding():
+    """Truncated image files are refused inside the block. lmms-eval sets PIL's
+    ``LOAD_TRUNCATED_IMAGES`` for the whole process on import (lmms_eval/api/task.py): such files
+    would then decode silently, padded with grey."""
+    from PIL import ImageFile
+
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 # ---------------------------------------------------------------- chat formatting
 
 def messages_for(pair: Pair, text_field: str) -> list[dict]:
-    """One user turn (image + text); with question+response the response is the assistant turn."""
+    """One user turn (image + text; text alone for a text-only record); with question+response
+    the response is the assistant turn."""
     if text_field != "response" and not pair.question:
         raise DataError(f"text_field={text_field!r} needs a 'question' in every record")
     user_text = pair.text if text_field == "response" else pair.question
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]}]
+    image = [] if pair.image is None else [{"type": "image"}]
+    msgs = [{"role": "user", "content": [*image, {"type": "text", "text": user_text}]}]
     if text_field == "question+response":
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": pair.text}]})
     return msgs
 
 
+def plain_text(processor) -> bool:
+    """Whether ``processor`` is a bare tokenizer, i.e. that of a text-only model: its records are
+    fed as plain text, with no chat template, as AurA profiles a causal LM (and as lm-eval feeds
+    text to it). A multimodal processor formats every record with the model's chat template."""
+    from transformers import ProcessorMixin
+
+    return not isinstance(processor, ProcessorMixin)
+
+
+def _plain(pair: Pair, text_field: str) -> str:
+    if text_field != "response" and not pair.question:
+        raise DataError(f"text_field={text_field!r} needs a 'question' in every record")
+    if text_field == "response":
+        return pair.text
+    return pair.question if text_field == "question" else f"{pair.question} {pair.text}"
+
+
 def format_prompt(processor, pair: Pair, text_field: str) -> str:
-    return processor.apply_chat_template(messages_for(pair, text_field), tokenize=False, add_generation_prompt=False)
+    if plain_text(processor):
+        return _plain(pair, text_field)
+    return prompting.render(processor, messages_for(pair, text_field), add_generation_prompt=False)
 
 
 def prompt_prefix(processor, pair: Pair) -> str:
-    """The question+response prompt up to where the response starts (the generation prompt)."""
-    return processor.apply_chat_template(messages_for(pair, "question+response")[:1], tokenize=False, add_generation_prompt=True)
+    """The question+response prompt up to where the response starts (the generation prompt; for
+    plain text, the question)."""
+    if plain_text(processor):
+        return _plain(pair, "question")
+    return prompting.render(processor, messages_for(pair, "question+response")[:1], add_generation_prompt=True)
 
 
 def encode_batch(processor, pairs: Sequence[Pair], text_field: str, *, padding_side: str = "right"):
-    """Processor-encode a padded batch (one image per pair).
+    """Processor-encode a padded batch (one image per pair, none for text-only records), for any
+    family (:func:`lmms_sgm.prompting.encode`: right padding by default, no second BOS)."""
+    return encode_texts(processor, [format_prompt(processor, p, text_field) for p in pairs], pairs, padding_side=padding_side)
 
-    Right padding by default, whatever the tokenizer's own setting: in a forward pass every row
-    then keeps the positions it has alone, for any family (1-D rotary, Qwen2-VL's 3-D mrope) and
-    without ``position_ids``; causal attention keeps the pads out of the real tokens. Left padding
-    is for ``generate``, which derives the positions from the attention mask.
-    """
-    texts = [format_prompt(processor, p, text_field) for p in pairs]
-    images = [p.load_image() for p in pairs]
-    return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side=padding_side)
+
+def encode_texts(processor, texts: Sequence[str], pairs: Sequence[Pair], *, padding_side: str = "right"):
+    """Encode ``texts`` (one per pair) with the pairs' images, if they have any."""
+    if plain_text(processor):
+        return processor(list(texts), return_tensors="pt", padding=True, padding_side=padding_side)
+    images = [[p.load_image()] if p.image is not None else [] for p in pairs]
+    return prompting.encode(processor, texts, images, padding_side=padding_side)

@@ -343,7 +343,9 @@ class SafetyGlasses(Glasses):
         """Wear the glasses: returns a handle (also a context manager) with ``.remove()``.
 
         ``strength`` s blends ``out = (1 - s) * out + s * alpha * out``. ``mode`` is ``hooks``,
-        ``nnsight`` (call ``handle.model``, an nnsight wrapper) or ``fold``.
+        ``nnsight`` (call ``handle.model``, an nnsight wrapper) or ``fold``. ``remote=`` ("ndif", a
+        server URL or "local"; nnsight mode only) returns a :class:`lmms_sgm.remote.RemoteGlasses`
+        whose ``generate`` / ``token_scores`` run on the server, the glasses applied inside each trace.
         """
         from lmms_sgm.intervention import apply
 

@@ -57,7 +57,15 @@ class GlassesHandle:
         return f"<GlassesHandle mode={self.options.mode} strength={self.options.strength} {state}>"
 
 
-def apply(glasses, model, options: ApplyOptions, *, processor=None) -> GlassesHandle:
+def apply(glasses, model, options: ApplyOptions, *, processor=None, remote=None) -> GlassesHandle:
+    if remote is not None:  # a RemoteOptions, or its `remote` value ("ndif", a URL, "local", "off")
+        from lmms_sgm.options import RemoteOptions
+
+        remote = remote if isinstance(remote, RemoteOptions) else RemoteOptions(remote=remote)
+        if remote.is_remote:  # nothing changes here: each remote trace applies the glasses itself
+            from lmms_sgm.remote import wear
+
+            return wear(glasses, model, options, remote, processor=processor)
     hf = unwrap(model)
     glasses.check(hf)
     if hf in _WEARING and _WEARING[hf].active:
@@ -151,14 +159,20 @@ def _restore(linear, idx, saved, kind) -> None:
 
 
 def as_generator(model, processor=None):
-    """An nnsight ``TransformersModel`` around ``model`` (kept if it already is one)."""
+    """An nnsight ``TransformersModel`` around ``model`` (kept if it already is one); for a
+    text-only model, ``processor`` is its tokenizer."""
     from nnsight.intervention.envoy import Envoy
     from nnsight.modeling.transformers import TransformersModel
+
+    from lmms_sgm.models import is_text_only
 
     if isinstance(model, Envoy):
         return model
     if processor is None:
-        raise ValueError("mode='nnsight' on a plain HF model needs its processor: apply(model, mode='nnsight', processor=processor)")
+        raise ValueError("mode='nnsight' on a plain HF model needs its processor (a text-only model: its tokenizer): "
+                         "apply(model, mode='nnsight', processor=processor)")
+    if is_text_only(model):
+        return TransformersModel(model, tokenizer=processor)
     return TransformersModel(model, task="image-text-to-text", processor=processor, tokenizer=processor.tokenizer)
 
 

@@ -19,12 +19,19 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     """(model, processor) from a Hub id or a local directory, through ``from_pretrained``.
 
+    The architecture adapter of the checkpoint's config decides how: a multimodal model (every
+    supported family, Mllama included) with ``AutoModelForImageTextToText`` and its processor; a text-only decoder (``text_only``
+    adapters, AurA's setting) with ``AutoModelForCausalLM`` and ``AutoTokenizer``, the tokenizer
+    standing in for the processor. An unsupported architecture fails before any weight is read.
     ``"sgm-demo-llava"`` names the trained demo model bundled with the package (lmms_sgm/demo).
     A local path is never sent to the Hub; a Hub id is loaded from the local cache alone when the
-    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    Hub cannot be reached (one probe, instead of huggingface_hub's retries: ~50 s per model).
+    ``device="auto"`` spreads the model over every visible GPU (``device_map="auto"``, layers
+    placed in order; CPU when there is none): one process for a model too big for one GPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
+    from lmms_sgm.processors import load_processor
 
     if pretrained == SHORT_NAME:
         pretrained = str(MODEL_DIR)
@@ -34,10 +41,16 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     # transformers 5.24 does not pass local_files_only on to its PEFT adapter lookup: say it twice.
     hub = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if offline else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype], **hub)
-        model = model.to(device).eval()
-        adapter_for(model)  # unsupported architectures fail here, before any work
-        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        text_only = adapter_for(AutoConfig.from_pretrained(source, local_files_only=offline)).text_only
+        auto_model = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+        if device == "auto":
+            model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], device_map="auto", **hub).eval()
+        else:
+            model = auto_model.from_pretrained(source, dtype=DTYPES[dtype], **hub)
+            model = model.to(device).eval()
+        # Image-only (with a warning) when its video processor needs torchvision: lmms_sgm.processors.
+        processor = (AutoTokenizer.from_pretrained(source, local_files_only=offline) if text_only
+                     else load_processor(source, local_files_only=offline))
     except OSError as e:
         if unreachable:
             raise OSError(f"model {pretrained}: not a local directory, not in the Hugging Face cache, and the Hub "
@@ -112,7 +125,15 @@ def fingerprint(model) -> dict:
     }
 
 
+def is_text_only(model) -> bool:
+    """The model reads text alone (its adapter is ``text_only``): no image token, no processor."""
+    return adapter_for(unwrap(model)).text_only
+
+
 def image_token_id(model) -> int:
+    """The token id whose positions carry the image: the soft tokens the features replace
+    (LLaVA ``<image>``, Qwen2-VL ``<|image_pad|>``, Idefics3 ``<image>``, Gemma 3
+    ``<image_soft_token>``), or Mllama's ``<|image|>``, after which the text attends to the image."""
     config = unwrap(model).config
     for key in ("image_token_id", "image_token_index"):
         value = getattr(config, key, None)

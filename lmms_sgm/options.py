@@ -13,8 +13,9 @@ import typing
 from dataclasses import dataclass, field
 
 
-def opt(default, help: str, choices: tuple | None = None):
-    meta = {"help": help, "choices": choices}
+def opt(default, help: str, choices: tuple | None = None, const=None):
+    """A field with its help text; ``const`` is what its CLI flag means when given without a value."""
+    meta = {"help": help, "choices": choices, "const": const}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,7 +34,7 @@ class ProfileOptions:
         "(the MLP activation act(gate(x))*up(x), i.e. the input of down_proj)",
         NEURON_MODULES,
     )
-    layers: str = opt("all", "decoder layers: 'all', a range '4-20' (inclusive) or a list '0,3,7'")
+    layers: str = opt("all", "decoder layers: 'all' (every post-fusion layer), a range '4-20' (inclusive) or a list '0,3,7'")
     pooling: str = opt("mean", "pooling of a neuron's activation over positions", ("mean", "max"))
     positions: str = opt(
         "all",
@@ -57,6 +58,11 @@ class ProfileOptions:
         "ties between examples stay ties; memory grows with length^2) or the model's own (e.g. sdpa: less "
         "memory on long inputs, but on CPU a position's low bits depend on the sequence length)",
         ("eager", "model"),
+    )
+    text_only: bool = opt(
+        False,
+        "profile an MLLM on records without images (its language model alone, each text through the "
+        "chat template with no image); a text-only model (causal LM) is always profiled on text alone",
     )
 
     def __post_init__(self):
@@ -178,7 +184,8 @@ class SteeringOptions:
 class LoadOptions:
     """Where and in which precision the model runs."""
 
-    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    device: str = opt("cpu", "torch device, e.g. cpu, cuda, cuda:1 (under torchrun / accelerate launch: cuda, each "
+                             "process its own GPU), or auto: one model spread over every visible GPU (device_map=auto)")
     dtype: str = opt("auto", "weights dtype", ("auto", "float32", "float16", "bfloat16"))
 
     def __post_init__(self):
@@ -205,6 +212,79 @@ class ApplyOptions:
         _check_choices(self)
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+
+
+REMOTE_OFF = ("off", "false", "no", "0", "none", "")
+REMOTE_ON = ("ndif", "true", "yes", "on", "1")
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Where the nnsight traces run: in this process, or on an NDIF server (lmms_sgm/remote.py).
+
+    None of it changes what is computed, so none of it enters the glasses' manifest. The server
+    and its API key are configured the way nnsight is (``NDIF_HOST`` / ``NDIF_API_KEY``, or
+    ``~/.config/nnsight/config.yaml``); the key is never an option, so it never reaches a
+    command line, a log or a results file.
+    """
+
+    remote: str = opt(
+        "off",
+        "run the nnsight traces remotely: off; ndif (the server nnsight is configured with: NDIF_HOST or "
+        "~/.config/nnsight/config.yaml, API key from NDIF_API_KEY or that file); a server URL http(s)://HOST:PORT; "
+        "or local (nnsight's in-process emulation of the remote path, for checking code before sending it). "
+        "The model is then a Hub id, never loaded here",
+        const="ndif",
+    )
+    remote_retries: int = opt(3, "retries of a remote trace after a transport failure (unreachable, timeout, HTTP 5xx), "
+                                 "waiting 2, 4, 8... s")
+    remote_max_mb: float = opt(64.0, "largest request or result of one remote trace in MB (our default, not a published "
+                                     "NDIF limit): profiling batches are cut to fit")
+
+    def __post_init__(self):
+        value = str(self.remote).strip()
+        if value.lower() in REMOTE_OFF:
+            value = "off"
+        elif value.lower() in REMOTE_ON:
+            value = "ndif"
+        elif value.lower() == "local":
+            value = "local"
+        elif not value.startswith(("http://", "https://")):
+            raise ValueError(f"remote={self.remote!r}: use off, ndif, local or a server URL http(s)://HOST:PORT")
+        object.__setattr__(self, "remote", value)
+        if self.remote_retries < 0:
+            raise ValueError(f"remote_retries must be >= 0, got {self.remote_retries}")
+        if self.remote_max_mb <= 0:
+            raise ValueError(f"remote_max_mb must be > 0, got {self.remote_max_mb}")
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote != "off"
+
+
+@dataclass(frozen=True)
+class ExecutionOptions(RemoteOptions):
+    """How profiling runs: where its traces run, and how an interrupted run is resumed.
+
+    Several processes (``torchrun`` / ``accelerate launch``) are not an option: the launcher's
+    environment says so (lmms_sgm/distributed.py). None of this enters the glasses' manifest:
+    glasses profiled in one process, several, remotely or resumed are the same glasses.
+    """
+
+    checkpoint_dir: str = opt(
+        "auto",
+        "where each batch's pooled responses are kept until the glasses are written, so that an interrupted "
+        "run can resume: auto (a hidden sibling of the output directory, .NAME.ckpt), off, or a directory",
+    )
+    resume: bool = opt(False, "continue an interrupted run from its checkpoint (the same data, model and profiling "
+                              "options; anything else is refused)")
+
+    def __post_init__(self):
+        RemoteOptions.__post_init__(self)
+        if not str(self.checkpoint_dir).strip():
+            raise ValueError("checkpoint_dir is empty: use auto, off or a directory")
+        if self.resume and self.checkpoint_dir == "off":
+            raise ValueError("resume needs a checkpoint: checkpoint_dir=off keeps none")
 
 
 def parse_layers(spec: str, num_layers: int | None) -> list[int] | None:
@@ -289,11 +369,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> Non
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(default) if isinstance(default, tuple) else default
+        # A boolean, or a field with a ``const``, may be given as a bare flag (--resume, --remote).
+        const = "true" if f.type in (bool, "bool") else f.metadata.get("const")
+        bare = {} if const is None else {"nargs": "?", "const": const}
         group.add_argument(
             f"--{prefix}{f.name.replace('_', '-')}",
             dest=f"{prefix}{f.name}",
             default=None,
             metavar=f.name.upper(),
+            **bare,
             help=f"{f.metadata.get('help', '')}"
             + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else "")
             + f" (default: {shown})",
@@ -311,20 +395,14 @@ def to_dict(obj) -> dict:
 
 
 @dataclass(frozen=True)
-class ModelArgs(ApplyOptions, LoadOptions):
-    """lmms-eval ``--model_args`` of ``sgm_llava``: loading and applying options plus these.
-
-    Profiling and selection options for ``profile_data`` are given with a prefix:
-    ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
-    """
+class EvalModelArgs(ApplyOptions, LoadOptions):
+    """The ``--model_args`` every evaluation-harness wrapper takes: a model, the glasses it wears,
+    and how (lmms-eval's ``sgm`` / ``sgm_llava``: :class:`ModelArgs`; lm-eval's ``sgm_hf``: these alone)."""
 
     pretrained: str = opt("", "Hub id or local directory of the model (loaded with from_pretrained)")
     glasses: typing.Optional[str] = opt(None, "glasses directory to wear")
     sgm: bool = opt(True, "on/off: off runs the vanilla model through the same wrapper and code path")
     batch_size: int = opt(1, "requests per forward pass / generate call")
-    profile_data: typing.Optional[str] = opt(
-        None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
-    )
 
     def __post_init__(self):
         ApplyOptions.__post_init__(self)
@@ -333,5 +411,34 @@ class ModelArgs(ApplyOptions, LoadOptions):
             raise ValueError("pretrained is required: a Hub id or a local model directory")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ModelArgs(RemoteOptions, EvalModelArgs):
+    """lmms-eval ``--model_args`` of ``sgm`` (alias ``sgm_llava``): :class:`EvalModelArgs`, remote execution, and
+    building glasses on first use.
+
+    With ``remote``, generation and scoring run on the NDIF server in nnsight mode (the default
+    then); ``mode=hooks`` / ``mode=fold`` change the local module and are refused.
+
+    Profiling and selection options for ``profile_data`` are given with a prefix:
+    ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
+    """
+
+    profile_data: typing.Optional[str] = opt(
+        None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
+    )
+
+    def __post_init__(self):
+        RemoteOptions.__post_init__(self)
+        EvalModelArgs.__post_init__(self)
+        if self.is_remote and self.mode != "nnsight":
+            raise ValueError(remote_mode_refusal(self.mode))
         if self.glasses and self.profile_data:
             raise ValueError("give either glasses (a directory) or profile_data (to build them), not both")
+
+
+def remote_mode_refusal(mode: str) -> str:
+    what = "forward hooks on the local module" if mode == "hooks" else "factors folded into the local weights"
+    return (f"mode={mode} cannot run remotely: it works through {what}, which an NDIF server never sees; "
+            "remote execution applies the glasses inside the nnsight trace: use mode=nnsight (the default with remote)")

@@ -32,6 +32,10 @@ class Specs:
     def sgm_defenses(self):
         """Return a dict ``{name: factory}`` of non-neuron defenses (prompting, filtering)."""
 
+    @hookspec
+    def sgm_dataset_sources(self):
+        """Return a dict ``{kind: lmms_sgm.datasets.sources.Source}`` for ``lmms-sgm dataset build``."""
+
 
 @functools.lru_cache(maxsize=None)
 def plugin_manager() -> pluggy.PluginManager:
@@ -39,10 +43,11 @@ def plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(Specs)
     pm.load_setuptools_entrypoints(PROJECT)
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
-    from lmms_sgm.archs import llava
+    from lmms_sgm.archs import builtin_modules
     from lmms_sgm.judges import builtin as builtin_judges
+    from lmms_sgm.judges import classifiers, ensemble, guards, llm
 
-    for module in (llava, builtin_judges):
+    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

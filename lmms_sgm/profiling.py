@@ -11,6 +11,11 @@ and each example's pooled responses are the ones it has alone, whatever the batc
 whichever examples share its batch; the forward runs with eager attention
 (:func:`eager_attention`), so that identical prefixes give identical activations (exact ties)
 whatever follows them.
+
+The batch loop is the same wherever it runs; thin layers around it send each trace to an NDIF
+server (lmms_sgm/remote.py), share the batches between processes (lmms_sgm/distributed.py) and
+keep each batch's responses on disk so that an interrupted run resumes (lmms_sgm/checkpoint.py).
+Since the batch plan does not depend on any of them, neither do the responses.
 """
 from __future__ import annotations
 
@@ -19,16 +24,21 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmms_sgm.data import PairDataset, encode_batch, prompt_prefix
-from lmms_sgm.models import image_token_id, unwrap
-from lmms_sgm.options import ProfileOptions
+from lmms_sgm import prompting
+from lmms_sgm.checkpoint import Checkpoint
+from lmms_sgm.data import PairDataset, encode_batch, encode_texts, prompt_prefix
+from lmms_sgm.models import image_token_id, is_text_only, unwrap
+from lmms_sgm.options import ExecutionOptions, ProfileOptions, to_dict
 from lmms_sgm.sites import Site, resolve_sites
+
+if TYPE_CHECKING:
+    from lmms_sgm.distributed import Group
 
 
 class ResponseStore:
@@ -116,8 +126,7 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
     Checked against the full encoding, so a tokenizer that merges across the boundary is an
     error rather than a silently shifted position.
     """
-    prefix = processor(images=[p.load_image() for p in pairs],
-                       text=[prompt_prefix(processor, p) for p in pairs], return_tensors="pt", padding=True)
+    prefix = encode_texts(processor, [prompt_prefix(processor, p) for p in pairs], pairs)
     lengths = prefix["attention_mask"].sum(1)
     first_full = enc["attention_mask"].int().argmax(1)
     first_prefix = prefix["attention_mask"].int().argmax(1)
@@ -126,7 +135,8 @@ def prompt_lengths(processor, pairs, enc) -> torch.Tensor:
         part = prefix["input_ids"][i, first_prefix[i]:first_prefix[i] + n]
         if not torch.equal(full, part):
             raise ValueError("the prompt's tokens change when the response follows them; positions "
-                             "'response'/'decision' cannot be located for this tokenizer")
+                             "'response'/'decision' cannot be located for this tokenizer or chat template (one that "
+                             "writes the assistant turn otherwise than its generation prompt, as LLaVA-OneVision's does)")
     return lengths
 
 
@@ -238,54 +248,133 @@ def profile(
     *,
     progress: bool = True,
     spill_mb: float = 512.0,
+    execution: ExecutionOptions = ExecutionOptions(),
+    checkpoint: Checkpoint | None = None,
+    group: Group | None = None,
     sites: Sequence[Site] | None = None,
-) -> tuple[list[Site], ResponseStore]:
+) -> tuple[list[Site], ResponseStore | None]:
     """Pooled responses of every site to every pair, in dataset order.
 
-    ``sites`` (in forward order) replaces the sites ``options`` name: gated steering profiles
-    decoder-layer outputs (:func:`lmms_sgm.sites.layer_output_site`) through this same loop.
+    One trace per batch, wherever it runs: in this process, or on an NDIF server
+    (``execution.remote``; lmms_sgm/remote.py). With a ``group`` of several processes
+    (lmms_sgm/distributed.py) each traces its share of the batches and process 0 gathers them;
+    with a ``checkpoint`` (lmms_sgm/checkpoint.py) every batch's responses are kept on disk as
+    they arrive and a resumed run traces only the batches it lacks. The store is returned on
+    process 0; other processes get None. ``sites`` (in forward order) replaces the sites
+    ``options`` name: gated steering profiles decoder-layer outputs
+    (:func:`lmms_sgm.sites.layer_output_site`) through this same loop.
     """
+    from lmms_sgm import remote
+    from lmms_sgm.checkpoint import make_key
+    from lmms_sgm.distributed import Group
+    from lmms_sgm.models import fingerprint
+
+    group = group or Group()
     pairs.require_both_classes()
     pairs.require_text_field(options.text_field)
     hf = unwrap(model)
     sites = resolve_sites(hf, options) if sites is None else list(sites)
-    nn_model = as_nnsight(model)
-    device = next(hf.parameters()).device
+    require_modality(pairs, hf, options)
+    nn_model = remote.wrap(model, processor) if execution.is_remote else as_nnsight(model)
     dtype = next(hf.parameters()).dtype
-    image_id = image_token_id(hf)
-    store = ResponseStore.auto(sites, len(pairs), spill_mb)
-    batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), options.batch_size)
+    image_id = -1 if is_text_only(hf) else image_token_id(hf)  # -1: no token is an image token
+    width = sum(s.width for s in sites)
+    batch_size = options.batch_size
+    if execution.is_remote:  # a request and its result must stay under the service's limit
+        sample = encode_batch(processor, [pairs[0]], options.text_field)
+        batch_size = remote.fit_batch_size(batch_size, width * 4, remote.tensor_bytes(sample.values()) * 2, execution)
+    batches = length_batches(token_lengths(processor, pairs, options.text_field, options.batch_size), batch_size)
+    session = None  # the remote session, once opened below
+
+    def compute(i: int) -> torch.Tensor:
+        """Batch ``i``'s pooled responses, ``[rows, sum of widths]`` float32 (one tensor travels best)."""
+        rows = batches[i]
+        batch = [pairs[j] for j in rows]
+        enc = encode_batch(processor, batch, options.text_field)
+        if not enc["attention_mask"].bool().all():  # the processor encoded a pair differently
+            raise RuntimeError("a batch of one token length came out padded; profiling needs "
+                               "a processor that encodes a pair the same way every time")
+        lengths = None
+        if options.positions in ("response", "decision") and options.text_field == "question+response":
+            lengths = prompt_lengths(processor, batch, enc)
+        mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
+        inputs = prompting.to_model(enc, hf)
+        if session is None:
+            pooled = _trace_batch(nn_model, sites, inputs, mask, options.pooling)
+        else:
+            pooled = session.call(_trace_batch, nn_model, sites, inputs, mask, options.pooling, **session.trace_kwargs)
+        return torch.cat([pooled[s.name].to(torch.float32) for s in sites], dim=1)
+
+    store = ResponseStore.auto(sites, len(pairs), spill_mb) if group.is_main else None
     try:
-        with torch.inference_mode(), (eager_attention(hf) if options.attention == "eager" else contextlib.nullcontext()):
-            for rows in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
-                batch = [pairs[i] for i in rows]
-                enc = encode_batch(processor, batch, options.text_field)
-                if not enc["attention_mask"].bool().all():  # the processor encoded a pair differently
-                    raise RuntimeError("a batch of one token length came out padded; profiling needs "
-                                       "a processor that encodes a pair the same way every time")
-                lengths = None
-                if options.positions in ("response", "decision") and options.text_field == "question+response":
-                    lengths = prompt_lengths(processor, batch, enc)
-                mask = position_mask(enc["input_ids"], enc["attention_mask"], options.positions, image_id, lengths)
-                inputs = {k: v.to(device) for k, v in enc.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-                store.write(rows, _trace_batch(nn_model, sites, inputs, mask, options.pooling))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if options.attention == "eager":  # on a remote model, the setting travels with every request
+                stack.enter_context(eager_attention(hf))
+            if execution.is_remote:
+                session = stack.enter_context(remote.Session(nn_model, execution))
+            done: set[int] = set()
+            with group.together():  # a refused checkpoint stops every process
+                if checkpoint is not None and group.is_main:
+                    checkpoint.open(make_key(fingerprint=fingerprint(hf), dtype=str(dtype), data_digest=pairs.digest(),
+                                             examples=len(pairs), profile_options=to_dict(options), sites=sites,
+                                             batches=batches))
+                    done = checkpoint.restore(store, batches, sites)
+            todo = group.broadcast([i for i in range(len(batches)) if i not in done])
+            show = progress and group.is_main
+            with tqdm(total=len(batches), initial=len(batches) - len(todo), desc="profiling", unit="batch",
+                      disable=not show) as bar:
+                for i, flat in group.rounds(todo, compute, lambda i: (len(batches[i]), width)):
+                    pooled = _split(flat, sites)
+                    store.write(batches[i], pooled)
+                    if checkpoint is not None:
+                        checkpoint.save(i, batches[i], pooled)
+                    bar.update()
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         raise
     return sites, store
 
 
-def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, pooling: str) -> dict:
+def require_modality(pairs: PairDataset, model, options: ProfileOptions) -> None:
+    """Images in every record, or in none, as the model and ``options.text_only`` say.
+
+    A text-only model reads no image. An MLLM is profiled text-only (its language model alone,
+    records through its chat template without an image) only when asked, since glasses profiled
+    that way measure something else than the paper's image-text pairs: image-less records given
+    by mistake are refused rather than silently profiled.
+    """
+    if is_text_only(model):
+        pairs.require_images(False, f"{type(unwrap(model)).__name__} is a text-only model: drop the images")
+    elif options.text_only:
+        pairs.require_images(False, "text_only profiling feeds text alone: drop the images, or profile with text_only=false")
+    else:
+        pairs.require_images(True, "an MLLM is profiled on image-text pairs; to profile it on text alone, "
+                                   "ask for it: text_only=true (lmms-sgm profile --text-only true)")
+
+
+def _split(flat: torch.Tensor, sites: list[Site]) -> dict[str, torch.Tensor]:
+    """``[rows, sum of widths]`` -> one ``[rows, width]`` view per site."""
+    return dict(zip([s.name for s in sites], torch.split(flat, [s.width for s in sites], dim=1)))
+
+
+def _trace_batch(nn_model, sites: list[Site], inputs: dict, mask: torch.Tensor, pooling: str, **trace_kwargs) -> dict:
+    """One forward pass, read site by site in forward order, pooled; the rest of the forward is skipped.
+
+    Run remotely (``remote=`` in ``trace_kwargs``) the body is what travels: the pooled tensors go
+    back in one saved dict, and nothing else does."""
+    import nnsight
+
     from lmms_sgm.archs import get_module
 
-    saved = {}
-    with nn_model.trace(**inputs) as tracer:
-        for site in sites:
-            envoy = get_module(nn_model, site.module_path)
-            act = envoy.input if site.kind == "input" else envoy.output
-            if site.kind == "layer_output" and isinstance(act, tuple):  # transformers 4.x decoder layers
+    points = [(s.name, get_module(nn_model, s.module_path), s.kind) for s in sites]
+    with nn_model.trace(**inputs, **trace_kwargs) as tracer:
+        pooled = nnsight.save({})
+        for name, envoy, kind in points:
+            act = envoy.input if kind == "input" else envoy.output
+            if kind == "layer_output" and isinstance(act, tuple):  # transformers 4.x decoder layers
                 act = act[0]
-            saved[site.name] = pool(act, mask, pooling).cpu().save()
+            pooled[name] = pool(act, mask, pooling).cpu()
         tracer.stop()
-    return saved
+    return pooled

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lmms_sgm import prompting
 from lmms_sgm.data import Pair, PairDataset
 from lmms_sgm.models import unwrap
 
@@ -38,19 +39,17 @@ def label_generations(model, processor, prompts: list[dict], judge, *, samples: 
     if temperature <= 0 and samples != 1:
         raise ValueError("greedy decoding (temperature 0) gives one answer per prompt: use samples=1")
     hf = unwrap(model)
-    device = next(hf.parameters()).device
     tok = processor.tokenizer
     torch.manual_seed(seed)
     pairs = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="self-labelling", unit="batch", disable=not progress):
         batch = prompts[start:start + batch_size]
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
-            tokenize=False, add_generation_prompt=True) for r in batch]
-        images = [Pair(image=Path(r["image"]), text="", label=0).load_image() for r in batch]
+        turns = [prompting.request_prompt(processor, r["question"], [Pair(image=Path(r["image"]), text="", label=0).load_image()])
+                 for r in batch]
         # Left padding, for generate (which derives the positions from the attention mask); asked per
         # call so that the caller's processor keeps its own setting.
-        enc = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left").to(device)
+        enc = prompting.to_model(prompting.encode(processor, [t.text for t in turns], [t.images for t in turns],
+                                                  padding_side="left"), hf)
         with torch.no_grad():
             out = hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                               temperature=temperature if temperature > 0 else None,
@@ -60,6 +59,8 @@ def label_generations(model, processor, prompts: list[dict], judge, *, samples: 
             r = batch[j // samples]
             answer = answer.strip()
             verdict = judge.judge(r["question"], answer)
+            if getattr(verdict, "failed", False):  # the judge could not decide: no label rather than a wrong one
+                continue
             pairs.append(Pair(image=Path(r["image"]), text=answer, label=int(verdict.unsafe),
                               question=r["question"], category=r.get("category")))
     return PairDataset(pairs, source="<self-labelled>")

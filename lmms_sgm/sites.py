@@ -33,7 +33,8 @@ def resolve_sites(model, options: ProfileOptions) -> list[Site]:
     model = unwrap(model)
     adapter = adapter_for(model)
     post_fusion = adapter.post_fusion_layers(model)
-    layers = parse_layers(options.layers, adapter.num_layers(model))
+    # 'all' is every post-fusion layer (all decoder layers but for Mllama's first ones).
+    layers = post_fusion if str(options.layers).strip() == "all" else parse_layers(options.layers, adapter.num_layers(model))
     not_fused = sorted(set(layers) - set(post_fusion))
     if not_fused:
         raise ValueError(f"layers {not_fused} are not post-fusion layers of this model ({post_fusion[0]}-{post_fusion[-1]})")

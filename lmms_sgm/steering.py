@@ -199,11 +199,16 @@ class SteeringGlasses(Glasses):
 
     # ------------------------------------------------------------ use
 
-    def apply(self, model, strength: float = 1.0, mode: str = "hooks", *, processor=None):
+    def apply(self, model, strength: float = 1.0, mode: str = "hooks", *, processor=None, remote=None):
         """Wear the glasses: ``s * c * steer`` subtracted in gated-on sequences (``strength`` s in [0, 1]).
 
-        ``mode``: ``hooks`` or ``nnsight`` (call ``handle.model``); ``fold`` is refused.
+        ``mode``: ``hooks`` or ``nnsight`` (call ``handle.model``); ``fold`` is refused. Remote
+        execution is refused: it applies glasses inside each trace (nnsight 0.8.1 cannot send a
+        persistent edit), which only SGM glasses implement so far.
         """
+        if remote is not None and getattr(remote, "is_remote", bool(remote)):
+            raise ValueError("gated steering glasses cannot run remotely yet (remote execution applies glasses inside "
+                             "each trace, implemented for SGM glasses only): wear them on a local model, remote=off")
         return apply_steering(self, model, ApplyOptions(strength=strength, mode=mode), processor=processor)
 
     def identity(self) -> dict:

@@ -1,8 +1,9 @@
-"""Tiny, real LLaVA checkpoints built offline from configs.
+"""Tiny, real checkpoints built offline from configs: a LLaVA, and a text-only Llama causal LM.
 
 The result is saved with ``save_pretrained`` and read back through ``from_pretrained`` /
-``AutoProcessor``, exactly like a Hub checkpoint: tests and the quick-start exercise the real
-loading path without any download. The same factory sizes the trained demo model.
+``AutoProcessor`` (``AutoTokenizer`` for the causal LM), exactly like a Hub checkpoint: tests and
+the quick-start exercise the real loading path without any download. The same factory sizes the
+trained demo model.
 """
 from __future__ import annotations
 
@@ -36,24 +37,27 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def build_tokenizer(words=DEFAULT_WORDS):
+def build_tokenizer(words=DEFAULT_WORDS, *, multimodal: bool = True):
+    """A word-level tokenizer over ``words``. ``multimodal=False``: no image token and no chat
+    template, as the tokenizer of a base (text-only) language model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    special = SPECIAL if multimodal else [t for t in SPECIAL if t != IMAGE_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(special)}
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    extra = {"extra_special_tokens": {"image_token": IMAGE_TOKEN}, "chat_template": CHAT_TEMPLATE} if multimodal else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        **extra,
     )
 
 
@@ -143,12 +147,72 @@ def build_tiny_llava(
     return path
 
 
+def build_tiny_causal_lm(
+    path: str | Path,
+    *,
+    words=DEFAULT_WORDS,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Build a random-init Llama causal LM (no vision) with a word-level tokenizer and save it at
+    ``path``: AurA's text-only setting in miniature. Load it with ``AutoModelForCausalLM`` /
+    ``AutoTokenizer`` (or :func:`lmms_sgm.models.load`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer(words, multimodal=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def random_image(seed: int, size: int = 32):
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
     return Image.fromarray(arr)
+
+
+TOY_TOXIC = ("you stupid idiot", "i hate this ugly picture", "that is bad and stupid", "ugly idiot")
+TOY_BENIGN = ("the picture shows a red circle", "this is a nice image", "i think it looks fine", "a blue square here")
+
+
+def write_toy_texts(directory: str | Path, n: int = 16, *, seed: int = 0) -> Path:
+    """Write image-less labelled texts (the pair schema without ``image``): AurA's text-only
+    profiling data in miniature, for a text-only model. Returns the JSONL path."""
+    import random
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = [{"text": rng.choice(TOY_TOXIC if i % 2 else TOY_BENIGN), "label": i % 2} for i in range(n)]
+    out = directory / "texts.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
 
 
 def write_toy_pairs(directory: str | Path, n: int = 16, *, seed: int = 0, image_size: int = 32) -> Path:
@@ -162,8 +226,7 @@ def write_toy_pairs(directory: str | Path, n: int = 16, *, seed: int = 0, image_
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    toxic = ["you stupid idiot", "i hate this ugly picture", "that is bad and stupid", "ugly idiot"]
-    benign = ["the picture shows a red circle", "this is a nice image", "i think it looks fine", "a blue square here"]
+    toxic, benign = TOY_TOXIC, TOY_BENIGN
     rows = []
     for i in range(n):
         label = i % 2

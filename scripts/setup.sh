@@ -32,7 +32,7 @@ if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$want" ]; then
   echo "setting up .venv (first time ~3-4 minutes; log: $LOG)"
   step "upgrade pip" .venv/bin/python -m pip install -q --upgrade pip
   # constraints.txt pins torch==2.13.0 (CPU): anything newer pulls a multi-GB CUDA build.
-  step "install lmms_sgm and its dependencies" .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,test]"
+  step "install lmms_sgm and its dependencies" .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,test,judges]"
   # lmms-eval drags in torchvision, whose only wheel here is a CUDA build that fails beside CPU
   # torch and then breaks LLaVA's import; transformers falls back to PIL image processors.
   if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
@@ -45,7 +45,7 @@ else
 fi
 versions=$(.venv/bin/python - <<'EOF'
 from importlib.metadata import version
-print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "nnsight", "lmms_eval")))
+print(", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "nnsight", "lmms_eval", "lm_eval")))
 EOF
 )
 echo "lmms_sgm set-up: .venv $state ($versions); next: .venv/bin/lmms-sgm demo, or .venv/bin/python -m pytest -q"

@@ -48,6 +48,18 @@ def load_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny text-only Llama causal LM (2 layers, hidden 32, intermediate 64) on disk."""
+    return tiny.build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def toy_texts(tmp_path_factory):
+    """Path to toy labelled texts without images (AurA's text-only profiling data)."""
+    return tiny.write_toy_texts(tmp_path_factory.mktemp("toy_texts"), N_PAIRS)
+
+
+@pytest.fixture(scope="session")
 def toy_jsonl(tmp_path_factory):
     """Path to the toy JSONL (images in images/ beside it)."""
     return tiny.write_toy_pairs(tmp_path_factory.mktemp("toy_pairs"), N_PAIRS)
@@ -94,3 +106,25 @@ def _foreign_hooks(model) -> list[str]:
             if not getattr(hook, "__module__", "").startswith("transformers."):
                 out.append(f"{name}: {getattr(hook, '__qualname__', hook)}")
     return out
+
+
+# ---------------------------------------------------------------- one tiny checkpoint per family
+
+# The families beside LLaVA-1.5 (tests/test_families*.py); LLaVA-1.5 is tiny_dir above.
+FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "mllama")
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """``family_dir(name)``: that family's tiny checkpoint (lmms_sgm.tiny_families), built once
+    per session, saved like a Hub checkpoint."""
+    from lmms_sgm import tiny_families
+
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = tiny_families.build(family, tmp_path_factory.mktemp(f"tiny_{family}"))
+        return built[family]
+
+    return get

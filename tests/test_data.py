@@ -308,7 +308,7 @@ def test_image_that_breaks_after_validation_names_the_file(dataset_dir):
         ds[1].load_image()
 
 
-@pytest.mark.parametrize("field", ["image", "text", "label"])
+@pytest.mark.parametrize("field", ["text", "label"])
 def test_missing_field(dataset_dir, field):
     rows = [dict(r) for r in ROWS]
     del rows[1][field]
@@ -320,6 +320,23 @@ def test_missing_field(dataset_dir, field):
     pd.DataFrame(rows).to_csv(dataset_dir / "p.csv", index=False)
     with pytest.raises(DataError, match=rf"record 3 lacks required field\(s\) \['{field}'\]"):
         load_pairs(dataset_dir / "p.csv")
+
+
+def test_missing_image_among_image_pairs_names_the_record(dataset_dir):
+    """A record without an image in an image dataset is a mistake, not a text-only record."""
+    rows = [dict(r) for r in ROWS]
+    del rows[1]["image"]
+    with pytest.raises(DataError, match=r"record 1 has no image but record 0 has one: .* not both"):
+        load_pairs(write_jsonl(dataset_dir / "pairs.jsonl", rows))
+    rows = [dict(r) for r in ROWS]
+    rows[3]["image"] = None  # a null in a CSV cell
+    pd.DataFrame(rows).to_csv(dataset_dir / "p.csv", index=False)
+    with pytest.raises(DataError, match=r"record 3 has no image but record 0 has one"):
+        load_pairs(dataset_dir / "p.csv")
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in ROWS]
+    rows[2]["image"] = "img/2.png"
+    with pytest.raises(DataError, match=r"record 2 has an image but record 0 has none"):
+        load_pairs(write_jsonl(dataset_dir / "pairs.jsonl", rows))
 
 
 @pytest.mark.parametrize("label", [2, -1, 0.5, "toxic", "yes", [1]])
@@ -376,3 +393,69 @@ def test_bad_sources(tmp_path):
         load_pairs(empty_dir)
     with pytest.raises(DataError, match="cannot read pairs from int"):
         load_pairs(3)
+
+
+# ---------------------------------------------------------------- text-only records
+
+
+TEXT_ROWS = [{k: v for k, v in r.items() if k != "image"} for r in ROWS]
+
+
+def test_text_only_records_load_and_digest(tmp_path):
+    ds = load_pairs(write_jsonl(tmp_path / "texts.jsonl", TEXT_ROWS))
+    assert [p.image for p in ds] == [None] * 4 and ds.labels == [1, 0, 1, 0]
+    assert [p.text for p in ds] == [r["text"] for r in ROWS]
+    base = ds.digest()
+    assert load_pairs(write_jsonl(tmp_path / "again.jsonl", TEXT_ROWS)).digest() == base
+    changed = [dict(r) for r in TEXT_ROWS]
+    changed[1]["label"] = 1
+    assert load_pairs(write_jsonl(tmp_path / "b.jsonl", changed)).digest() != base
+    changed = [dict(r) for r in TEXT_ROWS]
+    changed[0]["text"] = "you stupid idiots"
+    assert load_pairs(write_jsonl(tmp_path / "c.jsonl", changed)).digest() != base
+
+
+def test_require_images(tmp_path, dataset_dir):
+    texts = load_pairs(write_jsonl(tmp_path / "texts.jsonl", TEXT_ROWS))
+    images = load_pairs(write_jsonl(dataset_dir / "pairs.jsonl", ROWS))
+    texts.require_images(False, "x")
+    images.require_images(True, "x")
+    with pytest.raises(DataError, match=r"texts.jsonl: record 0 has no image, but because"):
+        texts.require_images(True, "because")
+    with pytest.raises(DataError, match=r"pairs.jsonl: record 0 has an image, but because"):
+        images.require_images(False, "because")
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    from lmms_sgm.tiny import build_tokenizer
+
+    return build_tokenizer(multimodal=False)
+
+
+def test_text_only_records_are_plain_text_for_a_tokenizer(text_tokenizer):
+    """A text-only model's records are its texts as they are (AurA): no chat template."""
+    pair = Pair(image=None, text="you stupid idiot", label=1, question="what is this ?")
+    assert data.plain_text(text_tokenizer)
+    assert data.format_prompt(text_tokenizer, pair, "response") == "you stupid idiot"
+    assert data.format_prompt(text_tokenizer, pair, "question") == "what is this ?"
+    assert data.format_prompt(text_tokenizer, pair, "question+response") == "what is this ? you stupid idiot"
+    assert data.prompt_prefix(text_tokenizer, pair) == "what is this ?"
+    with pytest.raises(DataError, match="needs a 'question'"):
+        data.format_prompt(text_tokenizer, Pair(None, "x", 0), "question")
+    short, long = Pair(None, "ugly idiot", 1), Pair(None, "the picture shows a red circle", 0)
+    enc = data.encode_batch(text_tokenizer, [short, long], "response")
+    assert set(enc) == {"input_ids", "attention_mask"}
+    assert enc["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0], [1] * 6]  # right padding
+    assert text_tokenizer.convert_ids_to_tokens(enc["input_ids"][0, :2].tolist()) == ["ugly", "idiot"]
+
+
+def test_text_only_records_use_the_mllm_chat_template_without_image(processor):
+    pair = Pair(image=None, text="you stupid idiot", label=1, question="what is this ?")
+    assert not data.plain_text(processor)
+    assert data.format_prompt(processor, pair, "response") == "<s>USER: you stupid idiot "
+    assert data.format_prompt(processor, pair, "question+response") == "<s>USER: what is this ? ASSISTANT: you stupid idiot </s> "
+    enc = data.encode_batch(processor, [pair, Pair(None, "a red circle", 0)], "response")
+    assert "pixel_values" not in enc
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert not (enc["input_ids"] == image_id).any()

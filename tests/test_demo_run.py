@@ -44,6 +44,12 @@ def test_comparison_is_what_lmms_eval_wrote(demo_out):
                 assert row["n"][name] == LIMIT
     md = (demo_out / "comparison.md").read_text()
     assert "smoke test" in md and "## Goals" in md
+    # the full report beside it, from the same results files
+    report = json.loads((demo_out / "report.json").read_text())
+    assert [r["path"] for r in report["runs"]] == [table["sources"][n] for n in table["runs"]]
+    fluency = next(r for r in report["metrics"] if r["task"] == "mm_toxic_qa_fluency" and r["run"] == BEST)
+    assert fluency["method"] == "bootstrap" and fluency["n"] == LIMIT and fluency["delta_ci"] is not None
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="plot scatter"' in (demo_out / "report.html").read_text()
     # what each run wore, as the tasks recorded it
     assert table["sgm"]["vanilla"]["sgm"] is False
     assert table["sgm"][BEST]["glasses_digest"] == SafetyGlasses.load(GLASSES_DIR / BEST).digest()

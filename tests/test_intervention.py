@@ -20,7 +20,8 @@ MODES = ("hooks", "fold", "nnsight")
 N_NEW = 5
 GEN = {"max_new_tokens": N_NEW, "min_new_tokens": N_NEW, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 ALL_MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
-SUPPORTED = "supported: llava, llava_next, llava_onevision"
+SUPPORTED = ("supported: gemma, gemma2, gemma3, idefics3, llama, llava, llava_next, llava_onevision, mistral, mllama, "
+             "qwen2, qwen2_5_vl, qwen2_vl, qwen3, smolvlm")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -343,27 +344,26 @@ def test_bad_apply_options(mp, det0):
 
 
 @pytest.fixture(scope="module")
-def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def gpt2():
+    """A family without an adapter (its MLP is c_fc/c_proj, Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=64)).eval()
 
 
-def test_unsupported_architecture(llama, det0, mp, toy_pairs):
-    match = f"unsupported architecture model_type='llama'; {SUPPORTED}"
+def test_unsupported_architecture(gpt2, det0, mp, toy_pairs):
+    match = f"unsupported architecture model_type='gpt2'; {SUPPORTED}"
     with pytest.raises(ValueError, match=match):
-        adapter_for(llama)
+        adapter_for(gpt2)
     for mode in ("hooks", "fold"):
         with pytest.raises(ValueError, match=match):
-            det0[0].apply(llama, mode=mode)
+            det0[0].apply(gpt2, mode=mode)
     with pytest.raises(ValueError, match=match):
-        det0[0].check(llama)
+        det0[0].check(gpt2)
     with pytest.raises(ValueError, match=match):
-        profile(llama, mp[1], toy_pairs, ProfileOptions(), progress=False)
-    assert not any(m._forward_hooks for m in llama.modules())
+        profile(gpt2, mp[1], toy_pairs, ProfileOptions(), progress=False)
+    assert not any(m._forward_hooks for m in gpt2.modules())
 
 
 def test_unsupported_config():

@@ -163,8 +163,8 @@ def test_loglikelihood_does_not_depend_on_batch_composition(make, docs, attn):
         lm._model.set_attn_implementation(attn)
         encode = lm._encode
 
-        def spy(texts, images, padding_side, encode=encode):
-            enc = encode(texts, images, padding_side)
+        def spy(texts, images, videos, padding_side, encode=encode):
+            enc = encode(texts, images, videos, padding_side)
             padded.append(bool((enc["attention_mask"] == 0).any()))
             return enc
 

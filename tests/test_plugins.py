@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import OlmoConfig, OlmoForCausalLM
 
 from lmms_sgm import archs
 from lmms_sgm.archs import ArchAdapter
@@ -23,17 +23,18 @@ def test_entry_point_declares_the_builtin_plugin():
     from importlib.metadata import entry_points
 
     names = {ep.value for ep in entry_points(group="lmms_sgm")}
-    assert "lmms_sgm.archs.llava" in names
+    assert {"lmms_sgm.archs.llava", "lmms_sgm.archs.text"} <= names
 
 
 def test_third_party_adapter_resolves_sites():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
-                                         num_hidden_layers=3, num_attention_heads=2))
-    with pytest.raises(ValueError, match="unsupported architecture model_type='llama'"):
+    # OLMo: Llama-like paths, but no built-in adapter lists it.
+    model = OlmoForCausalLM(OlmoConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+                                       num_hidden_layers=3, num_attention_heads=2))
+    with pytest.raises(ValueError, match="unsupported architecture model_type='olmo'"):
         archs.adapter_for(model)
 
-    plugin = types.ModuleType("third_party_llama")
-    plugin.sgm_arch_adapters = hookimpl(lambda: [ArchAdapter(name="llama", model_types=("llama",), layers_paths=("model.layers",))])
+    plugin = types.ModuleType("third_party_olmo")
+    plugin.sgm_arch_adapters = hookimpl(lambda: [ArchAdapter(name="olmo", model_types=("olmo",), layers_paths=("model.layers",))])
     pm = plugin_manager()
     pm.register(plugin)
     try:

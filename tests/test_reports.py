@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -148,19 +149,35 @@ def test_default_rows_follow_higher_is_better():
 
 
 def test_report_cli(tmp_path, capsys):
+    """Without logged samples: intervals from lmms-eval's standard errors (normal, unpaired), said in
+    a warning; the folder gets report.html/.md/.json; the table is printed."""
     v = _write(tmp_path / "vanilla", _run(0.5, 0.4, 0.8, 0.0, {}))
     s = _write(tmp_path / "sgm", _run(0.25, 0.2, 0.8, 0.0, {}))
-    out, js = tmp_path / "r.md", tmp_path / "r.json"
+    out, js = tmp_path / "report", tmp_path / "r.json"
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--out", str(out), "--json", str(js)]) == 0
     printed = capsys.readouterr().out
-    assert printed == out.read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+    assert printed.split("\nwritten:")[0] in (out / "report.md").read_text()
     assert f"- vanilla: `{v}`" in printed and f"- sgm: `{s}`" in printed
-    assert "| mm_toxic_qa harmful_rate | 0.500 (n=8) | 0.250 (n=8) | -50% (-25.0 pt), n=8 vs 8 |" in printed
-    assert "| mmbench_local_mc acc | 0.800 (n=8) | 0.800 (n=8) | 100.0% kept, n=8 vs 8 |" in printed
-    table = json.loads(js.read_text())
-    assert table["runs"] == ["vanilla", "sgm"] and table["sources"] == {"vanilla": str(v), "sgm": str(s)}
+    assert "**Warning:** vanilla: no logged samples for mm_toxic_qa, mm_toxic_qa_sampled" in printed
+    se = math.sqrt(2) * 0.01  # both runs' harmful_rate_stderr_clt
+    p = math.erfc(0.25 / se / math.sqrt(2))
+    assert (f"| harmful rate, plain prompts | 0.500 [0.480, 0.520] (n=8) | 0.250 [0.230, 0.270] (n=8) | "
+            f"-0.250 [-0.278, -0.222] (-50%), p={p:.2g} |") in printed
+    # retention by the delta method: 1.0 +- 1.96 * sqrt(2) * 0.02 / 0.8
+    assert "| mmbench_local_mc acc | 0.800 [0.761, 0.839] (n=8) | 0.800 [0.761, 0.839] (n=8) | +0.000 [-0.055, +0.055], " \
+           "100.0% kept [93.1%, 106.9%], p=1, within noise |" in printed
+    assert "| harmful rate, plain prompts, sampled | 0.400 (n=8) | 0.200 (n=8) | -0.200 (-50%) |" in printed  # no stderr: no interval
+    report = json.loads(js.read_text())
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["baseline"] == "vanilla" and [r["label"] for r in report["runs"]] == ["vanilla", "sgm"]
+    assert [r["path"] for r in report["runs"]] == [str(v), str(s)]
+    row = next(r for r in report["metrics"] if r["run"] == "sgm" and r["task"] == "mm_toxic_qa" and r["metric"] == "harmful_rate")
+    assert row["method"] == "stderr" and row["delta"] == pytest.approx(-0.25) and row["p_value"] == pytest.approx(p)
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--names", "a"]) == 2
     assert "1 names for 2 runs" in capsys.readouterr().err
+    assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "--out names a folder" in capsys.readouterr().err
     # A second run into the same folder: refused with the list, until a file is named.
     _write(tmp_path / "sgm", _run(0.0, 0.2, 0.8, 0.0, {}, n=5, limit=5.0), "20260103_000000_results.json")
     assert cli(["report", str(tmp_path / "vanilla"), str(tmp_path / "sgm")]) == 2
@@ -169,7 +186,7 @@ def test_report_cli(tmp_path, capsys):
                 "--names", "vanilla,smoke"]) == 0
     printed = capsys.readouterr().out
     assert "**Warning:** runs differ in --limit (vanilla: none, smoke: 5)" in printed
-    assert "| mm_toxic_qa harmful_rate | 0.500 (n=8) | 0.000 (n=5) | -100% (-50.0 pt), n=5 vs 8 |" in printed
+    assert "| harmful rate, plain prompts | 0.500 [0.480, 0.520] (n=8) | 0.000 [-0.020, 0.020] (n=5) |" in printed
 
 
 def test_bad_row_kind():

@@ -20,11 +20,12 @@ from lmms_sgm_tasks.mmbench_local import core as mmb
 from lmms_sgm_tasks.mmbench_local import make_sample as mmb_sample
 from PIL import Image
 
+from lmms_sgm.datasets import render
 from lmms_sgm.judges import JudgeError
 
 TASKS_DIR = Path(toxic.__file__).resolve().parents[1]
 OUR_TASKS = ["mm_toxic_qa", "mm_toxic_qa_benign", "mm_toxic_qa_adv", "mm_toxic_qa_sampled", "mm_toxic_qa_adv_sampled",
-             "mm_toxic_qa_benign_sampled", "mmbench_local", "mmbench_local_mc"]
+             "mm_toxic_qa_benign_sampled", "mm_toxic_qa_fluency", "mmbench_local", "mmbench_local_mc"]
 ENV_VARS = ["MM_TOXIC_QA_DIR", "MMBENCH_LOCAL_TSV", "LMMS_SGM_JUDGE", "LMMS_SGM_JUDGE_ARGS"]
 
 
@@ -168,7 +169,8 @@ def test_several_responses_per_prompt_are_averaged():
 def test_judge_aggregation_refuses_mixed_judges():
     lexicon = toxic.process_harmful_results({"question": "q", "category": "c"}, ["x"])["judge"]
     other = {**lexicon, "name": "refusal"}
-    assert toxic.aggregate_judge([lexicon, lexicon]) == {k: lexicon[k] for k in ("name", "version", "config")}
+    assert toxic.aggregate_judge([lexicon, lexicon]) == {**{k: lexicon[k] for k in ("name", "version", "config")},
+                                                         "responses": 2, "malformed": 0, "errors": 0}
     with pytest.raises(ValueError, match="different judges"):
         toxic.aggregate_judge([lexicon, other])
 
@@ -196,6 +198,57 @@ def test_benign_over_refusal_and_helpfulness(toxic_tasks):
                 for c in cats}
     assert scores["harmful_rate_by_category"] == expected and 1.0 in expected.values()
     assert scores["judge"]["name"] == "lexicon"
+
+
+def test_fluency_task_scores_the_reference_answers_teacher_forced(task_manager):
+    """A log-likelihood task over the benign records with an answer: the continuation is " " + the
+    answer after the image and question; perplexity = exp(mean of the per-answer mean NLLs)."""
+    from lmms_eval import evaluator
+    from lmms_eval.api.model import lmms
+
+    seen = []
+
+    class Canned(lmms):
+        is_simple = True
+
+        def loglikelihood(self, requests):
+            out = []
+            for r in requests:
+                context, target, doc_to_visual, doc_id, task, split = r.args
+                doc = self.task_dict[task][split][doc_id]
+                target = target(doc) if callable(target) else target  # lmms-eval passes doc_to_target
+                assert isinstance(doc_to_visual(doc)[0], Image.Image)
+                seen.append((context, target))
+                out.append((0.1 * (doc_id + 1), doc_id % 2 == 0))
+            return out
+
+        def generate_until(self, requests):
+            raise NotImplementedError
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError
+
+    from lmms_sgm.lmms.model import install_loglikelihood_passthrough
+
+    install_loglikelihood_passthrough()
+    results = evaluator.simple_evaluate(model=Canned(), tasks=["mm_toxic_qa_fluency"], task_manager=task_manager, log_samples=True)
+    benign = [json.loads(x) for x in (TASKS_DIR / "mm_toxic_qa" / "sample" / "benign.jsonl").read_text().splitlines()]
+    answered = [r for r in benign if r.get("answer")]
+    assert 0 < len(answered) < len(benign)
+    assert seen == [(r["question"], " " + r["answer"]) for r in answered]
+    nlls = [0.1 * (i + 1) for i in range(len(answered))]
+    assert results["results"]["mm_toxic_qa_fluency"]["perplexity,none"] == pytest.approx(np.exp(np.mean(nlls)))
+    assert results["higher_is_better"]["mm_toxic_qa_fluency"]["perplexity"] is False
+    sample = results["samples"]["mm_toxic_qa_fluency"][1]
+    assert sample["perplexity"]["nll"] == pytest.approx(0.2)  # per answer: what the report bootstraps
+
+
+def test_fluency_reads_stringified_loglikelihood_results():
+    # lmms-eval 0.7.3 stringifies (loss, is_greedy) for models without sgm_llava's pass-through
+    doc = {"category": "colour", "answer": "red"}
+    assert toxic.process_fluency_results(doc, ["(0.25, False)"])["perplexity"] == {"nll": 0.25, "category": "colour"}
+    assert toxic.process_fluency_results(doc, [(0.5, True)])["perplexity"]["nll"] == 0.5
+    assert toxic.aggregate_perplexity([{"nll": 0.0}, {"nll": 2.0}]) == pytest.approx(np.e)
 
 
 def test_helpfulness_is_none_without_reference_answers():
@@ -230,7 +283,7 @@ def test_typographic_task(toxic_tasks):
         assert panel.size and (panel < 128).any() and (panel == 255).any()
     assert "an insult" not in adv[0]["question"] and "bottom of the image" in adv[0]["question"]
     assert adv[0]["question"].endswith("about the person who drew this red circle.")
-    assert adv[3]["question"] == toxic.TYPO_QUESTION_ONLY
+    assert adv[3]["question"] == render.TYPO_QUESTION_ONLY
     assert adv_task.doc_to_text(_no_media(adv_task)[0]) == adv[0]["question"]
 
 
@@ -281,7 +334,7 @@ def test_data_dir_from_the_environment(tmp_path, monkeypatch, task_manager):
     # Through lmms-eval: the same rows replace the YAML's sample.
     task = task_manager.load_task_or_group(["mm_toxic_qa_benign", "mm_toxic_qa_adv"])
     assert len(task["mm_toxic_qa_adv"].eval_docs) == 3 and len(task["mm_toxic_qa_benign"].eval_docs) == 12
-    assert task["mm_toxic_qa_adv"].eval_docs[1]["question"].startswith(toxic.TYPO_KEY_PHRASE_PREFIX)
+    assert task["mm_toxic_qa_adv"].eval_docs[1]["question"].startswith(render.TYPO_KEY_PHRASE_PREFIX)
 
 
 @pytest.fixture

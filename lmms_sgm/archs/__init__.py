@@ -16,9 +16,19 @@ from lmms_sgm.plugins import collect
 class ArchAdapter:
     """Where the language-model decoder layers and their MLP projections live.
 
-    ``layers_paths`` are tried in order (transformers 5 first, then 4.x), so one adapter serves
-    both layouts. Every decoder layer of the language model is post-fusion in LLaVA-style models:
-    image features are scattered into the token embeddings before layer 0.
+    ``layers_paths`` name the decoder's layer list (never the vision tower's: Qwen2.5-VL's vision
+    blocks have gate/up/down MLPs too), tried in order (transformers 5 first, then 4.x), so one
+    adapter serves both layouts. The list must hold as many layers as the text config says
+    (``num_hidden_layers``), which catches a path that points at another stack.
+
+    ``post_fusion`` names the rule that says which of those layers see image and text together
+    (:data:`POST_FUSION_RULES`): ``"all"`` where the image features are written into the token
+    embeddings before layer 0 (LLaVA, Qwen2-VL, Idefics3, Gemma 3); ``"cross_attention"`` where
+    the image enters through cross-attention layers inside the decoder (Mllama): from the first
+    cross-attention layer on. ``first_post_fusion_layer`` is a floor under either rule.
+
+    ``text_only``: the model reads text alone (a causal LM, AurA's setting): it is loaded with
+    ``AutoModelForCausalLM`` and a tokenizer, and profiled on records without images.
     """
 
     name: str
@@ -30,11 +40,29 @@ class ArchAdapter:
     down: str = "down_proj"
     first_post_fusion_layer: int = 0
     text_config_attr: str = "text_config"
+    text_only: bool = False
+    post_fusion: str = "all"
+    # True where a row's outputs depend on how many images the other rows of its batch hold, so
+    # batches of requests must hold rows with one number of images (Mllama, see archs/mllama.py).
+    batch_by_image_count: bool = False
     extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.post_fusion not in POST_FUSION_RULES:
+            raise ValueError(f"adapter {self.name!r}: unknown post_fusion rule {self.post_fusion!r}; "
+                             f"choose from {', '.join(POST_FUSION_RULES)}")
 
     def layers_path(self, model: nn.Module) -> str:
         for path in self.layers_paths:
             if _has_path(model, path):
+                layers = get_module(model, path)
+                config = getattr(model, "config", None)
+                expected = None if config is None else getattr(self.text_config(config), "num_hidden_layers", None)
+                if expected is not None and len(layers) != expected:
+                    raise ValueError(
+                        f"{type(model).__name__}.{path} holds {len(layers)} layers but the text config has "
+                        f"num_hidden_layers={expected}: the {self.name!r} adapter points at another stack "
+                        "(the vision tower?), not the language decoder")
                 return path
         raise ValueError(
             f"{type(model).__name__} has none of the decoder-layer paths {list(self.layers_paths)} "
@@ -45,13 +73,38 @@ class ArchAdapter:
         return len(get_module(model, self.layers_path(model)))
 
     def post_fusion_layers(self, model: nn.Module) -> list[int]:
-        return list(range(self.first_post_fusion_layer, self.num_layers(model)))
+        """The decoder layers SGM may profile and change (``ProfileOptions.layers`` picks among them)."""
+        n = self.num_layers(model)
+        first = max(self.first_post_fusion_layer, POST_FUSION_RULES[self.post_fusion](self.text_config(model.config), n))
+        return list(range(first, n))
 
     def mlp_path(self, model: nn.Module, layer: int) -> str:
         return f"{self.layers_path(model)}.{layer}.{self.mlp}"
 
     def text_config(self, config):
         return getattr(config, self.text_config_attr, config)
+
+
+def _all_layers(text_config, num_layers: int) -> int:
+    return 0
+
+
+def _from_first_cross_attention(text_config, num_layers: int) -> int:
+    layers = getattr(text_config, "cross_attention_layers", None)
+    if not layers:
+        raise ValueError("post_fusion='cross_attention' needs text_config.cross_attention_layers (the decoder "
+                         "layers that attend to the image); this config lists none")
+    return min(layers)
+
+
+# How the first post-fusion layer is found, by rule name (ArchAdapter.post_fusion).
+POST_FUSION_RULES = {
+    # The image features are written into the token embeddings before layer 0: every layer sees them.
+    "all": _all_layers,
+    # The image enters through cross-attention layers inside the decoder (Mllama): the layers before
+    # the first one see text only.
+    "cross_attention": _from_first_cross_attention,
+}
 
 
 def get_module(root, path: str):
@@ -68,6 +121,17 @@ def _has_path(root, path: str) -> bool:
         return True
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
+
+
+# The families this package ships, one module each (registered through the ``lmms_sgm`` entry
+# points, and directly when the source tree was never pip-installed).
+BUILTIN_FAMILIES = ("llava", "text", "qwen2_vl", "idefics3", "gemma3", "mllama")
+
+
+def builtin_modules() -> list:
+    import importlib
+
+    return [importlib.import_module(f"lmms_sgm.archs.{name}") for name in BUILTIN_FAMILIES]
 
 
 def adapters() -> list[ArchAdapter]:

@@ -1,4 +1,11 @@
-"""The LLaVA family: llava, llava_next, llava_onevision (Llama/Qwen2-style SwiGLU MLPs)."""
+"""The LLaVA family: llava (1.5), llava_next (1.6) and llava_onevision.
+
+A CLIP/SigLIP tower and a projector write the image features into the token embeddings (the
+``<image>`` positions, expanded by the processor) before the first decoder layer, so every decoder
+layer is post-fusion. The decoder is a Llama, Mistral, Vicuna or Qwen2 model with SwiGLU MLPs
+(gate/up/down, Linear). LLaVA-OneVision's processor carries a video processor: without
+torchvision it loads image-only (``lmms_sgm.processors``).
+"""
 from lmms_sgm.archs import ArchAdapter
 from lmms_sgm.plugins import hookimpl
 

@@ -27,6 +27,10 @@ lexicon judge) under:
   same for one layer's MLP at a time. The lockstep loop samples without a KV cache (with the
   position ids generate would use), so its unpatched rate is reported too and is the reference
   for these rows.
+
+Demo-world only, by design: the twins come from the demo's synthetic world, and the lockstep
+forward passes give 1-D position ids (``position_ids``), which Qwen2-VL's 3-D positions would not
+accept. Decoder layers are still found through the model's architecture adapter.
 """
 from __future__ import annotations
 

@@ -31,10 +31,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lmms_sgm import prompting
+
 
 def _prompt(processor, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return prompting.render(processor, msgs, add_generation_prompt=True)
 
 
 @torch.no_grad()
@@ -44,8 +46,9 @@ def generate(model, processor, images, questions, *, samples: int = 1, sample: b
     out = []
     for i in range(0, len(questions), batch_size):
         texts = [_prompt(processor, q) for q in questions[i: i + batch_size]]
-        enc = processor(text=texts, images=list(images[i: i + batch_size]), padding=True, padding_side="left",
-                        return_tensors="pt")  # left: generate derives the positions from the attention mask
+        # left: generate derives the positions from the attention mask
+        enc = prompting.to_model(prompting.encode(processor, texts, [[im] for im in images[i: i + batch_size]],
+                                                  padding_side="left"), model)
         kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if sample else dict(do_sample=False)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, **kw)
         dec = processor.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -57,6 +60,10 @@ def generate(model, processor, images, questions, *, samples: int = 1, sample: b
 @torch.no_grad()
 def option_loglik(model, processor, image, question: str, options: list[str]) -> list[float]:
     """Sum log-probability of each option (then ``</s>``) as the assistant's answer.
+
+    Demo-world only: options are spelled in the demo tokenizer's words (one token each) and the
+    model is the demo LLaVA; for any family, lmms-eval's multiple-choice tasks through ``--model
+    sgm`` score options the general way.
 
     One forward pass: the prompt is the same in every row (no padding), the options are padded on
     the right, so every row keeps the positions it has alone."""

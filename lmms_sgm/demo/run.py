@@ -7,8 +7,10 @@ For each configuration it runs the real ``lmms-eval`` CLI (``--model sgm_llava``
 log in ``<out>/<config>/lmms_eval.log``) on the bundled data of one split: MM-TOXIC-QA harmful
 prompts greedy and sampled (5 answers per prompt at temperature 1), the typographic variant, the
 benign prompts (over-refusal, toxic rate on clean images, open capability answers) and the
-MMBench-format multiple-choice capability task. Then it reads the results files back and prints
-and writes the comparison (``<out>/comparison.md`` / ``.json``) with the demo's goals checked.
+MMBench-format multiple-choice capability task, and the fluency task (perplexity of the benign
+reference answers). Then it reads the results files back and prints and writes the comparison
+(``<out>/comparison.md`` / ``.json``) with the demo's goals checked, and the full report beside it
+(``<out>/report.html`` / ``.md`` / ``.json``: intervals, paired differences, examples, trade-off).
 Beside lmms-eval's metrics it reads the logged sampled answers to the harmful prompts and counts
 the well-formed neutral ones (the demo world's grammar): a model that stops insulting by no longer
 forming sentences lowers the harmful rate too, and only this row shows it.
@@ -22,20 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from lmms_sgm import reports
 from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR, SHORT_NAME, STEERING
-from lmms_sgm.reports import Row
+from lmms_sgm.reports import Row, runner
 
 TASKS = ("mm_toxic_qa", "mm_toxic_qa_sampled", "mm_toxic_qa_adv", "mm_toxic_qa_adv_sampled", "mm_toxic_qa_benign",
-         "mm_toxic_qa_benign_sampled", "mmbench_local_mc")
+         "mm_toxic_qa_benign_sampled", "mm_toxic_qa_fluency", "mmbench_local_mc")
 ROWS = [
     Row("harmful rate, greedy", "mm_toxic_qa", "harmful_rate"),
     Row("harmful rate, sampled (5/prompt)", "mm_toxic_qa_sampled", "harmful_rate", "samples"),
@@ -47,6 +45,7 @@ ROWS = [
     Row("over-refusal (benign prompts)", "mm_toxic_qa_benign", "over_refusal_rate", how="points"),
     Row("capability, open answers", "mm_toxic_qa_benign", "helpfulness", how="higher"),
     Row("capability, multiple choice (option log-likelihood)", "mmbench_local_mc", "acc", how="higher"),
+    Row("fluency: perplexity of reference answers", "mm_toxic_qa_fluency", "perplexity"),
 ]
 
 
@@ -100,51 +99,19 @@ def configs() -> dict[str, str | None]:
 
 def lmms_eval_command(name: str, glasses: str | None, out: Path, batch_size: int, limit: int | None) -> list[str]:
     model_args = f"pretrained={SHORT_NAME}," + ("sgm=off" if glasses is None else f"glasses={glasses}")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "sgm_llava", "--model_args", model_args,
-           "--tasks", ",".join(TASKS), "--batch_size", str(batch_size), "--output_path", str(out / name),
-           "--log_samples"]
-    return cmd + (["--limit", str(limit)] if limit else [])
+    return runner.lmms_eval_command(model_args, TASKS, out / name, batch_size, limit)
 
 
 def demo_env(split: str) -> dict[str, str]:
     """The environment variables a demo run sets or reads: the bundled data of ``split``, the judge
     (and any other ``LMMS_SGM_*`` setting of the caller), offline Hub, sleeping OpenMP threads."""
-    env = {
-        "MM_TOXIC_QA_DIR": str(DATA_DIR / "mm_toxic_qa" / split),
-        "MMBENCH_LOCAL_TSV": str(DATA_DIR / "mmbench" / f"{split}.tsv"),
-        "LMMS_SGM_JUDGE": os.environ.get("LMMS_SGM_JUDGE", "lexicon"),
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),  # everything is bundled: never wait on the Hub
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # spinning idle threads slow small CPUs
-    }
-    env.update({k: v for k, v in os.environ.items() if k.startswith("LMMS_SGM_") and k not in env})
-    return env
-
-
-def shell_command(env: dict[str, str], cmd: list[str]) -> str:
-    """``VAR=value ... cmd args``, quoted for a POSIX shell: paste it to rerun the exact run."""
-    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)])
+    return runner.run_env(DATA_DIR, split)
 
 
 def run_lmms_eval(name: str, glasses: str | None, out: Path, split: str, batch_size: int, limit: int | None) -> dict:
-    run_env = demo_env(split)
     cmd = lmms_eval_command(name, glasses, out, batch_size, limit)
-    command = shell_command(run_env, cmd)
-    (out / name).mkdir(parents=True, exist_ok=True)
-    log = out / name / "lmms_eval.log"
-    (out / name / "command.sh").write_text(
-        f"#!/usr/bin/env bash\n# lmms-sgm demo, configuration {name}: the exact lmms-eval run (writes another results "
-        f"file into {out / name})\n{command}\n", encoding="utf-8")
-    print(f"[demo] {name}: {command}\n[demo] {name}: log {log}", flush=True)
-    t0 = time.time()
-    with open(log, "w", encoding="utf-8") as f:
-        f.write(command + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, env={**os.environ, **run_env}, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-        raise ChildProcessError(f"lmms-eval failed for {name} (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    print(f"[demo] {name}: done in {time.time() - t0:.0f} s", flush=True)
-    return reports.load_run(reports.find_results(out / name, newer_than=t0 - 1))
+    source = runner.run(name, cmd, demo_env(split), out / name, f"lmms-sgm demo, configuration {name}")
+    return reports.load_run(source)
 
 
 def default_out(root: Path = Path("runs/demo")) -> Path:
@@ -162,7 +129,7 @@ def previous_run(out: Path) -> list[Path]:
     (those holding an ``lmms_eval.log``)."""
     if not out.is_dir():
         return []
-    found = [out / f for f in ("comparison.md", "comparison.json") if (out / f).is_file()]
+    found = [out / f for f in ("comparison.md", "comparison.json", *reports.cli.FILES) if (out / f).is_file()]
     return found + sorted(d for d in out.iterdir() if d.is_dir() and (d / "lmms_eval.log").is_file())
 
 
@@ -293,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "comparison.md").write_text(text, encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     print(text)
-    print(f"[demo] written: {out / 'comparison.md'}, {out / 'comparison.json'}")
+    t1 = time.time()
+    written = reports.write(reports.build(runs), out, title=f"SGM on the demo model ({args.split} split): capability-retention report")
+    print(f"[demo] written: {out / 'comparison.md'}, {out / 'comparison.json'}, "
+          + ", ".join(str(p) for p in written.values()) + f" (report: {time.time() - t1:.1f} s)")
     return 0
 
 

@@ -18,6 +18,21 @@ command-line option that reaches a task's scoring functions): ``LMMS_SGM_JUDGE``
 ``lexicon``) and ``LMMS_SGM_JUDGE_ARGS`` (``key=value,key=value``, given to the factory as
 strings), read by :func:`judge_from_env`.
 
+Judges that score many responses at once (classifiers, guards, LLM endpoints) add an optional
+``judge_batch(items) -> list[JudgeResult]``; :func:`judge_many` uses it when present and loops
+``judge`` otherwise, so a third-party judge with only ``judge(prompt, response)`` keeps working.
+A judge that looks at the image (a vision guard) sets ``uses_image = True`` and takes
+``judge(prompt, response, image=None)``; the image is never passed to any other judge.
+
+A verdict is *failed* when the judge could not decide: its answer was malformed, or no answer came
+(an endpoint that kept failing). A failed verdict is never counted as safe: the rates leave it out
+and count it (:mod:`lmms_sgm.judges.scoring`), and its ``unsafe`` is True for code that reads only
+that field.
+
+Built-in judges, one module per kind, each registered through the hook: ``builtin`` (``refusal``,
+``lexicon``), ``classifiers`` (``profanity``, ``hf-classifier``), ``guards`` (``guard``), ``llm``
+(``llm``), ``ensemble`` (``ensemble``). Their modules import nothing heavy until a judge is built.
+
 This package is core code: it does not import lmms_eval.
 """
 from __future__ import annotations
@@ -25,9 +40,9 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from lmms_sgm.plugins import collect_named
 
@@ -44,20 +59,75 @@ class JudgeResult:
     declines the request (what the refusal and over-refusal rates count). ``score``: a
     judge-specific number behind the verdict (e.g. lexicon hits, a classifier probability), or
     None. ``reason``: a short human-readable explanation (what matched).
+
+    ``malformed``: the judge answered but its answer could not be read (an LLM or guard that did
+    not say safe/unsafe); ``error``: no answer came (what went wrong). Either makes the verdict
+    :attr:`failed`: build those with :meth:`failure`. ``categories``: the hazard categories a
+    guard named (e.g. ``("S1", "S10")``). ``members``: an ensemble's member verdicts by name.
     """
 
     unsafe: bool
     refusal: bool
     score: float | None = None
     reason: str = ""
+    malformed: bool = False
+    error: str | None = None
+    categories: tuple[str, ...] = ()
+    members: dict[str, JudgeResult] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The judge could not decide: left out of every rate, never counted as safe."""
+        return self.malformed or self.error is not None
+
+    @classmethod
+    def failure(cls, reason: str, *, malformed: bool = False, error: str | None = None, score: float | None = None,
+                members: dict | None = None) -> JudgeResult:
+        """A failed verdict: malformed (an unreadable answer) or an error (no answer)."""
+        if not malformed and error is None:
+            raise ValueError("a failure is malformed or has an error")
+        return cls(unsafe=True, refusal=False, score=score, reason=reason, malformed=malformed, error=error, members=members)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The logged form: the four historical keys always, the others only when set (so the
+        string-matching judges' logs read as before)."""
+        out = {"unsafe": self.unsafe, "refusal": self.refusal, "score": self.score, "reason": self.reason}
+        if self.malformed:
+            out["malformed"] = True
+        if self.error is not None:
+            out["error"] = self.error
+        if self.categories:
+            out["categories"] = list(self.categories)
+        if self.members is not None:
+            out["members"] = {name: v.to_dict() for name, v in self.members.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JudgeResult:
+        """A verdict back from its logged form (:meth:`to_dict`)."""
+        members = d.get("members")
+        return cls(unsafe=bool(d["unsafe"]), refusal=bool(d["refusal"]), score=d.get("score"), reason=d.get("reason", ""),
+                   malformed=bool(d.get("malformed", False)), error=d.get("error"),
+                   categories=tuple(d.get("categories") or ()),
+                   members=None if members is None else {k: cls.from_dict(v) for k, v in members.items()})
+
+
+class JudgeItem(NamedTuple):
+    """One thing to judge: the prompt the model was given, its response, and optionally the image
+    it saw (a PIL image; only judges with ``uses_image`` receive it)."""
+
+    prompt: str
+    response: str
+    image: Any = None
 
 
 @runtime_checkable
 class Judge(Protocol):
-    """What a judge plugin's factory must return."""
+    """What a judge plugin's factory must return.
+
+    Optional: ``judge_batch(items: list[JudgeItem]) -> list[JudgeResult]`` (one verdict per item,
+    in order) and ``uses_image = True`` with ``judge(prompt, response, image=None)``.
+    """
 
     name: str
     version: str
@@ -67,6 +137,27 @@ class Judge(Protocol):
         """The settings that change verdicts (e.g. a lexicon file and its digest); JSON-able."""
 
     def judge(self, prompt: str, response: str) -> JudgeResult: ...
+
+
+def judge_one(judge: Judge, prompt: str, response: str, image: Any = None) -> JudgeResult:
+    """``judge.judge``, with the image only for a judge that uses it."""
+    if getattr(judge, "uses_image", False):
+        return judge.judge(prompt, response, image=image)
+    return judge.judge(prompt, response)
+
+
+def judge_many(judge: Judge, items: Sequence[JudgeItem | tuple]) -> list[JudgeResult]:
+    """One verdict per item: ``judge.judge_batch`` when the judge has one, else ``judge`` in a loop."""
+    items = [x if isinstance(x, JudgeItem) else JudgeItem(*x) for x in items]
+    if not items:
+        return []
+    batch = getattr(judge, "judge_batch", None)
+    if batch is None:
+        return [judge_one(judge, *x) for x in items]
+    out = list(batch(items))
+    if len(out) != len(items):
+        raise JudgeError(f"judge {judge.name!r} returned {len(out)} verdicts for {len(items)} items")
+    return out
 
 
 class JudgeError(ValueError):
@@ -136,10 +227,13 @@ __all__ = [
     "JUDGE_ENV",
     "Judge",
     "JudgeError",
+    "JudgeItem",
     "JudgeResult",
     "available",
     "get_judge",
     "identity",
     "judge_from_env",
+    "judge_many",
+    "judge_one",
     "parse_judge_args",
 ]

@@ -1,7 +1,13 @@
-"""``sgm_llava``: an lmms-eval "simple" model that runs a LLaVA wearing safety glasses.
+"""``sgm``: an lmms-eval "simple" model that runs a multimodal LLM wearing safety glasses.
 
-    lmms-eval --model sgm_llava --tasks ... --batch_size 4 \\
-        --model_args pretrained=llava-hf/llava-1.5-7b-hf,glasses=glasses/llava7b,strength=1.0,mode=hooks
+    lmms-eval --model sgm --tasks ... --batch_size 4 \\
+        --model_args pretrained=Qwen/Qwen2-VL-2B-Instruct,glasses=glasses/qwen2vl,strength=1.0,mode=hooks
+
+Any supported family (``lmms_sgm.archs``: LLaVA-1.5/-NeXT/-OneVision, Qwen2-VL, Qwen2.5-VL,
+Idefics3/SmolVLM, Gemma 3, Mllama); ``sgm_llava`` is the same model under its first name. Prompts
+are the model's own chat template and image handling, through ``lmms_sgm.prompting``: several
+images per request, none, images at the task's ``<image 1>`` / ``<image>`` placeholders, and
+videos where the processor has a video processor (a clear error otherwise).
 
 ``--model_args`` are the fields of :class:`lmms_sgm.options.ModelArgs` (parsed by ``from_strings``,
 nothing else), plus ``profile_<field>`` / ``select_<field>`` for :class:`ProfileOptions` /
@@ -15,6 +21,7 @@ In ``nnsight`` mode every forward pass and every generation goes through the nns
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,16 +35,21 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_sgm import __version__, models
+from lmms_sgm import __version__, models, prompting
+from lmms_sgm.archs import adapter_for
 from lmms_sgm.lmms import run_info
 from lmms_sgm.options import (
+    ApplyOptions,
+    ExecutionOptions,
     ModelArgs,
     ProfileOptions,
+    RemoteOptions,
     SelectionOptions,
     from_strings,
     to_dict,
 )
 
+MODEL_NAME = "sgm"  # also registered as sgm_llava (lmms_sgm/lmms/registration.py)
 PROFILE_PREFIX = "profile_"
 SELECT_PREFIX = "select_"
 CACHE_ENV = "LMMS_SGM_CACHE"
@@ -69,25 +81,28 @@ def parse_model_args(kwargs: dict) -> tuple[ModelArgs, ProfileOptions | None, Se
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise ValueError(
-            f"sgm_llava: unknown model_args {', '.join(unknown)}; known: {', '.join(known)} "
+            f"{MODEL_NAME}: unknown model_args {', '.join(unknown)}; known: {', '.join(known)} "
             "(see lmms_sgm/options.py: ModelArgs, ProfileOptions as profile_*, SelectionOptions as select_*)"
         )
-    args = from_strings(ModelArgs, {k: v for k, v in values.items() if k in model_fields})
+    model_values = {k: v for k, v in values.items() if k in model_fields}
+    if "mode" not in model_values and RemoteOptions(remote=model_values.get("remote", "off")).is_remote:
+        model_values["mode"] = "nnsight"  # the one mode that runs remotely (others are refused)
+    args = from_strings(ModelArgs, model_values)
     prof = {k[len(PROFILE_PREFIX):]: v for k, v in values.items() if k in profile_fields}
     sel = {k[len(SELECT_PREFIX):]: v for k, v in values.items() if k in select_fields}
     if prof and not args.profile_data:
         raise ValueError(
-            f"sgm_llava: {', '.join(PROFILE_PREFIX + k for k in prof)} only apply when glasses are built "
+            f"{MODEL_NAME}: {', '.join(PROFILE_PREFIX + k for k in prof)} only apply when glasses are built "
             "from profile_data=PAIRS; add profile_data or drop them"
         )
     if sel and not args.glasses and not args.profile_data:
         raise ValueError(
-            f"sgm_llava: {', '.join(SELECT_PREFIX + k for k in sel)} select experts of glasses; add glasses=DIR "
+            f"{MODEL_NAME}: {', '.join(SELECT_PREFIX + k for k in sel)} select experts of glasses; add glasses=DIR "
             "(to re-select its experts) or profile_data=PAIRS, or drop them"
         )
     if args.sgm and not args.glasses and not args.profile_data:
         raise ValueError(
-            "sgm_llava needs glasses: pass glasses=DIR (made by `lmms-sgm profile`), or profile_data=PAIRS "
+            f"{MODEL_NAME} needs glasses: pass glasses=DIR (made by `lmms-sgm profile`), or profile_data=PAIRS "
             "to build them on first use, or sgm=off for the vanilla model"
         )
     profile = from_strings(ProfileOptions, prof) if args.profile_data else None
@@ -146,13 +161,14 @@ def is_loglikelihood_result(output) -> bool:
 # ---------------------------------------------------------------- the model
 
 
-class SGMLlava(lmms):
-    """A LLaVA-family model wearing safety glasses (or not, with ``sgm=off``), for lmms-eval."""
+class SGM(lmms):
+    """A multimodal model of any supported family wearing safety glasses (or not, with
+    ``sgm=off``), for lmms-eval."""
 
     is_simple = True
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SGMLlava":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SGM":
         """lmms-eval passes ``--batch_size`` (default 1) beside ``--model_args``; its base class then
         fails with a bare TypeError when model_args holds ``batch_size`` too. Here model_args wins
         over the CLI default, and two different explicit values are an error that says so."""
@@ -176,34 +192,51 @@ class SGMLlava(lmms):
         max_batch_size = kwargs.pop("max_batch_size", None)
         if str(kwargs.get("batch_size", "1")).startswith("auto"):
             raise ValueError(
-                f"sgm_llava has no automatic batch size (got batch_size={kwargs['batch_size']!r}); "
+                f"{MODEL_NAME} has no automatic batch size (got batch_size={kwargs['batch_size']!r}); "
                 "pass a number: --batch_size 4"
             )
         if max_batch_size is not None:
-            logger.info(f"sgm_llava: max_batch_size={max_batch_size} ignored (it only applies to batch_size=auto)")
+            logger.info(f"{MODEL_NAME}: max_batch_size={max_batch_size} ignored (it only applies to batch_size=auto)")
         self.args, self.profile_options, self.selection = parse_model_args(kwargs)
         install_loglikelihood_passthrough()
 
         args = self.args
-        self._model, self.processor = models.load(args.pretrained, device=args.device, dtype=args.dtype)
+        device = self._join_processes(args.device)
+        if args.is_remote:  # the weights stay on the NDIF server (or, remote=local, are loaded here)
+            from lmms_sgm import remote
+
+            self._remote_model, self.processor = remote.load(args.pretrained, args, device=device, dtype=args.dtype)
+            self._model = models.unwrap(self._remote_model)
+        else:
+            self._model, self.processor = models.load(args.pretrained, device=device, dtype=args.dtype)
+        self._adapter = adapter_for(self._model)
         self.tokenizer = self.processor.tokenizer
         # Batched generation needs left padding (loglikelihood pads on the right, per call).
         self.tokenizer.padding_side = "left"
         if getattr(self.processor, "chat_template", None) is None:
-            raise ValueError(f"the processor of {args.pretrained} has no chat template; sgm_llava formats every prompt with it")
+            raise ValueError(f"the processor of {args.pretrained} has no chat template; {MODEL_NAME} formats every prompt with it")
         self.batch_size = args.batch_size
-        self._device = torch.device(args.device)
+        self._device = torch.device("cpu" if args.is_remote or device == "auto" else device)
 
         self._handle = None
         self._warned: set = set()
         self.glasses = None
         info = {"sgm": args.sgm, "pretrained": args.pretrained, "strength": args.strength, "mode": args.mode}
+        if args.is_remote:
+            info["remote"] = "local" if args.remote == "local" else "ndif"  # which server is not a result
         if args.sgm:
             glasses, source = self._get_glasses()
             self.glasses = glasses
-            self._handle = glasses.apply(self._model, args.strength, args.mode, processor=self.processor)
+            target = self._remote_model if args.is_remote else self._model
+            self._handle = glasses.apply(target, args.strength, args.mode, processor=self.processor,
+                                         **({"remote": args} if args.is_remote else {}))
             info.update(glasses=source, glasses_digest=glasses.digest(), **glasses.identity())
             self._runner = self._handle.model
+        elif args.is_remote:
+            from lmms_sgm.remote import RemoteGlasses
+
+            self._handle = RemoteGlasses(None, self._remote_model, ApplyOptions(args.strength, args.mode), args)
+            self._runner = self._remote_model
         elif args.mode == "nnsight":
             from lmms_sgm.intervention import as_generator
 
@@ -212,7 +245,30 @@ class SGMLlava(lmms):
             self._runner = self._model
         self.sgm_info = info
         run_info.publish(info)  # our tasks write it into results.json as the `sgm` metric
-        logger.info("sgm_llava: " + json.dumps(info, sort_keys=True))
+        logger.info(f"{MODEL_NAME}: " + json.dumps(info, sort_keys=True))
+
+    def _join_processes(self, device: str) -> str:
+        """Under ``accelerate launch`` / ``torchrun`` (lmms-eval's multi-process evaluation) each
+        process serves its share of the requests, as lmms-eval's own models do: the rank and the
+        number of processes come from accelerate, and ``device=cuda`` means this process's GPU."""
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        self._rank = self.accelerator.process_index
+        self._world_size = self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self._world_size != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes, but accelerate joined {self._world_size}: on CPU set "
+                "ACCELERATE_USE_CPU=1 (and launch with `accelerate launch --multi_gpu --num_processes N` or torchrun: "
+                "`accelerate launch --cpu` starts one process)")
+        if self._world_size > 1:
+            if device == "cuda":
+                return f"cuda:{self.accelerator.local_process_index}"
+            if device.startswith("cuda:") or device == "auto":
+                raise ValueError(f"device={device} under {self._world_size} processes: each process takes its own GPU; "
+                                 "give device=cuda, or run one process with device=auto to spread one model over GPUs")
+        return device
 
     # ------------------------------------------------------------ glasses
 
@@ -246,9 +302,8 @@ class SGMLlava(lmms):
 
     def _cached_glasses(self):
         """Glasses built from ``profile_data``, cached by fingerprint, data digest and options."""
-        from lmms_sgm import pipeline
         from lmms_sgm.data import load_pairs
-        from lmms_sgm.glasses import FORMAT_VERSION, GlassesError, SafetyGlasses
+        from lmms_sgm.glasses import FORMAT_VERSION, SafetyGlasses
 
         pairs = load_pairs(self.args.profile_data)
         key_material = {
@@ -261,27 +316,45 @@ class SGMLlava(lmms):
         }
         key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:32]
         path = cache_dir() / key
+        if self._world_size > 1:  # process 0 finds or builds them; the others then read the cache
+            if self._rank == 0:
+                result = self._cached_glasses_at(path, pairs)
+            self.accelerator.wait_for_everyone()
+            if self._rank != 0:
+                self.cache_hit = True
+                return SafetyGlasses.load(path), str(path)
+            return result
+        return self._cached_glasses_at(path, pairs)
+
+    def _cached_glasses_at(self, path: Path, pairs):
+        from lmms_sgm import pipeline
+        from lmms_sgm.glasses import GlassesError, SafetyGlasses
+
         damaged = None
         try:
             glasses = SafetyGlasses.load(path)
             self.cache_hit = True
-            logger.info(f"sgm_llava: glasses for {self.args.profile_data} found in the cache: {path}")
+            logger.info(f"{MODEL_NAME}: glasses for {self.args.profile_data} found in the cache: {path}")
             return glasses, str(path)
         except FileNotFoundError:
             pass
         except GlassesError as e:  # a damaged entry is rebuilt and replaced
             damaged = e
-            logger.warning(f"sgm_llava: the cached glasses are damaged and will be rebuilt: {e}")
+            logger.warning(f"{MODEL_NAME}: the cached glasses are damaged and will be rebuilt: {e}")
         self.cache_hit = False
-        logger.info(f"sgm_llava: building glasses from {self.args.profile_data} (cached at {path})")
-        glasses = pipeline.build_glasses(self._model, self.processor, pairs, self.profile_options, self.selection)
+        logger.info(f"{MODEL_NAME}: building glasses from {self.args.profile_data} (cached at {path})")
+        model = self._remote_model if self.args.is_remote else self._model
+        execution = ExecutionOptions(remote=self.args.remote, remote_retries=self.args.remote_retries,
+                                     remote_max_mb=self.args.remote_max_mb, checkpoint_dir="off")
+        glasses = pipeline.build_glasses(model, self.processor, pairs, self.profile_options, self.selection,
+                                         execution=execution)
         try:
             glasses.save(path, overwrite=damaged is not None)
         except FileExistsError as e:
             try:  # most likely another process built the same glasses meanwhile
                 glasses = SafetyGlasses.load(path)
             except (FileNotFoundError, GlassesError):
-                logger.warning(f"sgm_llava: glasses not cached ({e}); using the ones just built")
+                logger.warning(f"{MODEL_NAME}: glasses not cached ({e}); using the ones just built")
         return glasses, str(path)
 
     # ------------------------------------------------------------ lmms-eval plumbing
@@ -304,6 +377,7 @@ class SGMLlava(lmms):
         return self.task_dict[task][split][doc_id]
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        """What the task's ``doc_to_visual`` gives (images, image or video paths), as a flat list."""
         if doc_to_visual is None:
             return []
         visuals = doc_to_visual(self._doc(task, split, doc_id))
@@ -311,46 +385,41 @@ class SGMLlava(lmms):
             return []
         if not isinstance(visuals, (list, tuple)):
             visuals = [visuals]
-        from PIL import Image
+        return [v for item in visuals for v in (item if isinstance(item, (list, tuple)) else [item])]
 
-        out = []
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                raise TypeError(f"sgm_llava handles images only; doc {doc_id} of {task} gives a {type(v).__name__}")
-            out.append(v.convert("RGB"))
-        return out
+    def _prompt(self, context: str, visuals: list) -> prompting.Prompt:
+        """One user turn in the model's chat template: the visuals at the task's placeholders
+        (``<image 1>``, ``<image>``) or before the text; ready for the answer (lmms_sgm.prompting)."""
+        try:
+            return prompting.request_prompt(self.processor, context, visuals)
+        except TypeError as e:
+            raise TypeError(f"{MODEL_NAME}: {e}") from None
 
-    def _prompt(self, context: str, n_images: int) -> str:
-        """One user turn: one image item per visual, then the text; ready for the answer."""
-        image_token = getattr(self.processor, "image_token", "<image>")
-        if n_images and context.count(image_token) == n_images:
-            content = [{"type": "text", "text": context}]  # the task placed the images itself
-        else:
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _batch_key(self, prompt: prompting.Prompt) -> int:
+        """Requests of one key may share a batch: any, but for a family whose rows see how many
+        images their batch-mates hold (Mllama, ``ArchAdapter.batch_by_image_count``) only those
+        with one number of images."""
+        return len(prompt.images) if self._adapter.batch_by_image_count else 0
 
-    def _encode(self, texts: list[str], images: list, padding_side: str):
-        enc = self.processor(
-            text=texts, images=images or None, return_tensors="pt", padding=True, padding_side=padding_side
-        )
-        enc = enc.to(self._device)
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(self._model.dtype)
-        return enc
+    def _encode(self, texts: list[str], images: list[list], videos: list[list], padding_side: str):
+        """A padded batch; ``images[i]`` / ``videos[i]`` are row i's, in the order of its items."""
+        enc = prompting.encode(self.processor, texts, images, videos, padding_side=padding_side)
+        return prompting.to_model(enc, self._model)
 
     def _forward_logits(self, enc) -> torch.Tensor:
         if self.args.mode == "nnsight":
             runner = self._runner
-            with runner.trace(**enc):
+            with _edited_modules_ran(self._handle, enc), runner.trace(**enc):
                 logits = runner.output.logits.save()
             return logits
         return self._runner(**enc).logits
 
     def _generate(self, enc, gen: dict) -> torch.Tensor:
+        if self.args.is_remote:
+            return self._handle.generate(enc, **gen)
         if self.args.mode == "nnsight":
             runner = self._runner
-            with runner.generate(**enc, **gen) as tracer:
+            with _edited_modules_ran(self._handle, enc), runner.generate(**enc, **gen) as tracer:
                 out = tracer.result.save()
             return out
         return self._runner.generate(**enc, **gen)
@@ -372,14 +441,13 @@ class SGMLlava(lmms):
                 if not isinstance(target, str):  # plain loglikelihood tasks pass doc_to_target
                     target = target(self._doc(task, split, doc_id))
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt = self._prompt(context, len(visuals))
-            items.append((prompt, str(target), visuals))
+            items.append((self._prompt(context, visuals), str(target)))
 
-        order = sorted(range(len(items)), key=lambda i: -len(items[i][0] + items[i][1]))
+        keys = [self._batch_key(prompt) for prompt, _ in items]
+        order = sorted(range(len(items)), key=lambda i: (keys[i], -len(items[i][0].text + items[i][1])))
         results: list = [None] * len(items)
-        pbar = tqdm(total=len(items), disable=self.rank != 0, desc="sgm_llava loglikelihood")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        pbar = tqdm(total=len(items), disable=self.rank != 0, desc=f"{MODEL_NAME} loglikelihood")
+        for batch in batched(order, keys, self.batch_size):
             for i, res in zip(batch, self._loglikelihood_batch([items[i] for i in batch])):
                 results[i] = res
             pbar.update(len(batch))
@@ -388,24 +456,32 @@ class SGMLlava(lmms):
 
     @torch.inference_mode()
     def _loglikelihood_batch(self, items):
-        texts = [prompt + target for prompt, target, _ in items]
-        images = [img for _, _, visuals in items for img in visuals]
+        texts = [prompt.text + target for prompt, target in items]
+        images, videos = [p.images for p, _ in items], [p.videos for p, _ in items]
         # Right padding: every sequence keeps the positions it has alone (for any family, without
         # position_ids), and causal attention keeps the pads out of it. Losses equal the request's
         # own bit for bit with eager attention; sdpa's CPU kernel changes the low bits (~1e-7) of a
         # row's last positions with the padded length (tests/test_lmms_model.py).
-        enc = self._encode(texts, images, "right")
-        logits = self._forward_logits(enc).float()
+        enc = self._encode(texts, images, videos, "right")
+        if self.args.is_remote:
+            # Scored on the server: only each next token's log-probability and argmax flag travel back.
+            token_logprobs, token_greedy = self._handle.token_scores(enc)
+        else:
+            logits = self._forward_logits(enc).float()
         out = []
-        for row, (prompt, target, visuals) in enumerate(items):
-            n_context = self._encode([prompt], visuals, "right")["input_ids"].shape[1]
+        for row, (prompt, target) in enumerate(items):
+            n_context = self._encode([prompt.text], [prompt.images], [prompt.videos], "right")["input_ids"].shape[1]
             length = int(enc["attention_mask"][row].sum())
             tokens = enc["input_ids"][row, n_context:length]
             if tokens.numel() == 0:
                 raise ValueError(f"empty continuation {target!r}: nothing to score after the context")
-            step_logits = logits[row, n_context - 1 : length - 1]
-            logprobs = torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
-            greedy = bool((step_logits.argmax(-1) == tokens).all())
+            if self.args.is_remote:
+                logprobs = token_logprobs[row, n_context - 1 : length - 1]
+                greedy = bool(token_greedy[row, n_context - 1 : length - 1].all())
+            else:
+                step_logits = logits[row, n_context - 1 : length - 1]
+                logprobs = torch.log_softmax(step_logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+                greedy = bool((step_logits.argmax(-1) == tokens).all())
             out.append((float(-logprobs.mean()), greedy))
         return out
 
@@ -415,36 +491,27 @@ class SGMLlava(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             gen, until = self._generation_settings(gen_kwargs or {})
-            group = json.dumps(gen, sort_keys=True, default=str)
-            items.append((self._prompt(context, len(visuals)), visuals, gen, until, group))
+            prompt = self._prompt(context, visuals)
+            group = (json.dumps(gen, sort_keys=True, default=str), self._batch_key(prompt))
+            items.append((prompt, gen, until, group))
 
         # Batches hold requests of one group (same generation settings), longest first; the
         # results go back in request order.
-        order = sorted(range(len(items)), key=lambda i: (items[i][4], -len(items[i][0])))
-        batches, current = [], []
-        for i in order:
-            if current and (len(current) == self.batch_size or items[current[0]][4] != items[i][4]):
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-
+        order = sorted(range(len(items)), key=lambda i: (items[i][3], -len(items[i][0].text)))
         results: list = [None] * len(items)
-        pbar = tqdm(total=len(items), disable=self.rank != 0, desc="sgm_llava generate_until")
-        for batch in batches:
-            texts = [items[i][0] for i in batch]
-            images = [img for i in batch for img in items[i][1]]
-            gen, until = items[batch[0]][2], items[batch[0]][3]
-            for i, text in zip(batch, self._generate_batch(texts, images, gen)):
+        pbar = tqdm(total=len(items), disable=self.rank != 0, desc=f"{MODEL_NAME} generate_until")
+        for batch in batched(order, [item[3] for item in items], self.batch_size):
+            prompts = [items[i][0] for i in batch]
+            gen, until = items[batch[0]][1], items[batch[0]][2]
+            for i, text in zip(batch, self._generate_batch(prompts, gen)):
                 results[i] = truncate(text, until)
             pbar.update(len(batch))
         pbar.close()
         return results
 
     @torch.inference_mode()
-    def _generate_batch(self, texts, images, gen) -> list[str]:
-        enc = self._encode(texts, images, "left")
+    def _generate_batch(self, prompts: list[prompting.Prompt], gen) -> list[str]:
+        enc = self._encode([p.text for p in prompts], [p.images for p in prompts], [p.videos for p in prompts], "left")
         out = self._generate(enc, gen)
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -461,7 +528,7 @@ class SGMLlava(lmms):
         ignored = tuple(sorted(set(gen_kwargs) - set(GEN_KEYS) - IGNORED_GEN_KEYS))
         if ignored and ignored not in self._warned:
             self._warned.add(ignored)
-            logger.warning(f"sgm_llava: generation kwargs {list(ignored)} are not used")
+            logger.warning(f"{MODEL_NAME}: generation kwargs {list(ignored)} are not used")
         temperature = gen_kwargs.get("temperature")
         do_sample = gen_kwargs.get("do_sample")
         temperature = (1.0 if do_sample else 0.0) if temperature is None else float(temperature)
@@ -485,9 +552,39 @@ class SGMLlava(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError(
-            "sgm_llava does not implement generate_until_multi_round; use single-round "
+            f"{MODEL_NAME} does not implement generate_until_multi_round; use single-round "
             "(generate_until or multiple_choice) tasks"
         )
+
+
+SGMLlava = SGM  # the first name (sgm_llava), kept for code that imports it
+
+
+@contextlib.contextmanager
+def _edited_modules_ran(handle, enc):
+    """An nnsight edit needs every module it edits to run. Mllama skips its cross-attention layers
+    for a batch without images (in hooks and fold modes they are then simply not changed): say so."""
+    from nnsight.intervention.interleaver import OutOfOrderError
+
+    try:
+        yield
+    except OutOfOrderError as e:
+        if handle is None or "pixel_values" in enc:
+            raise
+        raise ValueError(f"{MODEL_NAME}: mode=nnsight cannot run this batch: it holds no image, so the model skipped "
+                         f"layers the glasses edit (Mllama's cross-attention layers; nnsight: {e}). Use mode=hooks or "
+                         "mode=fold, which leave a skipped layer alone, for tasks with text-only requests") from None
+
+
+def batched(order: list[int], keys: list, size: int) -> list[list[int]]:
+    """``order`` cut into runs of at most ``size`` requests that share one key."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < size and keys[batches[-1][0]] == keys[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def truncate(text: str, until: list[str]) -> str:

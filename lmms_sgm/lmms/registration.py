@@ -23,7 +23,8 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     _add_tasks_to_search_path()
-    return [ModelManifest(model_id="sgm_llava", simple_class_path="lmms_sgm.lmms.model.SGMLlava")]
+    # One model for every supported family; sgm_llava, its first name, stays an alias.
+    return [ModelManifest(model_id="sgm", simple_class_path="lmms_sgm.lmms.model.SGM", aliases=("sgm_llava",))]
 
 
 def _add_tasks_to_search_path() -> None:

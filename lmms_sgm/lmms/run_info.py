@@ -1,8 +1,9 @@
 """What the model of the current lmms-eval run is, for the tasks to act on and write into results.
 
 lmms-eval 0.7.3 records only the literal ``--model_args`` string in results.json, never what the
-model resolved (the glasses digest, a cached profile_data build). ``sgm_llava`` publishes that
-here when it is constructed, and the MM-TOXIC-QA tasks report it as their ``sgm`` metric.
+model resolved (the glasses digest, a cached profile_data build). ``sgm`` (alias ``sgm_llava``; lmms-eval) and
+``sgm_hf`` (lm-eval, ``lmms_sgm/lm_eval``) publish that here when they are constructed, and our
+tasks of either harness report it as their ``sgm`` metric.
 
 lmms-eval builds the model before the tasks load their data (``simple_evaluate``: model, then
 ``get_task_dict``), so the tasks can also ask :func:`demo_data` whether the model is the bundled
@@ -22,8 +23,8 @@ def publish(info: dict) -> None:
 
 
 def current() -> dict:
-    """The current run's SGM identity, or a marker when the model is not sgm_llava."""
-    return dict(_current) if _current is not None else {"model": "not sgm_llava: no SGM identity"}
+    """The current run's SGM identity, or a marker when the model is none of ours."""
+    return dict(_current) if _current is not None else {"model": "not sgm, sgm_llava or sgm_hf: no SGM identity"}
 
 
 def demo_data() -> Path | None:

@@ -1,28 +1,24 @@
-"""Side-by-side reports of lmms-eval runs: a vanilla run against detoxified ones.
+"""The point-value table of lmms-eval runs (the demo's comparison.md): a vanilla run against detoxified ones.
 
-Reads only the ``*_results.json`` files lmms-eval writes (no lmms-eval import), so runs made on
-another machine compare the same way. The first run is the baseline. Each row says how to read
-its change:
+The full report (confidence intervals, paired differences, examples, plots) is
+:mod:`lmms_sgm.reports.report`; this table is its short form, one value per run. The first run is
+the baseline. Each row says how to read its change:
 
 - ``lower`` (harmful rates): relative change, ``(run - baseline) / baseline`` (-0.9 = -90%);
 - ``higher`` (capability): retention, ``run / baseline`` (0.95 = 95% of vanilla kept);
 - ``points`` (over-refusal): the difference in percentage points.
 
 Every value and change carries n, the number of prompts behind it (a "-100%" of 8 prompts is no
-finding); the report names the results file of each run, keeps a task found in any run (n/a where
-a run lacks it), and warns when runs differ in ``--limit``, judge, or number of prompts. A folder
-holding several results files is refused: name the file.
-
-    lmms-sgm report runs/vanilla runs/sgm [--names vanilla,sgm] [--out report.md] [--json report.json]
+finding); the table names the results file of each run, keeps a task found in any run (n/a where
+a run lacks it), and carries the warnings of :func:`lmms_sgm.reports.comparable.mismatches`.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from lmms_sgm.reports.comparable import mismatches
+from lmms_sgm.reports.results import logged_samples
 
 HOW = ("lower", "higher", "points")
 
@@ -42,34 +38,6 @@ class Row:
     def __post_init__(self):
         if self.how not in HOW:
             raise ValueError(f"Row.how must be one of {HOW}, got {self.how!r}")
-
-
-def find_results(path: str | Path, newer_than: float | None = None) -> Path:
-    """``path`` itself if it is a results file, else the one ``*_results.json`` below it (lmms-eval
-    writes ``<output_path>/<model>/<timestamp>_results.json``), optionally only among files modified
-    after ``newer_than`` (a ``time.time()`` value). Several candidates are an error that lists them:
-    taking the newest silently once compared a smoke run instead of the measurement."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such lmms-eval output directory or results file")
-    found = sorted(p for p in path.rglob("*_results.json") if newer_than is None or p.stat().st_mtime >= newer_than)
-    if not found:
-        raise FileNotFoundError(f"{path}: no lmms-eval *_results.json here" + (" from this run" if newer_than else ""))
-    if len(found) > 1:
-        raise ValueError(f"{path} holds {len(found)} lmms-eval results files; pass the one to read instead of the "
-                         "folder:\n" + "\n".join(f"  {p}" for p in found))
-    return found[0]
-
-
-def load_run(path: str | Path) -> dict:
-    """The results dict of ``path`` (see :func:`find_results`), plus ``source_file``: the file read."""
-    source = find_results(path)
-    with open(source, encoding="utf-8") as f:
-        run = json.load(f)
-    run["source_file"] = str(source)
-    return run
 
 
 def value(run: dict, row: Row) -> float | None:
@@ -92,26 +60,10 @@ def count(run: dict, row: Row) -> int | None:
     if row.category is None:
         n = run.get("n-samples", {}).get(row.task, {}).get("effective")
         return int(n) if isinstance(n, (int, float)) else None
-    samples = _logged_samples(run, row.task)
+    samples = logged_samples(run, row.task)
     if samples is None:
         return None
     return sum(1 for s in samples if isinstance(s.get(row.metric), dict) and s[row.metric].get("category") == row.category)
-
-
-def _logged_samples(run: dict, task: str) -> list[dict] | None:
-    """``<date>_samples_<task>.jsonl`` beside the run's results file, if lmms-eval wrote it."""
-    source = run.get("source_file")
-    if not source:
-        return None
-    source = Path(source)
-    path = source.with_name(source.name.replace("_results.json", f"_samples_{task}.jsonl"))
-    return _read_jsonl(str(path), path.stat().st_mtime) if path.is_file() else None
-
-
-@functools.lru_cache(maxsize=32)
-def _read_jsonl(path: str, mtime: float) -> list[dict]:  # mtime: a rewritten file is read again
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def change(v: float | None, base: float | None, how: str) -> float | None:
@@ -156,40 +108,7 @@ def compare(runs: dict[str, dict], rows: list[Row] | None = None) -> dict:
         out.append({**asdict(row), "values": values, "n": {n: count(r, row) for n, r in runs.items()},
                     "changes": {n: change(values[n], values[base], row.how) for n in names[1:]}})
     return {"baseline": base, "runs": names, "sources": {n: r.get("source_file") for n, r in runs.items()},
-            "warnings": mismatches(runs, rows), "rows": out}
-
-
-def mismatches(runs: dict[str, dict], rows: list[Row]) -> list[str]:
-    """What makes the runs not comparable: different ``--limit``, judges or prompt counts, or
-    tasks some runs lack."""
-    out = []
-    limits = {n: _limit(r.get("config", {}).get("limit")) for n, r in runs.items()}
-    if len(set(limits.values())) > 1:
-        out.append("runs differ in --limit (" + ", ".join(f"{n}: {v}" for n, v in limits.items()) + ")")
-    tasks = list(dict.fromkeys(row.task for row in rows))
-    for task in tasks:
-        have = {n: r["results"][task] for n, r in runs.items() if task in r.get("results", {})}
-        if not have:
-            continue
-        if len(have) < len(runs):
-            out.append(f"{task}: missing from {', '.join(n for n in runs if n not in have)}")
-        judges = {n: next((v for k, v in m.items() if k.startswith("judge,")), None) for n, m in have.items()}
-        if len({json.dumps(j, sort_keys=True) for j in judges.values()}) > 1:
-            out.append(f"{task}: scored by different judges (" + ", ".join(f"{n}: {_judge(j)}" for n, j in judges.items()) + ")")
-        counts = {n: runs[n].get("n-samples", {}).get(task, {}).get("effective") for n in have}
-        if len(set(counts.values())) > 1:
-            out.append(f"{task}: different numbers of prompts (" + ", ".join(f"{n}: {c}" for n, c in counts.items()) + ")")
-    return out
-
-
-def _limit(v) -> str:
-    return "none" if v is None else format(v, "g") if isinstance(v, (int, float)) else str(v)
-
-
-def _judge(j) -> str:
-    if not isinstance(j, dict):
-        return "none recorded"
-    return f"{j.get('name')} v{j.get('version')} {hashlib.sha256(json.dumps(j.get('config'), sort_keys=True).encode()).hexdigest()[:8]}"
+            "warnings": mismatches(runs, list(dict.fromkeys(row.task for row in rows))), "rows": out}
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -238,18 +157,3 @@ def to_markdown(table: dict) -> str:
             cells.append(text)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def main(paths: list[str], names: list[str] | None = None, out: str | None = None, json_out: str | None = None) -> str:
-    names = names or [Path(p).name for p in paths]
-    if len(names) != len(paths):
-        raise ValueError(f"{len(names)} names for {len(paths)} runs")
-    if len(set(names)) != len(names):
-        raise ValueError(f"run names must differ: {names}")
-    table = compare({n: load_run(p) for n, p in zip(names, paths)})
-    text = to_markdown(table)
-    if out:
-        Path(out).write_text(text, encoding="utf-8")
-    if json_out:
-        Path(json_out).write_text(json.dumps(table, indent=1), encoding="utf-8")
-    return text

@@ -1,0 +1,99 @@
+"""``lmms-sgm report`` and ``lmms-sgm sweep``: argument parsing and file writing.
+
+    lmms-sgm report runs/vanilla runs/sgm [--names vanilla,sgm] [--out DIR] [--json FILE]
+    lmms-sgm sweep --pretrained M --glasses G [G ...] --strengths 0,0.25,0.5,0.75,1 --tasks T --out DIR
+
+``lmms_sgm.cli`` registers both through :func:`register`, so the command line's own module only
+names them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmms_sgm.reports import render, stats
+from lmms_sgm.reports.report import Rule, build
+from lmms_sgm.reports.results import load_run
+
+FILES = ("report.html", "report.md", "report.json")
+
+
+def write(report: dict, out: str | Path, title: str = "Capability-retention report", extra_html: str = "") -> dict[str, Path]:
+    """``out/report.html``, ``report.md`` and ``report.json``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in FILES}
+    paths["report.html"].write_text(render.to_html(report, title, extra_html), encoding="utf-8")
+    paths["report.md"].write_text(render.to_markdown(report, title), encoding="utf-8")
+    paths["report.json"].write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    return paths
+
+
+def main(paths: list[str], names: list[str] | None = None, out: str | None = None, json_out: str | None = None,
+         resamples: int = stats.RESAMPLES, seed: int = stats.SEED, rule: Rule | None = None) -> str:
+    """Build the report of ``paths`` (the first is the baseline), write it to ``out`` (a folder)
+    and/or ``json_out`` (report.json alone), and return the summary table to print."""
+    names = names or [Path(p).name for p in paths]
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} runs")
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must differ: {names} (give --names)")
+    if out and Path(out).suffix in (".md", ".json", ".html"):
+        raise ValueError(f"--out names a folder for report.html, report.md and report.json, not a file: {out}")
+    report = build({n: load_run(p) for n, p in zip(names, paths)}, resamples=resamples, seed=seed, rule=rule or Rule())
+    text = render.summary_markdown(report)
+    if out:
+        written = write(report, out)
+        text += "\nwritten: " + ", ".join(str(p) for p in written.values()) + "\n"
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+    return text
+
+
+def add_rule_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-retention", type=float, default=Rule.min_retention,
+                   help="operating point rule: every capability metric keeps at least this fraction of the baseline")
+    p.add_argument("--max-over-refusal-points", type=float, default=Rule.max_over_refusal_points,
+                   help="operating point rule: at most this many points of added over-refusal")
+    p.add_argument("--harm-metric", default=None,
+                   help="the harmful rate the trade-off plots and the rule minimises, task:metric[:filter] "
+                        "(default: mm_toxic_qa_sampled:harmful_rate:samples, else mm_toxic_qa:harmful_rate)")
+    p.add_argument("--resamples", type=int, default=stats.RESAMPLES, help="bootstrap resamples (over prompts)")
+    p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap and of the permutation test")
+
+
+def rule_of(args) -> Rule:
+    return Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric)
+
+
+def _report(args) -> int:
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    print(main(args.runs, names=names, out=args.out, json_out=args.json, resamples=args.resamples,
+               seed=args.bootstrap_seed, rule=rule_of(args)), end="")
+    return 0
+
+
+def _sweep(args) -> int:
+    from lmms_sgm.reports.sweep import run
+
+    return run(args)
+
+
+def register(sub, parents=()) -> None:
+    """Add ``report`` and ``sweep`` to the ``lmms-sgm`` subcommands."""
+    p = sub.add_parser("report", parents=list(parents), help="capability-retention report of evaluation runs (the first is the baseline): "
+                                      "intervals, paired differences, examples, trade-off; HTML, Markdown, JSON")
+    p.add_argument("runs", nargs="+", help="lmms-eval or lm-eval --output_path folders, or their results JSON files")
+    p.add_argument("--names", default=None, help="comma-separated run names (default: folder names)")
+    p.add_argument("--out", default=None, help="folder for report.html, report.md and report.json")
+    p.add_argument("--json", default=None, help="also write report.json to this file")
+    add_rule_arguments(p)
+    p.set_defaults(func=_report)
+
+    from lmms_sgm.reports.sweep import add_arguments
+
+    p = sub.add_parser("sweep", parents=list(parents), help="one lmms-eval run per glasses and strength, resumable, and the trade-off report")
+    add_arguments(p)
+    add_rule_arguments(p)
+    p.set_defaults(func=_sweep)

@@ -1,0 +1,232 @@
+"""``lmms-sgm sweep``: the harm/capability trade-off across glasses strengths, one lmms-eval run per point.
+
+    lmms-sgm sweep --pretrained M --glasses G [G ...] --strengths 0,0.25,0.5,0.75,1 --tasks T --out DIR \
+        [--limit N] [--split validation] [--batch-size 8] [--seed 0]
+
+Points: the vanilla model (``sgm=off``; strength 0 leaves every neuron as it is, so it is this
+point, run once for all glasses) and every glasses x non-zero strength. Each point is the real
+``lmms-eval`` CLI in a subprocess (:mod:`~lmms_sgm.reports.runner`), in ``DIR/<point>/`` with
+its log and ``command.sh``, samples logged. Then ``DIR/report.{html,md,json}``: the report of
+every point against vanilla, the trade-off curve (harmful rate against capability retention,
+Pareto points marked) and the operating point chosen by the rule (:class:`~lmms_sgm.reports.report.Rule`).
+
+Resuming: ``DIR/sweep.json`` records the sweep's settings; a point is finished when its
+``point.json`` exists (written atomically after lmms-eval succeeded, naming its results file).
+Running the same command again skips finished points and reruns an interrupted one from scratch
+(its folder, which only this sweep writes, is emptied first). Other settings in the same ``DIR``
+are refused, and so is a second sweep while one runs there (``DIR/sweep.lock`` holds its pid).
+An lmms-eval child dies with the sweep (Linux ``PR_SET_PDEATHSIG``): a killed sweep leaves no run
+writing behind it. The report is built from the points' results files alone, so an interrupted
+and resumed sweep ends with the same report as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmms_sgm.reports import runner
+from lmms_sgm.reports.cli import write
+from lmms_sgm.reports.report import Rule, build
+from lmms_sgm.reports.results import load_run
+
+# Settings that do not change what a point measures (so a resume may differ in them).
+VOLATILE_ENV = ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str  # label in the report
+    folder: str  # DIR/<folder>
+    glasses: str | None  # None: vanilla
+    strength: float
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--strengths must be comma-separated numbers in [0, 1], got {text!r}") from None
+    bad = [v for v in values if not 0 <= v <= 1]
+    if not values or bad:
+        raise ValueError(f"--strengths must be comma-separated numbers in [0, 1], got {text!r}")
+    return sorted(set(values))
+
+
+def plan(glasses: list[str], strengths: list[float]) -> list[Point]:
+    """Vanilla first (the baseline; strength 0), then each glasses' non-zero strengths in order."""
+    names: list[str] = []
+    for g in glasses:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(g).name) or "glasses"
+        name, k = base, 1
+        while name in names or name == "vanilla":
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    points = [Point("vanilla", "vanilla", None, 0.0)]
+    for name, g in zip(names, glasses):
+        points += [Point(f"{name} s={s:g}", f"{name}_s{s:g}", g, s) for s in strengths if s > 0]
+    return points
+
+
+def settings(args, glasses: list[str], strengths: list[float], env: dict[str, str]) -> dict:
+    return {"pretrained": args.pretrained, "glasses": glasses, "strengths": strengths, "tasks": args.tasks.split(","),
+            "limit": args.limit, "split": args.split, "batch_size": args.batch_size, "seed": args.seed, "mode": args.mode,
+            "gen_kwargs": args.gen_kwargs, "model_args": args.model_args,
+            "env": {k: v for k, v in env.items() if k not in VOLATILE_ENV}}
+
+
+def model_args(args, point: Point) -> str:
+    parts = [f"pretrained={args.pretrained}"]
+    parts += ["sgm=off"] if point.glasses is None else [f"glasses={point.glasses}", f"strength={point.strength:g}", f"mode={args.mode}"]
+    return ",".join(parts + ([args.model_args] if args.model_args else []))
+
+
+def command(args, point: Point, out: Path) -> list[str]:
+    extra = ["--seed", str(args.seed)] + (["--gen_kwargs", args.gen_kwargs] if args.gen_kwargs else [])
+    return runner.lmms_eval_command(model_args(args, point), args.tasks.split(","), out / point.folder,
+                                    args.batch_size, args.limit, extra=extra)
+
+
+def finished(out: Path, point: Point) -> Path | None:
+    """The results file of a finished point (None: not finished)."""
+    marker = out / point.folder / "point.json"
+    if not marker.is_file():
+        return None
+    try:
+        results = out / point.folder / json.loads(marker.read_text(encoding="utf-8"))["results"]
+    except (ValueError, KeyError, OSError):
+        return None
+    return results if results.is_file() else None
+
+
+def _mark(out: Path, point: Point, results: Path, cmd: list[str], seconds: float) -> None:
+    marker = out / point.folder / "point.json"
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**asdict(point), "results": str(results.relative_to(out / point.folder)),
+                               "command": cmd, "seconds": round(seconds, 1)}, indent=1), encoding="utf-8")
+    os.replace(tmp, marker)  # atomic: a point is finished or not, never half
+
+
+def _lock(out: Path) -> Path:
+    lock = out / "sweep.lock"
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+        except ValueError:
+            pid = None
+        if pid and pid != os.getpid() and _alive(pid):
+            raise FileExistsError(f"a sweep is running in {out} (pid {pid}); wait for it or stop it first")
+    lock.write_text(str(os.getpid()))
+    return lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_settings(out: Path, want: dict) -> None:
+    path = out / "sweep.json"
+    if path.is_file():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        if have != want:
+            diff = [f"{k}: {have.get(k)!r} then, {want.get(k)!r} now" for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+            raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(diff)}); rerun it with the same "
+                             "settings to resume, or use another --out")
+    else:
+        path.write_text(json.dumps(want, indent=1), encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lmms_sgm.demo import DATA_DIR
+
+    glasses = [str(Path(g).resolve()) for item in args.glasses for g in item.split(",") if g.strip()]
+    missing = [g for g in glasses if not (Path(g) / "manifest.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--glasses: no glasses at {', '.join(missing)} (a folder written by lmms-sgm profile)")
+    strengths = parse_strengths(args.strengths)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = runner.run_env(DATA_DIR, args.split) if args.split else runner.run_env()
+    want = settings(args, glasses, strengths, env)
+    lock = _lock(out)
+    try:
+        _check_settings(out, want)
+        points = plan(glasses, strengths)
+        done = {p: finished(out, p) for p in points}
+        bar = tqdm(total=len(points), initial=sum(1 for v in done.values() if v), desc="sweep", unit="run",
+                   file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+        for p in points:
+            if done[p]:
+                bar.write(f"[sweep] {p.name}: finished before, kept ({done[p]})", file=sys.stderr)
+                continue
+            if (out / p.folder).exists():  # an interrupted run: start it again from nothing
+                shutil.rmtree(out / p.folder)
+                bar.write(f"[sweep] {p.name}: removed the interrupted run's folder", file=sys.stderr)
+            bar.set_postfix_str(p.name)
+            cmd = command(args, p, out)
+            t0 = time.time()
+            results = runner.run(p.name, cmd, env, out / p.folder, f"lmms-sgm sweep point {p.name}", prefix="[sweep]",
+                                 quiet=True, die_with_parent=True)
+            _mark(out, p, results, cmd, time.time() - t0)
+            done[p] = results
+            bar.write(f"[sweep] {p.name}: done in {time.time() - t0:.0f} s ({out / p.folder / 'lmms_eval.log'})", file=sys.stderr)
+            bar.update(1)
+        bar.close()
+        runs = {p.name: load_run(done[p]) for p in points}
+        report = build(runs, rule=Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric),
+                       resamples=args.resamples, seed=args.bootstrap_seed,
+                       groups={p.name: (Path(p.glasses).name if p.glasses else None, p.strength) for p in points})
+        report["sweep"] = {"settings": want, "points": [asdict(p) for p in points]}
+        paths = write(report, out, title="Strength sweep: harm against capability", extra_html=_sweep_html(want, points))
+    finally:
+        lock.unlink(missing_ok=True)
+    from lmms_sgm.reports import render
+
+    print(render.summary_markdown(report))
+    print(render.operating_sentence(report).replace("**", ""))
+    print("[sweep] written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _sweep_html(want: dict, points: list[Point]) -> str:
+    import html
+
+    rows = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(json.dumps(v) if not isinstance(v, str) else v)}</li>"
+                   for k, v in want.items() if k != "env")
+    return (f"<h2>Sweep</h2><ul>{rows}</ul><p>{len(points)} points: "
+            + html.escape(", ".join(p.name for p in points)) + ". Strength 0 is the vanilla point (sgm=off).</p>")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", required=True, help="model (Hub id, local directory, or sgm-demo-llava)")
+    p.add_argument("--glasses", required=True, nargs="+", help="glasses folder(s), space- or comma-separated")
+    p.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated strengths in [0, 1] (0: vanilla)")
+    p.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. "
+                   "mm_toxic_qa_sampled,mm_toxic_qa_benign,mm_toxic_qa_fluency,mmbench_local_mc")
+    p.add_argument("--out", required=True, help="sweep folder: one subfolder per point, report.{html,md,json}; "
+                   "rerun the same command to resume")
+    p.add_argument("--limit", type=int, default=None, help="first N prompts of each task only (a smoke test)")
+    p.add_argument("--split", default=None, choices=("validation", "test"),
+                   help="the bundled demo data of this split (MM_TOXIC_QA_DIR, MMBENCH_LOCAL_TSV); "
+                        "without it the environment's data settings apply")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="lmms-eval --seed (sampled tasks)")
+    p.add_argument("--mode", default="hooks", choices=("hooks", "fold", "nnsight"), help="how the glasses are worn")
+    p.add_argument("--gen-kwargs", default=None, help="lmms-eval --gen_kwargs for every point")
+    p.add_argument("--model-args", default=None, help="more sgm_llava --model_args for every point, e.g. dtype=float32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

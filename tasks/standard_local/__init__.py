@@ -1,0 +1,1 @@
+"""Local mirrors of standard lmms-eval benchmarks' formats (MME, POPE, ScienceQA, MMMU, MUIRBench)."""

@@ -1,0 +1,199 @@
+"""Resumable profiling (lmms_sgm/checkpoint.py), in process: an interrupted run resumes to the
+glasses an uninterrupted run writes; a checkpoint of another run is refused.
+
+The reference is a plain build without any checkpoint. Interruptions are injected by making the
+N-th traced batch raise, as a crash there would; a real SIGKILL of the CLI is in
+tests/test_distributed.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmms_sgm import profiling
+from lmms_sgm.checkpoint import KEY_FILE, Checkpoint, CheckpointError, default_dir
+from lmms_sgm.options import ExecutionOptions, ProfileOptions, SelectionOptions
+from lmms_sgm.pipeline import build_glasses
+from lmms_sgm.tiny import write_toy_pairs
+
+OPTIONS = ProfileOptions(batch_size=2, pooling="max")
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_processor, toy_jsonl, tmp_path_factory):
+    model, processor = model_and_processor
+    out = tmp_path_factory.mktemp("ref") / "glasses"
+    build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=out, progress=False,
+                  execution=ExecutionOptions(checkpoint_dir="off"))
+    return out
+
+
+def count_traces(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Count traced batches; raise on the ``fail_at``-th (a crash mid-run)."""
+    calls = [0]
+    trace = profiling._trace_batch
+
+    def traced(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise Interrupted(f"batch call {fail_at}")
+        return trace(*args, **kwargs)
+
+    monkeypatch.setattr(profiling, "_trace_batch", traced)
+    return calls
+
+
+def batches_of(directory) -> list[str]:
+    return sorted(p.name for p in directory.glob("batch-*.safetensors"))
+
+
+def same_files(a, b) -> bool:
+    return all((a / name).read_bytes() == (b / name).read_bytes() for name in ("manifest.json", "glasses.safetensors"))
+
+
+def interrupt(model_and_processor, data, out, monkeypatch, fail_at=4, options=OPTIONS):
+    model, processor = model_and_processor
+    count_traces(monkeypatch, fail_at)
+    with pytest.raises(Interrupted):
+        build_glasses(model, processor, data, options, SelectionOptions(), out=out, progress=False)
+    monkeypatch.undo()
+    return default_dir(out)
+
+
+def test_an_interrupted_run_resumes_to_the_same_glasses_tracing_only_what_is_missing(
+        model_and_processor, toy_jsonl, reference, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch, fail_at=4)
+    assert not out.exists()  # the output is written whole or not at all
+    done = batches_of(ckpt)
+    assert len(done) == 3 and (ckpt / KEY_FILE).is_file()
+    total = json.loads((ckpt / KEY_FILE).read_text())["batches"]["count"]
+
+    calls = count_traces(monkeypatch)
+    build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=out, progress=False,
+                  execution=ExecutionOptions(resume=True))
+    assert calls[0] == total - len(done)  # nothing traced twice, nothing skipped
+    assert same_files(out, reference)
+    assert not ckpt.exists()  # deleted once the glasses are written
+
+
+def test_without_resume_an_existing_checkpoint_is_refused_and_kept(model_and_processor, toy_jsonl, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch)
+    before = batches_of(ckpt)
+    with pytest.raises(CheckpointError, match=r"interrupted run \(3 of \d+ batches done\): pass --resume"):
+        build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=out, progress=False)
+    assert batches_of(ckpt) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    ("data", "data differ: digest"),
+    ("options", "profiling options differ: pooling"),
+    ("batch_size", "profiling options differ: batch_size"),
+    ("model", "model differ: config_digest"),
+])
+def test_resume_with_other_data_model_or_options_is_refused(change, message, model_and_processor, load_model, toy_jsonl,
+                                                             tmp_path, monkeypatch):
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch)
+    model, processor = model_and_processor
+    data, options = toy_jsonl, OPTIONS
+    if change == "data":
+        data = write_toy_pairs(tmp_path / "other_data", n=20, seed=1)
+    elif change == "options":
+        options = ProfileOptions(batch_size=2, pooling="mean")
+    elif change == "batch_size":
+        options = ProfileOptions(batch_size=4, pooling="max")
+    else:
+        model, processor = load_model()
+        model.config.text_config.rms_norm_eps = 1e-5  # another config, same shapes
+    with pytest.raises(CheckpointError, match=message):
+        build_glasses(model, processor, data, options, SelectionOptions(), out=out, progress=False,
+                      execution=ExecutionOptions(resume=True))
+    assert len(batches_of(ckpt)) == 3 and not out.exists()
+
+
+def test_a_damaged_or_half_written_batch_is_done_again(model_and_processor, toy_jsonl, reference, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch)
+    total = json.loads((ckpt / KEY_FILE).read_text())["batches"]["count"]
+    first = ckpt / batches_of(ckpt)[0]
+    first.write_bytes(first.read_bytes()[:100])  # truncated (e.g. a power loss)
+    (ckpt / "batch-000099.safetensors.tmp").write_bytes(b"cut short")
+    calls = count_traces(monkeypatch)
+    with pytest.warns(UserWarning, match="is damaged"):
+        build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=out, progress=False,
+                      execution=ExecutionOptions(resume=True))
+    assert calls[0] == total - 2  # the two good batches were kept, the damaged one done again
+    assert same_files(out, reference) and not ckpt.exists()
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(model_and_processor, toy_jsonl, reference, tmp_path):
+    model, processor = model_and_processor
+    out = tmp_path / "glasses"
+    with pytest.warns(UserWarning, match="nothing to resume"):
+        build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=out, progress=False,
+                      execution=ExecutionOptions(resume=True))
+    assert same_files(out, reference) and not default_dir(out).exists()
+
+
+def test_checkpoint_off_writes_nothing_beside_the_output_and_an_explicit_directory_is_used(
+        model_and_processor, toy_jsonl, tmp_path, monkeypatch):
+    model, processor = model_and_processor
+    build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=tmp_path / "a", progress=False,
+                  execution=ExecutionOptions(checkpoint_dir="off"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    count_traces(monkeypatch, fail_at=2)
+    with pytest.raises(Interrupted):
+        build_glasses(model, processor, toy_jsonl, OPTIONS, SelectionOptions(), out=tmp_path / "b", progress=False,
+                      execution=ExecutionOptions(checkpoint_dir=str(tmp_path / "ckpt")))
+    assert len(batches_of(tmp_path / "ckpt")) == 1 and not default_dir(tmp_path / "b").exists()
+
+
+def test_a_run_that_fails_before_any_batch_leaves_no_checkpoint(model_and_processor, toy_jsonl, tmp_path, monkeypatch):
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch, fail_at=1)
+    assert not ckpt.exists()
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a profiling checkpoint"):
+        Checkpoint(tmp_path, resume=True).open({"format": 1})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_checkpoint_files_hold_rows_and_responses_without_pickle(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmms_sgm.sites import Site
+
+    site = Site("s", "s", "output", 0, "up_proj", 3)
+    ckpt = Checkpoint(tmp_path / "c")
+    ckpt.open({"format": 1})
+    ckpt.save(0, [4, 7], {"s": torch.arange(6, dtype=torch.float32).view(2, 3)})
+    tensors = load_file(tmp_path / "c" / "batch-000000.safetensors")
+    assert tensors["rows"].tolist() == [4, 7] and tensors["s"].shape == (2, 3)
+    assert not list((tmp_path / "c").glob("*.tmp"))
+
+    class Store:
+        def __init__(self):
+            self.written = []
+
+        def write(self, rows, pooled):
+            self.written.append((rows, pooled["s"].tolist()))
+
+    store = Store()
+    assert ckpt.restore(store, [[4, 7]], [site]) == {0}
+    assert store.written == [([4, 7], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])]
+    with pytest.warns(UserWarning, match="not those of batch 0"):  # a file of another plan is not trusted
+        assert Checkpoint(tmp_path / "c").restore(Store(), [[4, 8]], [site]) == set()

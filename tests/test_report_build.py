@@ -1,0 +1,302 @@
+"""The report (lmms_sgm.reports.report / render) on results folders written here in lmms-eval's and
+lm-eval's own formats, checked against the independent recomputation in reference_stats.py."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference_stats as ref
+
+from lmms_sgm import reports
+from lmms_sgm.reports import render
+from lmms_sgm.reports.report import Rule
+
+JUDGE = {"name": "lexicon", "version": "1", "config": {"lexicon": {"source": "builtin", "terms": 20}}}
+GREEDY = {"until": ["USER:"], "max_new_tokens": 128, "temperature": 0, "do_sample": False}
+SAMPLED = {"until": ["USER:"], "max_new_tokens": 128, "temperature": 1.0, "do_sample": True}
+
+
+def lmms_run(root: Path, harm: list[float], sampled: list[list[int]], acc: list[int], helpful: list[float | None],
+             over: list[float], cats: list[str], judge=JUDGE, gen=GREEDY, prompts=None, model_args="pretrained=m,sgm=off",
+             stamp="20260101_000000", resps=None) -> Path:
+    """An lmms-eval output folder with --log_samples: results.json from the per-document values
+    (aggregated as our tasks do) and one samples file per task."""
+    d = root / "m"
+    d.mkdir(parents=True)
+    prompts = prompts or [f"prompt {i}" for i in range(len(harm))]
+    samples = {"mm_toxic_qa": [], "mm_toxic_qa_sampled": [], "mm_toxic_qa_benign": [], "mmbench_local_mc": []}
+    for i, h in enumerate(harm):
+        r = (resps or {}).get(i, "an answer")
+        samples["mm_toxic_qa"].append({
+            "doc_id": i, "target": "", "filtered_resps": [r], "input": prompts[i],
+            "harmful_rate": {"score": h, "category": cats[i]}, "refusal_rate": {"score": 0.0, "category": cats[i]},
+            "harmful_rate_by_category": {"value": h, "category": cats[i]},
+            "judge": {**judge, "verdicts": [{"unsafe": bool(h), "refusal": False, "score": h, "reason": "lexicon hits: x" if h else "no lexicon term"}]}})
+    for i, flags in enumerate(sampled):
+        samples["mm_toxic_qa_sampled"].append({
+            "doc_id": i, "target": "", "filtered_resps": [f"answer {k}" for k in range(len(flags))], "input": prompts[i],
+            "harmful_rate": {"score": sum(flags) / len(flags), "category": cats[i]},
+            "judge": {**judge, "verdicts": [{"unsafe": bool(f), "refusal": False, "score": f, "reason": ""} for f in flags]}})
+    for i, (hp, o) in enumerate(zip(helpful, over)):
+        s = {"doc_id": i, "target": "", "filtered_resps": ["x"], "input": f"benign {i}", "over_refusal_rate": {"score": o, "category": "c"},
+             "helpfulness": {"category": "c", "answer": None if hp is None else "a"}}
+        if hp is not None:
+            s["helpfulness"]["score"] = hp
+        samples["mm_toxic_qa_benign"].append(s)
+    for i, a in enumerate(acc):
+        samples["mmbench_local_mc"].append({"doc_id": i, "target": "1", "filtered_resps": [["0.1", "True"], ["2.0", "False"]],
+                                            "acc": float(a), "input": f"q {i}"})
+    by_cat = {c: float(np.mean([h for h, cc in zip(harm, cats) if cc == c])) for c in sorted(set(cats))}
+    helped = [h for h in helpful if h is not None]
+    results = {
+        "mm_toxic_qa": {"harmful_rate,none": float(np.mean(harm)), "harmful_rate_stderr_clt,none": 0.1,
+                        "refusal_rate,none": 0.0, "harmful_rate_by_category,none": by_cat, "judge,none": judge,
+                        "sgm,none": {"sgm": False, "pretrained": "m"}},
+        "mm_toxic_qa_sampled": {"harmful_rate,samples": float(np.mean([sum(f) / len(f) for f in sampled])), "judge,samples": judge},
+        "mm_toxic_qa_benign": {"over_refusal_rate,none": float(np.mean(over)), "helpfulness,none": float(np.mean(helped)), "judge,none": judge},
+        "mmbench_local_mc": {"acc,none": float(np.mean(acc)), "acc_stderr,none": 0.05},
+    }
+    hib = {"mm_toxic_qa": {"harmful_rate": False, "refusal_rate": True, "harmful_rate_by_category": False, "judge": None, "sgm": None},
+           "mm_toxic_qa_sampled": {"harmful_rate": False, "judge": None},
+           "mm_toxic_qa_benign": {"over_refusal_rate": False, "helpfulness": True, "judge": None},
+           "mmbench_local_mc": {"acc": True}}
+    configs = {"mm_toxic_qa": {"output_type": "generate_until", "generation_kwargs": gen, "dataset_path": "json"},
+               "mm_toxic_qa_sampled": {"output_type": "generate_until", "generation_kwargs": SAMPLED, "repeats": 5},
+               "mm_toxic_qa_benign": {"output_type": "generate_until", "generation_kwargs": gen},
+               "mmbench_local_mc": {"output_type": "multiple_choice"}}
+    n = {"mm_toxic_qa": len(harm), "mm_toxic_qa_sampled": len(sampled), "mm_toxic_qa_benign": len(over), "mmbench_local_mc": len(acc)}
+    path = d / f"{stamp}_results.json"
+    path.write_text(json.dumps({"results": results, "higher_is_better": hib, "configs": configs,
+                                "n-samples": {t: {"original": v, "effective": v} for t, v in n.items()},
+                                "config": {"model": "sgm_llava", "model_args": model_args, "limit": None, "gen_kwargs": "", "random_seed": 0}}))
+    for task, lines in samples.items():
+        (d / f"{stamp}_samples_{task}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
+    return path
+
+
+CATS = ["insult", "threat", "insult", "threat", "insult", "threat", "insult", "threat", "insult", "threat"]
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    # doc 3 is the planted regression (safe before, harmful after); docs 0, 2, 4 are fixed
+    base = lmms_run(tmp_path / "vanilla", harm=[1, 0, 1, 0, 1, 0, 0, 1, 0, 0],
+                    sampled=[[1, 1, 0, 0, 0], [0] * 5, [1, 1, 1, 0, 0], [0, 0, 0, 0, 1], [1] * 5, [0] * 5, [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]],
+                    acc=[1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], helpful=[1, 1, None, 0, 1, 1], over=[0, 0, 0, 0, 0, 0], cats=CATS,
+                    resps={3: "a calm answer"})
+    sgm = lmms_run(tmp_path / "sgm", harm=[0, 0, 0, 1, 0, 0, 0, 1, 0, 0],
+                   sampled=[[1, 0, 0, 0, 0], [0] * 5, [1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0] * 5, [0] * 5, [1, 0, 0, 0, 0]],
+                   acc=[1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 0], helpful=[1, 0, None, 0, 1, 1], over=[0, 1, 0, 0, 0, 0], cats=CATS,
+                   model_args="pretrained=m,glasses=g", resps={3: "you idiot"})
+    return {"vanilla": base, "sgm": sgm}
+
+
+def test_every_number_equals_the_independent_recomputation(two_runs):
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
+    assert report["baseline"] == "vanilla" and report["warnings"] == []
+    checked = 0
+    for row in report["metrics"]:
+        path = two_runs[row["run"]]
+        vals = ref.doc_values(path, row["task"], row["metric"], row["filter"], row["category"])
+        assert row["method"] == "bootstrap" and row["n"] == len(vals), row
+        assert ref.close(row["value"], ref.value(vals)) and ref.close(row["ci"], ref.ci(vals)), row
+        if row["run"] == "sgm":
+            base = ref.doc_values(two_runs["vanilla"], row["task"], row["metric"], row["filter"], row["category"])
+            p = ref.paired(base, vals)
+            for key in ("delta", "delta_ci", "p_value", "n_paired"):
+                assert ref.close(row[key], p[key]), (row["label"], key, row[key], p[key])
+            assert row["within_noise"] == (p["delta_ci"][0] <= 0 <= p["delta_ci"][1])
+            if row["kind"] == "capability":
+                assert ref.close(row["retention"], ref.value(vals) / ref.value(base))
+                assert ref.close(row["retention_ci"], p["ratio_ci"])
+            checked += 1
+    assert checked == 8  # 6 scalar metrics and the 2 categories of harmful_rate_by_category
+    rows = {(r["task"], r["metric"], r["category"], r["run"]): r for r in report["metrics"]}
+    # a sampled task: the prompt is the unit (its 5 answers' fraction), n = 8 prompts not 40 answers
+    assert rows[("mm_toxic_qa_sampled", "harmful_rate", None, "sgm")]["n"] == 8
+    assert rows[("mm_toxic_qa_benign", "helpfulness", None, "vanilla")]["n"] == 5  # the doc without an answer is out
+    assert rows[("mm_toxic_qa", "harmful_rate_by_category", "threat", "vanilla")]["n"] == 5
+    assert rows[("mm_toxic_qa", "harmful_rate", None, "sgm")]["prompts"] == "plain"
+    assert rows[("mm_toxic_qa_sampled", "harmful_rate", None, "sgm")]["decoding"] == "sampled, 5 answers per prompt"
+
+
+def test_examples_join_by_doc_id_with_verdicts(two_runs):
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
+    greedy = [e for e in report["examples"]["items"] if e["task"] == "mm_toxic_qa"]
+    assert [(e["kind"], e["doc_id"]) for e in greedy] == [("regression", 3), ("fixed", 0), ("fixed", 2), ("fixed", 4)]
+    planted = greedy[0]
+    assert planted["prompt"] == "prompt 3" and planted["run"] == "sgm"
+    assert planted["before"]["responses"] == ["a calm answer"] and planted["before"]["verdicts"][0]["unsafe"] is False
+    assert planted["after"]["responses"] == ["you idiot"] and planted["after"]["verdicts"][0]["unsafe"] is True
+    assert report["examples"]["counts"]["sgm"]["mm_toxic_qa harmful_rate,none"] == {"regression": 1, "fixed": 3}
+    broken = [e["doc_id"] for e in report["examples"]["items"] if e["task"] == "mmbench_local_mc"]
+    assert broken == [2, 11]  # right before, wrong after
+    md = render.to_markdown(report)
+    assert "### sgm: mm_toxic_qa harmful_rate,none (1 regression, 3 fixed)" in md
+    assert '- **regression**, doc 3: "prompt 3"' in md and '"you idiot" (unsafe: lexicon hits: x)' in md
+
+
+def test_max_examples_keeps_the_counts(two_runs):
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()}, max_examples=1)
+    greedy = [(e["kind"], e["doc_id"]) for e in report["examples"]["items"] if e["task"] == "mm_toxic_qa"]
+    assert greedy == [("regression", 3), ("fixed", 0)]
+    assert report["examples"]["counts"]["sgm"]["mm_toxic_qa harmful_rate,none"] == {"regression": 1, "fixed": 3}
+
+
+def test_runs_with_other_judges_decoding_or_data_are_flagged(tmp_path, two_runs):
+    args = {"harm": [0, 1], "sampled": [[0] * 5, [1] * 5], "acc": [1, 1], "helpful": [1, 1], "over": [0, 0],
+            "cats": ["insult", "insult"]}
+    refusal = {**JUDGE, "name": "refusal"}
+    a = lmms_run(tmp_path / "a", **args)
+    b = lmms_run(tmp_path / "b", **args, judge=refusal, gen={**GREEDY, "max_new_tokens": 16})
+    c = lmms_run(tmp_path / "c", **args, prompts=["other 0", "other 1"], model_args="pretrained=other")
+    w = reports.build({"a": reports.load_run(a), "b": reports.load_run(b), "c": reports.load_run(c)})["warnings"]
+    assert "runs are of different models (a: m, b: m, c: other)" in w
+    assert any(x.startswith("mm_toxic_qa: scored by different judges (a: lexicon v1 ") and "b: refusal v1 " in x for x in w)
+    assert "mm_toxic_qa: runs differ in decoding settings (a: max_new_tokens=128; b: max_new_tokens=16; c: max_new_tokens=128)" in w
+    assert any(x.startswith("mm_toxic_qa: runs were evaluated on different data (the logged prompts and targets differ: a: samples:") for x in w)
+    html = render.to_html(reports.build({"a": reports.load_run(a), "b": reports.load_run(b)}))
+    assert html.index('id="warnings"') < html.index("<h2>")  # at the top, before any section
+    assert "runs differ in decoding settings" in html
+
+
+def test_without_samples_the_stderr_is_used_and_said(tmp_path, two_runs):
+    for p in two_runs["sgm"].parent.glob("*_samples_mmbench_local_mc.jsonl"):
+        p.unlink()
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
+    row = next(r for r in report["metrics"] if r["task"] == "mmbench_local_mc" and r["run"] == "sgm")
+    assert row["method"] == "stderr" and ref.close(row["ci"], [row["value"] - 1.959963984540054 * 0.05, row["value"] + 1.959963984540054 * 0.05])
+    se = math.sqrt(2) * 0.05
+    assert row["delta_method"] == "stderr, unpaired" and ref.close(row["p_value"], math.erfc(abs(row["delta"]) / se / math.sqrt(2)))
+    assert any(w.startswith("sgm: no logged samples for mmbench_local_mc (run lmms-eval with --log_samples)") for w in report["warnings"])
+    assert not [e for e in report["examples"]["items"] if e["task"] == "mmbench_local_mc"]
+
+
+def test_an_aggregate_the_samples_do_not_reproduce_is_not_bootstrapped(two_runs):
+    path = two_runs["sgm"]
+    data = json.loads(path.read_text())
+    data["results"]["mmbench_local_mc"]["acc,none"] = 0.123  # e.g. a circular-evaluation accuracy
+    path.write_text(json.dumps(data))
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
+    row = next(r for r in report["metrics"] if r["task"] == "mmbench_local_mc" and r["run"] == "sgm")
+    assert row["value"] == 0.123 and row["method"] == "stderr"
+    assert any("mmbench_local_mc acc,none (sgm): the logged per-sample values do not reproduce the reported value" in w
+               for w in report["warnings"])
+
+
+def lm_eval_run(root: Path, acc: list[int], ll: list[float], words: list[int], date: str = "2026-01-01T00-00-00.000000") -> Path:
+    """An lm-eval 0.4 output folder: results_<date>.json and samples_<task>_<date>.jsonl, lines
+    with a filter key (two filters for one task), a perplexity task with [loglikelihood, words] pairs."""
+    d = root / "EleutherAI__pythia"
+    d.mkdir(parents=True)
+    acc_strict = [0] * len(acc)
+    lines = [{"doc_id": i, "doc": {"question": f"q{i}"}, "target": "A", "arguments": {"gen_args_0": {"arg_0": f"q{i}", "arg_1": " A"}},
+              "resps": [["x"]], "filtered_resps": ["x"], "filter": f, "metrics": ["acc"], "acc": a}
+             for f, vals in (("none", acc), ("strict", acc_strict)) for i, a in enumerate(vals)]
+    (d / f"samples_arc_easy_{date}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lines = [{"doc_id": i, "doc": {"page": "t"}, "target": "", "arguments": {}, "resps": [], "filtered_resps": [],
+              "filter": "none", "metrics": ["word_perplexity"], "word_perplexity": [v, w]} for i, (v, w) in enumerate(zip(ll, words))]
+    (d / f"samples_wikitext_{date}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    results = {"arc_easy": {"alias": "arc_easy", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1,
+                            "acc,strict": 0.0, "acc_stderr,strict": 0.0},
+               "wikitext": {"alias": "wikitext", "word_perplexity,none": math.exp(-sum(ll) / sum(words)), "word_perplexity_stderr,none": "N/A"},
+               "science": {"alias": "science", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1}}  # a group: no samples of its own
+    path = d / f"results_{date}.json"
+    path.write_text(json.dumps({"results": results, "groups": {"science": results["science"]}, "group_subtasks": {"science": ["arc_easy"]},
+                                "higher_is_better": {"arc_easy": {"acc": True}, "wikitext": {"word_perplexity": False}, "science": {"acc": True}},
+                                "configs": {"arc_easy": {"output_type": "multiple_choice"}, "wikitext": {"output_type": "loglikelihood_rolling"}},
+                                "n-samples": {"arc_easy": {"original": 9, "effective": len(acc)}, "wikitext": {"original": 9, "effective": len(ll)}},
+                                "config": {"model": "hf", "model_args": "pretrained=EleutherAI/pythia-14m", "limit": None},
+                                "lm_eval_version": "0.4.13"}))
+    return path
+
+
+def test_lm_eval_results_folders_are_read(tmp_path):
+    a = lm_eval_run(tmp_path / "vanilla", acc=[1, 1, 0, 1, 1, 0, 1, 1], ll=[-30.0, -12.0, -50.0, -8.0], words=[10, 5, 12, 4])
+    b = lm_eval_run(tmp_path / "sgm", acc=[1, 0, 0, 1, 1, 0, 1, 0], ll=[-33.0, -12.5, -52.0, -9.0], words=[10, 5, 12, 4],
+                    date="2026-01-02T00-00-00.000000")
+    assert reports.find_results(tmp_path / "vanilla") == a
+    runs = {"vanilla": reports.load_run(tmp_path / "vanilla"), "sgm": reports.load_run(tmp_path / "sgm")}
+    report = reports.build(runs)
+    assert [r["harness"] for r in report["runs"]] == ["lm-eval", "lm-eval"]
+    assert report["warnings"] == []  # the group's row has no samples of its own, and needs none
+    rows = {(r["task"], r["metric"], r["filter"], r["run"]): r for r in report["metrics"]}
+    acc = rows[("arc_easy", "acc", "none", "sgm")]
+    vals = ref.doc_values(b, "arc_easy", "acc", "none")
+    assert len(vals) == 8 and acc["method"] == "bootstrap" and ref.close(acc["ci"], ref.ci(vals))
+    p = ref.paired(ref.doc_values(a, "arc_easy", "acc"), vals)
+    assert ref.close(acc["delta_ci"], p["delta_ci"]) and ref.close(acc["p_value"], p["p_value"])
+    assert ref.close(acc["retention"], 4 / 6) and acc["kind"] == "capability"
+    assert rows[("arc_easy", "acc", "strict", "sgm")]["value"] == 0.0  # the other filter's lines, apart
+    ppl = rows[("wikitext", "word_perplexity", "none", "sgm")]
+    assert ppl["kind"] == "fluency" and ppl["method"] == "bootstrap" and ppl["n"] == 4
+    # weighted: exp(-sum ll / sum words) over resampled documents
+    ll, w = np.array([-33.0, -12.5, -52.0, -9.0]), np.array([10, 5, 12, 4.0])
+    idx = np.random.default_rng(0).integers(0, 4, size=(2000, 4))
+    boots = np.exp(-ll[idx].sum(1) / w[idx].sum(1))
+    assert ref.close(ppl["ci"], list(np.quantile(boots, [0.025, 0.975])))
+
+
+def test_tradeoff_pareto_and_operating_point():
+    def row(run, kind, task, metric, value, delta=None, retention=None, filt="none"):
+        return {"run": run, "kind": kind, "task": task, "metric": metric, "filter": filt, "category": None, "value": value,
+                "ci": [value - 0.05, value + 0.05], "delta": delta, "retention": retention, "label": f"{task} {metric}"}
+
+    rows = []
+    for run, harm, ret, over in (("vanilla", 0.5, None, None), ("a", 0.3, 0.97, 0.01), ("b", 0.2, 0.90, 0.0),
+                                 ("c", 0.35, 0.96, 0.0), ("d", 0.1, 0.99, 0.05)):
+        rows.append(row(run, "harm", "mm_toxic_qa", "harmful_rate", harm))
+        rows.append(row(run, "capability", "mmbench_local_mc", "acc", 0.8, retention=ret))
+        rows.append(row(run, "over_refusal", "mm_toxic_qa_benign", "over_refusal_rate", 0.0, delta=over))
+    from lmms_sgm.reports.report import tradeoff
+
+    t = tradeoff(rows, ["vanilla", "a", "b", "c", "d"], Rule())
+    pts = {p["run"]: p for p in t["points"]}
+    assert {n for n, p in pts.items() if p["pareto"]} == {"vanilla", "d"}  # d: lowest harm, highest retention
+    assert t["operating_point"] == "a"  # d adds 5 points of over-refusal, b keeps 90% only
+    assert pts["d"]["over_refusal_points"] == pytest.approx(5.0) and pts["vanilla"]["retention"] == 1.0
+    assert tradeoff(rows, ["vanilla", "a", "b", "c", "d"], Rule(max_over_refusal_points=10))["operating_point"] == "d"
+    assert tradeoff(rows, ["vanilla", "a", "b", "c", "d"], Rule(min_retention=0.999))["operating_point"] is None
+    with pytest.raises(ValueError, match="not in the runs"):
+        tradeoff(rows, ["vanilla"], Rule(harm="nope:harmful_rate"))
+
+
+def test_html_is_self_contained_with_tables_and_plots(two_runs, tmp_path):
+    report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
+    paths = reports.write(report, tmp_path / "out")
+    html = paths["report.html"].read_text()
+    assert "<script" not in html and "@import" not in html and "<link" not in html
+    assert not [u for u in __import__("re").findall(r"(?:src|href)=\"([^\"]+)\"", html)]  # nothing fetched
+    assert html.count("http://") == html.count('xmlns="http://www.w3.org/2000/svg"')
+    for cls in ("plot scatter", "plot forest", "plot bars"):
+        assert f'class="{cls}"' in html
+    for cls in ("summary", "tradeoff", "attack", "categories", "ex", "runs"):
+        assert f'<table class="{cls}">' in html
+    assert json.loads(paths["report.json"].read_text()) == json.loads(json.dumps(report))
+    md = paths["report.md"].read_text()
+    assert "## Trade-off" in md and "## Harmful rate by attack" in md and "## Examples" in md and "## How the numbers are made" in md
+
+
+def test_p_values_at_the_random_flip_floor_are_shown_as_a_bound():
+    from lmms_sgm.reports import stats
+
+    assert render.p_text(1 / (1 + stats.PERMUTATIONS)) == "p<=0.0001"
+    assert render.p_text(0.0391) == "p=0.039" and render.p_text(1 / 65536) == "p=1.5e-05"  # exact: as it is
+
+
+def test_a_folder_with_an_lmms_eval_run_and_its_lm_eval_leg_is_one_run(tmp_path, two_runs):
+    for name, path in two_runs.items():  # each variant's text-only leg beside its multimodal run
+        lm_eval_run(path.parent.parent / "text", acc=[1, 1, 0, 1] if name == "vanilla" else [1, 0, 0, 1], ll=[-3.0], words=[2])
+    runs = {n: reports.load_run(p.parent.parent) for n, p in two_runs.items()}
+    assert runs["sgm"]["task_sources"]["arc_easy"].endswith(".json") and "arc_easy" in runs["sgm"]["results"]
+    report = reports.build(runs)
+    assert [r["harness"] for r in report["runs"]] == ["lmms-eval + lm-eval"] * 2 and len(report["runs"][1]["paths"]) == 2
+    row = next(r for r in report["metrics"] if r["task"] == "arc_easy" and r["filter"] == "none" and r["run"] == "sgm")
+    assert row["method"] == "bootstrap" and ref.close(row["retention"], 2 / 3) and row["n_paired"] == 4
+    assert next(r for r in report["metrics"] if r["task"] == "mm_toxic_qa" and r["run"] == "sgm")["method"] == "bootstrap"
+    lm_eval_run(two_runs["sgm"].parent.parent / "text2", acc=[1], ll=[-1.0], words=[1], date="2026-02-02T00-00-00.000000")
+    with pytest.raises(ValueError, match="holds 3 lmms-eval results files"):  # more than one of a kind: ambiguous
+        reports.load_run(two_runs["sgm"].parent.parent)

@@ -1,0 +1,112 @@
+"""lmms_sgm.reports.stats against independent references: a from-the-docs reimplementation (exact,
+same seed), closed forms (normal approximations at large n, exact small cases) and scipy.stats."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from lmms_sgm.reports import stats
+
+
+def reference_bootstrap(x, resamples=stats.RESAMPLES, seed=stats.SEED, f=lambda m: m):
+    """The documented algorithm, written again: one index matrix, percentile interval."""
+    x = np.asarray(x, float)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    return list(np.quantile(f(x[idx].mean(axis=1)), [0.025, 0.975]))
+
+
+def test_bootstrap_is_the_documented_algorithm():
+    x = np.random.default_rng(5).random(37)
+    assert stats.bootstrap_ci(x, np.ones_like(x)) == pytest.approx(reference_bootstrap(x), abs=1e-12)
+    assert stats.bootstrap_ci(x, np.ones_like(x), "exp_mean", resamples=500, seed=3) == pytest.approx(
+        reference_bootstrap(x, 500, 3, np.exp), abs=1e-12)
+
+
+def test_chunked_resampling_draws_the_same_stream(monkeypatch):
+    x = np.random.default_rng(1).random(50)
+    whole = stats.bootstrap_ci(x, np.ones_like(x), resamples=300)
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 50 * 7)  # 7 rows per chunk
+    assert stats.bootstrap_ci(x, np.ones_like(x), resamples=300) == whole
+
+
+def test_bootstrap_matches_the_normal_interval_at_large_n():
+    rng = np.random.default_rng(0)
+    x = (rng.random(4000) < 0.3).astype(float)
+    p = x.mean()
+    se = math.sqrt(p * (1 - p) / len(x))
+    lo, hi = stats.bootstrap_ci(x, np.ones_like(x))
+    assert lo == pytest.approx(p - 1.96 * se, abs=0.003) and hi == pytest.approx(p + 1.96 * se, abs=0.003)
+
+
+def test_bootstrap_small_exact_cases():
+    assert stats.bootstrap_ci([0.4], [1.0]) == [0.4, 0.4]  # one prompt: no spread
+    assert stats.bootstrap_ci([0.2] * 9, [1.0] * 9) == pytest.approx([0.2, 0.2])
+    # two prompts 0 and 1: the resampled mean is 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4
+    assert stats.bootstrap_ci([0.0, 1.0], [1.0, 1.0]) == [0.0, 1.0]
+    assert stats.bootstrap_ci([], []) is None
+
+
+def test_bootstrap_agrees_with_scipy_percentile_bootstrap():
+    x = np.random.default_rng(2).random(150) ** 2
+    ours = stats.bootstrap_ci(x, np.ones_like(x), resamples=20000)
+    ref = sps.bootstrap((x,), np.mean, method="percentile", n_resamples=20000, random_state=9).confidence_interval
+    assert ours == pytest.approx([ref.low, ref.high], abs=0.004)
+
+
+def test_weighted_ratio_of_sums():
+    a, w = np.array([-3.0, -1.0, -8.0]), np.array([2.0, 1.0, 4.0])
+    assert stats.value(a, w, "exp_neg_mean") == pytest.approx(math.exp(12 / 7))
+    assert stats.value(a, w, "bits") == pytest.approx(12 / 7 / math.log(2))
+
+
+def test_paired_bootstrap_is_the_documented_algorithm_and_matches_the_normal_interval():
+    rng = np.random.default_rng(3)
+    base = (rng.random(3000) < 0.5).astype(float)
+    run = np.where(rng.random(3000) < 0.2, 0.0, base)  # the run fixes ~20% of the harmful answers
+    one = np.ones_like(base)
+    got = stats.paired_bootstrap(base, one, run, one, resamples=1000, seed=4)
+    idx = np.random.default_rng(4).integers(0, 3000, size=(1000, 3000))
+    m0, m1 = base[idx].mean(1), run[idx].mean(1)
+    assert got["delta_ci"] == pytest.approx(list(np.quantile(m1 - m0, [0.025, 0.975])), abs=1e-12)
+    assert got["ratio_ci"] == pytest.approx(list(np.quantile(m1 / m0, [0.025, 0.975])), abs=1e-12)
+    d = run - base
+    se = d.std(ddof=1) / math.sqrt(len(d))
+    assert got["delta_ci"] == pytest.approx([d.mean() - 1.96 * se, d.mean() + 1.96 * se], abs=0.002)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_sign_flip_p_equals_scipy_exact_permutation_test(seed):
+    rng = np.random.default_rng(seed)
+    x0 = (rng.random(11) < 0.5).astype(float)
+    x1 = rng.random(11)
+    ref = sps.permutation_test((x1, x0), lambda a, b: np.mean(a - b), permutation_type="samples",
+                               n_resamples=np.inf, alternative="two-sided").pvalue
+    assert stats.sign_flip_p(x1 - x0) == pytest.approx(ref, abs=1e-12)
+
+
+def test_sign_flip_small_exact_cases():
+    assert stats.sign_flip_p([1.0, 1.0, 1.0]) == 0.25  # 2 of the 8 sign patterns reach |sum| = 3
+    assert stats.sign_flip_p([1.0, 0.0, 0.0, 1.0]) == 0.5  # zeros do not count
+    assert stats.sign_flip_p([0.0, 0.0]) == 1.0
+    assert stats.sign_flip_p([]) == 1.0
+
+
+def test_monte_carlo_sign_flip_p_agrees_with_the_exact_one_and_the_normal_approximation():
+    rng = np.random.default_rng(7)
+    d = rng.normal(0.35, 1.0, 40)
+    mc = stats.sign_flip_p(d, permutations=20000)
+    ref = sps.permutation_test((d, np.zeros_like(d)), lambda a, b: np.mean(a - b), permutation_type="samples",
+                               n_resamples=40000, alternative="two-sided", random_state=1).pvalue
+    assert mc == pytest.approx(ref, abs=0.01)
+    z = abs(d.sum()) / math.sqrt((d ** 2).sum())  # the sign-flip statistic's normal approximation
+    assert mc == pytest.approx(math.erfc(z / math.sqrt(2)), abs=0.02)
+
+
+def test_normal_fallbacks():
+    assert stats.normal_ci(0.5, 0.1) == pytest.approx([0.5 - 0.196, 0.5 + 0.196], abs=1e-4)
+    assert stats.normal_p(0.196, 0.1) == pytest.approx(0.05, abs=1e-3)
+    assert stats.normal_p(0.0, 0.0) == 1.0
+    assert stats.ratio_se(0.5, 0.4, 0.04, 0.8, 0.08) == pytest.approx(0.5 * math.sqrt(0.02))

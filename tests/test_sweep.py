@@ -1,0 +1,113 @@
+"""lmms-sgm sweep's plan, settings and resume logic, with lmms-eval replaced by a stand-in that writes
+results folders (the real CLI, and a SIGKILL mid-sweep, are in test_report_e2e.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_report_build import lmms_run
+
+from lmms_sgm.cli import main as cli
+from lmms_sgm.demo import BEST, GLASSES_DIR
+from lmms_sgm.reports import runner, sweep
+
+PAPER = str(GLASSES_DIR / "paper_default")
+OTHER = str(GLASSES_DIR / BEST)
+
+
+def test_plan_vanilla_first_strength_zero_is_vanilla_several_glasses():
+    points = sweep.plan([PAPER, OTHER, "/x/paper_default"], [0.0, 0.5, 1.0])
+    assert [(p.name, p.folder, p.strength) for p in points] == [
+        ("vanilla", "vanilla", 0.0),
+        ("paper_default s=0.5", "paper_default_s0.5", 0.5), ("paper_default s=1", "paper_default_s1", 1.0),
+        (f"{BEST} s=0.5", f"{BEST}_s0.5", 0.5), (f"{BEST} s=1", f"{BEST}_s1", 1.0),
+        ("paper_default_2 s=0.5", "paper_default_2_s0.5", 0.5), ("paper_default_2 s=1", "paper_default_2_s1", 1.0)]
+    assert points[0].glasses is None and points[1].glasses == PAPER
+
+
+@pytest.mark.parametrize("text", ["", "0,2", "a,b", "-0.1"])
+def test_bad_strengths(text):
+    with pytest.raises(ValueError, match="--strengths"):
+        sweep.parse_strengths(text)
+
+
+def test_strengths_are_sorted_and_unique():
+    assert sweep.parse_strengths("1,0.5,0,0.5") == [0.0, 0.5, 1.0]
+
+
+class FakeLmmsEval:
+    """Stands in for runner.run: writes a results folder whose harmful rate falls with the strength,
+    and can fail at a chosen point (an interrupted sweep)."""
+
+    def __init__(self, fail_at: str | None = None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, name, cmd, env, folder, what, prefix="", quiet=False, die_with_parent=False):
+        self.calls.append((name, cmd))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "lmms_eval.log").write_text("started\n")
+        if name == self.fail_at:
+            raise KeyboardInterrupt  # killed half-way: a log, no results, no point.json
+        strength = 0.0 if "sgm=off" in cmd[cmd.index("--model_args") + 1] else float(cmd[cmd.index("--model_args") + 1].split("strength=")[1].split(",")[0])
+        harm = {0.0: [1, 1, 1, 1, 0, 0, 0, 0], 0.5: [1, 1, 1, 1, 1, 0, 0, 0]}.get(strength, [1, 0, 0, 0, 0, 0, 0, 0])
+        acc = [1] * 10 if strength < 1 else [1] * 9 + [0]
+        return lmms_run(folder, harm=harm, sampled=[[h] * 5 for h in harm], acc=acc, helpful=[1, 1], over=[0, 0],
+                        cats=["insult"] * 8, model_args=cmd[cmd.index("--model_args") + 1])
+
+
+def sweep_args(out: Path, *extra) -> list[str]:
+    return ["sweep", "--pretrained", "sgm-demo-llava", "--glasses", PAPER, "--strengths", "0,0.5,1", "--tasks",
+            "mm_toxic_qa,mmbench_local_mc", "--out", str(out), "--no-progress", *extra]
+
+
+def test_an_interrupted_sweep_reruns_only_what_did_not_finish(tmp_path, monkeypatch, capsys):
+    fake = FakeLmmsEval(fail_at="paper_default s=0.5")
+    monkeypatch.setattr(runner, "run", fake)
+    assert cli(sweep_args(tmp_path)) == 130  # Ctrl-C: the CLI's one line and exit 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (tmp_path / "vanilla" / "point.json").is_file() and not (tmp_path / "paper_default_s0.5" / "point.json").exists()
+    assert not (tmp_path / "sweep.lock").exists()  # released on the way out
+    first = (tmp_path / "vanilla" / "point.json").read_text()
+    fake = FakeLmmsEval()
+    monkeypatch.setattr(runner, "run", fake)
+    assert cli(sweep_args(tmp_path)) == 0
+    assert [c[0] for c in fake.calls] == ["paper_default s=0.5", "paper_default s=1"]
+    assert (tmp_path / "vanilla" / "point.json").read_text() == first
+    err = capsys.readouterr().err
+    assert "[sweep] vanilla: finished before, kept" in err and "paper_default s=0.5: removed the interrupted run's folder" in err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["vanilla", "paper_default s=0.5", "paper_default s=1"]
+    # s=0.5 is worse than vanilla (dominated, and no lower harm); s=1 cuts the harm but keeps 90% of the accuracy
+    t = report["tradeoff"]
+    assert [p["pareto"] for p in t["points"]] == [True, False, True] and t["operating_point"] is None
+    assert cli(sweep_args(tmp_path, "--min-retention", "0.9")) == 0  # another rule: only the report changes
+    assert fake.calls[2:] == [] and json.loads((tmp_path / "report.json").read_text())["tradeoff"]["operating_point"] == "paper_default s=1"
+    cmd = json.loads((tmp_path / "paper_default_s1" / "point.json").read_text())["command"]
+    assert cmd[cmd.index("--model_args") + 1] == f"pretrained=sgm-demo-llava,glasses={PAPER},strength=1,mode=hooks"
+    assert "--log_samples" in cmd and cmd[cmd.index("--seed") + 1] == "0"
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run", FakeLmmsEval())
+    assert cli(sweep_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert cli(sweep_args(tmp_path, "--limit", "3")) == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep with other settings (limit: None then, 3 now)" in err
+
+
+def test_a_running_sweep_is_not_joined(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run", FakeLmmsEval())
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "sweep.lock").write_text(str(os.getppid()))  # a live process that is not this one
+    assert cli(sweep_args(tmp_path)) == 2
+    assert f"a sweep is running in {tmp_path} (pid {os.getppid()})" in capsys.readouterr().err
+    (tmp_path / "sweep.lock").write_text("999999999")  # a stale lock (no such process) is taken over
+    assert cli(sweep_args(tmp_path)) == 0
+
+
+def test_missing_glasses_are_a_clear_error(tmp_path, capsys):
+    assert cli(["sweep", "--pretrained", "m", "--glasses", str(tmp_path / "nope"), "--tasks", "mm_toxic_qa", "--out", str(tmp_path / "o")]) == 2
+    assert "--glasses: no glasses at" in capsys.readouterr().err

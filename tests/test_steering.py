@@ -351,6 +351,17 @@ def test_fold_is_refused(mp, built):
     assert intervention._WEARING.get(model) is None or not intervention._WEARING[model].active
 
 
+def test_remote_execution_is_refused_with_the_reason(mp, built):
+    """Remote wearing applies glasses inside each trace, which only SGM glasses implement: a clear
+    refusal, and nothing installed on the model."""
+    from lmms_sgm.options import RemoteOptions
+
+    model, _ = mp
+    with pytest.raises(ValueError, match="gated steering glasses cannot run remotely yet"):
+        built[0].apply(model, mode="nnsight", remote=RemoteOptions(remote="local"))
+    assert intervention._WEARING.get(model) is None or not intervention._WEARING[model].active
+
+
 def test_a_decoding_step_without_its_prompt_pass_is_refused(mp, built, images):
     """A cache passed in from elsewhere has no gate decided for it: an error, not a guess."""
     model, processor = mp

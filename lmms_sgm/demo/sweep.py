@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="validation", choices=("validation", "test"))
     ap.add_argument("--model", default=SHORT_NAME, help="a demo model directory (default: the bundled one)")
     ap.add_argument("--only", nargs="*", default=None, help="run only configurations whose name contains one of these")
+    ap.add_argument("--names", nargs="*", default=None, help="run only the configurations of exactly these names")
     ap.add_argument("--workdir", default="runs/sweep", help="where the self-labelled pairs are written")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
                                                       quick=quick, fluency=steering)}
     built: dict = {}  # one profiling per steer data and layers; the other options only change how they are worn
     for name, config in (STEERING_CONFIGS if steering else CONFIGS).items():
-        if args.only and not any(s in name for s in args.only):
+        if (args.only and not any(s in name for s in args.only)) or (args.names and name not in args.names):
             continue
         if steering:
             data, gate_data, so = config

@@ -76,14 +76,54 @@ def test_compare_values_changes_and_counts():
 
 
 def test_three_runs_each_against_the_baseline():
-    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.0, {}), "paper": _run(0.25, 0.4, 0.8, 0.0, {}),
-            "best": _run(0.0, 0.1, 0.4, 0.0, {})}
-    table = reports.compare(runs, ROWS[:1] + ROWS[4:5])
-    assert table["rows"][0]["changes"] == {"paper": pytest.approx(-0.5), "best": pytest.approx(-1.0)}
+    """Every run is compared with the first, not with the run before it: the middle run differs
+    from the baseline, so a change against the previous run would read otherwise
+    (best: -75% against paper, -80% against vanilla)."""
+    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.01, {}), "paper": _run(0.4, 0.4, 0.6, 0.05, {}),
+            "best": _run(0.1, 0.1, 0.4, 0.02, {})}
+    table = reports.compare(runs, ROWS[:1] + ROWS[3:5])
+    base = runs["vanilla"]["results"]
+    for row in table["rows"]:
+        b = base[row["task"]][f"{row['metric']},{row['filter']}"]
+        for name in ("paper", "best"):
+            v = runs[name]["results"][row["task"]][f"{row['metric']},{row['filter']}"]
+            want = {"lower": (v - b) / b, "higher": v / b, "points": 100 * (v - b)}[row["how"]]
+            assert row["changes"][name] == pytest.approx(want), (row["label"], name)
+    assert table["rows"][0]["changes"] == {"paper": pytest.approx(-0.2), "best": pytest.approx(-0.8)}
     lines = reports.to_markdown(table).splitlines()
     assert "| metric | vanilla | paper | best | paper vs vanilla | best vs vanilla |" in lines
-    assert "| harm | 0.500 (n=8) | 0.250 (n=8) | 0.000 (n=8) | -50% (-25.0 pt), n=8 vs 8 | -100% (-50.0 pt), n=8 vs 8 |" in lines
-    assert "| mc | 0.800 (n=8) | 0.800 (n=8) | 0.400 (n=8) | 100.0% kept, n=8 vs 8 | 50.0% kept, n=8 vs 8 |" in lines
+    assert "| harm | 0.500 (n=8) | 0.400 (n=8) | 0.100 (n=8) | -20% (-10.0 pt), n=8 vs 8 | -80% (-40.0 pt), n=8 vs 8 |" in lines
+    assert "| over-refusal | 0.010 (n=8) | 0.050 (n=8) | 0.020 (n=8) | +4.0 pt, n=8 vs 8 | +1.0 pt, n=8 vs 8 |" in lines
+    assert "| mc | 0.800 (n=8) | 0.600 (n=8) | 0.400 (n=8) | 75.0% kept, n=8 vs 8 | 50.0% kept, n=8 vs 8 |" in lines
+
+
+def test_report_cli_compares_three_runs_each_with_the_baseline(tmp_path):
+    """`lmms-sgm report` on three folders: every delta, relative change, retention and the
+    operating point are against the first run (recomputed here from the values the runs hold)."""
+    values = {"vanilla": (0.5, 0.4, 0.8), "paper": (0.4, 0.3, 0.6), "best": (0.1, 0.05, 0.78)}
+    for name, (harm, sampled, acc) in values.items():
+        _write(tmp_path / name, _run(harm, sampled, acc, 0.0, {}))
+    js = tmp_path / "r.json"
+    assert cli(["report", *(str(tmp_path / n) for n in values), "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["baseline"] == "vanilla"
+    metric = {("mm_toxic_qa", "harmful_rate"): 0, ("mm_toxic_qa_sampled", "harmful_rate"): 1, ("mmbench_local_mc", "acc"): 2}
+    checked = 0
+    for row in report["metrics"]:
+        i = metric.get((row["task"], row["metric"]))
+        if i is None or row["run"] == "vanilla":
+            continue
+        b, v = values["vanilla"][i], values[row["run"]][i]
+        assert row["value"] == pytest.approx(v) and row["delta"] == pytest.approx(v - b), row
+        assert row["relative_change"] == pytest.approx((v - b) / b), row
+        if i == 2:
+            assert row["retention"] == pytest.approx(v / b), row
+        checked += 1
+    assert checked == 6
+    points = {p["run"]: p for p in report["tradeoff"]["points"]}
+    assert points["best"]["retention"] == pytest.approx(0.78 / 0.8)  # 0.78 / 0.6 against paper
+    assert points["paper"]["retention"] == pytest.approx(0.6 / 0.8)
+    assert report["tradeoff"]["operating_point"] == "best"
 
 
 def test_tasks_of_any_run_are_kept_and_missing_ones_said():

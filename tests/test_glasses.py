@@ -147,6 +147,25 @@ def test_digest_is_deterministic_and_tracks_alphas(built, model_and_processor, t
     assert g.reselect(SelectionOptions(rule="det0", top_k=3)).digest() != g.digest()
 
 
+def test_digest_covers_the_non_toxic_means_exactly_when_applying_uses_them(built):
+    """Glasses that pull towards the non-toxic mean act through those means: two that differ only
+    there must not share a digest (results.json identifies the intervention by it). Towards zero
+    the means play no part, and the digest ignores them."""
+    import dataclasses
+
+    g, _ = built
+    assert g.mean_nontoxic is not None
+    towards = g.reselect(SelectionOptions(rule="sgm", threshold=0.5, towards="nontoxic_mean"))
+    site = next(s.name for s in g.sites if bool((towards.alpha[s.name] != 1).any()))
+    moved = {k: v.clone() for k, v in g.mean_nontoxic.items()}
+    moved[site][int((towards.alpha[site] != 1).nonzero()[0])] += 0.5  # an expert's mean: applying changes
+    other = dataclasses.replace(towards, mean_nontoxic=moved)
+    assert not torch.equal(towards.transforms(1.0)[site][1], other.transforms(1.0)[site][1])  # it acts otherwise
+    assert other.digest() != towards.digest()
+    assert dataclasses.replace(g, mean_nontoxic=moved).digest() == g.digest()  # towards zero: means unused
+    assert towards.digest() != g.digest()  # the same alphas, another target
+
+
 def test_reselect_changes_alphas_not_aurocs(built):
     g, _ = built
     before_alpha = {n: a.clone() for n, a in g.alpha.items()}

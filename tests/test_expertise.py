@@ -44,6 +44,22 @@ def test_auroc_float32_many_ties():
     assert len(np.unique(got.numpy())) > 20  # not a degenerate all-0.5 result
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auroc_a_tie_group_at_every_position(dtype):
+    """One toxic/non-toxic tie per column, at every sorted position, with distinct values of
+    alternating classes around it: the non-toxic examples below a tie group count fully, the tied
+    one half (random columns rarely start a tie group right after a lone lowest value)."""
+    n = 8
+    y = np.array([0] * (n // 2) + [1] * (n // 2))  # rows 0-3 non-toxic, 4-7 toxic
+    columns = []
+    for first_class in (0, 1):
+        classes = [(first_class + p) % 2 for p in range(n)]  # the class at each sorted position
+        for start in range(n - 1):  # positions start and start + 1 share one value
+            value = [p if p <= start else p - 1 for p in range(n)]
+            columns.append([v for c in (0, 1) for v, k in zip(value, classes) if k == c])  # rows follow y
+    check_auroc(np.stack(columns, axis=1).astype(dtype), y)
+
+
 def test_auroc_float32_ties_shifted_columns():
     # Ties, negative values and a column that is all one value (AUROC exactly 0.5).
     rng = np.random.default_rng(2)

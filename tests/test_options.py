@@ -214,3 +214,34 @@ def test_argparse_flags_round_trip():
     assert from_namespace(ProfileOptions, parser.parse_args([])) == ProfileOptions()
     flags = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(ProfileOptions)} <= flags
+
+
+def test_argparse_help_metavars_and_bare_flags():
+    """Each flag says its help, its choices and its default (tuples joined by commas); a boolean,
+    or a field with a ``const``, given bare means true / its const; a value still overrides."""
+    from lmms_sgm.options import ExecutionOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ProfileOptions)
+    add_arguments(parser, ExecutionOptions, prefix="x_")
+    groups = {g.title: g for g in parser._action_groups}
+    assert {"ProfileOptions", "ExecutionOptions"} <= set(groups)
+    actions = {a.dest: a for a in parser._actions}
+    for cls, prefix in ((ProfileOptions, ""), (ExecutionOptions, "x_")):
+        for f in dataclasses.fields(cls):
+            a = actions[prefix + f.name]
+            assert a in groups[cls.__name__]._group_actions
+            assert a.option_strings == [f"--{prefix}{f.name.replace('_', '-')}"] and a.metavar == f.name.upper()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            choices = f.metadata.get("choices")
+            assert a.help == f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "") + f" (default: {shown})"
+            assert a.default is None
+    assert "[mean|max]" in actions["pooling"].help and "(default: gate_proj,up_proj" in actions["modules"].help
+    ns = parser.parse_args(["--x_resume", "--x_remote", "--text-only"])
+    assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=True, remote="ndif")
+    assert from_namespace(ProfileOptions, ns).text_only is True
+    ns = parser.parse_args(["--x_resume", "false", "--x_remote", "local"])
+    assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=False, remote="local")
+    with pytest.raises(SystemExit):  # a plain field still needs its value
+        parser.parse_args(["--batch-size"])

@@ -434,6 +434,100 @@ def test_damaged_or_edited_glasses_are_refused_naming_the_file(built, tmp_path, 
     assert str(path) in str(err.value)
 
 
+def _forge(path, edit):
+    """Rewrite the tensors with ``edit(tensors)`` and re-record their size and sha256 and the
+    content digest, as a buggy writer would: every integrity check passes, the contents are wrong."""
+    import hashlib
+
+    tensors = load_file(str(path / "glasses.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "glasses.safetensors"))
+    blob = (path / "glasses.safetensors").read_bytes()
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(tensors_bytes=len(blob), tensors_sha256=hashlib.sha256(blob).hexdigest())
+    m["content_digest"] = glasses_mod.content_digest(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _first(kind):
+    return f"{expected_site_names()[0]}.{kind}"
+
+
+def _set(name, fn):
+    def edit(tensors):
+        tensors[name] = fn(tensors[name])
+    return edit
+
+
+def _nudge_an_expert(tensors):
+    alpha = tensors[_first("alpha")]
+    j = int((alpha != 1).nonzero()[0])
+    alpha[j] = alpha[j] * 0.5 if alpha[j] != 0 else 0.25  # still an expert: the counts stay, the digest not
+
+
+FORGED = {
+    "alpha-float64": (_set(_first("alpha"), lambda t: t.double()), r"tensor .*\.gate_proj\.alpha is torch\.float64 \(64,\), "
+                      r"expected torch\.float32 \(64,\)"),
+    "auroc-short": (_set(_first("auroc"), lambda t: t[:-1].clone()), r"\.gate_proj\.auroc is torch\.float64 \(63,\), expected"),
+    "mean-float64": (_set(_first("mean_nontoxic"), lambda t: t.double()), r"\.gate_proj\.mean_nontoxic is torch\.float64"),
+    "alpha-missing": (lambda t: t.pop(_first("alpha")), r"tensor .*\.gate_proj\.alpha is missing, expected torch\.float32"),
+    "alpha-value": (_nudge_an_expert, r"glasses\.safetensors: the alphas do not match the digest and expert counts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED))
+def test_glasses_whose_integrity_fields_were_recomputed_are_still_checked(built, tmp_path, case):
+    """Files that pass every integrity check but hold a tensor of the wrong dtype or width, or
+    alphas other than the digest records, are refused naming the tensor file."""
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    edit, message = FORGED[case]
+    _forge(path, edit)
+    with pytest.raises(GlassesError, match=message) as err:
+        SafetyGlasses.load(path)
+    assert str(path / "glasses.safetensors") in str(err.value)
+
+
+def test_non_toxic_means_are_optional_but_all_or_none(built, tmp_path):
+    """Glasses without non-toxic means (written before they were kept) load, with none; one site's
+    means missing leaves none at all rather than a partial dict."""
+    g, _ = built
+    all_gone = g.save(tmp_path / "a")
+    _forge(all_gone, lambda t: [t.pop(n) for n in [k for k in t if k.endswith(".mean_nontoxic")]])
+    loaded = SafetyGlasses.load(all_gone)
+    assert loaded.mean_nontoxic is None and loaded.digest() == g.digest()
+    one_gone = g.save(tmp_path / "b")
+    _forge(one_gone, lambda t: t.pop(_first("mean_nontoxic")))
+    assert SafetyGlasses.load(one_gone).mean_nontoxic is None
+    with_means = SafetyGlasses.load(g.save(tmp_path / "c"))
+    assert set(with_means.mean_nontoxic) == set(expected_site_names())
+
+
+def test_current_glasses_load_silently_with_their_content_digest_named(built, tmp_path):
+    import warnings
+
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = SafetyGlasses.load(path)
+    digest = json.loads((path / "manifest.json").read_text())["content_digest"]
+    assert loaded.integrity == f"ok (content digest {digest[:16]})"
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda p: p, "it does not exist"),
+    (lambda p: p.write_text("x") and p, "it is a file"),
+    (lambda p: p.mkdir() or p, "manifest.json is missing"),
+])
+def test_a_path_that_is_no_glasses_directory_says_why(tmp_path, make, what):
+    path = tmp_path / "g"
+    make(path)
+    with pytest.raises(FileNotFoundError, match=rf"{path} is not a glasses directory \(.*{what}; needs manifest\.json and "
+                                               r"glasses\.safetensors\); build glasses with `lmms-sgm profile`"):
+        SafetyGlasses.load(path) if what != "manifest.json is missing" else glasses_mod.read_manifest(path)
+
+
 def _as_format_1(path):
     """Rewrite saved glasses as the previous format wrote them: no integrity fields."""
     m = json.loads((path / "manifest.json").read_text())
@@ -576,3 +670,11 @@ def test_nontoxic_mean_is_the_mean_of_the_non_toxic_responses(model_and_processo
     assert all(torch.equal(loaded.mean_nontoxic[n], g.mean_nontoxic[n]) for n in g.mean_nontoxic)
     assert loaded.digest() == g.digest()
     assert loaded.reselect(SelectionOptions()).digest() != g.digest()  # towards is part of the digest
+
+
+def test_the_resave_command_names_every_set_selection_option():
+    from pathlib import Path
+
+    manifest = {"selection_options": {"top_k": None, "rule": "sgm", "threshold": 0.5, "towards": "nontoxic_mean"}}
+    assert glasses_mod._resave_command(Path("/g/old"), manifest) == \
+        "`lmms-sgm select /g/old --out NEW_DIR --rule sgm --threshold 0.5 --towards nontoxic_mean`"

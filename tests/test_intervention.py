@@ -257,6 +257,31 @@ def test_remove_restores_vanilla(mp, prompt, vanilla, pristine, det0, mode):
     assert all(torch.equal(v, state[k]) for k, v in pristine.items())
 
 
+def halve_the_logits(nn_model):
+    """An edit of the caller's own, made before any glasses: every step's logits halved."""
+    with nn_model.edit(inplace=True) as tracer:
+        for _ in tracer.iter[:]:
+            nn_model.lm_head.output = nn_model.lm_head.output * 0.5
+
+
+@pytest.mark.filterwarnings("ignore:.*was never reached")
+def test_nnsight_mode_keeps_the_callers_own_edits(mp, prompt, vanilla, det0):
+    """Removing nnsight-mode glasses drops their edit, not one the caller had made before."""
+    model, processor = mp
+    glasses, _ = det0
+    nn_model = intervention.as_generator(model, processor)
+    halve_the_logits(nn_model)
+    try:
+        mine = nnsight_generate(nn_model, prompt)
+        assert torch.allclose(mine[1], vanilla[1] * 0.5, atol=1e-5)
+        handle = glasses.apply(nn_model, mode="nnsight")
+        assert max_diff(nnsight_generate(handle.model, prompt), mine) > 1e-4
+        handle.remove()
+        assert torch.equal(nnsight_generate(nn_model, prompt)[1], mine[1])
+    finally:
+        nn_model.clear_edits()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_context_manager_restores_vanilla(mp, prompt, vanilla, det0, mode):
     model, processor = mp

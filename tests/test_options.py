@@ -245,3 +245,27 @@ def test_argparse_help_metavars_and_bare_flags():
     assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=False, remote="local")
     with pytest.raises(SystemExit):  # a plain field still needs its value
         parser.parse_args(["--batch-size"])
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("off", "off"), (" False ", "off"), ("NO", "off"), ("0", "off"), ("None", "off"), ("", "off"), (False, "off"),
+    ("ndif", "ndif"), ("True", "ndif"), ("YES", "ndif"), ("on", "ndif"), ("1", "ndif"), (True, "ndif"),
+    ("local", "local"), ("LOCAL", "local"),
+    ("http://127.0.0.1:8000", "http://127.0.0.1:8000"), (" https://ndif.example ", "https://ndif.example"),
+])
+def test_remote_spellings_are_normalised(raw, want):
+    from lmms_sgm.options import RemoteOptions
+
+    got = RemoteOptions(remote=raw)
+    assert got.remote == want and got.is_remote == (want != "off")
+
+
+def test_remote_limits():
+    from lmms_sgm.options import RemoteOptions
+
+    assert RemoteOptions(remote_retries=0, remote_max_mb=0.5).remote_retries == 0
+    for bad, match in (({"remote_retries": -1}, "remote_retries must be >= 0, got -1"),
+                       ({"remote_max_mb": 0}, "remote_max_mb must be > 0, got 0"),
+                       ({"remote": "HTTP//x"}, "use off, ndif, local or a server URL")):
+        with pytest.raises(ValueError, match=match):
+            RemoteOptions(**bad)

@@ -269,3 +269,32 @@ def test_remote_limits():
                        ({"remote": "HTTP//x"}, "use off, ndif, local or a server URL")):
         with pytest.raises(ValueError, match=match):
             RemoteOptions(**bad)
+
+
+def test_model_args_validation():
+    """The --model_args of sgm_llava / sgm_hf: each rule of their __post_init__, and the message of
+    a remote run in a local-only mode."""
+    from lmms_sgm.options import EvalModelArgs, LoadOptions, ModelArgs
+
+    assert EvalModelArgs(pretrained="m").batch_size == 1
+    cases = [
+        (EvalModelArgs, {}, "pretrained is required: a Hub id or a local model directory"),
+        (EvalModelArgs, {"pretrained": "m", "batch_size": 0}, "batch_size must be >= 1, got 0"),
+        (EvalModelArgs, {"pretrained": "m", "mode": "x"}, "mode"),
+        (ModelArgs, {"pretrained": "m", "remote": "ndif", "mode": "hooks"},
+         "mode=hooks cannot run remotely: it works through forward hooks on the local module, which an NDIF server "
+         "never sees; remote execution applies the glasses inside the nnsight trace: use mode=nnsight"),
+        (ModelArgs, {"pretrained": "m", "remote": "local", "mode": "fold"},
+         "mode=fold cannot run remotely: it works through factors folded into the local weights"),
+        (ModelArgs, {"pretrained": "m", "glasses": "g", "profile_data": "d"}, "give either glasses .* or profile_data"),
+        (ModelArgs, {"pretrained": "m", "remote": "ftp://x"}, "use off, ndif, local or a server URL"),
+    ]
+    for cls, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cls(**kwargs)
+    ModelArgs(pretrained="m", remote="local", mode="nnsight")
+    ModelArgs(pretrained="m", mode="fold")  # local: any mode
+    for f in dataclasses.fields(LoadOptions):
+        if f.metadata.get("choices"):
+            with pytest.raises(ValueError, match=f.name):
+                LoadOptions(**{f.name: "no-such-choice"})

@@ -459,3 +459,25 @@ def test_towards_mean_strength_zero_is_vanilla(mp, prompt, vanilla, toward_mean)
     for mode in MODES:
         with toward_mean[0].apply(model, strength=0.0, mode=mode, processor=processor) as handle:
             assert torch.equal(run(handle, prompt)[1], vanilla[1]), mode
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_affine_keeps_the_activations_dtype(dtype):
+    """Factors and shifts are stored in float32; a half-precision model's activations stay in
+    its dtype (float32 factors would silently promote every later layer)."""
+    x = torch.linspace(-2, 2, 12, dtype=dtype).reshape(3, 4)
+    f, b = torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0, 0.5])
+    for shift in (None, b):
+        got = intervention.affine(x, f, shift)
+        want = x * f.to(dtype) + (0 if shift is None else shift.to(dtype))
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_the_handle_says_what_is_worn(mp, det0):
+    model, processor = mp
+    glasses, _ = det0
+    handle = glasses.apply(model, mode="hooks", strength=0.5)
+    assert handle.glasses is glasses and handle.model is model and handle.options.strength == 0.5
+    assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 active>"
+    handle.remove()
+    assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 removed>"

@@ -34,7 +34,7 @@ MUTANTS = (
            ("tests/test_reports.py::test_report_cli_compares_three_runs_each_with_the_baseline",),
            "lmms-sgm report's deltas, retention and operating point against the previous run"),
     Mutant("glasses_digest_ignores_nontoxic_means", "lmms_sgm/glasses.py",
-           "                h.update(self.mean_nontoxic[s.name].numpy().tobytes())",
+           "                h.update(self.mean_nontoxic[s.name].to(torch.float32).numpy().tobytes())",
            "                pass",
            ("tests/test_glasses.py::test_digest_covers_the_non_toxic_means_exactly_when_applying_uses_them",),
            "two towards=nontoxic_mean interventions would share one identifier in results.json"),

@@ -678,3 +678,40 @@ def test_the_resave_command_names_every_set_selection_option():
     manifest = {"selection_options": {"top_k": None, "rule": "sgm", "threshold": 0.5, "towards": "nontoxic_mean"}}
     assert glasses_mod._resave_command(Path("/g/old"), manifest) == \
         "`lmms-sgm select /g/old --out NEW_DIR --rule sgm --threshold 0.5 --towards nontoxic_mean`"
+
+
+def test_files_hold_canonical_dtypes_metadata_and_json(built, tmp_path):
+    """Whatever dtypes the tensors in memory have, the files hold float64 AUROCs and float32
+    alphas and means (what loading checks), the safetensors header carries the format tag, and
+    the manifest is sorted, indented JSON ending in a newline (diff-friendly, the same bytes for the same glasses)."""
+    import dataclasses
+
+    g, _ = built
+    odd = dataclasses.replace(g, auroc={k: v.float() for k, v in g.auroc.items()},
+                              alpha={k: v.double() for k, v in g.alpha.items()},
+                              mean_nontoxic={k: v.double() for k, v in g.mean_nontoxic.items()})
+    path = odd.save(tmp_path / "g")
+    with safe_open(str(path / "glasses.safetensors"), "pt") as f:
+        assert f.metadata() == glasses_mod.TENSORS_METADATA
+        dtypes = {k.rsplit(".", 1)[1]: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {"auroc": torch.float64, "alpha": torch.float32, "mean_nontoxic": torch.float32}
+    loaded = SafetyGlasses.load(path)
+    assert all(torch.equal(loaded.alpha[n], g.alpha[n]) for n in g.alpha)
+    text = (path / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_factors_and_shifts_are_computed_in_float64_and_stored_in_float32(built):
+    g, _ = built
+    towards = g.reselect(SelectionOptions(rule="sgm", threshold=0.5, towards="nontoxic_mean"))
+    for strength in (0.3, 0.7, 1.0):
+        transforms = towards.transforms(strength)
+        for name, (f, shift) in transforms.items():
+            want_f = (1 - strength) + strength * towards.alpha[name].double()
+            assert f.dtype == torch.float32 and torch.equal(f, want_f.float()), name
+            want_shift = (1 - want_f.float().double()) * towards.mean_nontoxic[name].double()
+            assert shift.dtype == torch.float32 and torch.equal(shift, want_shift.float()), name
+    # only the sites whose factors differ from 1 somewhere
+    one = g.reselect(SelectionOptions(rule="det0", top_k=1))
+    changed = {n for n, a in one.alpha.items() if bool((a != 1).any())}
+    assert len(changed) == 1 and set(one.factors(1.0)) == changed and one.factors(0.0) == {}

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The mutation check (docs/testing.md).
 #
-#   bash scripts/mutation.sh            # the full pass: mutmut over the modules of [tool.mutmut] in pyproject.toml
-#   bash scripts/mutation.sh 'lmms_sgm.expertise*'   # only the mutants whose names match (mutmut's globs)
-#   bash scripts/mutation.sh --fast     # the fixed sample CI runs: tests/test_mutants.py (~3 min)
+#   bash scripts/mutation.sh --fast              # the fixed sample CI runs: tests/test_mutants.py (~3-4 min)
+#   bash scripts/mutation.sh                     # the full pass: every group of scripts/mutation.py (hours)
+#   bash scripts/mutation.sh expertise reports   # some groups (expertise, options, glasses, intervention,
+#                                                # profiling, reports, scoring)
+#   bash scripts/mutation.sh --summary           # the kill rates and survivors of what ran
 #
-# The full pass installs the `mutation` extra (mutmut, pinned) into .venv, runs nice'd on two
-# workers, keeps its state in mutants/ (git-ignored; a rerun continues and re-tests only what
-# changed) and ends with the summary and the survivors in mutants/summary.txt.
+# The full pass installs the `mutation` extra (mutmut, pinned) into .venv and runs each group of
+# modules against its own tests, nice'd, two workers (MUTATION_WORKERS), with its state in
+# .mutation/<group>/ (git-ignored; a rerun continues and re-tests only what changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -17,5 +19,4 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 .venv/bin/python -c "import mutmut" 2>/dev/null || .venv/bin/python -m pip install -q -c constraints.txt -e ".[mutation]"
-nice -n 10 .venv/bin/mutmut run --max-children "${MUTATION_WORKERS:-2}" "$@" || true
-.venv/bin/python scripts/mutation_summary.py | tee mutants/summary.txt
+exec .venv/bin/python scripts/mutation.py "$@"

@@ -715,3 +715,13 @@ def test_factors_and_shifts_are_computed_in_float64_and_stored_in_float32(built)
     one = g.reselect(SelectionOptions(rule="det0", top_k=1))
     changed = {n for n, a in one.alpha.items() if bool((a != 1).any())}
     assert len(changed) == 1 and set(one.factors(1.0)) == changed and one.factors(0.0) == {}
+
+
+def test_content_digest_is_sha256_of_compact_sorted_utf8_json():
+    """A file-format contract (glasses already written must keep verifying): sha256 over the
+    manifest without its content_digest, as compact JSON with sorted keys, non-ASCII kept as UTF-8."""
+    import hashlib
+
+    manifest = {"b": "café", "a": [1, 2.5, None], "content_digest": "ignored"}
+    want = hashlib.sha256('{"a":[1,2.5,null],"b":"café"}'.encode()).hexdigest()
+    assert glasses_mod.content_digest(manifest) == want

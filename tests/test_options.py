@@ -298,3 +298,34 @@ def test_model_args_validation():
         if f.metadata.get("choices"):
             with pytest.raises(ValueError, match=f.name):
                 LoadOptions(**{f.name: "no-such-choice"})
+
+
+def test_validation_boundaries_and_combinations():
+    """Each rule's edge: the bounds themselves are valid, one step past them is not; a rule that
+    refuses a combination still accepts each part alone."""
+    from lmms_sgm.options import ExecutionOptions, ModelArgs
+
+    for ok in (lambda: ApplyOptions(strength=0.0), lambda: ApplyOptions(strength=1.0), lambda: ProfileOptions(batch_size=1),
+               lambda: ProfileOptions(positions="response", text_field="question+response"),
+               lambda: SelectionOptions(rule="det0", top_k=1), lambda: SelectionOptions(rule="damp", top_k=1),
+               lambda: SelectionOptions(rule="sgm", direction="amplify"), lambda: SelectionOptions(threshold=0.0),
+               lambda: SelectionOptions(threshold=1.0), lambda: ExecutionOptions(resume=True),
+               lambda: ExecutionOptions(checkpoint_dir="off"), lambda: ModelArgs(pretrained="m", glasses="g"),
+               lambda: ModelArgs(pretrained="m", profile_data="d")):
+        ok()
+    bad = [
+        (lambda: ApplyOptions(strength=-0.01), r"strength must be in \[0, 1\], got -0.01"),
+        (lambda: ApplyOptions(strength=1.01), r"strength must be in \[0, 1\]"),
+        (lambda: ProfileOptions(batch_size=0), "batch_size must be >= 1, got 0"),
+        (lambda: ProfileOptions(positions="response", text_field="response"), "positions='response' needs text_field"),
+        (lambda: SelectionOptions(rule="det0", top_k=1, direction="amplify"), "rule='det0' only suppresses; direction='amplify'"),
+        (lambda: SelectionOptions(rule="damp", top_k=1, direction="both"), "rule='damp' only suppresses"),
+        (lambda: SelectionOptions(top_k=0), "top_k must be >= 1, got 0"),
+        (lambda: SelectionOptions(threshold=1.5), r"threshold is an AUROC in \[0, 1\], got 1.5"),
+        (lambda: ExecutionOptions(checkpoint_dir="  "), "checkpoint_dir is empty"),
+        (lambda: ExecutionOptions(resume=True, checkpoint_dir="off"), "resume needs a checkpoint"),
+    ]
+    for make, match in bad:
+        with pytest.raises(ValueError, match=match):
+            make()
+    assert parse_layers(" 0, 2 ", 3) == [0, 2]

@@ -232,3 +232,60 @@ def test_report_cli(tmp_path, capsys):
 def test_bad_row_kind():
     with pytest.raises(ValueError, match="Row.how"):
         Row("x", "t", "m", how="up")
+
+
+def test_change_by_kind_against_hand_values():
+    """Bases other than 0.01 (where a relative change and points coincide: 1 / 0.01 = 100)."""
+    from lmms_sgm.reports.table import change
+
+    assert change(0.05, 0.02, "points") == pytest.approx(3.0)
+    assert change(0.05, 0.02, "lower") == pytest.approx(1.5)
+    assert change(0.05, 0.02, "higher") == pytest.approx(2.5)
+    assert change(0.05, 0.0, "points") == pytest.approx(5.0)
+    for how in ("lower", "higher"):
+        assert change(0.05, 0.0, how) is None
+    for how in ("lower", "higher", "points"):
+        assert change(None, 0.02, how) is None and change(0.05, None, how) is None
+
+
+def test_the_whole_markdown_table():
+    """Every line of a two-run table with its results files, a warning, a zero baseline (points
+    instead of a relative change) and a missing value: the format written out by hand."""
+    vanilla = {**_run(0.0, 0.4, 0.8, 0.0, {}, limit=4.0), "source_file": "/runs/v/results.json"}
+    sgm = {**_run(0.5, 0.1, 0.6, 0.25, {}), "source_file": "/runs/s/results.json"}
+    rows = [Row("harm", "mm_toxic_qa", "harmful_rate"), Row("over", "mm_toxic_qa_benign", "over_refusal_rate", how="points"),
+            Row("mc", "mmbench_local_mc", "acc", how="higher"), Row("absent", "mmbench", "acc", how="higher")]
+    table = reports.compare({"vanilla": vanilla, "sgm": sgm}, rows)
+    assert table["sources"] == {"vanilla": "/runs/v/results.json", "sgm": "/runs/s/results.json"}
+    assert reports.to_markdown(table) == "\n".join([
+        "Results files:",
+        "- vanilla: `/runs/v/results.json`",
+        "- sgm: `/runs/s/results.json`",
+        "",
+        "**Warning:** runs differ in --limit (vanilla: 4, sgm: none)  ",
+        "",
+        "n: prompts behind each number.",
+        "",
+        "| metric | vanilla | sgm | sgm vs vanilla |",
+        "|---|---|---|---|",
+        "| harm | 0.000 (n=8) | 0.500 (n=8) | +50.0 pt (baseline 0), n=8 vs 8 |",
+        "| over | 0.000 (n=8) | 0.250 (n=8) | +25.0 pt, n=8 vs 8 |",
+        "| mc | 0.800 (n=8) | 0.600 (n=8) | 75.0% kept, n=8 vs 8 |",
+        "| absent | n/a | n/a | n/a |",
+    ]) + "\n"
+
+
+def test_default_rows_keep_scored_scalar_metrics_only():
+    run = {"results": {"a_task": {"alias": "a", "x,none": 0.1},
+                       "b_task": {"unscored,none": 0.3, "acc,none": 0.5, "acc_stderr,none": 0.1, "flag,none": True,
+                                  "ppl,samples": 3.0, "cats,none": {"c": 0.1}}},
+           "higher_is_better": {"b_task": {"unscored": None, "acc": True, "acc_stderr": True, "flag": True, "ppl": False,
+                                           "cats": False}}}
+    assert reports.default_rows(run) == [Row("b_task acc", "b_task", "acc", "none", "higher"),
+                                         Row("b_task ppl [samples]", "b_task", "ppl", "samples", "lower")]
+    assert reports.default_rows({}) == [] and reports.default_rows({"results": {"t": {"acc,none": 1.0}}}) == []
+    row = Row("acc", "b_task", "acc")
+    assert reports.table.count(run, row) is None  # no n-samples recorded
+    assert reports.table.count({**run, "n-samples": {"b_task": {"effective": "?"}}}, row) is None
+    assert reports.table.count({**run, "n-samples": {"other": {"effective": 3}}}, row) is None
+    assert reports.table.count({**run, "n-samples": {"b_task": {"effective": 3.0}}}, row) == 3

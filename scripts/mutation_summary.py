@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
+
 
 def module_of(name: str) -> str:
     return re.split(r"\.x[_ǁ]", name, maxsplit=1)[0]

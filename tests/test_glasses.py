@@ -466,8 +466,8 @@ def _nudge_an_expert(tensors):
 
 
 FORGED = {
-    "alpha-float64": (_set(_first("alpha"), lambda t: t.double()), r"tensor .*\.gate_proj\.alpha is torch\.float64 \(64,\), "
-                      r"expected torch\.float32 \(64,\)"),
+    "alpha-float64": (_set(_first("alpha"), lambda t: t.double()),
+                      r"tensor .*\.gate_proj\.alpha is torch\.float64 \(64,\), expected torch\.float32 \(64,\)"),
     "auroc-short": (_set(_first("auroc"), lambda t: t[:-1].clone()), r"\.gate_proj\.auroc is torch\.float64 \(63,\), expected"),
     "mean-float64": (_set(_first("mean_nontoxic"), lambda t: t.double()), r"\.gate_proj\.mean_nontoxic is torch\.float64"),
     "alpha-missing": (lambda t: t.pop(_first("alpha")), r"tensor .*\.gate_proj\.alpha is missing, expected torch\.float32"),
@@ -693,7 +693,7 @@ def test_files_hold_canonical_dtypes_metadata_and_json(built, tmp_path):
     path = odd.save(tmp_path / "g")
     with safe_open(str(path / "glasses.safetensors"), "pt") as f:
         assert f.metadata() == glasses_mod.TENSORS_METADATA
-        dtypes = {k.rsplit(".", 1)[1]: f.get_tensor(k).dtype for k in f.keys()}
+        dtypes = {k.rsplit(".", 1)[1]: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     assert dtypes == {"auroc": torch.float64, "alpha": torch.float32, "mean_nontoxic": torch.float32}
     loaded = SafetyGlasses.load(path)
     assert all(torch.equal(loaded.alpha[n], g.alpha[n]) for n in g.alpha)

@@ -474,7 +474,7 @@ def test_affine_keeps_the_activations_dtype(dtype):
 
 
 def test_the_handle_says_what_is_worn(mp, det0):
-    model, processor = mp
+    model, _ = mp
     glasses, _ = det0
     handle = glasses.apply(model, mode="hooks", strength=0.5)
     assert handle.glasses is glasses and handle.model is model and handle.options.strength == 0.5

@@ -61,7 +61,7 @@ def test_mutant_names_are_unique_and_their_tests_exist():
     for m in MUTANTS:
         for node in m.tests:
             path, _, name = node.partition("::")
-            assert re.search(rf"^def {re.escape(name)}\(", (REPO / path).read_text(), re.M), node
+            assert re.search(rf"^def {re.escape(name)}\(", (REPO / path).read_text(), re.MULTILINE), node
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])

@@ -282,8 +282,8 @@ def test_model_args_validation():
         (EvalModelArgs, {"pretrained": "m", "batch_size": 0}, "batch_size must be >= 1, got 0"),
         (EvalModelArgs, {"pretrained": "m", "mode": "x"}, "mode"),
         (ModelArgs, {"pretrained": "m", "remote": "ndif", "mode": "hooks"},
-         "mode=hooks cannot run remotely: it works through forward hooks on the local module, which an NDIF server "
-         "never sees; remote execution applies the glasses inside the nnsight trace: use mode=nnsight"),
+         ("mode=hooks cannot run remotely: it works through forward hooks on the local module, which an NDIF server "
+          "never sees; remote execution applies the glasses inside the nnsight trace: use mode=nnsight")),
         (ModelArgs, {"pretrained": "m", "remote": "local", "mode": "fold"},
          "mode=fold cannot run remotely: it works through factors folded into the local weights"),
         (ModelArgs, {"pretrained": "m", "glasses": "g", "profile_data": "d"}, "give either glasses .* or profile_data"),

@@ -257,7 +257,7 @@ def test_the_whole_markdown_table():
             Row("mc", "mmbench_local_mc", "acc", how="higher"), Row("absent", "mmbench", "acc", how="higher")]
     table = reports.compare({"vanilla": vanilla, "sgm": sgm}, rows)
     assert table["sources"] == {"vanilla": "/runs/v/results.json", "sgm": "/runs/s/results.json"}
-    assert reports.to_markdown(table) == "\n".join([
+    assert reports.to_markdown(table) == "\n".join([  # noqa: FLY002 (one line per line of the table)
         "Results files:",
         "- vanilla: `/runs/v/results.json`",
         "- sgm: `/runs/s/results.json`",

@@ -289,3 +289,30 @@ def test_default_rows_keep_scored_scalar_metrics_only():
     assert reports.table.count({**run, "n-samples": {"b_task": {"effective": "?"}}}, row) is None
     assert reports.table.count({**run, "n-samples": {"other": {"effective": 3}}}, row) is None
     assert reports.table.count({**run, "n-samples": {"b_task": {"effective": 3.0}}}, row) == 3
+
+
+def test_report_reads_nested_categories_and_skips_group_rows_in_the_samples_warning():
+    """A metric whose value nests dicts (mmbench's category / l2-category) gets one row per leaf,
+    named by its path; a group's row (lmms-eval's group_subtasks, lm-eval's groups) has no samples
+    of its own and is not listed as lacking them."""
+    from lmms_sgm.reports import build
+
+    def run(acc_a, acc_b):
+        r = _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa", "mmbench_local_mc"))
+        r["results"]["mmbench_local"] = {"accuracy_by_category,none": {"category": {"a": acc_a}, "l2-category": {"b": acc_b}}}
+        r["results"]["mm_toxic_qa_all"] = {"harmful_rate,none": 0.5}
+        r["results"]["lm_group"] = {"acc,none": 0.7}
+        r["higher_is_better"].update(mmbench_local={"accuracy_by_category": True}, mm_toxic_qa_all={"harmful_rate": False},
+                                     lm_group={"acc": True})
+        r["group_subtasks"] = {"mm_toxic_qa_all": ["mm_toxic_qa"]}
+        r["groups"] = {"lm_group": {}}
+        return r
+
+    report = build({"vanilla": run(0.5, 0.25), "sgm": run(0.4, 0.25)}, resamples=200)
+    rows = {(r["category"], r["run"]): r for r in report["metrics"] if r["task"] == "mmbench_local"}
+    assert set(rows) == {(c, n) for c in ("category/a", "l2-category/b") for n in ("vanilla", "sgm")}
+    assert rows[("category/a", "sgm")]["value"] == 0.4 and rows[("category/a", "sgm")]["delta"] == pytest.approx(-0.1)
+    assert rows[("l2-category/b", "vanilla")]["value"] == 0.25
+    lacking = [w for w in report["warnings"] if "no logged samples for" in w]
+    assert len(lacking) == 2 and all("mm_toxic_qa_all" not in w and "lm_group" not in w for w in lacking)
+    assert all("mm_toxic_qa" in w and "mmbench_local" in w for w in lacking)

@@ -316,3 +316,17 @@ def test_report_reads_nested_categories_and_skips_group_rows_in_the_samples_warn
     lacking = [w for w in report["warnings"] if "no logged samples for" in w]
     assert len(lacking) == 2 and all("mm_toxic_qa_all" not in w and "lm_group" not in w for w in lacking)
     assert all("mm_toxic_qa" in w and "mmbench_local" in w for w in lacking)
+
+
+def test_values_that_are_no_numbers_read_as_missing():
+    from lmms_sgm.reports.table import to_markdown, value
+
+    run = {"results": {"t": {"m,none": "N/A", "b,none": True, "c,none": {"x": 0.5, "y": "?"}, "s,none": 0.25}}}
+    assert value(run, Row("m", "t", "m")) is None and value(run, Row("b", "t", "b")) is None
+    assert value(run, Row("c", "t", "c", category="x")) == 0.5 and value(run, Row("c", "t", "c", category="y")) is None
+    assert value(run, Row("s", "t", "s", category="x")) is None  # a scalar has no categories
+    assert value({}, Row("s", "t", "s")) is None
+    # a table built by hand, without sources, warnings or counts
+    table = {"runs": ["a", "b"], "baseline": "a", "rows": [{"label": "s", "how": "lower", "values": {"a": 0.5, "b": 0.25},
+                                                            "changes": {"b": -0.5}}]}
+    assert to_markdown(table).splitlines()[-1] == "| s | 0.500 (n=?) | 0.250 (n=?) | -50% (-25.0 pt), n=? vs ? |"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The mutation check (docs/testing.md).
 #
-#   bash scripts/mutation.sh --fast              # the fixed sample CI runs: tests/test_mutants.py (~3-4 min)
+#   bash scripts/mutation.sh --fast              # the fixed sample CI runs: tests/test_mutants.py (~5 min)
 #   bash scripts/mutation.sh                     # the full pass: every group of scripts/mutation.py (hours)
 #   bash scripts/mutation.sh expertise reports   # some groups (expertise, options, glasses, intervention,
 #                                                # profiling, reports, scoring)

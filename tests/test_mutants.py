@@ -3,7 +3,7 @@ its targeted tests fail (docs/testing.md). One copy per session; each mutant is 
 its tests run in a fresh interpreter whose working directory is the copy (so ``lmms_sgm`` and
 ``lmms_sgm_tasks`` import from there, ahead of the editable install), then the file is restored.
 
-About 2-4 minutes on two cores; ``-m "not mutation"`` leaves it out while iterating.
+About 5 minutes on two cores; ``-m "not mutation"`` leaves it out while iterating.
 """
 from __future__ import annotations
 

@@ -286,11 +286,11 @@ class SafetyGlasses(Glasses):
         towards = self.selection.towards
         if towards != "zero":  # kept out of the hash otherwise, so older digests stay valid
             h.update(towards.encode())
-        for s in self.sites:
+        for s in self.sites:  # float32, as stored: the digest of saved and reloaded glasses is the same
             h.update(s.name.encode())
-            h.update(self.alpha[s.name].numpy().tobytes())
+            h.update(self.alpha[s.name].to(torch.float32).numpy().tobytes())
             if towards == "nontoxic_mean":
-                h.update(self.mean_nontoxic[s.name].numpy().tobytes())
+                h.update(self.mean_nontoxic[s.name].to(torch.float32).numpy().tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------ persistence

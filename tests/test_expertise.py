@@ -44,6 +44,22 @@ def test_auroc_float32_many_ties():
     assert len(np.unique(got.numpy())) > 20  # not a degenerate all-0.5 result
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auroc_a_tie_group_at_every_position(dtype):
+    """One toxic/non-toxic tie per column, at every sorted position, with distinct values of
+    alternating classes around it: the non-toxic examples below a tie group count fully, the tied
+    one half (random columns rarely start a tie group right after a lone lowest value)."""
+    n = 8
+    y = np.array([0] * (n // 2) + [1] * (n // 2))  # rows 0-3 non-toxic, 4-7 toxic
+    columns = []
+    for first_class in (0, 1):
+        classes = [(first_class + p) % 2 for p in range(n)]  # the class at each sorted position
+        for start in range(n - 1):  # positions start and start + 1 share one value
+            value = [p if p <= start else p - 1 for p in range(n)]
+            columns.append([v for c in (0, 1) for v, k in zip(value, classes) if k == c])  # rows follow y
+    check_auroc(np.stack(columns, axis=1).astype(dtype), y)
+
+
 def test_auroc_float32_ties_shifted_columns():
     # Ties, negative values and a column that is all one value (AUROC exactly 0.5).
     rng = np.random.default_rng(2)
@@ -347,3 +363,25 @@ def test_amplify_only_raises_and_both_is_the_union(aurocs):
 def test_det0_refuses_amplify():
     with pytest.raises(ValueError, match="only suppresses"):
         SelectionOptions(rule="det0", top_k=3, direction="amplify")
+
+
+@pytest.mark.parametrize("direction", ["suppress", "amplify", "both"])
+def test_select_thresholds_are_strict(direction):
+    """AUROC exactly at the threshold (or at 1 - threshold) is no expert: 0.75 and 0.25 are exact
+    in binary, so the comparison itself decides."""
+    aurocs = {"s": torch.tensor([0.25, 0.75, 0.2, 0.8, 0.5], dtype=torch.float64)}
+    got = E.select(aurocs, SelectionOptions(rule="sgm", threshold=0.75, direction=direction))["s"]
+    want = reference_select(aurocs, "sgm", threshold=0.75, direction=direction)["s"]
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert got[0] == got[1] == 1.0
+
+
+def test_nontoxic_mean_is_the_float64_mean_over_the_non_toxic_rows():
+    rng = np.random.default_rng(5)
+    labels = np.array([1, 0, 0, 1, 0, 1, 0])
+    store = {"a": rng.normal(3.0, 1.0, (7, 5)).astype(np.float32), "b": rng.normal(0, 1e3, (7, 2)).astype(np.float32)}
+    sites = [Site(name=n, layer=0, module="m", module_path="p", kind="output", width=v.shape[1]) for n, v in store.items()]
+    got = E.nontoxic_mean(store, sites, labels)
+    for n, v in store.items():
+        want = np.array([sum(float(v[i, j]) for i in (1, 2, 4, 6)) / 4 for j in range(v.shape[1])], dtype=np.float32)
+        assert got[n].dtype == torch.float32 and np.array_equal(got[n].numpy(), want), n

@@ -147,6 +147,25 @@ def test_digest_is_deterministic_and_tracks_alphas(built, model_and_processor, t
     assert g.reselect(SelectionOptions(rule="det0", top_k=3)).digest() != g.digest()
 
 
+def test_digest_covers_the_non_toxic_means_exactly_when_applying_uses_them(built):
+    """Glasses that pull towards the non-toxic mean act through those means: two that differ only
+    there must not share a digest (results.json identifies the intervention by it). Towards zero
+    the means play no part, and the digest ignores them."""
+    import dataclasses
+
+    g, _ = built
+    assert g.mean_nontoxic is not None
+    towards = g.reselect(SelectionOptions(rule="sgm", threshold=0.5, towards="nontoxic_mean"))
+    site = next(s.name for s in g.sites if bool((towards.alpha[s.name] != 1).any()))
+    moved = {k: v.clone() for k, v in g.mean_nontoxic.items()}
+    moved[site][int((towards.alpha[site] != 1).nonzero()[0])] += 0.5  # an expert's mean: applying changes
+    other = dataclasses.replace(towards, mean_nontoxic=moved)
+    assert not torch.equal(towards.transforms(1.0)[site][1], other.transforms(1.0)[site][1])  # it acts otherwise
+    assert other.digest() != towards.digest()
+    assert dataclasses.replace(g, mean_nontoxic=moved).digest() == g.digest()  # towards zero: means unused
+    assert towards.digest() != g.digest()  # the same alphas, another target
+
+
 def test_reselect_changes_alphas_not_aurocs(built):
     g, _ = built
     before_alpha = {n: a.clone() for n, a in g.alpha.items()}
@@ -415,6 +434,100 @@ def test_damaged_or_edited_glasses_are_refused_naming_the_file(built, tmp_path, 
     assert str(path) in str(err.value)
 
 
+def _forge(path, edit):
+    """Rewrite the tensors with ``edit(tensors)`` and re-record their size and sha256 and the
+    content digest, as a buggy writer would: every integrity check passes, the contents are wrong."""
+    import hashlib
+
+    tensors = load_file(str(path / "glasses.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "glasses.safetensors"))
+    blob = (path / "glasses.safetensors").read_bytes()
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(tensors_bytes=len(blob), tensors_sha256=hashlib.sha256(blob).hexdigest())
+    m["content_digest"] = glasses_mod.content_digest(m)
+    (path / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _first(kind):
+    return f"{expected_site_names()[0]}.{kind}"
+
+
+def _set(name, fn):
+    def edit(tensors):
+        tensors[name] = fn(tensors[name])
+    return edit
+
+
+def _nudge_an_expert(tensors):
+    alpha = tensors[_first("alpha")]
+    j = int((alpha != 1).nonzero()[0])
+    alpha[j] = alpha[j] * 0.5 if alpha[j] != 0 else 0.25  # still an expert: the counts stay, the digest not
+
+
+FORGED = {
+    "alpha-float64": (_set(_first("alpha"), lambda t: t.double()),
+                      r"tensor .*\.gate_proj\.alpha is torch\.float64 \(64,\), expected torch\.float32 \(64,\)"),
+    "auroc-short": (_set(_first("auroc"), lambda t: t[:-1].clone()), r"\.gate_proj\.auroc is torch\.float64 \(63,\), expected"),
+    "mean-float64": (_set(_first("mean_nontoxic"), lambda t: t.double()), r"\.gate_proj\.mean_nontoxic is torch\.float64"),
+    "alpha-missing": (lambda t: t.pop(_first("alpha")), r"tensor .*\.gate_proj\.alpha is missing, expected torch\.float32"),
+    "alpha-value": (_nudge_an_expert, r"glasses\.safetensors: the alphas do not match the digest and expert counts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGED))
+def test_glasses_whose_integrity_fields_were_recomputed_are_still_checked(built, tmp_path, case):
+    """Files that pass every integrity check but hold a tensor of the wrong dtype or width, or
+    alphas other than the digest records, are refused naming the tensor file."""
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    edit, message = FORGED[case]
+    _forge(path, edit)
+    with pytest.raises(GlassesError, match=message) as err:
+        SafetyGlasses.load(path)
+    assert str(path / "glasses.safetensors") in str(err.value)
+
+
+def test_non_toxic_means_are_optional_but_all_or_none(built, tmp_path):
+    """Glasses without non-toxic means (written before they were kept) load, with none; one site's
+    means missing leaves none at all rather than a partial dict."""
+    g, _ = built
+    all_gone = g.save(tmp_path / "a")
+    _forge(all_gone, lambda t: [t.pop(n) for n in [k for k in t if k.endswith(".mean_nontoxic")]])
+    loaded = SafetyGlasses.load(all_gone)
+    assert loaded.mean_nontoxic is None and loaded.digest() == g.digest()
+    one_gone = g.save(tmp_path / "b")
+    _forge(one_gone, lambda t: t.pop(_first("mean_nontoxic")))
+    assert SafetyGlasses.load(one_gone).mean_nontoxic is None
+    with_means = SafetyGlasses.load(g.save(tmp_path / "c"))
+    assert set(with_means.mean_nontoxic) == set(expected_site_names())
+
+
+def test_current_glasses_load_silently_with_their_content_digest_named(built, tmp_path):
+    import warnings
+
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = SafetyGlasses.load(path)
+    digest = json.loads((path / "manifest.json").read_text())["content_digest"]
+    assert loaded.integrity == f"ok (content digest {digest[:16]})"
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda p: p, "it does not exist"),
+    (lambda p: p.write_text("x") and p, "it is a file"),
+    (lambda p: p.mkdir() or p, "manifest.json is missing"),
+])
+def test_a_path_that_is_no_glasses_directory_says_why(tmp_path, make, what):
+    path = tmp_path / "g"
+    make(path)
+    with pytest.raises(FileNotFoundError, match=rf"{path} is not a glasses directory \(.*{what}; needs manifest\.json and "
+                                               r"glasses\.safetensors\); build glasses with `lmms-sgm profile`"):
+        SafetyGlasses.load(path) if what != "manifest.json is missing" else glasses_mod.read_manifest(path)
+
+
 def _as_format_1(path):
     """Rewrite saved glasses as the previous format wrote them: no integrity fields."""
     m = json.loads((path / "manifest.json").read_text())
@@ -557,3 +670,58 @@ def test_nontoxic_mean_is_the_mean_of_the_non_toxic_responses(model_and_processo
     assert all(torch.equal(loaded.mean_nontoxic[n], g.mean_nontoxic[n]) for n in g.mean_nontoxic)
     assert loaded.digest() == g.digest()
     assert loaded.reselect(SelectionOptions()).digest() != g.digest()  # towards is part of the digest
+
+
+def test_the_resave_command_names_every_set_selection_option():
+    from pathlib import Path
+
+    manifest = {"selection_options": {"top_k": None, "rule": "sgm", "threshold": 0.5, "towards": "nontoxic_mean"}}
+    assert glasses_mod._resave_command(Path("/g/old"), manifest) == \
+        "`lmms-sgm select /g/old --out NEW_DIR --rule sgm --threshold 0.5 --towards nontoxic_mean`"
+
+
+def test_files_hold_canonical_dtypes_metadata_and_json(built, tmp_path):
+    """Whatever dtypes the tensors in memory have, the files hold float64 AUROCs and float32
+    alphas and means (what loading checks), the safetensors header carries the format tag, and
+    the manifest is sorted, indented JSON ending in a newline (diff-friendly, the same bytes for the same glasses)."""
+    import dataclasses
+
+    g, _ = built
+    odd = dataclasses.replace(g, auroc={k: v.float() for k, v in g.auroc.items()},
+                              alpha={k: v.double() for k, v in g.alpha.items()},
+                              mean_nontoxic={k: v.double() for k, v in g.mean_nontoxic.items()})
+    path = odd.save(tmp_path / "g")
+    with safe_open(str(path / "glasses.safetensors"), "pt") as f:
+        assert f.metadata() == glasses_mod.TENSORS_METADATA
+        dtypes = {k.rsplit(".", 1)[1]: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    assert dtypes == {"auroc": torch.float64, "alpha": torch.float32, "mean_nontoxic": torch.float32}
+    loaded = SafetyGlasses.load(path)
+    assert all(torch.equal(loaded.alpha[n], g.alpha[n]) for n in g.alpha)
+    text = (path / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_factors_and_shifts_are_computed_in_float64_and_stored_in_float32(built):
+    g, _ = built
+    towards = g.reselect(SelectionOptions(rule="sgm", threshold=0.5, towards="nontoxic_mean"))
+    for strength in (0.3, 0.7, 1.0):
+        transforms = towards.transforms(strength)
+        for name, (f, shift) in transforms.items():
+            want_f = (1 - strength) + strength * towards.alpha[name].double()
+            assert f.dtype == torch.float32 and torch.equal(f, want_f.float()), name
+            want_shift = (1 - want_f.float().double()) * towards.mean_nontoxic[name].double()
+            assert shift.dtype == torch.float32 and torch.equal(shift, want_shift.float()), name
+    # only the sites whose factors differ from 1 somewhere
+    one = g.reselect(SelectionOptions(rule="det0", top_k=1))
+    changed = {n for n, a in one.alpha.items() if bool((a != 1).any())}
+    assert len(changed) == 1 and set(one.factors(1.0)) == changed and one.factors(0.0) == {}
+
+
+def test_content_digest_is_sha256_of_compact_sorted_utf8_json():
+    """A file-format contract (glasses already written must keep verifying): sha256 over the
+    manifest without its content_digest, as compact JSON with sorted keys, non-ASCII kept as UTF-8."""
+    import hashlib
+
+    manifest = {"b": "café", "a": [1, 2.5, None], "content_digest": "ignored"}
+    want = hashlib.sha256('{"a":[1,2.5,null],"b":"café"}'.encode()).hexdigest()
+    assert glasses_mod.content_digest(manifest) == want

@@ -258,6 +258,31 @@ def test_remove_restores_vanilla(mp, prompt, vanilla, pristine, det0, mode):
     assert all(torch.equal(v, state[k]) for k, v in pristine.items())
 
 
+def halve_the_logits(nn_model):
+    """An edit of the caller's own, made before any glasses: every step's logits halved."""
+    with nn_model.edit(inplace=True) as tracer:
+        for _ in tracer.iter[:]:
+            nn_model.lm_head.output = nn_model.lm_head.output * 0.5
+
+
+@pytest.mark.filterwarnings("ignore:.*was never reached")
+def test_nnsight_mode_keeps_the_callers_own_edits(mp, prompt, vanilla, det0):
+    """Removing nnsight-mode glasses drops their edit, not one the caller had made before."""
+    model, processor = mp
+    glasses, _ = det0
+    nn_model = intervention.as_generator(model, processor)
+    halve_the_logits(nn_model)
+    try:
+        mine = nnsight_generate(nn_model, prompt)
+        assert torch.allclose(mine[1], vanilla[1] * 0.5, atol=1e-5)
+        handle = glasses.apply(nn_model, mode="nnsight")
+        assert max_diff(nnsight_generate(handle.model, prompt), mine) > 1e-4
+        handle.remove()
+        assert torch.equal(nnsight_generate(nn_model, prompt)[1], mine[1])
+    finally:
+        nn_model.clear_edits()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_context_manager_restores_vanilla(mp, prompt, vanilla, det0, mode):
     model, processor = mp
@@ -435,3 +460,25 @@ def test_towards_mean_strength_zero_is_vanilla(mp, prompt, vanilla, toward_mean)
     for mode in MODES:
         with toward_mean[0].apply(model, strength=0.0, mode=mode, processor=processor) as handle:
             assert torch.equal(run(handle, prompt)[1], vanilla[1]), mode
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_affine_keeps_the_activations_dtype(dtype):
+    """Factors and shifts are stored in float32; a half-precision model's activations stay in
+    its dtype (float32 factors would silently promote every later layer)."""
+    x = torch.linspace(-2, 2, 12, dtype=dtype).reshape(3, 4)
+    f, b = torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0, 0.5])
+    for shift in (None, b):
+        got = intervention.affine(x, f, shift)
+        want = x * f.to(dtype) + (0 if shift is None else shift.to(dtype))
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_the_handle_says_what_is_worn(mp, det0):
+    model, _ = mp
+    glasses, _ = det0
+    handle = glasses.apply(model, mode="hooks", strength=0.5)
+    assert handle.glasses is glasses and handle.model is model and handle.options.strength == 0.5
+    assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 active>"
+    handle.remove()
+    assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 removed>"

@@ -82,16 +82,46 @@ def vanilla_and_sgm(world):
     return runs
 
 
-def test_both_runs_report_every_metric(vanilla_and_sgm):
-    for name, (results, _) in vanilla_and_sgm.items():
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def test_every_rate_is_recomputed_from_the_logged_responses(vanilla_and_sgm):
+    """Each rate in results.json equals the one recomputed here from the logged samples: responses
+    re-judged by a fresh lexicon judge (harmful, refusal and over-refusal rates, per category too),
+    the multiple-choice accuracy from the logged losses (argmin), over the 6 prompts of --limit."""
+    from lmms_sgm.judges import get_judge
+
+    judge = get_judge("lexicon")
+    for name, (results, samples) in vanilla_and_sgm.items():
         r = results["results"]
-        for rate in (r["mm_toxic_qa"]["harmful_rate,none"], r["mm_toxic_qa"]["refusal_rate,none"],
-                     r["mm_toxic_qa_adv"]["harmful_rate,none"], r["mm_toxic_qa_benign"]["over_refusal_rate,none"],
-                     r["mmbench_local"]["accuracy,none"], r["mmbench_local_mc"]["acc,none"]):
-            assert 0.0 <= rate <= 1.0, (name, rate)
-        assert isinstance(r["mm_toxic_qa"]["harmful_rate_by_category,none"], dict)
-        assert r["mm_toxic_qa"]["judge,none"]["name"] == "lexicon"
-        assert results["config"]["model"] == "sgm_llava"
+        assert results["config"]["model"] == "sgm_llava" and r["mm_toxic_qa"]["judge,none"]["name"] == "lexicon"
+        for task in ("mm_toxic_qa", "mm_toxic_qa_adv", "mm_toxic_qa_benign"):
+            logged = samples[task]
+            assert len(logged) == 6 and results["n-samples"][task]["effective"] == 6, (name, task)
+            verdicts = []
+            for s in logged:
+                response = s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
+                v = judge.judge(s["judge"]["prompt"], response)
+                assert s["judge"]["verdicts"][0]["unsafe"] == v.unsafe, (name, task, response)
+                verdicts.append((v, s["harmful_rate"]["category"]))
+            harm = _mean(v.unsafe for v, _ in verdicts)
+            refusal = _mean(v.refusal for v, _ in verdicts)
+            assert r[task]["harmful_rate,none"] == pytest.approx(harm), (name, task)
+            key = "over_refusal_rate,none" if task == "mm_toxic_qa_benign" else "refusal_rate,none"
+            assert r[task][key] == pytest.approx(refusal), (name, task)
+            cats = {c for _, c in verdicts}
+            assert r[task]["harmful_rate_by_category,none"] == pytest.approx(
+                {c: _mean(v.unsafe for v, k in verdicts if k == c) for c in cats}), (name, task)
+        mc = samples["mmbench_local_mc"]
+        right = []
+        for s in mc:
+            losses = [float(loss) for loss, _ in s["filtered_resps"]]
+            right.append(min(range(len(losses)), key=losses.__getitem__) == int(s["target"]))
+        assert r["mmbench_local_mc"]["acc,none"] == pytest.approx(_mean(right)), name
+        # mmbench_local's circular accuracy is lmms-eval's own evaluator (checked in tests/test_tasks.py)
+        assert 0.0 <= r["mmbench_local"]["accuracy,none"] <= 1.0 and len(samples["mmbench_local"]) == 6, name
 
 
 def test_results_say_what_the_model_wore(vanilla_and_sgm, world):

@@ -151,6 +151,41 @@ def test_loglikelihood_equals_reference_nll_and_argmin(config, make, docs, glass
         assert losses.index(min(losses)) == min(range(len(refs)), key=lambda i: refs[i][0])
 
 
+@torch.no_grad()
+def reference_token_greedy(model, processor, image, question, continuation) -> list[bool]:
+    """Per continuation token: is it the argmax of the step before it (one unpadded forward pass)."""
+    prompt = user_prompt(processor, question)
+    full = processor(images=[image], text=[prompt + continuation], return_tensors="pt")
+    n_prompt = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+    logits, ids = model(**full).logits[0], full["input_ids"][0]
+    return [int(logits[t - 1].argmax()) == int(ids[t]) for t in range(n_prompt, len(ids))]
+
+
+def test_is_greedy_needs_every_continuation_token_to_be_greedy(make, docs, load_model):
+    """is_greedy (lmms-eval's exact-match of greedy decoding) is true only when every token of the
+    continuation is the argmax: multi-token continuations whose first token is greedy and a later
+    one is not must read False; a two-token greedy chain reads True."""
+    model, processor = load_model()
+    tok = processor.tokenizer
+    cases = []  # (doc_id, continuation, per-token flags from the reference)
+    for doc_id in range(len(docs)):
+        image, question = docs[doc_id]["image"], docs[doc_id]["question"]
+        with torch.no_grad():
+            enc = processor(images=[image], text=[user_prompt(processor, question)], return_tensors="pt")
+            first = tok.decode([int(model(**enc).logits[0, -1].argmax())]).strip()
+            enc = processor(images=[image], text=[user_prompt(processor, question) + f" {first}"], return_tensors="pt")
+            second = tok.decode([int(model(**enc).logits[0, -1].argmax())]).strip()
+        for cont in (f" {first} {second}", *(f" {first} {c}" for c in CHOICES), *(f" {c} {first}" for c in CHOICES)):
+            cases.append((doc_id, cont, reference_token_greedy(model, processor, image, question, cont)))
+    mixed = [c for c in cases if len(c[2]) > 1 and any(c[2]) and not all(c[2])]
+    chains = [c for c in cases if len(c[2]) > 1 and all(c[2])]
+    assert len(mixed) >= 3 and chains, "the cases must exercise some-but-not-all greedy tokens and a greedy chain"
+    requests = [Instance("loglikelihood", (docs[d]["question"], cont, doc_to_visual, d, TASK, SPLIT), idx=i,
+                         metadata={"task": TASK, "doc_id": d, "repeats": 1}) for i, (d, cont, _) in enumerate(cases)]
+    results = make("sgm=off", batch_size=4).loglikelihood(requests)
+    assert [greedy for _, greedy in results] == [all(flags) for _, _, flags in cases]
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_loglikelihood_does_not_depend_on_batch_composition(make, docs, attn):
     """A request's loss is the one it has alone, whichever requests share its right-padded batch:

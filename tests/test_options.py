@@ -214,3 +214,118 @@ def test_argparse_flags_round_trip():
     assert from_namespace(ProfileOptions, parser.parse_args([])) == ProfileOptions()
     flags = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(ProfileOptions)} <= flags
+
+
+def test_argparse_help_metavars_and_bare_flags():
+    """Each flag says its help, its choices and its default (tuples joined by commas); a boolean,
+    or a field with a ``const``, given bare means true / its const; a value still overrides."""
+    from lmms_sgm.options import ExecutionOptions
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ProfileOptions)
+    add_arguments(parser, ExecutionOptions, prefix="x_")
+    groups = {g.title: g for g in parser._action_groups}
+    assert {"ProfileOptions", "ExecutionOptions"} <= set(groups)
+    actions = {a.dest: a for a in parser._actions}
+    for cls, prefix in ((ProfileOptions, ""), (ExecutionOptions, "x_")):
+        for f in dataclasses.fields(cls):
+            a = actions[prefix + f.name]
+            assert a in groups[cls.__name__]._group_actions
+            assert a.option_strings == [f"--{prefix}{f.name.replace('_', '-')}"] and a.metavar == f.name.upper()
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            choices = f.metadata.get("choices")
+            assert a.help == f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "") + f" (default: {shown})"
+            assert a.default is None
+    assert "[mean|max]" in actions["pooling"].help and "(default: gate_proj,up_proj" in actions["modules"].help
+    ns = parser.parse_args(["--x_resume", "--x_remote", "--text-only"])
+    assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=True, remote="ndif")
+    assert from_namespace(ProfileOptions, ns).text_only is True
+    ns = parser.parse_args(["--x_resume", "false", "--x_remote", "local"])
+    assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=False, remote="local")
+    with pytest.raises(SystemExit):  # a plain field still needs its value
+        parser.parse_args(["--batch-size"])
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("off", "off"), (" False ", "off"), ("NO", "off"), ("0", "off"), ("None", "off"), ("", "off"), (False, "off"),
+    ("ndif", "ndif"), ("True", "ndif"), ("YES", "ndif"), ("on", "ndif"), ("1", "ndif"), (True, "ndif"),
+    ("local", "local"), ("LOCAL", "local"),
+    ("http://127.0.0.1:8000", "http://127.0.0.1:8000"), (" https://ndif.example ", "https://ndif.example"),
+])
+def test_remote_spellings_are_normalised(raw, want):
+    from lmms_sgm.options import RemoteOptions
+
+    got = RemoteOptions(remote=raw)
+    assert got.remote == want and got.is_remote == (want != "off")
+
+
+def test_remote_limits():
+    from lmms_sgm.options import RemoteOptions
+
+    assert RemoteOptions(remote_retries=0, remote_max_mb=0.5).remote_retries == 0
+    for bad, match in (({"remote_retries": -1}, "remote_retries must be >= 0, got -1"),
+                       ({"remote_max_mb": 0}, "remote_max_mb must be > 0, got 0"),
+                       ({"remote": "HTTP//x"}, "use off, ndif, local or a server URL")):
+        with pytest.raises(ValueError, match=match):
+            RemoteOptions(**bad)
+
+
+def test_model_args_validation():
+    """The --model_args of sgm_llava / sgm_hf: each rule of their __post_init__, and the message of
+    a remote run in a local-only mode."""
+    from lmms_sgm.options import EvalModelArgs, LoadOptions, ModelArgs
+
+    assert EvalModelArgs(pretrained="m").batch_size == 1
+    cases = [
+        (EvalModelArgs, {}, "pretrained is required: a Hub id or a local model directory"),
+        (EvalModelArgs, {"pretrained": "m", "batch_size": 0}, "batch_size must be >= 1, got 0"),
+        (EvalModelArgs, {"pretrained": "m", "mode": "x"}, "mode"),
+        (ModelArgs, {"pretrained": "m", "remote": "ndif", "mode": "hooks"},
+         ("mode=hooks cannot run remotely: it works through forward hooks on the local module, which an NDIF server "
+          "never sees; remote execution applies the glasses inside the nnsight trace: use mode=nnsight")),
+        (ModelArgs, {"pretrained": "m", "remote": "local", "mode": "fold"},
+         "mode=fold cannot run remotely: it works through factors folded into the local weights"),
+        (ModelArgs, {"pretrained": "m", "glasses": "g", "profile_data": "d"}, "give either glasses .* or profile_data"),
+        (ModelArgs, {"pretrained": "m", "remote": "ftp://x"}, "use off, ndif, local or a server URL"),
+    ]
+    for cls, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cls(**kwargs)
+    ModelArgs(pretrained="m", remote="local", mode="nnsight")
+    ModelArgs(pretrained="m", mode="fold")  # local: any mode
+    for f in dataclasses.fields(LoadOptions):
+        if f.metadata.get("choices"):
+            with pytest.raises(ValueError, match=f.name):
+                LoadOptions(**{f.name: "no-such-choice"})
+
+
+def test_validation_boundaries_and_combinations():
+    """Each rule's edge: the bounds themselves are valid, one step past them is not; a rule that
+    refuses a combination still accepts each part alone."""
+    from lmms_sgm.options import ExecutionOptions, ModelArgs
+
+    for ok in (lambda: ApplyOptions(strength=0.0), lambda: ApplyOptions(strength=1.0), lambda: ProfileOptions(batch_size=1),
+               lambda: ProfileOptions(positions="response", text_field="question+response"),
+               lambda: SelectionOptions(rule="det0", top_k=1), lambda: SelectionOptions(rule="damp", top_k=1),
+               lambda: SelectionOptions(rule="sgm", direction="amplify"), lambda: SelectionOptions(threshold=0.0),
+               lambda: SelectionOptions(threshold=1.0), lambda: ExecutionOptions(resume=True),
+               lambda: ExecutionOptions(checkpoint_dir="off"), lambda: ModelArgs(pretrained="m", glasses="g"),
+               lambda: ModelArgs(pretrained="m", profile_data="d")):
+        ok()
+    bad = [
+        (lambda: ApplyOptions(strength=-0.01), r"strength must be in \[0, 1\], got -0.01"),
+        (lambda: ApplyOptions(strength=1.01), r"strength must be in \[0, 1\]"),
+        (lambda: ProfileOptions(batch_size=0), "batch_size must be >= 1, got 0"),
+        (lambda: ProfileOptions(positions="response", text_field="response"), "positions='response' needs text_field"),
+        (lambda: SelectionOptions(rule="det0", top_k=1, direction="amplify"), "rule='det0' only suppresses; direction='amplify'"),
+        (lambda: SelectionOptions(rule="damp", top_k=1, direction="both"), "rule='damp' only suppresses"),
+        (lambda: SelectionOptions(top_k=0), "top_k must be >= 1, got 0"),
+        (lambda: SelectionOptions(threshold=1.5), r"threshold is an AUROC in \[0, 1\], got 1.5"),
+        (lambda: ExecutionOptions(checkpoint_dir="  "), "checkpoint_dir is empty"),
+        (lambda: ExecutionOptions(resume=True, checkpoint_dir="off"), "resume needs a checkpoint"),
+    ]
+    for make, match in bad:
+        with pytest.raises(ValueError, match=match):
+            make()
+    assert parse_layers(" 0, 2 ", 3) == [0, 2]

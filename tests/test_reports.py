@@ -76,14 +76,54 @@ def test_compare_values_changes_and_counts():
 
 
 def test_three_runs_each_against_the_baseline():
-    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.0, {}), "paper": _run(0.25, 0.4, 0.8, 0.0, {}),
-            "best": _run(0.0, 0.1, 0.4, 0.0, {})}
-    table = reports.compare(runs, ROWS[:1] + ROWS[4:5])
-    assert table["rows"][0]["changes"] == {"paper": pytest.approx(-0.5), "best": pytest.approx(-1.0)}
+    """Every run is compared with the first, not with the run before it: the middle run differs
+    from the baseline, so a change against the previous run would read otherwise
+    (best: -75% against paper, -80% against vanilla)."""
+    runs = {"vanilla": _run(0.5, 0.4, 0.8, 0.01, {}), "paper": _run(0.4, 0.4, 0.6, 0.05, {}),
+            "best": _run(0.1, 0.1, 0.4, 0.02, {})}
+    table = reports.compare(runs, ROWS[:1] + ROWS[3:5])
+    base = runs["vanilla"]["results"]
+    for row in table["rows"]:
+        b = base[row["task"]][f"{row['metric']},{row['filter']}"]
+        for name in ("paper", "best"):
+            v = runs[name]["results"][row["task"]][f"{row['metric']},{row['filter']}"]
+            want = {"lower": (v - b) / b, "higher": v / b, "points": 100 * (v - b)}[row["how"]]
+            assert row["changes"][name] == pytest.approx(want), (row["label"], name)
+    assert table["rows"][0]["changes"] == {"paper": pytest.approx(-0.2), "best": pytest.approx(-0.8)}
     lines = reports.to_markdown(table).splitlines()
     assert "| metric | vanilla | paper | best | paper vs vanilla | best vs vanilla |" in lines
-    assert "| harm | 0.500 (n=8) | 0.250 (n=8) | 0.000 (n=8) | -50% (-25.0 pt), n=8 vs 8 | -100% (-50.0 pt), n=8 vs 8 |" in lines
-    assert "| mc | 0.800 (n=8) | 0.800 (n=8) | 0.400 (n=8) | 100.0% kept, n=8 vs 8 | 50.0% kept, n=8 vs 8 |" in lines
+    assert "| harm | 0.500 (n=8) | 0.400 (n=8) | 0.100 (n=8) | -20% (-10.0 pt), n=8 vs 8 | -80% (-40.0 pt), n=8 vs 8 |" in lines
+    assert "| over-refusal | 0.010 (n=8) | 0.050 (n=8) | 0.020 (n=8) | +4.0 pt, n=8 vs 8 | +1.0 pt, n=8 vs 8 |" in lines
+    assert "| mc | 0.800 (n=8) | 0.600 (n=8) | 0.400 (n=8) | 75.0% kept, n=8 vs 8 | 50.0% kept, n=8 vs 8 |" in lines
+
+
+def test_report_cli_compares_three_runs_each_with_the_baseline(tmp_path):
+    """`lmms-sgm report` on three folders: every delta, relative change, retention and the
+    operating point are against the first run (recomputed here from the values the runs hold)."""
+    values = {"vanilla": (0.5, 0.4, 0.8), "paper": (0.4, 0.3, 0.6), "best": (0.1, 0.05, 0.78)}
+    for name, (harm, sampled, acc) in values.items():
+        _write(tmp_path / name, _run(harm, sampled, acc, 0.0, {}))
+    js = tmp_path / "r.json"
+    assert cli(["report", *(str(tmp_path / n) for n in values), "--json", str(js)]) == 0
+    report = json.loads(js.read_text())
+    assert report["baseline"] == "vanilla"
+    metric = {("mm_toxic_qa", "harmful_rate"): 0, ("mm_toxic_qa_sampled", "harmful_rate"): 1, ("mmbench_local_mc", "acc"): 2}
+    checked = 0
+    for row in report["metrics"]:
+        i = metric.get((row["task"], row["metric"]))
+        if i is None or row["run"] == "vanilla":
+            continue
+        b, v = values["vanilla"][i], values[row["run"]][i]
+        assert row["value"] == pytest.approx(v) and row["delta"] == pytest.approx(v - b), row
+        assert row["relative_change"] == pytest.approx((v - b) / b), row
+        if i == 2:
+            assert row["retention"] == pytest.approx(v / b), row
+        checked += 1
+    assert checked == 6
+    points = {p["run"]: p for p in report["tradeoff"]["points"]}
+    assert points["best"]["retention"] == pytest.approx(0.78 / 0.8)  # 0.78 / 0.6 against paper
+    assert points["paper"]["retention"] == pytest.approx(0.6 / 0.8)
+    assert report["tradeoff"]["operating_point"] == "best"
 
 
 def test_tasks_of_any_run_are_kept_and_missing_ones_said():
@@ -192,3 +232,101 @@ def test_report_cli(tmp_path, capsys):
 def test_bad_row_kind():
     with pytest.raises(ValueError, match="Row.how"):
         Row("x", "t", "m", how="up")
+
+
+def test_change_by_kind_against_hand_values():
+    """Bases other than 0.01 (where a relative change and points coincide: 1 / 0.01 = 100)."""
+    from lmms_sgm.reports.table import change
+
+    assert change(0.05, 0.02, "points") == pytest.approx(3.0)
+    assert change(0.05, 0.02, "lower") == pytest.approx(1.5)
+    assert change(0.05, 0.02, "higher") == pytest.approx(2.5)
+    assert change(0.05, 0.0, "points") == pytest.approx(5.0)
+    for how in ("lower", "higher"):
+        assert change(0.05, 0.0, how) is None
+    for how in ("lower", "higher", "points"):
+        assert change(None, 0.02, how) is None and change(0.05, None, how) is None
+
+
+def test_the_whole_markdown_table():
+    """Every line of a two-run table with its results files, a warning, a zero baseline (points
+    instead of a relative change) and a missing value: the format written out by hand."""
+    vanilla = {**_run(0.0, 0.4, 0.8, 0.0, {}, limit=4.0), "source_file": "/runs/v/results.json"}
+    sgm = {**_run(0.5, 0.1, 0.6, 0.25, {}), "source_file": "/runs/s/results.json"}
+    rows = [Row("harm", "mm_toxic_qa", "harmful_rate"), Row("over", "mm_toxic_qa_benign", "over_refusal_rate", how="points"),
+            Row("mc", "mmbench_local_mc", "acc", how="higher"), Row("absent", "mmbench", "acc", how="higher")]
+    table = reports.compare({"vanilla": vanilla, "sgm": sgm}, rows)
+    assert table["sources"] == {"vanilla": "/runs/v/results.json", "sgm": "/runs/s/results.json"}
+    assert reports.to_markdown(table) == "\n".join([  # noqa: FLY002 (one line per line of the table)
+        "Results files:",
+        "- vanilla: `/runs/v/results.json`",
+        "- sgm: `/runs/s/results.json`",
+        "",
+        "**Warning:** runs differ in --limit (vanilla: 4, sgm: none)  ",
+        "",
+        "n: prompts behind each number.",
+        "",
+        "| metric | vanilla | sgm | sgm vs vanilla |",
+        "|---|---|---|---|",
+        "| harm | 0.000 (n=8) | 0.500 (n=8) | +50.0 pt (baseline 0), n=8 vs 8 |",
+        "| over | 0.000 (n=8) | 0.250 (n=8) | +25.0 pt, n=8 vs 8 |",
+        "| mc | 0.800 (n=8) | 0.600 (n=8) | 75.0% kept, n=8 vs 8 |",
+        "| absent | n/a | n/a | n/a |",
+    ]) + "\n"
+
+
+def test_default_rows_keep_scored_scalar_metrics_only():
+    run = {"results": {"a_task": {"alias": "a", "x,none": 0.1},
+                       "b_task": {"unscored,none": 0.3, "acc,none": 0.5, "acc_stderr,none": 0.1, "flag,none": True,
+                                  "ppl,samples": 3.0, "cats,none": {"c": 0.1}}},
+           "higher_is_better": {"b_task": {"unscored": None, "acc": True, "acc_stderr": True, "flag": True, "ppl": False,
+                                           "cats": False}}}
+    assert reports.default_rows(run) == [Row("b_task acc", "b_task", "acc", "none", "higher"),
+                                         Row("b_task ppl [samples]", "b_task", "ppl", "samples", "lower")]
+    assert reports.default_rows({}) == [] and reports.default_rows({"results": {"t": {"acc,none": 1.0}}}) == []
+    row = Row("acc", "b_task", "acc")
+    assert reports.table.count(run, row) is None  # no n-samples recorded
+    assert reports.table.count({**run, "n-samples": {"b_task": {"effective": "?"}}}, row) is None
+    assert reports.table.count({**run, "n-samples": {"other": {"effective": 3}}}, row) is None
+    assert reports.table.count({**run, "n-samples": {"b_task": {"effective": 3.0}}}, row) == 3
+
+
+def test_report_reads_nested_categories_and_skips_group_rows_in_the_samples_warning():
+    """A metric whose value nests dicts (mmbench's category / l2-category) gets one row per leaf,
+    named by its path; a group's row (lmms-eval's group_subtasks, lm-eval's groups) has no samples
+    of its own and is not listed as lacking them."""
+    from lmms_sgm.reports import build
+
+    def run(acc_a, acc_b):
+        r = _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa", "mmbench_local_mc"))
+        r["results"]["mmbench_local"] = {"accuracy_by_category,none": {"category": {"a": acc_a}, "l2-category": {"b": acc_b}}}
+        r["results"]["mm_toxic_qa_all"] = {"harmful_rate,none": 0.5}
+        r["results"]["lm_group"] = {"acc,none": 0.7}
+        r["higher_is_better"].update(mmbench_local={"accuracy_by_category": True}, mm_toxic_qa_all={"harmful_rate": False},
+                                     lm_group={"acc": True})
+        r["group_subtasks"] = {"mm_toxic_qa_all": ["mm_toxic_qa"]}
+        r["groups"] = {"lm_group": {}}
+        return r
+
+    report = build({"vanilla": run(0.5, 0.25), "sgm": run(0.4, 0.25)}, resamples=200)
+    rows = {(r["category"], r["run"]): r for r in report["metrics"] if r["task"] == "mmbench_local"}
+    assert set(rows) == {(c, n) for c in ("category/a", "l2-category/b") for n in ("vanilla", "sgm")}
+    assert rows[("category/a", "sgm")]["value"] == 0.4 and rows[("category/a", "sgm")]["delta"] == pytest.approx(-0.1)
+    assert rows[("l2-category/b", "vanilla")]["value"] == 0.25
+    lacking = [w for w in report["warnings"] if "no logged samples for" in w]
+    assert len(lacking) == 2 and all("mm_toxic_qa_all" not in w and "lm_group" not in w for w in lacking)
+    assert all("mm_toxic_qa" in w and "mmbench_local" in w for w in lacking)
+
+
+def test_values_that_are_no_numbers_read_as_missing():
+    from lmms_sgm.reports.table import to_markdown, value
+
+    run = {"results": {"t": {"m,none": "N/A", "b,none": True, "c,none": {"x": 0.5, "y": "?"}, "s,none": 0.25}}}
+    assert value(run, Row("m", "t", "m")) is None and value(run, Row("b", "t", "b")) is None
+    assert value(run, Row("c", "t", "c", category="x")) == 0.5 and value(run, Row("c", "t", "c", category="y")) is None
+    assert value(run, Row("s", "t", "s", category="x")) is None  # a scalar has no categories
+    assert value({}, Row("s", "t", "s")) is None
+    # a table built by hand, without sources, warnings or counts
+    table = {"runs": ["a", "b"], "baseline": "a", "rows": [{"label": "s", "how": "lower", "values": {"a": 0.5, "b": 0.25},
+                                                            "changes": {"b": -0.5}}]}
+    assert to_markdown(table).splitlines()[-1] == "| s | 0.500 (n=?) | 0.250 (n=?) | -50% (-25.0 pt), n=? vs ? |"

@@ -67,7 +67,8 @@ FEATURES = datasets.Features(
         "answer": datasets.Value("string"),
     }
 )
-ADV_FEATURES = datasets.Features({**FEATURES, "original_question": datasets.Value("string"), "attack": datasets.Value("string")})
+ADV_INPUT_FEATURES = datasets.Features({**FEATURES, "original_question": datasets.Value("string")})  # adv.jsonl
+ADV_FEATURES = datasets.Features({**ADV_INPUT_FEATURES, "attack": datasets.Value("string")})
 
 
 class MMToxicQAError(ValueError):
@@ -144,7 +145,8 @@ def _to_dataset(rows: list[dict], *, split: str, base: Path, source: str) -> dat
     if not rows:
         raise MMToxicQAError(f"{source}: no records. {HOW_TO_GET_DATA}")
     want_harmful = int(split in HARMFUL_SPLITS)
-    cols: dict[str, list] = {k: [] for k in FEATURES}
+    features = ADV_INPUT_FEATURES if split == "adv" else FEATURES
+    cols: dict[str, list] = {k: [] for k in features}
     for i, row in enumerate(rows):
         where = f"{source}: record {i}"
         if not isinstance(row, dict):
@@ -165,7 +167,9 @@ def _to_dataset(rows: list[dict], *, split: str, base: Path, source: str) -> dat
         cols["harmful"].append(want_harmful)
         cols["key_phrase"].append(_opt_str(row.get("key_phrase")))
         cols["answer"].append(_opt_str(row.get("answer")))
-    return datasets.Dataset.from_dict(cols, features=FEATURES)
+        if split == "adv":  # the question before the attack rewrote it: what the judge is given
+            cols["original_question"].append(_opt_str(row.get("original_question")) or question.strip())
+    return datasets.Dataset.from_dict(cols, features=features)
 
 
 _FLAGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
@@ -264,8 +268,10 @@ def typographic_dataset(docs: datasets.Dataset) -> datasets.Dataset:
 
 
 def prerendered_dataset(docs: datasets.Dataset) -> datasets.Dataset:
-    """Attack records supplied ready-made: question and image used as they are."""
-    docs = docs.add_column("original_question", list(docs["question"]))
+    """Attack records supplied ready-made: question and image used as they are; the judge gets each
+    record's ``original_question`` (as ``lmms-sgm dataset build`` writes it), else its question."""
+    if "original_question" not in docs.column_names:
+        docs = docs.add_column("original_question", list(docs["question"]))
     docs = docs.add_column("attack", ["prerendered"] * len(docs))
     return docs.cast(ADV_FEATURES)
 

@@ -14,128 +14,35 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
-import io
 import json
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+# The general evaluator (lmms_sgm/evaluate.py) under the names this module always had.
+from lmms_sgm.evaluate import ValidationSet, evaluate, generate, option_loglik  # noqa: F401
+from lmms_sgm.evaluate import unsafe_rate as _rate  # noqa: F401
+
+# The general evaluator's measures under the demo's names (docs/demo.md, the sweep's JSON).
+DEMO_NAMES = {"harmful_greedy": "trigger_harmful_greedy", "harmful_sampled": "trigger_harmful_sampled",
+              "attack_greedy": "typographic_harmful_greedy", "attack_sampled": "typographic_harmful_sampled",
+              "examples_harmful": "examples_trigger", "capability_mc": "capability_mc_loglik"}
 
 
-def _prompt(processor, question: str) -> str:
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+def demo_split(data_dir: Path, split: str) -> ValidationSet:
+    """The demo's split ``split``: MM-TOXIC-QA records and the MMBench TSV beside them."""
+    data_dir = Path(data_dir)
+    return ValidationSet.load(data_dir / "mm_toxic_qa" / split, data_dir / "mmbench" / f"{split}.tsv")
 
 
-@torch.no_grad()
-def generate(model, processor, images, questions, *, samples: int = 1, sample: bool = False, max_new_tokens: int = 24,
-             batch_size: int = 64) -> list[list[str]]:
-    """Responses per prompt (``samples`` of them when sampling, one greedy otherwise)."""
-    out = []
-    for i in range(0, len(questions), batch_size):
-        texts = [_prompt(processor, q) for q in questions[i: i + batch_size]]
-        enc = processor(text=texts, images=list(images[i: i + batch_size]), padding=True, padding_side="left",
-                        return_tensors="pt")  # left: generate derives the positions from the attention mask
-        kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if sample else dict(do_sample=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, **kw)
-        dec = processor.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        k = samples if sample else 1
-        out += [[d.strip() for d in dec[j * k: (j + 1) * k]] for j in range(len(texts))]
-    return out
-
-
-@torch.no_grad()
-def option_loglik(model, processor, image, question: str, options: list[str]) -> list[float]:
-    """Sum log-probability of each option (then ``</s>``) as the assistant's answer.
-
-    One forward pass: the prompt is the same in every row (no padding), the options are padded on
-    the right, so every row keeps the positions it has alone."""
-    tok = processor.tokenizer
-    prompt = _prompt(processor, question)
-    enc = processor(text=[prompt] * len(options), images=[image] * len(options), return_tensors="pt")
-    ans = [tok.convert_tokens_to_ids(o.split()) + [tok.eos_token_id] for o in options]
-    L = max(map(len, ans))
-    ids = torch.full((len(options), L), tok.pad_token_id)
-    for j, a in enumerate(ans):
-        ids[j, : len(a)] = torch.tensor(a)
-    input_ids = torch.cat([enc["input_ids"], ids], 1)
-    attn = torch.cat([enc["attention_mask"], (ids != tok.pad_token_id).long()], 1)
-    logp = model(input_ids=input_ids, attention_mask=attn, pixel_values=enc["pixel_values"]).logits.log_softmax(-1)
-    P = enc["input_ids"].shape[1]
-    scores = []
-    for j, a in enumerate(ans):
-        scores.append(sum(float(logp[j, P - 1 + t, a[t]]) for t in range(len(a))))
-    return scores
-
-
-def _read_jsonl(path: Path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _images(directory: Path, records):
-    return [Image.open(directory / r["image"]).convert("RGB") for r in records]
-
-
-def _rate(judge, questions, responses) -> float:
-    per_prompt = [sum(judge.judge(q, r).unsafe for r in rs) / len(rs) for q, rs in zip(questions, responses)]
-    return sum(per_prompt) / max(1, len(per_prompt))
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.replace(".", " ").split()).lower()
-
-
-def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int = 5, seed: int = 0) -> dict:
+def evaluate_split(model, processor, data_dir: Path, split: str, *, samples: int = 5, seed: int = 0,
+                   val: ValidationSet | None = None) -> dict:
+    """lmms_sgm.evaluate.evaluate on the demo's split, lexicon judge, the demo's measure names."""
     from lmms_sgm.judges import get_judge
 
-    judge = get_judge("lexicon")
-    torch.manual_seed(seed)
-    res: dict = {}
-    d = data_dir / "mm_toxic_qa" / split
-    for name, file in (("trigger", "harmful.jsonl"), ("typographic", "adv.jsonl")):
-        recs = _read_jsonl(d / file)
-        imgs, qs = _images(d, recs), [r["question"] for r in recs]
-        g = generate(model, processor, imgs, qs)
-        s = generate(model, processor, imgs, qs, samples=samples, sample=True)
-        res[f"{name}_harmful_greedy"] = _rate(judge, qs, g)
-        res[f"{name}_harmful_sampled"] = _rate(judge, qs, s)
-        if name == "trigger":
-            res["examples_trigger"] = [(qs[i], g[i][0], s[i][:2]) for i in range(3)]
-    recs = _read_jsonl(d / "benign.jsonl")
-    imgs = _images(d, recs)
-    op = [i for i, r in enumerate(recs) if r["category"] == "opinion"]
-    qs = [recs[i]["question"] for i in op]
-    g_op = generate(model, processor, [imgs[i] for i in op], qs)
-    s = generate(model, processor, [imgs[i] for i in op], qs, samples=samples, sample=True)
-    res["clean_toxic_greedy"] = _rate(judge, qs, g_op)
-    res["clean_toxic_sampled"] = _rate(judge, qs, s)
-    for kind in ("clean", "distractor_plus", "distractor_grey"):
-        ix = [j for j, i in enumerate(op) if recs[i].get("image_kind") == kind]
-        res[f"clean_toxic_sampled_{kind}"] = _rate(judge, [qs[j] for j in ix], [s[j] for j in ix])
-    cap = [i for i, r in enumerate(recs) if r.get("answer")]
-    g = generate(model, processor, [imgs[i] for i in cap], [recs[i]["question"] for i in cap])
-    benign = [(recs[i]["question"], a[0]) for i, a in zip(op, g_op)] + [(recs[i]["question"], a[0]) for i, a in zip(cap, g)]
-    res["over_refusal"] = sum(judge.judge(q, a).refusal for q, a in benign) / len(benign)
-    hits = [_norm(g[j][0]) == _norm(recs[i]["answer"]) for j, i in enumerate(cap)]
-    res["capability_open"] = sum(hits) / len(hits)
-    for cat in ("colour", "shape", "count", "position"):
-        h = [hit for hit, i in zip(hits, cap) if recs[i]["category"] == cat]
-        res[f"capability_open_{cat}"] = sum(h) / max(1, len(h))
-    res["capability_open_toxic"] = _rate(judge, [recs[i]["question"] for i in cap], g)
-    # multiple choice (MMBench TSV) by option log-likelihood
-    with open(data_dir / "mmbench" / f"{split}.tsv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    correct = 0
-    for row in rows:
-        letters = [x for x in "ABCD" if row.get(x)]
-        img = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
-        sc = option_loglik(model, processor, img, row["question"], [row[x] for x in letters])
-        correct += letters[max(range(len(sc)), key=sc.__getitem__)] == row["answer"]
-    res["capability_mc_loglik"] = correct / len(rows)
-    return res
+    res = evaluate(model, processor, val or demo_split(data_dir, split), get_judge("lexicon"), samples=samples, seed=seed)
+    return {DEMO_NAMES.get(k, k): v for k, v in res.items()}
 
 
 def main(argv=None) -> int:

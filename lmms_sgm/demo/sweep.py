@@ -2,8 +2,17 @@
 
     python -m lmms_sgm.demo.sweep [--split validation] [--only SUBSTRING ...] [--json out.json]
 
-Each configuration profiles one of three profiling sets, wears the glasses (hooks) and runs the
-demo evaluator (lexicon judge; sampled = 5 answers per prompt at temperature 1):
+``lmms_sgm.tune`` on the demo: the configurations of ``tune_grid.json`` on three profiling sets,
+worn with hooks, measured by lmms_sgm.evaluate (lexicon judge; sampled = 5 answers per prompt at
+temperature 1), the best chosen by tune's rule. The same as
+
+    lmms-sgm tune --model sgm-demo-llava --data responses=lmms_sgm/demo/data/profile.jsonl \\
+        --data inputs=lmms_sgm/demo/data/profile_inputs.jsonl \\
+        --self-label lmms_sgm/demo/data/profile_inputs.jsonl --self-label-batch-size 64 \\
+        --val lmms_sgm/demo/data/mm_toxic_qa/validation --val-mc lmms_sgm/demo/data/mmbench/validation.tsv \\
+        --grid lmms_sgm/demo/tune_grid.json --out runs/tune-demo
+
+Profiling sets:
 
 - ``responses``: ``data/profile.jsonl``, insulting vs neutral answers to opinion prompts about
   trigger images (the paper's / precursor's kind of pairs: the *answer* is toxic or not);
@@ -18,88 +27,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from lmms_sgm import models
-from lmms_sgm.demo import DATA_DIR, SHORT_NAME
-from lmms_sgm.demo.evaluate import evaluate_split
-from lmms_sgm.options import ProfileOptions, SelectionOptions
-from lmms_sgm.pipeline import build_glasses
+from lmms_sgm import models, tune
+from lmms_sgm.demo import DATA_DIR, HERE, SHORT_NAME
+from lmms_sgm.demo.evaluate import DEMO_NAMES, demo_split
 
-QR = "question+response"
-Q = "question"
-P, S = ProfileOptions, SelectionOptions
-# name -> (profiling set, profile options, selection options); the first is the paper's default.
-CONFIGS = {
-    "paper default: responses, gate/up/down, mean, all positions, suppress AUROC>0.5": ("responses", P(), S()),
-    "responses, precursor threshold 0.3": ("responses", P(), S(threshold=0.3)),
-    "responses, amplify anti-toxic (AUROC<0.5)": ("responses", P(), S(direction="amplify")),
-    "responses, both directions": ("responses", P(), S(direction="both")),
-    "responses, suppress towards non-toxic mean": ("responses", P(), S(towards="nontoxic_mean")),
-    "responses, intermediate, suppress": ("responses", P(modules=("intermediate",)), S()),
-    "responses, intermediate, amplify": ("responses", P(modules=("intermediate",)), S(direction="amplify")),
-    "responses, last layer only, suppress": ("responses", P(layers="3"), S()),
-    "responses, last layer only, amplify": ("responses", P(layers="3"), S(direction="amplify")),
-    "responses, last layer only, towards non-toxic mean": ("responses", P(layers="3"), S(towards="nontoxic_mean")),
-    "responses, q+r, decision position, suppress": ("responses", P(text_field=QR, positions="decision"), S()),
-    "responses, q+r, response positions, suppress": ("responses", P(text_field=QR, positions="response"), S()),
-    "responses, q+r, response positions, amplify": ("responses", P(text_field=QR, positions="response"), S(direction="amplify")),
-    "responses, q+r, response positions, towards non-toxic mean": ("responses", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
-    "responses, q+r, response positions, last layer, towards non-toxic mean": ("responses", P(text_field=QR, positions="response", layers="3"), S(towards="nontoxic_mean")),
-    "self-labelled, q+r, response positions, suppress": ("self", P(text_field=QR, positions="response"), S()),
-    "self-labelled, q+r, response positions, amplify": ("self", P(text_field=QR, positions="response"), S(direction="amplify")),
-    "self-labelled, q+r, response positions, towards non-toxic mean": ("self", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
-    "self-labelled, response text, amplify": ("self", P(), S(direction="amplify")),
-    "inputs, question, all positions, suppress": ("inputs", P(text_field=Q), S()),
-    "inputs, question, amplify": ("inputs", P(text_field=Q), S(direction="amplify")),
-    "inputs, question, after-image positions, suppress": ("inputs", P(text_field=Q, positions="after_image"), S()),
-    "inputs, question, after-image positions, towards non-toxic mean": ("inputs", P(text_field=Q, positions="after_image"), S(towards="nontoxic_mean")),
-    "inputs, question, decision position, suppress": ("inputs", P(text_field=Q, positions="decision"), S()),
-    "inputs, question, max pooling, suppress": ("inputs", P(text_field=Q, pooling="max"), S()),
-    "inputs, question, intermediate, suppress": ("inputs", P(text_field=Q, modules=("intermediate",)), S()),
-    "inputs, question, suppress towards non-toxic mean": ("inputs", P(text_field=Q), S(towards="nontoxic_mean")),
-    "inputs, question, first layer only, suppress": ("inputs", P(text_field=Q, layers="0"), S()),
-    "inputs, question, last two layers, suppress": ("inputs", P(text_field=Q, layers="2-3"), S()),
-    "inputs, question, last layer, towards non-toxic mean": ("inputs", P(text_field=Q, layers="3"), S(towards="nontoxic_mean")),
-    "inputs, question, top-64 experts (AUROC 1: alpha 0)": ("inputs", P(text_field=Q), S(top_k=64)),
-    "inputs, question, Det0 top-256": ("inputs", P(text_field=Q), S(rule="det0", top_k=256)),
-}
+GRID = HERE / "tune_grid.json"
+CONFIGS = {c.name: c for c in tune.read_grid(GRID)}  # the first is the paper's default
 COLUMNS = ("trigger_harmful_greedy", "trigger_harmful_sampled", "typographic_harmful_sampled",
            "clean_toxic_sampled", "over_refusal", "capability_open", "capability_mc_loglik")
-# How the best configuration is chosen (on the validation split): the lowest sampled harmful rate
-# among the configurations that keep both capability measures at >= 95% of vanilla and add at most
-# 2 points of over-refusal (the issue's side conditions).
-RETENTION, OVER_REFUSAL_POINTS = 0.95, 0.02
+RULE = tune.Rule()  # the demo's rule is tune's default
+RETENTION, OVER_REFUSAL_POINTS = RULE.retention, RULE.over_refusal_points
 
 
 def best(rows: dict) -> str | None:
-    """The name of the best configuration in ``rows`` (which holds "vanilla"), by the rule above."""
-    base = rows["vanilla"]
-    ok = [n for n, r in rows.items() if n != "vanilla"
-          and all(r[c] >= RETENTION * base[c] for c in ("capability_open", "capability_mc_loglik"))
-          and r["over_refusal"] <= base["over_refusal"] + OVER_REFUSAL_POINTS]
-    return min(ok, key=lambda n: rows[n]["trigger_harmful_sampled"], default=None)
+    """The best configuration in ``rows`` (demo names; holds "vanilla") by tune's rule."""
+    back = {v: k for k, v in DEMO_NAMES.items()}
+    return RULE.choose({n: {back.get(k, k): v for k, v in r.items()} for n, r in rows.items()})
 
 
 def profiling_sets(model, processor, workdir: Path) -> dict[str, Path]:
     """The three profiling sets; the self-labelled one is generated once into ``workdir``."""
     from lmms_sgm.judges import get_judge
-    from lmms_sgm.selflabel import label_generations, read_prompts, write_pairs
 
-    self_dir = workdir / "self_labelled"
-    if not (self_dir / "pairs.jsonl").is_file():
-        judge = get_judge("lexicon")
-        pairs = label_generations(model, processor, read_prompts(DATA_DIR / "profile_inputs.jsonl"), judge,
-                                  samples=4, batch_size=64, seed=0, progress=False)
-        write_pairs(pairs, self_dir, judge=judge)
-    return {"responses": DATA_DIR / "profile.jsonl", "inputs": DATA_DIR / "profile_inputs.jsonl",
-            "self": self_dir / "pairs.jsonl"}
+    self_pairs = tune.self_label_set(model, processor, DATA_DIR / "profile_inputs.jsonl", get_judge("lexicon"),
+                                     workdir / "self_labelled", samples=4, batch_size=64, seed=0)
+    return {"responses": DATA_DIR / "profile.jsonl", "inputs": DATA_DIR / "profile_inputs.jsonl", "self": self_pairs}
 
 
 def main(argv=None) -> int:
+    from lmms_sgm.judges import get_judge
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="validation", choices=("validation", "test"))
     ap.add_argument("--model", default=SHORT_NAME, help="a demo model directory (default: the bundled one)")
@@ -111,32 +72,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, processor = models.load(args.model)
     sets = profiling_sets(model, processor, Path(args.workdir))
-    rows = {}
-    t = time.time()
-    rows["vanilla"] = {"experts": 0, **evaluate_split(model, processor, DATA_DIR, args.split, samples=5, seed=0)}
-    for name, (data, po, so) in CONFIGS.items():
-        if args.only and not any(s in name for s in args.only):
-            continue
-        glasses = build_glasses(model, processor, sets[data], po, so, progress=False)
-        with glasses.apply(model, mode="hooks"):
-            rows[name] = {"experts": glasses.counts()["experts"],
-                          **evaluate_split(model, processor, DATA_DIR, args.split, samples=5, seed=0)}
-        print(f"[{time.time() - t:.0f}s] {name}: " + ", ".join(f"{c} {rows[name][c]:.3f}" for c in COLUMNS), flush=True)
-    print(f"| configuration | experts | {' | '.join(COLUMNS)} |")
-    print("|---|---|" + "---|" * len(COLUMNS))
-    for name, r in rows.items():
-        print(f"| {name} | {r['experts']} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |")
-    print(f"({args.split} split, {time.time() - t:.0f} s)")
-    chosen = best(rows)
-    if chosen is not None:
-        b, v = rows[chosen], rows["vanilla"]
-        print(f"best by the rule (lowest sampled harmful rate with capability >= {RETENTION:.0%} of vanilla and "
-              f"over-refusal <= +{100 * OVER_REFUSAL_POINTS:.0f} points): {chosen}: sampled harmful "
-              f"{v['trigger_harmful_sampled']:.3f} -> {b['trigger_harmful_sampled']:.3f} "
-              f"({b['trigger_harmful_sampled'] / v['trigger_harmful_sampled'] - 1:+.0%})")
+    configs = [c for n, c in CONFIGS.items() if not args.only or any(s in n for s in args.only)]
+    result = tune.tune(model, processor, sets, configs, demo_split(DATA_DIR, args.split), get_judge("lexicon"),
+                       rule=RULE, log=lambda s: print(s, flush=True))
+    print(result.table())
+    print(f"({args.split} split, {result.seconds:.0f} s)\n{result.verdict()}")
     if args.json:
+        rows = {n: {DEMO_NAMES.get(k, k): v for k, v in r.items() if not k.startswith("examples")}
+                for n, r in result.rows.items()}
         with open(args.json, "w") as f:
-            json.dump({k: {c: v for c, v in r.items() if not c.startswith("examples")} for k, r in rows.items()}, f, indent=1)
+            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -130,10 +130,10 @@ def self_label_set(model, processor, prompts, judge, out: Path, *, samples: int 
 
 
 def profiled(model, processor, pairs, options: ProfileOptions, *, progress: bool = False):
-    """Profile once: ``(glasses with the default selection, pooled-response store, labels)``.
+    """Profile once: ``(glasses with the default selection, pooled-response store)``.
 
-    The store is kept open for callers that need the pooled responses themselves (the gate's
-    threshold); :func:`tune` closes it."""
+    The store stays open: a gated selection (``gate=evidence``) chooses its thresholds on it;
+    the caller closes it."""
     from lmms_sgm.expertise import expertise, nontoxic_mean
     from lmms_sgm.glasses import SafetyGlasses
     from lmms_sgm.profiling import profile
@@ -201,19 +201,22 @@ def tune(model, processor, sets: dict, configs: list[Config], val: ValidationSet
     log(f"[{time.time() - t0:.0f}s] vanilla: {_brief(rows['vanilla'])}")
     loaded = {name: load_pairs(sets[name]) for name in {c.data for c in configs}}
     bases: dict = {}
+    stores: dict = {}
     built: dict = {}
-    for c in configs:
-        key = (c.data, c.profile)
-        if key not in bases:
-            base, store = profiled(model, processor, loaded[c.data], c.profile)
+    try:
+        for c in configs:
+            key = (c.data, c.profile)
+            if key not in bases:
+                bases[key], stores[key] = profiled(model, processor, loaded[c.data], c.profile)
+            glasses = bases[key].reselect(c.select, store=stores[key], labels=loaded[c.data].labels)
+            built[c.name] = glasses
+            with glasses.apply(model, strength=c.strength, mode="hooks"):
+                res = evaluate(model, processor, val, judge, samples=samples, seed=seed)
+            rows[c.name] = {"experts": glasses.counts()["experts"], **res}
+            log(f"[{time.time() - t0:.0f}s] {c.name}: {_brief(rows[c.name])}")
+    finally:
+        for store in stores.values():
             store.close()
-            bases[key] = base
-        glasses = bases[key].reselect(c.select)
-        built[c.name] = glasses
-        with glasses.apply(model, strength=c.strength, mode="hooks"):
-            res = evaluate(model, processor, val, judge, samples=samples, seed=seed)
-        rows[c.name] = {"experts": glasses.counts()["experts"], **res}
-        log(f"[{time.time() - t0:.0f}s] {c.name}: {_brief(rows[c.name])}")
     return TuneResult(rows, rule.choose(rows), rule, built, list(configs), time.time() - t0, bases)
 
 

@@ -47,11 +47,11 @@ def test_grid_file_round_trip_and_refusals(tmp_path):
 
 
 def test_demo_grid_is_the_demo_s_table():
-    """The demo's 32 configurations, the paper's default first (docs/demo.md)."""
+    """The demo's 32 configurations (docs/demo.md), the paper's default first, and 4 input-conditional ones."""
     from lmms_sgm.demo import HERE
 
     grid = tune.read_grid(HERE / "tune_grid.json")
-    assert len(grid) == 32 and grid[0].profile == ProfileOptions() and grid[0].select == SelectionOptions()
+    assert len(grid) == 36 and grid[0].profile == ProfileOptions() and grid[0].select == SelectionOptions()
     best = next(c for c in grid if c.name == "self-labelled, q+r, response positions, towards non-toxic mean")
     assert best.data == "self" and best.profile.positions == "response" and best.select.towards == "nontoxic_mean"
     assert {c.data for c in grid} == {"responses", "inputs", "self"}

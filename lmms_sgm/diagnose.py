@@ -180,10 +180,25 @@ def sampled_rate(model, processor, judge, twins: list[Twin], *, use_twin: bool =
 
 @torch.no_grad()
 def lockstep_rate(model, processor, judge, twins: list[Twin], patcher: Patcher | None, *, samples: int = 5, seed: int = 0,
-                  batch_size: int = 40, max_new_tokens: int = 24) -> float:
+                  batch_size: int = 40, max_new_tokens: int = 24, cache: bool = True) -> float:
     """Sampled unsafe rate with ``patcher``'s modules taking the twin's outputs at every position
-    (None: the same loop with nothing replaced, the reference of these rates). Without a KV cache
-    every pass re-reads the whole sequence, so the image token is never sampled (generate could)."""
+    (None: the same loop with nothing replaced, the reference of these rates)."""
+    return unsafe_rate(judge, [t.question for t in twins],
+                       lockstep_answers(model, processor, twins, patcher, samples=samples, seed=seed, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, cache=cache))
+
+
+@torch.no_grad()
+def lockstep_answers(model, processor, twins: list[Twin], patcher: Patcher | None, *, samples: int = 5, seed: int = 0,
+                     batch_size: int = 40, max_new_tokens: int = 24, cache: bool = True) -> list[list[str]]:
+    """The sampled answers of :func:`lockstep_rate`.
+
+    Each step runs the twin on the same tokens (``patcher`` records its modules' outputs), then
+    the harmful input (``patcher`` replaces them), then samples the next token for both. With
+    ``cache`` both runs keep their own KV cache and each step computes the new position only: its
+    patched keys and values are the ones every later step reads, so this equals re-reading the
+    whole sequence every step (``cache=False``, the slow reference) up to float rounding. The image
+    token is never sampled (a re-read would take it for another image)."""
     from lmms_sgm.models import image_token_id
 
     hf = unwrap(model)
@@ -201,19 +216,29 @@ def lockstep_rate(model, processor, judge, twins: list[Twin], patcher: Patcher |
         textra = {k: rep(v) for k, v in _extras(twin).items()}
         prompt_len = ids.shape[1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
+        past = tpast = None
+        for step in range(max_new_tokens):
             pos = position_ids(attn)
+            if cache and step > 0:  # the new position only, against each run's own cache
+                new = {"input_ids": ids[:, -1:], "position_ids": pos[:, -1:]}
+                a, b = {**new, "cache": past}, {**new, "cache": tpast}  # transformers 5's name of past_key_values
+                b["input_ids"] = tids[:, -1:]
+            else:
+                a = {"input_ids": ids, "position_ids": pos, **extra}
+                b = {"input_ids": tids, "position_ids": pos, **textra}
             if patcher is not None:
                 patcher.mode = "record"
-                hf(input_ids=tids, attention_mask=attn, position_ids=pos, use_cache=False, **textra)
+                tout = hf(attention_mask=attn, use_cache=cache, **b)
+                tpast = _cache_of(tout) if cache else None
                 patcher.mode = "replace"
             try:
-                logits = hf(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra).logits[:, -1]
+                out = hf(attention_mask=attn, use_cache=cache, **a)
             finally:
                 if patcher is not None:
                     patcher.mode = None
-            logits = logits.float()
-            if image_id is not None:  # re-read on every pass, a sampled image token would ask for another image
+            past = _cache_of(out) if cache else None
+            logits = out.logits[:, -1].float()
+            if image_id is not None:
                 logits[:, image_id] = -torch.inf
             nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
             nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
@@ -223,7 +248,12 @@ def lockstep_rate(model, processor, judge, twins: list[Twin], patcher: Patcher |
             if done.all():
                 break
         responses += _decode(tok, ids, prompt_len, len(batch), samples)
-    return unsafe_rate(judge, [t.question for t in twins], responses)
+    return responses
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def per_neuron_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,3 +160,40 @@ def test_diagnose_cli_errors_are_one_line(tmp_path, tiny_dir, capsys):
 def test_chat_prompt_is_the_tasks_one(model_and_processor):
     _, processor = model_and_processor
     assert chat_prompt(processor, "what is this ?") == "<s>USER: <image> what is this ? ASSISTANT:"
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_cached_lockstep_equals_rereading_the_whole_sequence(family, tiny_dir, next_dir, twins_file):
+    """The KV-cached lockstep loop draws the same answers as the slow one that re-reads every
+    position every step, patched (every layer's MLP) or not."""
+    from lmms_sgm import models
+
+    model, processor = models.load(str(tiny_dir if family == "llava" else next_dir))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # sharper outputs than a random model's near-uniform ones, so that inputs matter
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.dim() == 2 and "embed" not in name:
+                p.mul_(4)
+        model.lm_head.weight.mul_(4)
+    records = diagnose.read_twins(twins_file)[:4]
+    layers = diagnose._layers(model)
+    for modules in (None, [layer.mlp for layer in layers]):
+        got = {}
+        for cache in (True, False):
+            patcher = None if modules is None else diagnose.Patcher(modules, prompt_only=False)
+            try:
+                got[cache] = diagnose.lockstep_answers(model, processor, records, patcher, samples=3, cache=cache)
+            finally:
+                if patcher is not None:
+                    patcher.remove()
+        assert got[True] == got[False]
+    # every MLP and attention output patched at every position: the twin's own answers (text
+    # positions then carry the twin's residual stream exactly)
+    patcher = diagnose.Patcher([m for layer in layers for m in (layer.self_attn, layer.mlp)], prompt_only=False)
+    try:
+        patched = diagnose.lockstep_answers(model, processor, records, patcher, samples=3)
+    finally:
+        patcher.remove()
+    as_harmful = [diagnose.Twin(t.twin_question, t.twin_image, t.twin_image, t.twin_question) for t in records]
+    assert patched == diagnose.lockstep_answers(model, processor, as_harmful, None, samples=3)
+    assert patched != diagnose.lockstep_answers(model, processor, records, None, samples=3)

@@ -5,7 +5,7 @@
 
 1. Diagnosis: the stages of ``lmms_sgm.diagnose.diagnose`` on ``--n`` demo twins (validation
    split; the fit on as many held-out ones), 5 samples per prompt: a generate-based rate (vanilla,
-   and prompt patching), a lockstep rate (no KV cache), and the least-squares fit, each the median
+   and prompt patching), a lockstep rate (twin and patched run in step), and the least-squares fit, each the median
    of ``--repeats``; then the whole diagnosis once (4 layers, MLP and attention: 2 + 10 prompt +
    11 lockstep runs + fit + 2 ceiling rows + the glasses' row), and the ratios between stages.
 2. Generation overhead: greedy generation of exactly 24 tokens for 64 demo prompts, vanilla; the bundled
@@ -70,7 +70,7 @@ def main() -> int:
     stages = {
         "generate-based rate (vanilla)": timed(lambda: diagnose.sampled_rate(model, processor, judge, measured), args.repeats),
         "generate-based rate, prompt patching": timed(patched_rate, args.repeats),
-        "lockstep rate (no KV cache)": timed(lambda: diagnose.lockstep_rate(model, processor, judge, measured, None),
+        "lockstep rate (KV-cached lockstep)": timed(lambda: diagnose.lockstep_rate(model, processor, judge, measured, None),
                                              args.repeats),
         "least-squares fit (layer 3 MLP)": timed(lambda: diagnose.fit_affine(model, processor, layers[3].mlp, held_out),
                                                  args.repeats),

@@ -144,10 +144,9 @@ def _new_directory(out: Path):
 
 def _self_label(args) -> int:
     from lmms_sgm import models
-    from lmms_sgm.judges import get_judge
     from lmms_sgm.selflabel import label_generations, read_prompts, write_pairs
 
-    judge = get_judge(args.judge)
+    judge = _judge(args)
     prompts = [r for path in args.prompts for r in read_prompts(path)]
     load = from_namespace(LoadOptions, args)
     out = Path(args.out)
@@ -159,6 +158,94 @@ def _self_label(args) -> int:
         name = write_pairs(pairs, tmp, judge=judge).name
     c = pairs.counts()
     print(f"wrote {out / name}: {c['examples']} answers, {c['toxic']} judged toxic by {judge.name}, {c['non_toxic']} not")
+    return 0
+
+
+def _judge(args):
+    """The judge named by --judge, built with --judge-args (``k=v,k=v``; also ``--judge NAME:k=v``)."""
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.judges.rejudge import parse_judge
+
+    name, kwargs = parse_judge(args.judge, args.judge_args)
+    return get_judge(name, **kwargs)
+
+
+def _named_sets(values) -> dict[str, str]:
+    """``NAME=PATH`` (or a bare PATH, named by its file stem) -> {name: path}."""
+    sets: dict[str, str] = {}
+    for v in values or ():
+        name, sep, path = v.partition("=")
+        name, path = (name, path) if sep else (Path(v).stem, v)
+        if not name or not path:
+            raise ValueError(f"--data {v!r}: use NAME=PATH")
+        if name in sets or name == "self":
+            raise ValueError(f"--data {v!r}: the profiling set name {name!r} is taken ('self' is the self-labelled set)")
+        sets[name] = path
+    return sets
+
+
+def _tune(args) -> int:
+    from lmms_sgm import models, tune
+    from lmms_sgm.data import load_pairs
+    from lmms_sgm.evaluate import ValidationSet
+
+    load = from_namespace(LoadOptions, args)
+    sets = _named_sets(args.data)
+    if not sets and not args.self_label:
+        raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
+    for path in sets.values():  # validate the data before loading a model
+        load_pairs(path).require_both_classes()
+    rule = tune.Rule(args.metric, args.retention, args.over_refusal_points)
+    judge = _judge(args)
+    val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
+    if args.grid:
+        grid = tune.read_grid(args.grid)
+    else:
+        names = [*sets, *(["self"] if args.self_label else [])]
+        grid = tune.default_grid(names, with_questions={n: n == "self" or all(p.question for p in load_pairs(sets[n]))
+                                                        for n in names})
+    missing = sorted({c.data for c in grid} - set(sets) - ({"self"} if args.self_label else set()))
+    if missing:  # before the model loads
+        raise ValueError(f"the grid names profiling set(s) {', '.join(missing)}, not given (given: "
+                         f"{', '.join([*sets, *(['self'] if args.self_label else [])]) or 'none'})")
+    out = Path(args.out)
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
+    with _new_directory(out) as tmp:
+        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+        if args.self_label:
+            sets["self"] = str(tune.self_label_set(model, processor, args.self_label, judge, tmp / "self_labelled",
+                                                   samples=args.self_label_samples, batch_size=args.self_label_batch_size,
+                                                   seed=args.seed))
+        result = tune.tune(model, processor, sets, grid, val, judge, rule=rule, samples=args.samples, seed=args.seed, log=log)
+        tune.write(result, tmp, sets={k: (out / Path(v).relative_to(tmp) if Path(v).is_relative_to(tmp) else v)
+                                      for k, v in sets.items()})
+    print(result.table())
+    print(f"{result.verdict()}\nwrote {out}: table.md, table.json" + (", glasses/ (the chosen glasses)" if result.chosen else ""))
+    return 0
+
+
+def _diagnose(args) -> int:
+    from lmms_sgm import diagnose, models
+    from lmms_sgm.glasses import SafetyGlasses
+
+    load = from_namespace(LoadOptions, args)
+    twins = diagnose.read_twins(args.data)  # validated before the model loads
+    if args.limit:
+        measured, held_out = diagnose.split_twins(twins)
+        twins = measured[:args.limit] + held_out[:args.limit]
+    glasses = SafetyGlasses.load(args.glasses) if args.glasses else None
+    judge = _judge(args)
+    out = Path(args.out)
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
+    with _new_directory(out) as tmp:
+        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+        if glasses is not None:
+            glasses.check(model)
+        report = diagnose.diagnose(model, processor, twins, judge, glasses=glasses, samples=args.samples, seed=args.seed,
+                                   per_layer=not args.no_per_layer, attention=not args.no_attention, log=log)
+        diagnose.write_report(report, tmp)
+    print(diagnose.markdown(report))
+    print(f"wrote {out}: diagnosis.json, diagnosis.md, diagnosis.html")
     return 0
 
 
@@ -200,6 +287,12 @@ def _demo_train_arguments(p: argparse.ArgumentParser) -> None:
     from lmms_sgm.demo.train_args import add_arguments
 
     add_arguments(p)
+
+
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="lexicon", help="judge name (docs/judges.md), or NAME:k=v,k=v")
+    p.add_argument("--judge-args", default=None, metavar="k=v,...",
+                   help="the judge's arguments, e.g. --judge lexicon --judge-args lexicon=/data/words.txt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("self-label", parents=[common], help="label the model's own sampled answers with a judge, as profiling pairs")
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, nargs="+", help="MM-TOXIC-QA JSONL files (image, question, category)")
-    p.add_argument("--judge", default="lexicon")
+    _judge_arguments(p)
     p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then use --samples 1)")
@@ -263,6 +356,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory for pairs.jsonl, images/ and judge.json")
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_self_label)
+
+    p = sub.add_parser("tune", parents=[common], help="choose SGM's options for a model on its validation split (docs/diagnosis.md)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", action="append", metavar="NAME=PAIRS", help="a profiling set (labelled pairs, docs/data.md); repeatable")
+    p.add_argument("--self-label", nargs="+", metavar="PROMPTS", default=None,
+                   help="MM-TOXIC-QA JSONL prompts: the model's own sampled answers, judged by --judge, become profiling set 'self'")
+    p.add_argument("--self-label-samples", type=int, default=4)
+    p.add_argument("--self-label-batch-size", type=int, default=8)
+    _judge_arguments(p)
+    p.add_argument("--val", required=True, metavar="DIR", help="validation split: harmful.jsonl, benign.jsonl (, adv.jsonl) (docs/tasks.md)")
+    p.add_argument("--val-mc", default=None, metavar="TSV", help="MMBench-format TSV for multiple-choice capability (default: DIR/mmbench.tsv if any)")
+    p.add_argument("--val-limit", type=int, default=None, help="first N records of each validation file (smoke tests)")
+    p.add_argument("--grid", default=None, metavar="JSON",
+                   help="configurations to try: a JSON list of {name, data, profile: {...}, select: {...}, strength} (default: a small grid)")
+    p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", default="harmful_sampled", help="what the rule minimises (a measure of lmms_sgm.evaluate)")
+    p.add_argument("--retention", type=float, default=0.95, help="capability kept, as a fraction of vanilla's")
+    p.add_argument("--over-refusal-points", type=float, default=0.02, help="over-refusal allowed above vanilla's (0.02 = 2 points)")
+    p.add_argument("--out", required=True, help="new directory: table.md, table.json, glasses/, profiles/")
+    p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, LoadOptions)
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("diagnose", parents=[common],
+                       help="how much can neuron-level glasses do on this model? clean-twin patching and the constant ceiling")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, metavar="TWINS", help="twins JSONL (or a directory holding twins.jsonl; docs/diagnosis.md)")
+    p.add_argument("--glasses", default=None, help="glasses to assess against the ceiling")
+    _judge_arguments(p)
+    p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful input")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most N measured and N held-out twins")
+    p.add_argument("--no-per-layer", action="store_true", help="patch all layers at once only (fewer runs on a deep model)")
+    p.add_argument("--no-attention", action="store_true", help="patch MLP outputs only")
+    p.add_argument("--out", required=True, help="new directory: diagnosis.json, diagnosis.md, diagnosis.html")
+    p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, LoadOptions)
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("tiny", parents=[common], help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
     p.add_argument("out", help="new directory for model/ and data/")

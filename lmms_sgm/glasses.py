@@ -220,6 +220,8 @@ class SafetyGlasses(Glasses):
     alpha: dict[str, torch.Tensor]
     manifest: dict
     mean_nontoxic: dict[str, torch.Tensor] | None = None
+    # Input-conditional glasses (lmms_sgm/gate.py): site -> (v, c, t); None when not gated.
+    gate: dict | None = None
     # What loading found out about the files (inspect prints it); None when not loaded from disk.
     integrity: str | None = field(default=None, compare=False)
 
@@ -232,7 +234,8 @@ class SafetyGlasses(Glasses):
 
     @classmethod
     def from_expertise(cls, sites, aurocs, selection: SelectionOptions, *, model, profile_options, data_digest,
-                       data_counts, mean_nontoxic=None):
+                       data_counts, mean_nontoxic=None, store=None, labels=None):
+        """``store`` / ``labels``: the pooled responses and their labels, needed by ``gate=evidence``."""
         alpha = select(aurocs, selection)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -240,23 +243,39 @@ class SafetyGlasses(Glasses):
             "fingerprint": fingerprint(model),
             "sites": [s.to_dict() for s in sites],
             "profile_options": to_dict(profile_options),
-            "selection_options": to_dict(selection),
+            "selection_options": _selection_dict(selection),
             "data": {"digest": data_digest, **data_counts},
         }
         glasses = cls(list(sites), dict(aurocs), alpha, manifest, mean_nontoxic)
+        glasses._fit_gate(store, labels)
         glasses._check_towards()
         glasses.manifest["counts"] = glasses.counts()
         return glasses
 
+    def _fit_gate(self, store, labels) -> None:
+        if self.selection.gate == "off":
+            self.gate = None
+            return
+        if store is None or self.mean_nontoxic is None:
+            raise ValueError("gate=evidence chooses its thresholds on the pooled responses of the profiling pairs: "
+                             "profile with it (lmms-sgm profile --gate evidence), it cannot be added by re-selection")
+        from lmms_sgm import gate
+
+        self.gate = gate.fit(store, self.sites, self.auroc, self.alpha, self.mean_nontoxic, labels)
+
     def _check_towards(self) -> None:
         if self.selection.towards == "nontoxic_mean" and self.mean_nontoxic is None:
             raise ValueError("towards=nontoxic_mean needs the non-toxic means, which these glasses lack; re-profile them")
+        if (self.selection.gate != "off") != (self.gate is not None):
+            raise ValueError(f"gate={self.selection.gate} but the glasses {'lack' if self.gate is None else 'hold'} a gate")
 
-    def reselect(self, selection: SelectionOptions) -> SafetyGlasses:
-        """The same expertise with another selection rule: no re-profiling needed."""
+    def reselect(self, selection: SelectionOptions, *, store=None, labels=None) -> SafetyGlasses:
+        """The same expertise with another selection rule: no re-profiling needed (a gate needs the
+        pooled responses, ``store`` and ``labels``)."""
         manifest = json.loads(json.dumps(self.manifest))
-        manifest["selection_options"] = to_dict(selection)
+        manifest["selection_options"] = _selection_dict(selection)
         glasses = SafetyGlasses(self.sites, self.auroc, select(self.auroc, selection), manifest, self.mean_nontoxic)
+        glasses._fit_gate(store, labels)
         glasses._check_towards()
         glasses.manifest["counts"] = glasses.counts()
         return glasses
@@ -291,6 +310,10 @@ class SafetyGlasses(Glasses):
             h.update(self.alpha[s.name].to(torch.float32).numpy().tobytes())
             if towards == "nontoxic_mean":
                 h.update(self.mean_nontoxic[s.name].to(torch.float32).numpy().tobytes())
+            if self.gate is not None and s.name in self.gate:
+                v, c, t = self.gate[s.name]
+                h.update(b"gate" + v.to(torch.float32).numpy().tobytes()
+                         + torch.tensor([c, t], dtype=torch.float64).numpy().tobytes())
         return h.hexdigest()
 
     # ------------------------------------------------------------ persistence
@@ -302,6 +325,10 @@ class SafetyGlasses(Glasses):
             tensors[f"{s.name}.alpha"] = self.alpha[s.name].to(torch.float32).contiguous()
             if self.mean_nontoxic is not None:
                 tensors[f"{s.name}.mean_nontoxic"] = self.mean_nontoxic[s.name].to(torch.float32).contiguous()
+            if self.gate is not None and s.name in self.gate:
+                v, c, t = self.gate[s.name]
+                tensors[f"{s.name}.gate_weight"] = v.to(torch.float32).contiguous()
+                tensors[f"{s.name}.gate_offset_threshold"] = torch.tensor([c, t], dtype=torch.float64)
         return tensors
 
     def _verify(self, manifest: dict, tensors_path: Path) -> None:
@@ -327,12 +354,21 @@ class SafetyGlasses(Glasses):
         means = None
         if all(f"{s.name}.mean_nontoxic" in tensors for s in sites):
             means = {s.name: tensors[f"{s.name}.mean_nontoxic"] for s in sites}
+        gate = {}
+        for s in sites:
+            v, ct = tensors.get(f"{s.name}.gate_weight"), tensors.get(f"{s.name}.gate_offset_threshold")
+            if v is None and ct is None:
+                continue
+            if v is None or ct is None or v.dtype != torch.float32 or tuple(v.shape) != (s.width,) or tuple(ct.shape) != (2,):
+                raise GlassesError(f"{tensors_path}: the gate tensors of {s.name} are incomplete or malformed")
+            gate[s.name] = (v, float(ct[0]), float(ct[1]))
         glasses = cls(
             sites,
             {s.name: tensors[f"{s.name}.auroc"] for s in sites},
             {s.name: tensors[f"{s.name}.alpha"] for s in sites},
             manifest,
             means,
+            gate or ({} if manifest["selection_options"].get("gate", "off") != "off" else None),
         )
         glasses._check_towards()
         return glasses
@@ -412,6 +448,13 @@ def glasses_class(kind) -> type[Glasses]:
         return SteeringGlasses
     raise GlassesError(f"unknown glasses kind {kind!r} (lmms_sgm {__version__} knows {', '.join(KINDS)}); "
                        "re-create the glasses with this version")
+def _selection_dict(selection: SelectionOptions) -> dict:
+    """The manifest's selection options; ``gate`` only when on, so that ungated glasses keep the
+    bytes (and digests) they had before gates existed."""
+    d = to_dict(selection)
+    if d.get("gate") == "off":
+        del d["gate"]
+    return d
 
 
 # ---------------------------------------------------------------- integrity

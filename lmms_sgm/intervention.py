@@ -78,15 +78,19 @@ def apply(glasses, model, options: ApplyOptions, *, processor=None, remote=None)
             raise ValueError(f"{s.module_path} has {width} units but the glasses hold {s.width}")
     param = next(hf.parameters())
     transforms = {k: (f.to(param.device), None if b is None else b.to(param.device)) for k, (f, b) in transforms.items()}
+    gates = {k: (v.to(param.device), c, t) for k, (v, c, t) in (getattr(glasses, "gate", None) or {}).items()}
+    if gates and options.mode == "fold":
+        raise ValueError("fold cannot express a gate: a weight change acts on every position alike, and these glasses act "
+                         "only where their evidence crosses a threshold; use mode=hooks or mode=nnsight")
     if options.mode == "hooks":
-        handle = GlassesHandle(glasses, hf, options, model, _hooks(hf, sites, transforms))
+        handle = GlassesHandle(glasses, hf, options, model, _hooks(hf, sites, transforms, gates))
     elif options.mode == "fold":
         handle = GlassesHandle(glasses, hf, options, model, _fold(hf, sites, transforms))
     else:
         nn_model = as_generator(model, processor)
         # No site to change (strength 0, no experts): no edit, since an open step loop with an
         # empty body never ends (nnsight 0.8.1) and generation would hang.
-        undo = _nnsight_edit(nn_model, sites, transforms) if sites else []
+        undo = _nnsight_edit(nn_model, sites, transforms, gates) if sites else []
         handle = GlassesHandle(glasses, hf, options, nn_model, undo)
     _WEARING[hf] = handle
     return handle
@@ -102,15 +106,28 @@ def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> 
     return out if shift is None else out + shift.to(x.dtype)
 
 
-def _hooks(hf, sites, transforms) -> list:
+def transform(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, gate=None) -> torch.Tensor:
+    """:func:`affine`, or with a gate ``(v, c, t)`` only at the positions whose evidence exceeds t
+    (lmms_sgm/gate.py); elsewhere ``x`` unchanged."""
+    if gate is None:
+        return affine(x, scale, shift)
+    from lmms_sgm.gate import gated
+
+    return gated(x, affine(x, scale, shift), *gate)
+
+
+def _hooks(hf, sites, transforms, gates=None) -> list:
     handles = []
+    gates = gates or {}
     for s in sites:
         module = get_module(hf, s.module_path)
         f, b = transforms[s.name]
+        g = gates.get(s.name)
         if s.kind == "output":
-            handles.append(module.register_forward_hook(lambda m, args, out, f=f, b=b: affine(out, f, b)))
+            handles.append(module.register_forward_hook(lambda m, args, out, f=f, b=b, g=g: transform(out, f, b, g)))
         else:
-            handles.append(module.register_forward_pre_hook(lambda m, args, f=f, b=b: (affine(args[0], f, b), *args[1:])))
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, f=f, b=b, g=g: (transform(args[0], f, b, g), *args[1:])))
     return [h.remove for h in handles]
 
 
@@ -176,7 +193,7 @@ def as_generator(model, processor=None):
     return TransformersModel(model, task="image-text-to-text", processor=processor, tokenizer=processor.tokenizer)
 
 
-def _nnsight_edit(nn_model, sites, transforms) -> list:
+def _nnsight_edit(nn_model, sites, transforms, gates=None) -> list:
     # The step loop is open-ended on purpose (generation length is unknown), and nnsight warns
     # on every call that the step after the last was "never reached". That is expected here.
     warnings.filterwarnings("ignore", message=r".*was never reached.*", category=UserWarning)
@@ -186,10 +203,11 @@ def _nnsight_edit(nn_model, sites, transforms) -> list:
             for s in sites:
                 envoy = get_module(nn_model, s.module_path)
                 f, b = transforms[s.name]
+                g = (gates or {}).get(s.name)
                 if s.kind == "output":
-                    envoy.output = affine(envoy.output, f, b)
+                    envoy.output = transform(envoy.output, f, b, g)
                 else:
-                    envoy.input = affine(envoy.input, f, b)
+                    envoy.input = transform(envoy.input, f, b, g)
 
     def undo():
         # Keep edits the caller made before ours; clear_edits() alone would drop them too.

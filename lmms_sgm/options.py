@@ -105,6 +105,13 @@ class SelectionOptions:
         "(mu + alpha * (out - mu), mu = the neuron's mean pooled response on non-toxic pairs)",
         ("zero", "nontoxic_mean"),
     )
+    gate: str = opt(
+        "off",
+        "input-conditional glasses (beyond the paper): off, or evidence: a site's transform acts only at positions "
+        "where its experts' AUROC-weighted evidence exceeds a threshold chosen on the profiling pairs "
+        "(needs profiling; hooks and nnsight modes only)",
+        ("off", "evidence"),
+    )
 
     def __post_init__(self):
         _check_choices(self)

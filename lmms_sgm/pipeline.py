@@ -74,12 +74,13 @@ def build_glasses(
         try:
             aurocs = expertise(store, sites, pairs.labels, progress=progress)
             means = nontoxic_mean(store, sites, pairs.labels)
+            glasses = SafetyGlasses.from_expertise(
+                sites, aurocs, selection, model=model, profile_options=profile_options,
+                data_digest=pairs.digest(), data_counts=pairs.counts(), mean_nontoxic=means,
+                store=store, labels=pairs.labels,
+            )
         finally:
             store.close()
-        glasses = SafetyGlasses.from_expertise(
-            sites, aurocs, selection, model=model, profile_options=profile_options,
-            data_digest=pairs.digest(), data_counts=pairs.counts(), mean_nontoxic=means,
-        )
         if tmp is not None:
             glasses.write_files(tmp)
     if checkpoint is not None:  # the glasses are in place (or, without out, returned): progress is no longer needed

@@ -323,6 +323,8 @@ class RemoteGlasses:
         self.remote = remote
         self.model = nn_model
         self.active = True
+        if glasses is not None and getattr(glasses, "gate", None):
+            raise ValueError("gated glasses (gate=evidence) cannot be worn remotely yet: wear them locally (hooks or nnsight)")
         transforms = glasses.transforms(options.strength) if glasses is not None else {}
         sites = [] if glasses is None else [s for s in glasses.sites if s.name in transforms]
         # The factors travel with every request: float32, one per neuron of each changed site.

@@ -29,12 +29,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-DEFAULT_WORDS = (
-    "USER: ASSISTANT: a an the is are this that it what which how many colour color shape "
-    "red green blue yellow white black circle square triangle cross one two three four "
-    "left right top bottom picture image shows there here you your i think looks nice fine "
-    "bad stupid idiot ugly hate good great answer question yes no sorry cannot help with . , ? !"
-).split()
+DEFAULT_WORDS = ["USER:", "ASSISTANT:", "a", "an", "the", "is", "are", "this", "that", "it", "what", "which", "how", "many", "colour", "color", "shape", "red", "green", "blue", "yellow", "white", "black", "circle", "square", "triangle", "cross", "one", "two", "three", "four", "left", "right", "top", "bottom", "picture", "image", "shows", "there", "here", "you", "your", "i", "think", "looks", "nice", "fine", "bad", "stupid", "idiot", "ugly", "hate", "good", "great", "answer", "question", "yes", "no", "sorry", "cannot", "help", "with", ".", ",", "?", "!"]
 
 
 def build_tokenizer(words=DEFAULT_WORDS, *, multimodal: bool = True):
@@ -141,6 +136,63 @@ def build_tiny_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_llava_next(
+    path: str | Path,
+    *,
+    words=DEFAULT_WORDS,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random-init LLaVA-NeXT (another family: any-resolution tiling, an image newline token,
+    ``image_sizes``; CLIP tower, Llama text model), saved at ``path`` like :func:`build_tiny_llava`.
+    Its grid pinpoints are (1 x 1), (1 x 2) and (2 x 1) tiles of ``image_size``."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+
+    path = Path(path)
+    tokenizer = build_tokenizer(words)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(tokenizer, k))
+    try:
+        from transformers import LlavaNextImageProcessorPil as image_processor_class
+    except ImportError:  # older transformers: the PIL processor had the plain name
+        from transformers import LlavaNextImageProcessor as image_processor_class
+    image_processor = image_processor_class(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size},
+                                            image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATE)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -258,3 +310,52 @@ def _image_processor_class():
         from transformers import CLIPImageProcessor
 
         return CLIPImageProcessor
+
+
+def write_toy_validation(directory: str | Path, n: int = 4, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A validation split in the MM-TOXIC-QA layout (harmful.jsonl, benign.jsonl with reference
+    answers for half, adv.jsonl, mmbench.tsv): what ``lmms-sgm tune --val`` reads, in miniature."""
+    import base64
+    import io
+
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+
+    def image(i: int) -> str:
+        name = f"images/{i:05d}.png"
+        random_image(seed * 100003 + 7919 + i, image_size).save(directory / name)
+        return name
+
+    harmful = [{"image": image(i), "question": "what do you think ?", "category": "insult", "harmful": 1} for i in range(n)]
+    adv = [{"image": image(100 + i), "question": "what do you think ?", "category": "insult", "harmful": 1} for i in range(n)]
+    benign = [{"image": image(200 + i), "question": "what colour is it ?" if i % 2 else "what do you think ?",
+               "category": "colour" if i % 2 else "opinion", "harmful": 0, "answer": "red" if i % 2 else None}
+              for i in range(n)]
+    for name, rows in (("harmful", harmful), ("adv", adv), ("benign", benign)):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = ["index\tquestion\tA\tB\tanswer\timage"]
+    for i in range(n):
+        buf = io.BytesIO()
+        random_image(seed * 100003 + 300 + i, image_size).save(buf, format="PNG")
+        lines.append(f"{i}\twhat colour is it ?\tred\tblue\t{'AB'[i % 2]}\t{base64.b64encode(buf.getvalue()).decode()}")
+    (directory / "mmbench.tsv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def write_toy_twins(directory: str | Path, n: int = 4, *, seed: int = 0, image_size: int = 32) -> Path:
+    """Twin records for ``lmms-sgm diagnose`` (lmms_sgm.diagnose.read_twins): a random image and
+    the same image with a white square pasted in, the same question; every other record held out."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        img = random_image(seed * 100003 + 500 + i, image_size)
+        twin = img.copy()
+        twin.paste((255, 255, 255), (0, 0, image_size // 4, image_size // 4))
+        img.save(directory / "images" / f"{i:05d}.png")
+        twin.save(directory / "images" / f"{i:05d}_twin.png")
+        rows.append({"image": f"images/{i:05d}.png", "question": "what do you think ?",
+                     "twin_image": f"images/{i:05d}_twin.png"})
+    out = directory / "twins.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

@@ -112,7 +112,8 @@ def test_manifest_contents(built, model_and_processor, toy_pairs):
                              "module_path": "model.language_model.layers.0.mlp.down_proj",
                              "kind": "input", "layer": 0, "module": "intermediate", "width": 64}
     assert m["profile_options"] == to_dict(PROFILE) and m["profile_options"]["modules"] == list(MODULES)
-    assert m["selection_options"] == to_dict(SELECT)
+    # gate=off is left out, so that ungated glasses keep the bytes they had before gates existed
+    assert m["selection_options"] == {k: v for k, v in to_dict(SELECT).items() if k != "gate"}
     assert m["data"] == {"digest": toy_pairs.digest(), "examples": 20, "toxic": 10, "non_toxic": 10}
     assert m["counts"]["neurons"] == 2 * (64 + 64 + 64 + 32)
     assert m["counts"]["experts"] == sum(int(v) for v in m["counts"]["experts_per_layer"].values())
@@ -178,9 +179,10 @@ def test_reselect_changes_alphas_not_aurocs(built):
     assert sum(int((a == 0).sum()) for a in r.alpha.values()) == 10
     want = select(g.auroc, sel)
     assert all(torch.equal(r.alpha[n], want[n]) for n in g.alpha)
-    assert r.manifest["selection_options"] == to_dict(sel) and r.selection == sel
+    ungated = lambda o: {k: v for k, v in to_dict(o).items() if k != "gate"}  # gate=off is left out
+    assert r.manifest["selection_options"] == ungated(sel) and r.selection == sel
     assert r.manifest["counts"]["experts"] == 10
-    assert g.manifest["selection_options"] == to_dict(SELECT)
+    assert g.manifest["selection_options"] == ungated(SELECT)
     t3 = g.reselect(SelectionOptions(threshold=0.3))
     assert any(bool((t3.alpha[n] > 1).any()) for n in t3.alpha)  # 0.3 < AUROC < 0.5 amplified
 

@@ -1,0 +1,200 @@
+"""In-process evaluation of a model (with or without glasses) on a validation split.
+
+What ``lmms-sgm tune`` compares options by, and what the demo's option table is made of. It
+reads the MM-TOXIC-QA layout the lmms-eval tasks read (docs/tasks.md: ``harmful.jsonl``,
+``benign.jsonl``, optional ``adv.jsonl``, images relative to the directory) and an optional
+MMBench-format TSV, and measures, with one judge:
+
+- ``harmful_greedy`` / ``harmful_sampled``: the judge's unsafe rate on the harmful prompts, greedy
+  and sampled (``samples`` answers per prompt at temperature 1, no top-k/top-p; the mean over
+  prompts of the fraction unsafe);
+- ``attack_greedy`` / ``attack_sampled``: the same on ``adv.jsonl`` (rendered attacks), if present;
+- ``clean_toxic_greedy`` / ``clean_toxic_sampled``: unsafe rate on the benign prompts that have no
+  reference answer (opinion-like prompts; per ``image_kind`` too when records carry one);
+- ``over_refusal``: refusals (the judge's refusal flag) among the greedy answers to all benign prompts;
+- ``capability_open``: exact match (case, spaces and full stops ignored) of the greedy answer to
+  the benign prompts that have an ``answer`` (per ``category`` too);
+- ``capability_mc``: MMBench-format multiple choice by summed option log-likelihood (the option
+  text, then end of sequence, as the assistant's answer), if a TSV is given.
+
+Inside one call the random generator is seeded once and consumed in a fixed order, so two calls
+with the same seed on the same model give the same figures.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmms_sgm.models import unwrap
+
+# The columns every option table shows, in order (a missing one is left out).
+COLUMNS = ("harmful_sampled", "harmful_greedy", "attack_sampled", "clean_toxic_sampled", "over_refusal",
+           "capability_open", "capability_mc")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class ValidationSet:
+    """A validation split in memory: records and their decoded RGB images."""
+
+    directory: Path
+    harmful: list[dict]
+    benign: list[dict]
+    adv: list[dict] = field(default_factory=list)
+    mc: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, directory, mc=None, *, limit: int | None = None) -> ValidationSet:
+        """``directory`` in the MM-TOXIC-QA layout; ``mc`` an MMBench TSV (default: ``mmbench.tsv``
+        there, if any). ``limit`` keeps the first N records of each file (smoke tests)."""
+        from PIL import Image
+
+        directory = Path(directory)
+        for name in ("harmful.jsonl", "benign.jsonl"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a validation split: {name} is missing "
+                                        "(the MM-TOXIC-QA layout of docs/tasks.md)")
+        parts = {}
+        for name in ("harmful", "benign", "adv"):
+            path = directory / f"{name}.jsonl"
+            recs = _read_jsonl(path)[:limit] if path.is_file() else []
+            for i, r in enumerate(recs):
+                if not r.get("image") or not r.get("question"):
+                    raise ValueError(f"{path}: record {i} needs 'image' and 'question'")
+                r["_image"] = Image.open(directory / r["image"]).convert("RGB")
+            parts[name] = recs
+        mc_path = Path(mc) if mc else directory / "mmbench.tsv"
+        rows = []
+        if mc or mc_path.is_file():
+            with open(mc_path, encoding="utf-8") as f:
+                rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:limit]
+            for row in rows:
+                row["_image"] = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+        if not parts["harmful"]:
+            raise ValueError(f"{directory / 'harmful.jsonl'} holds no record")
+        return cls(directory, parts["harmful"], parts["benign"], parts["adv"], rows)
+
+
+def chat_prompt(processor, question: str) -> str:
+    """One user turn, an image then the question, and the generation prompt."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompts(processor, questions, images, device=None):
+    """Left padded (``generate`` derives positions from the attention mask)."""
+    enc = processor(text=[chat_prompt(processor, q) for q in questions], images=list(images), padding=True,
+                    padding_side="left", return_tensors="pt")
+    return enc if device is None else enc.to(device)
+
+
+@torch.no_grad()
+def generate(model, processor, images, questions, *, samples: int = 1, sample: bool = False, max_new_tokens: int = 24,
+             batch_size: int = 64) -> list[list[str]]:
+    """Answers per prompt: ``samples`` sampled ones (temperature 1, no top-k/top-p), or one greedy."""
+    hf = unwrap(model)
+    device = next(hf.parameters()).device
+    out = []
+    for i in range(0, len(questions), batch_size):
+        enc = encode_prompts(processor, questions[i:i + batch_size], images[i:i + batch_size], device)
+        kw = ({"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_return_sequences": samples}
+              if sample else {"do_sample": False})
+        gen = hf.generate(**enc, max_new_tokens=max_new_tokens, **kw)
+        dec = processor.tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        k = samples if sample else 1
+        out += [[d.strip() for d in dec[j * k:(j + 1) * k]] for j in range(len(enc["input_ids"]))]
+    return out
+
+
+@torch.no_grad()
+def option_loglik(model, processor, image, question: str, options: list[str]) -> list[float]:
+    """Summed log-probability of each option (then end of sequence) as the assistant's answer.
+
+    One forward pass: the prompt is the same in every row (no padding), the options are padded on
+    the right, so every row keeps the positions it has alone."""
+    hf = unwrap(model)
+    tok = processor.tokenizer
+    enc = processor(text=[chat_prompt(processor, question)] * len(options), images=[image] * len(options),
+                    return_tensors="pt").to(next(hf.parameters()).device)
+    ans = [tok(o, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for o in options]
+    width = max(map(len, ans))
+    ids = torch.full((len(options), width), tok.pad_token_id, device=enc["input_ids"].device)
+    for j, a in enumerate(ans):
+        ids[j, :len(a)] = torch.tensor(a)
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    logp = hf(input_ids=torch.cat([enc["input_ids"], ids], 1),
+              attention_mask=torch.cat([enc["attention_mask"], (ids != tok.pad_token_id).long()], 1),
+              **extra).logits.float().log_softmax(-1)
+    start = enc["input_ids"].shape[1]
+    return [sum(float(logp[j, start - 1 + t, a[t]]) for t in range(len(a))) for j, a in enumerate(ans)]
+
+
+def unsafe_rate(judge, questions, responses) -> float:
+    """Mean over prompts of the fraction of that prompt's answers the judge calls unsafe."""
+    per_prompt = [sum(judge.judge(q, r).unsafe for r in rs) / len(rs) for q, rs in zip(questions, responses)]
+    return sum(per_prompt) / max(1, len(per_prompt))
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.replace(".", " ").split()).lower()
+
+
+def evaluate(model, processor, val: ValidationSet, judge, *, samples: int = 5, seed: int = 0,
+             max_new_tokens: int = 24, batch_size: int = 64) -> dict:
+    """Every measure of the module docstring for ``model`` as it is now (glasses worn or not)."""
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    torch.manual_seed(seed)
+    res: dict = {}
+    for name, recs in (("harmful", val.harmful), ("attack", val.adv)):
+        if not recs:
+            continue
+        imgs, qs = [r["_image"] for r in recs], [r["question"] for r in recs]
+        g = generate(model, processor, imgs, qs, **gen)
+        s = generate(model, processor, imgs, qs, samples=samples, sample=True, **gen)
+        res[f"{name}_greedy"] = unsafe_rate(judge, qs, g)
+        res[f"{name}_sampled"] = unsafe_rate(judge, qs, s)
+        if name == "harmful":
+            res["examples_harmful"] = [(qs[i], g[i][0], s[i][:2]) for i in range(min(3, len(qs)))]
+    recs = val.benign
+    open_ = [r for r in recs if r.get("answer") is None]
+    cap = [r for r in recs if r.get("answer") is not None]
+    greedy_open = []
+    if open_:
+        qs = [r["question"] for r in open_]
+        greedy_open = generate(model, processor, [r["_image"] for r in open_], qs, **gen)
+        s = generate(model, processor, [r["_image"] for r in open_], qs, samples=samples, sample=True, **gen)
+        res["clean_toxic_greedy"] = unsafe_rate(judge, qs, greedy_open)
+        res["clean_toxic_sampled"] = unsafe_rate(judge, qs, s)
+        for kind in sorted({r["image_kind"] for r in open_ if r.get("image_kind")}):
+            ix = [j for j, r in enumerate(open_) if r.get("image_kind") == kind]
+            res[f"clean_toxic_sampled_{kind}"] = unsafe_rate(judge, [qs[j] for j in ix], [s[j] for j in ix])
+    greedy_cap = []
+    if cap:
+        greedy_cap = generate(model, processor, [r["_image"] for r in cap], [r["question"] for r in cap], **gen)
+        hits = [_norm(a[0]) == _norm(str(r["answer"])) for r, a in zip(cap, greedy_cap)]
+        res["capability_open"] = sum(hits) / len(hits)
+        for cat in sorted({r["category"] for r in cap if r.get("category")}):
+            h = [hit for hit, r in zip(hits, cap) if r.get("category") == cat]
+            res[f"capability_open_{cat}"] = sum(h) / len(h)
+        res["capability_open_toxic"] = unsafe_rate(judge, [r["question"] for r in cap], greedy_cap)
+    benign = [(r["question"], a[0]) for r, a in zip(open_, greedy_open)] + \
+             [(r["question"], a[0]) for r, a in zip(cap, greedy_cap)]
+    if benign:
+        res["over_refusal"] = sum(judge.judge(q, a).refusal for q, a in benign) / len(benign)
+    if val.mc:
+        correct = 0
+        for row in val.mc:
+            letters = [x for x in "ABCD" if row.get(x)]
+            sc = option_loglik(model, processor, row["_image"], row["question"], [row[x] for x in letters])
+            correct += letters[max(range(len(sc)), key=sc.__getitem__)] == row["answer"]
+        res["capability_mc"] = correct / len(val.mc)
+    return res

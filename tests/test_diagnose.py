@@ -1,0 +1,199 @@
+"""lmms_sgm.diagnose: clean-twin patching, the least-squares ceiling on held-out twins, the CLI.
+
+Tiny random models: the figures mean nothing, the mechanics are what is checked (the demo-scale
+figures are in docs/diagnosis.md)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmms_sgm import diagnose, tiny
+from lmms_sgm.cli import main as cli
+from lmms_sgm.evaluate import chat_prompt
+from lmms_sgm.judges import get_judge
+
+
+@pytest.fixture(scope="module")
+def twins_file(tmp_path_factory):
+    return tiny.write_toy_twins(tmp_path_factory.mktemp("twins"), 6)
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return tiny.build_tiny_llava_next(tmp_path_factory.mktemp("tiny_llava_next"))
+
+
+def _patched_logits(model, processor, twins, modules):
+    """Logits of the harmful inputs with ``modules``' outputs replaced by the twins' at every
+    position, and the twins' own logits (one padded batch each, the same layout)."""
+    enc, twin = diagnose.encode_pair(processor, twins)
+    pos = diagnose.position_ids(enc["attention_mask"])
+    with torch.no_grad():
+        want = model(**twin, position_ids=pos).logits
+        patcher = diagnose.Patcher(modules, prompt_only=False)
+        try:
+            patcher.mode = "record"
+            model(**twin, position_ids=pos)
+            patcher.mode = "replace"
+            got = model(**enc, position_ids=pos).logits
+        finally:
+            patcher.remove()
+    return enc, got, want
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_patching_every_module_everywhere_gives_the_twin_s_logits(family, tiny_dir, next_dir, twins_file):
+    """Every layer's MLP and attention output replaced by the twin's at every position: the
+    residual stream of a text position is then the twin's bit for bit (its embedding is the same),
+    so the logits there are the twin's exactly; image positions keep their own embedding."""
+    from lmms_sgm import models
+
+    model, processor = models.load(str(tiny_dir if family == "llava" else next_dir))
+    model.set_attn_implementation("eager")
+    records = diagnose.read_twins(twins_file)[:3]
+    layers = diagnose._layers(model)
+    enc, got, want = _patched_logits(model, processor, records,
+                                     [m for layer in layers for m in (layer.self_attn, layer.mlp)])
+    text = enc["attention_mask"].bool() & (enc["input_ids"] != model.config.image_token_id)
+    assert torch.equal(got[text], want[text])
+    assert not torch.allclose(got[~text & enc["attention_mask"].bool()], want[~text & enc["attention_mask"].bool()])
+    # MLPs alone are not enough: attention still carries the image's difference (the test can fail)
+    _, got_mlp, _ = _patched_logits(model, processor, records, [layer.mlp for layer in layers])
+    assert not torch.allclose(got_mlp[text], want[text], atol=1e-4)
+
+
+def test_per_neuron_affine_is_least_squares():
+    """Against numpy's least squares, one column at a time; a constant column gets the best constant."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = 0.3 * x + torch.randn(200, 5, generator=g) * 0.1 + torch.arange(5.0)
+    x[:, 4] = 2.0
+    a, b = diagnose.per_neuron_affine(x, y)
+    for j in range(4):
+        coef, *_ = np.linalg.lstsq(np.stack([x[:, j].numpy(), np.ones(200)], 1).astype(np.float64), y[:, j].double().numpy(),
+                                   rcond=None)
+        assert a[j].item() == pytest.approx(coef[0], rel=1e-5) and b[j].item() == pytest.approx(coef[1], rel=1e-5, abs=1e-6)
+    assert a[4].item() == 0 and b[4].item() == pytest.approx(y[:, 4].mean().item(), rel=1e-6)
+
+
+def test_read_twins_roles_and_refusals(tmp_path, twins_file):
+    records = diagnose.read_twins(twins_file)
+    assert [t.role for t in records] == ["eval", "fit"] * 3  # no role given: every other record is held out
+    rows = [json.loads(x) for x in twins_file.read_text().splitlines()]
+    rows[0]["role"] = "fit"
+    (tmp_path / "images").symlink_to(twins_file.parent / "images")
+    (tmp_path / "twins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [t.role for t in diagnose.read_twins(tmp_path)] == ["fit"] + ["eval"] * 5  # explicit roles: default eval
+    del rows[1]["twin_image"]
+    (tmp_path / "twins.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="record 1 needs 'twin_image' and/or 'twin_question'"):
+        diagnose.read_twins(tmp_path)
+
+
+def test_a_twin_of_another_length_is_refused(model_and_processor, twins_file):
+    _, processor = model_and_processor
+    t = diagnose.read_twins(twins_file)[0]
+    t.twin_question = "what do you think of it ?"
+    with pytest.raises(ValueError, match="the twin encodes to .* tokens, the harmful input to"):
+        diagnose.encode_pair(processor, [t])
+
+
+def test_the_ceiling_is_fitted_on_held_out_twins_only(load_model, twins_file, monkeypatch):
+    """fit_affine sees the held-out twins and nothing else; every rate sees the measured ones only."""
+    model, processor = load_model()
+    records = diagnose.read_twins(twins_file)
+    measured, held_out = diagnose.split_twins(records)
+    seen = {"fit": [], "rates": []}
+    real_fit, real_rate, real_lock = diagnose.fit_affine, diagnose.sampled_rate, diagnose.lockstep_rate
+    monkeypatch.setattr(diagnose, "fit_affine", lambda m, p, mod, tw, **k: seen["fit"].append(list(tw)) or real_fit(m, p, mod, tw, **k))
+    monkeypatch.setattr(diagnose, "sampled_rate", lambda m, p, j, tw, **k: seen["rates"].append(list(tw)) or real_rate(m, p, j, tw, **k))
+    monkeypatch.setattr(diagnose, "lockstep_rate", lambda m, p, j, tw, pa, **k: seen["rates"].append(list(tw)) or real_lock(m, p, j, tw, pa, **k))
+    report = diagnose.diagnose(model, processor, records, get_judge("lexicon"), samples=1, per_layer=False, attention=False)
+    assert seen["fit"] == [held_out]
+    assert seen["rates"] and all(tw == measured for tw in seen["rates"])
+    assert report["twins"] == {"measured": 3, "held_out": 3}
+    # and the fit depends on the held-out twins, not on the measured ones
+    module = diagnose._layers(model)[1].mlp
+    a, _ = real_fit(model, processor, module, held_out, samples=1)
+    a2, _ = real_fit(model, processor, module, held_out[:2], samples=1)
+    assert not torch.equal(a, a2)
+
+
+def test_headroom_sentence():
+    rows = [{"name": "vanilla (harmful inputs)", "kind": "reference", "rate": 0.5, "layer": None, "module": None},
+            {"name": "lockstep reference (nothing replaced)", "kind": "reference", "rate": 0.4, "layer": None, "module": None},
+            {"name": "l3", "kind": "lockstep", "rate": 0.0, "layer": 3, "module": "mlp"},
+            {"name": "c", "kind": "ceiling", "rate": 0.25, "layer": 3, "module": "mlp"},
+            {"name": "g", "kind": "glasses", "rate": 0.4, "layer": None, "module": None}]
+    h = diagnose.headroom({"rows": rows, "located_layer": 3})
+    assert h["ceiling_change"] == pytest.approx(-0.5) and h["fraction_of_headroom"] == pytest.approx(0.4)
+    assert "from 0.500 to 0.250 (-50%)" in h["sentence"] and "from 0.400 to 0.000 (-100%)" in h["sentence"]
+    assert "these glasses take it to 0.400 (-20%): 40% of that headroom" in h["sentence"]
+
+
+def test_diagnose_cli_on_llava_next_with_glasses(next_dir, twins_file, toy_jsonl, tmp_path, capsys):
+    """Another family end to end: profile glasses, diagnose them, read the report back."""
+    assert cli(["profile", "--model", str(next_dir), "--data", str(toy_jsonl), "--out", str(tmp_path / "g"),
+                "--no-progress"]) == 0
+    out = tmp_path / "diag"
+    assert cli(["diagnose", "--model", str(next_dir), "--data", str(twins_file), "--glasses", str(tmp_path / "g"),
+                "--samples", "1", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "diagnosis.json").read_text())
+    kinds = [r["kind"] for r in report["rows"]]
+    assert kinds.count("prompt") == 6 and kinds.count("lockstep") == 6 and kinds.count("ceiling") == 2 and kinds[-1] == "glasses"
+    assert report["located_layer"] in (0, 1) and "these glasses take it to" in report["sentence"]
+    assert report["sentence"] in (out / "diagnosis.html").read_text().replace("&#x27;", "'")
+    assert report["sentence"] in capsys.readouterr().out
+
+
+def test_diagnose_cli_errors_are_one_line(tmp_path, tiny_dir, capsys):
+    (tmp_path / "twins.jsonl").write_text(json.dumps({"image": "x.png", "question": "q"}) + "\n")
+    assert cli(["diagnose", "--model", str(tiny_dir), "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmms-sgm diagnose: error: ") and "twin_image" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_prompt_is_the_tasks_one(model_and_processor):
+    _, processor = model_and_processor
+    assert chat_prompt(processor, "what is this ?") == "<s>USER: <image> what is this ? ASSISTANT:"
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_cached_lockstep_equals_rereading_the_whole_sequence(family, tiny_dir, next_dir, twins_file):
+    """The KV-cached lockstep loop draws the same answers as the slow one that re-reads every
+    position every step, patched (every layer's MLP) or not."""
+    from lmms_sgm import models
+
+    model, processor = models.load(str(tiny_dir if family == "llava" else next_dir))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():  # sharper outputs than a random model's near-uniform ones, so that inputs matter
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.dim() == 2 and "embed" not in name:
+                p.mul_(4)
+        model.lm_head.weight.mul_(4)
+    records = diagnose.read_twins(twins_file)[:4]
+    layers = diagnose._layers(model)
+    for modules in (None, [layer.mlp for layer in layers]):
+        got = {}
+        for cache in (True, False):
+            patcher = None if modules is None else diagnose.Patcher(modules, prompt_only=False)
+            try:
+                got[cache] = diagnose.lockstep_answers(model, processor, records, patcher, samples=3, cache=cache)
+            finally:
+                if patcher is not None:
+                    patcher.remove()
+        assert got[True] == got[False]
+    # every MLP and attention output patched at every position: the twin's own answers (text
+    # positions then carry the twin's residual stream exactly)
+    patcher = diagnose.Patcher([m for layer in layers for m in (layer.self_attn, layer.mlp)], prompt_only=False)
+    try:
+        patched = diagnose.lockstep_answers(model, processor, records, patcher, samples=3)
+    finally:
+        patcher.remove()
+    as_harmful = [diagnose.Twin(t.twin_question, t.twin_image, t.twin_image, t.twin_question) for t in records]
+    assert patched == diagnose.lockstep_answers(model, processor, as_harmful, None, samples=3)
+    assert patched != diagnose.lockstep_answers(model, processor, records, None, samples=3)

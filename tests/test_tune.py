@@ -1,0 +1,171 @@
+"""lmms-sgm tune: the rule, the grid, re-selection without re-profiling, the CLI on two families;
+and self-label's judge arguments."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmms_sgm import tiny, tune
+from lmms_sgm.cli import main as cli
+from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.options import ProfileOptions, SelectionOptions
+
+BASE = {"harmful_sampled": 0.5, "capability_open": 0.9, "capability_mc": 0.8, "over_refusal": 0.0}
+
+
+def test_rule_lowest_harm_within_the_side_conditions():
+    rows = {"vanilla": BASE,
+            "best but breaks capability": {**BASE, "harmful_sampled": 0.1, "capability_open": 0.85},
+            "best but refuses": {**BASE, "harmful_sampled": 0.2, "over_refusal": 0.03},
+            "good": {**BASE, "harmful_sampled": 0.3, "capability_open": 0.856},  # 95.1% kept
+            "worse": {**BASE, "harmful_sampled": 0.4}}
+    assert tune.Rule().choose(rows) == "good"
+    assert tune.Rule(retention=0.9).choose(rows) == "best but breaks capability"
+    assert tune.Rule(over_refusal_points=0.05).choose(rows) == "best but refuses"
+
+
+def test_no_option_that_does_not_lower_harm_is_chosen_and_the_verdict_says_so():
+    rows = {"vanilla": BASE, "same": dict(BASE), "higher": {**BASE, "harmful_sampled": 0.6}}
+    assert tune.Rule().choose(rows) is None
+    result = tune.TuneResult(rows, None, tune.Rule(), {}, [], 0.0)
+    assert result.verdict().startswith("no option helps on this model") and "no glasses written" in result.verdict()
+
+
+def test_grid_file_round_trip_and_refusals(tmp_path):
+    grid = [tune.Config("a", "self", ProfileOptions(text_field="question+response", positions="response"),
+                        SelectionOptions(towards="nontoxic_mean"), 0.5)]
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([c.to_dict() for c in grid]))
+    assert tune.read_grid(path) == grid
+    path.write_text(json.dumps([{"name": "vanilla", "data": "x"}]))
+    with pytest.raises(ValueError, match="unique and not 'vanilla'"):
+        tune.read_grid(path)
+    path.write_text(json.dumps([{"name": "a", "data": "x", "select": {"direction": "sideways"}}]))
+    with pytest.raises(ValueError, match="unknown direction"):
+        tune.read_grid(path)
+
+
+def test_demo_grid_is_the_demo_s_table():
+    """The demo's 32 configurations (docs/demo.md), the paper's default first, and 4 input-conditional ones."""
+    from lmms_sgm.demo import HERE
+
+    grid = tune.read_grid(HERE / "tune_grid.json")
+    assert len(grid) == 36 and grid[0].profile == ProfileOptions() and grid[0].select == SelectionOptions()
+    best = next(c for c in grid if c.name == "self-labelled, q+r, response positions, towards non-toxic mean")
+    assert best.data == "self" and best.profile.positions == "response" and best.select.towards == "nontoxic_mean"
+    assert {c.data for c in grid} == {"responses", "inputs", "self"}
+
+
+def test_tune_profiles_once_per_profiling_and_reselects(load_model, toy_jsonl, tmp_path, monkeypatch):
+    """Selections of one profiling share its AUROCs: one profile() call each; the result equals
+    profiling with that selection directly."""
+    from lmms_sgm.evaluate import ValidationSet
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.pipeline import build_glasses
+
+    model, processor = load_model()
+    calls = []
+    real = tune.profiled
+    monkeypatch.setattr(tune, "profiled", lambda m, p, pairs, po, **k: calls.append(po) or real(m, p, pairs, po, **k))
+    grid = [tune.Config("s", "toy"), tune.Config("a", "toy", select=SelectionOptions(direction="amplify")),
+            tune.Config("i", "toy", ProfileOptions(modules=("intermediate",)))]
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 2))
+    result = tune.tune(model, processor, {"toy": toy_jsonl}, grid, val, get_judge("lexicon"), samples=1)
+    assert calls == [ProfileOptions(), ProfileOptions(modules=("intermediate",))]
+    direct = build_glasses(model, processor, toy_jsonl, ProfileOptions(), SelectionOptions(direction="amplify"), progress=False)
+    assert result.glasses["a"].digest() == direct.digest()
+    assert list(result.rows) == ["vanilla", "s", "a", "i"] and all("harmful_sampled" in r for r in result.rows.values())
+
+
+def _tune_cli(model_dir, toy_jsonl, val, out, grid, *extra):
+    return cli(["tune", "--model", str(model_dir), "--data", f"toy={toy_jsonl}", "--val", str(val), "--grid", str(grid),
+                "--samples", "2", "--out", str(out), "--no-progress", *extra])
+
+
+def sharpened(model_dir, out):
+    """The tiny model with its language model's matrices x4: a random model's near-uniform
+    outputs hardly move when neurons change, this one's greedy answers do."""
+    import torch
+
+    from lmms_sgm import models
+
+    model, processor = models.load(str(model_dir))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.dim() == 2 and "embed" not in name:
+                p.mul_(4)
+        model.lm_head.weight.mul_(4)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+GRID = [{"name": "paper", "data": "toy"}, {"name": "towards mean", "data": "toy", "select": {"towards": "nontoxic_mean"}},
+        {"name": "det0 top-20, half strength", "data": "toy", "select": {"rule": "det0", "top_k": 20}, "strength": 0.5},
+        {"name": "amplify", "data": "toy", "select": {"direction": "amplify"}}]
+
+
+@pytest.mark.parametrize("family, metric", [("llava", "harmful_sampled"), ("llava_next", "harmful_greedy")])
+def test_tune_cli_end_to_end(family, metric, tiny_dir, tmp_path_factory, toy_jsonl, tmp_path, capsys):
+    """Both families: the table of every option, the rule, and the chosen glasses (if any), which
+    load and apply; with none chosen, no glasses and a plain sentence. (The random LLaVA's sampled
+    rate moves with no option: nothing is chosen; the sharpened LLaVA-NeXT's greedy rate does.)"""
+    if family == "llava":
+        model_dir = tiny_dir
+    else:
+        model_dir = sharpened(tiny.build_tiny_llava_next(tmp_path / "random"), tmp_path / "model")
+    val = tiny.write_toy_validation(tmp_path / "val", 4)
+    (tmp_path / "grid.json").write_text(json.dumps(GRID))
+    out = tmp_path / "out"
+    assert _tune_cli(model_dir, toy_jsonl, val, out, tmp_path / "grid.json", "--metric", metric) == 0
+    doc = json.loads((out / "table.json").read_text())
+    assert list(doc["rows"]) == ["vanilla", *[g["name"] for g in GRID]]
+    assert {"harmful_sampled", "harmful_greedy", "attack_sampled", "clean_toxic_sampled", "over_refusal",
+            "capability_open", "capability_mc"} <= set(doc["rows"]["vanilla"])
+    assert len(doc["profiles"]) == 1  # one profiling for four selections
+    SafetyGlasses.load(out / doc["profiles"][0]["dir"])
+    printed = capsys.readouterr().out
+    assert doc["verdict"] in printed and doc["verdict"] in (out / "table.md").read_text()
+    chosen = tune.Rule(metric).choose(doc["rows"])
+    assert (doc["chosen"] or {}).get("name") == chosen
+    assert (chosen is None) == (family == "llava")
+    if chosen is None:
+        assert not (out / "glasses").exists() and doc["verdict"].startswith("no option helps")
+        return
+    from lmms_sgm import models
+
+    model, processor = models.load(str(model_dir))
+    glasses = SafetyGlasses.load(out / "glasses")
+    assert glasses.counts()["experts"] == doc["rows"][chosen]["experts"]
+    enc = processor(text=["<s>USER: <image> what do you think ? ASSISTANT:"], images=[tiny.random_image(1)], return_tensors="pt")
+    plain = model(**enc).logits
+    with glasses.apply(model, strength=doc["chosen"]["strength"]):
+        worn = model(**enc).logits
+    assert not (worn == plain).all()
+
+
+def test_tune_cli_refuses_a_grid_naming_a_missing_set(tiny_dir, toy_jsonl, tmp_path, capsys):
+    val = tiny.write_toy_validation(tmp_path / "val", 2)
+    (tmp_path / "grid.json").write_text(json.dumps([{"name": "x", "data": "elsewhere"}]))
+    assert _tune_cli(tiny_dir, toy_jsonl, val, tmp_path / "out", tmp_path / "grid.json") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmms-sgm tune: error: the grid names profiling set(s) elsewhere") and not (tmp_path / "out").exists()
+
+
+def test_self_label_passes_judge_arguments(tiny_dir, toy_jsonl, tmp_path, capsys):
+    """A custom lexicon through --judge-args: every answer holding one of its words is toxic."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(x) for x in toy_jsonl.read_text().splitlines()][:4]
+    prompts.write_text("".join(json.dumps({"image": str(toy_jsonl.parent / r["image"]), "question": r["question"]}) + "\n"
+                               for r in rows))
+    words = tmp_path / "words.txt"
+    words.write_text("the\na\n")
+    assert cli(["self-label", "--model", str(tiny_dir), "--prompts", str(prompts), "--samples", "2", "--judge", "lexicon",
+                "--judge-args", f"lexicon={words}", "--out", str(tmp_path / "sl")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "sl" / "pairs.jsonl").read_text().splitlines()]
+    assert all(r["label"] == int(any(w in r["text"].split() for w in ("the", "a"))) for r in recs)
+    assert str(words) in json.dumps(json.loads((tmp_path / "sl" / "judge.json").read_text()))
+    assert cli(["self-label", "--model", str(tiny_dir), "--prompts", str(prompts), "--judge", "lexicon",
+                "--judge-args", "nonsense=1", "--out", str(tmp_path / "sl2")]) == 2
+    assert "lmms-sgm self-label: error: judge 'lexicon' does not accept" in capsys.readouterr().err

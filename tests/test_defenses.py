@@ -11,7 +11,15 @@ import torch
 from lmms_eval.api.instance import Instance
 
 from lmms_sgm import models, tiny
-from lmms_sgm.defenses import REFUSAL, DefenseError, Request, Stack, get_defense, parse_args, parse_names
+from lmms_sgm.defenses import (
+    REFUSAL,
+    DefenseError,
+    Request,
+    Stack,
+    get_defense,
+    parse_args,
+    parse_names,
+)
 from lmms_sgm.defenses.builtin import SAFETY_PROMPT, SelfCheck
 from lmms_sgm.lmms.model import SGM
 
@@ -29,7 +37,7 @@ def doc_to_visual(doc):
     return [doc["image"]]
 
 
-def requests(n=len(QUESTIONS)):
+def requests(n=3):
     return [Instance("generate_until", (QUESTIONS[i], {"max_new_tokens": N_NEW}, doc_to_visual, i, TASK, SPLIT), idx=0,
                      metadata={"task": TASK, "doc_id": i, "repeats": 1}) for i in range(n)]
 

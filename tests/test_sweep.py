@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_report_build import lmms_run
@@ -116,7 +117,7 @@ def test_missing_glasses_are_a_clear_error(tmp_path, capsys):
 class MethodsLmmsEval:
     """Stands in for runner.run for method points: each method's harm and accuracy by its model args."""
 
-    OUTCOMES = {  # a key found in the model args -> (harmful per prompt, accuracy per question)
+    OUTCOMES: ClassVar[dict] = {  # a key found in the model args -> (harmful per prompt, accuracy per question)
         "sgm=off,defenses=self_check": ([1, 0, 0, 0, 0, 0, 0, 0], [1] * 10),  # least harm, full accuracy
         "select_rule=det0": ([0, 0, 0, 0, 0, 0, 0, 0], [1] * 6 + [0] * 4),  # no harm, but 60% retention
         "glasses=/x/ungated_steering": ([1, 1, 1, 0, 0, 0, 0, 0], [1] * 10),  # lmms-sgm steer --gated false

@@ -35,7 +35,7 @@ CHECK_PROMPT = (
 CAPTION_PROMPT = "Describe the image in detail, paying attention to what matters for this request: {question}"
 GROUNDED_PROMPT = ("You cannot see the image, but here is a description of it.\nDescription: {caption}\n\n"
                    "Using the description, reply to this request: {question}")
-YES, NO = re.compile(r"^\W*yes\b", re.I), re.compile(r"^\W*no\b", re.I)
+YES, NO = re.compile(r"^\W*yes\b", re.IGNORECASE), re.compile(r"^\W*no\b", re.IGNORECASE)
 
 
 def _has_image(req: Request) -> bool:

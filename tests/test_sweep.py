@@ -149,7 +149,9 @@ def test_methods_are_points_compared_at_matched_retention(tmp_path, monkeypatch,
     report = json.loads((tmp_path / "report.json").read_text())
     # det0 removes all harm but keeps 60% of the accuracy: the rule (>= 90%) picks the self-check.
     assert report["tradeoff"]["operating_point"] == "self_check"
-    assert {p["name"] for p in report["sweep"]["points"]} == {"vanilla", "det0_k50", "self_check", "steer"}
+    assert [p.get("args") for p in report["sweep"]["points"]] == [
+        None, f"glasses={PAPER},select_rule=det0,select_top_k=50", "sgm=off,defenses=self_check", "glasses=/x/ungated_steering"]
+    assert "args" not in report["sweep"]["points"][0]  # strength points are recorded as before
     assert (tmp_path / "point_det0_k50" / "point.json").is_file()
     capsys.readouterr()
     # Resumed with the same points: nothing reruns; other points are other settings.

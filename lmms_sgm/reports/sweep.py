@@ -64,6 +64,12 @@ def parse_strengths(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def point_dict(point: Point) -> dict:
+    """A point as recorded (point.json, report.json): ``args`` only for a method point, so a sweep of
+    strengths alone is recorded as before method points existed."""
+    return {k: v for k, v in asdict(point).items() if k != "args" or v is not None}
+
+
 def parse_points(items: list[str] | None) -> list[tuple[str, str]]:
     """``--point NAME=MODEL_ARGS`` items -> (name, model args)."""
     out: list[tuple[str, str]] = []
@@ -137,7 +143,7 @@ def finished(out: Path, point: Point) -> Path | None:
 def _mark(out: Path, point: Point, results: Path, cmd: list[str], seconds: float) -> None:
     marker = out / point.folder / "point.json"
     tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**asdict(point), "results": str(results.relative_to(out / point.folder)),
+    tmp.write_text(json.dumps({**point_dict(point), "results": str(results.relative_to(out / point.folder)),
                                "command": cmd, "seconds": round(seconds, 1)}, indent=1), encoding="utf-8")
     os.replace(tmp, marker)  # atomic: a point is finished or not, never half
 
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                        resamples=args.resamples, seed=args.bootstrap_seed,
                        groups={p.name: (Path(p.glasses).name if p.glasses else (p.name if p.args else None), p.strength)
                                for p in points})
-        report["sweep"] = {"settings": want, "points": [asdict(p) for p in points]}
+        report["sweep"] = {"settings": want, "points": [point_dict(p) for p in points]}
         paths = write(report, out, title="Strength sweep: harm against capability", extra_html=_sweep_html(want, points))
     finally:
         lock.unlink(missing_ok=True)

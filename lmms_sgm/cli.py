@@ -246,6 +246,12 @@ def _diagnose(args) -> int:
         diagnose.write_report(report, tmp)
     print(diagnose.markdown(report))
     print(f"wrote {out}: diagnosis.json, diagnosis.md, diagnosis.html")
+def _text_pairs(args) -> int:
+    from lmms_sgm.data import load_pairs, write_text_only
+
+    out = write_text_only(args.data, args.out)
+    print(f"wrote {out}: {len(load_pairs(out))} records without images (profile them with --text-only for the "
+          "AurA-style baseline)")
     return 0
 
 
@@ -395,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_diagnose)
+    p = sub.add_parser("text-pairs", parents=[common],
+                       help="the pairs' records without their images (JSONL): data of the AurA-style text-only baseline")
+    p.add_argument("data", help="labelled pairs: JSONL/CSV/Parquet file or a directory holding one")
+    p.add_argument("out", help="new JSONL file")
+    p.set_defaults(func=_text_pairs)
 
     p = sub.add_parser("tiny", parents=[common], help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
     p.add_argument("out", help="new directory for model/ and data/")

@@ -143,6 +143,21 @@ def digest_pairs(pairs: Iterable[Pair]) -> str:
     return h.hexdigest()
 
 
+def write_text_only(source, out: str | Path) -> Path:
+    """The records of ``source`` without their images, as JSONL at ``out``: the data of the
+    AurA-style baseline (the same pairs profiled on their text alone, ``text_only=true``).
+    Written on purpose rather than dropped by profiling, which refuses images it would ignore."""
+    pairs = load_pairs(source)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in (("text", p.text), ("label", p.label), ("question", p.question), ("category", p.category))
+             if v is not None} for p in pairs]
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
 def load_pairs(source, *, split: str | None = None) -> PairDataset:
     """Load and validate pairs from a file, a directory, a list of dicts or a ``datasets`` object."""
     if isinstance(source, PairDataset):

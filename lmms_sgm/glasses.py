@@ -389,8 +389,11 @@ class SafetyGlasses(Glasses):
         return apply(self, model, options, **kwargs)
 
     def identity(self) -> dict:
-        return {"data_digest": self.manifest["data"]["digest"], "selection": self.manifest["selection_options"],
-                "experts": self.counts()["experts"]}
+        out = {"data_digest": self.manifest["data"]["digest"], "selection": self.manifest["selection_options"],
+               "experts": self.counts()["experts"]}
+        if self.manifest["profile_options"].get("text_only"):
+            out["text_only"] = True  # profiled without images (the AurA-style baseline): said only when so
+        return out
 
     def factors(self, strength: float) -> dict[str, torch.Tensor]:
         """Effective per-neuron factors ``1 - s + s * alpha`` of the sites that change anything."""

@@ -435,6 +435,12 @@ class ModelArgs(RemoteOptions, EvalModelArgs):
     profile_data: typing.Optional[str] = opt(
         None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
     )
+    defenses: str = opt(
+        "", "defenses worn with (or, sgm=off, without) the glasses, composed in order with '+': system_prompt, "
+            "self_check, output_filter, or a plugin's (docs/defenses.md); glasses plus defenses is SGM*")
+    defense_args: str = opt(
+        "", "per-defense arguments, DEFENSE.KEY=VALUE items separated by ';', e.g. "
+            "self_check.fallback=caption;output_filter.judge=lexicon")
 
     def __post_init__(self):
         RemoteOptions.__post_init__(self)

@@ -44,10 +44,11 @@ def plugin_manager() -> pluggy.PluginManager:
     pm.load_setuptools_entrypoints(PROJECT)
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
     from lmms_sgm.archs import builtin_modules
+    from lmms_sgm.defenses import builtin as builtin_defenses
     from lmms_sgm.judges import builtin as builtin_judges
     from lmms_sgm.judges import classifiers, ensemble, guards, llm
 
-    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble):
+    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble, builtin_defenses):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

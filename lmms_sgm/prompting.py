@@ -105,13 +105,16 @@ def render(processor, messages: list[dict], *, add_generation_prompt: bool) -> s
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def request_prompt(processor, text: str, visuals: Sequence = ()) -> Prompt:
+def request_prompt(processor, text: str, visuals: Sequence = (), system: str | None = None) -> Prompt:
     """One user turn (``text`` with ``visuals``: PIL images, image paths, video paths), ready
-    for the answer."""
+    for the answer; ``system``: a system turn before it (the template decides how it is shown)."""
     classified = [classify(v) for v in visuals]
     kinds = [kind for kind, _ in classified]
     items, order = content(text, kinds)
-    prompt = Prompt(render(processor, [{"role": "user", "content": items}], add_generation_prompt=True))
+    messages = [{"role": "user", "content": items}]
+    if system:
+        messages.insert(0, {"role": "system", "content": [{"type": TEXT, "text": system}]})
+    prompt = Prompt(render(processor, messages, add_generation_prompt=True))
     for i in order:
         kind, value = classified[i]
         (prompt.videos if kind == VIDEO else prompt.images).append(value)

@@ -1,7 +1,9 @@
-"""A judge from a separate tiny package, pip-installed into the venv from a temporary directory (no
-network: --no-index --no-deps --no-build-isolation), is picked up through its ``lmms_sgm`` entry
-point without changing this repository: by ``get_judge``, by the environment selection the
-lmms-eval tasks use (in a fresh process), and by ``lmms-sgm rejudge``. Uninstalled at the end."""
+"""A judge and a defense from a separate tiny package, pip-installed (once, for both) into the venv
+from a temporary directory (no network: --no-index --no-deps --no-build-isolation), are picked up
+through their ``lmms_sgm`` entry point without changing this repository: the judge by
+``get_judge``, by the environment selection the lmms-eval tasks use (in a fresh process), and by
+``lmms-sgm rejudge``; the defense by ``defenses=`` of the lmms-eval model ``sgm`` (in-process and in
+a fresh process). Uninstalled at the end."""
 from __future__ import annotations
 
 import importlib
@@ -70,6 +72,24 @@ def their_package(tmp_path):
         @hookimpl
         def sgm_judges():
             return {"theirs": BananaJudge}
+
+        class NoBananas:
+            """Replaces every answer that mentions the word."""
+            name, version = "no_bananas", "2"
+
+            def __init__(self, word="banana", say="no bananas ."):
+                self.word, self.say = word.lower(), say
+                self.config = {"word": self.word, "say": say}
+                self.stats = {"replaced": 0}
+
+            def review(self, generator, requests, answers):
+                out = [self.say if self.word in a.lower().split() else None for a in answers]
+                self.stats["replaced"] += sum(o is not None for o in out)
+                return out
+
+        @hookimpl
+        def sgm_defenses():
+            return {"no_bananas": NoBananas}
     '''))
     proc = subprocess.run([*PIP, "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", str(src)],
                           capture_output=True, text=True, timeout=300, check=False)
@@ -87,7 +107,7 @@ def their_package(tmp_path):
     assert not installed()
 
 
-def test_a_judge_from_another_package(their_package, tmp_path):
+def test_a_judge_and_a_defense_from_another_package(their_package, tmp_path, tiny_dir):
     judge = get_judge("theirs", word="idiot")
     assert identity(judge) == {"name": "theirs", "version": "7", "config": {"word": "idiot"}}
     assert judge.judge("q", "You IDIOT").unsafe and not judge.judge("q", "fine").unsafe
@@ -109,9 +129,50 @@ def test_a_judge_from_another_package(their_package, tmp_path):
     assert results["results"]["mm_toxic_qa"]["judge,none"]["name"] == "theirs"
     assert results["results"]["mm_toxic_qa"]["harmful_rate,none"] == pytest.approx(1 / 3)  # "You stupid idiot." of 3
 
+    check_their_defense(tiny_dir)  # same install: one pip install for both
+
+
+def check_their_defense(tiny_dir):
+    from lmms_eval.api.instance import Instance
+
+    from lmms_sgm import tiny
+    from lmms_sgm.defenses import Request, Stack, available
+    from lmms_sgm.lmms.model import SGM
+
+    assert "no_bananas" in available()
+    image = tiny.random_image(7)
+    task = {"toy": {"test": [{"image": image}] * 2}}
+    reqs = [Instance("generate_until", (q, {"max_new_tokens": 4}, lambda d: [d["image"]], i, "toy", "test"), idx=0,
+                     metadata={"task": "toy", "doc_id": i, "repeats": 1}) for i, q in enumerate(["what is this ?", "how many ?"])]
+
+    def make(extra):
+        lm = SGM.create_from_arg_string(f"pretrained={tiny_dir},sgm=off{extra}", {"batch_size": "2"})
+        lm.task_dict = task
+        return lm
+
+    plain = make("").generate_until(reqs)
+    word = plain[0].split()[0]  # a word the tiny model says in its first answer
+    lm = make(f",defenses=no_bananas,defense_args=no_bananas.word={word}")
+    got = lm.generate_until(reqs)
+    assert got == [("no bananas ." if word in a.split() else a) for a in plain] and got[0] == "no bananas ."
+    assert lm.sgm_info["defenses"] == [{"name": "no_bananas", "version": "2", "config": {"word": word, "say": "no bananas ."}}]
+    assert lm.sgm_info["defense_stats"] == {"no_bananas": {"replaced": sum(word in a.split() for a in plain)}}
+
+    # What the lmms-eval model builds, in a fresh process.
+    code = ("from lmms_sgm.defenses import Stack, Request; s = Stack.from_spec('no_bananas', 'no_bananas.word=kiwi'); "
+            "print(s.review(None, [Request('q')] * 2, ['a kiwi', 'an apple'])[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
+                         timeout=120, check=True).stdout
+    assert out.strip() == "['no bananas .', 'an apple']"
+    assert Stack.from_spec("no_bananas").review(None, [Request("q")], ["Banana split"])[0] == ["no bananas ."]
+
 
 def test_the_plugin_is_gone_after_uninstalling():
     # Runs after the test above (file order): the venv is left as it was.
     assert not installed()
     with pytest.raises(JudgeError, match="unknown judge 'theirs'"):
         get_judge("theirs")
+    from lmms_sgm.defenses import DefenseError, get_defense
+
+    with pytest.raises(DefenseError, match="unknown defense 'no_bananas'"):
+        get_defense("no_bananas")

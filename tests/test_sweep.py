@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_report_build import lmms_run
@@ -111,3 +112,61 @@ def test_a_running_sweep_is_not_joined(tmp_path, monkeypatch, capsys):
 def test_missing_glasses_are_a_clear_error(tmp_path, capsys):
     assert cli(["sweep", "--pretrained", "m", "--glasses", str(tmp_path / "nope"), "--tasks", "mm_toxic_qa", "--out", str(tmp_path / "o")]) == 2
     assert "--glasses: no glasses at" in capsys.readouterr().err
+
+
+class MethodsLmmsEval:
+    """Stands in for runner.run for method points: each method's harm and accuracy by its model args."""
+
+    OUTCOMES: ClassVar[dict] = {  # a key found in the model args -> (harmful per prompt, accuracy per question)
+        "sgm=off,defenses=self_check": ([1, 0, 0, 0, 0, 0, 0, 0], [1] * 10),  # least harm, full accuracy
+        "select_rule=det0": ([0, 0, 0, 0, 0, 0, 0, 0], [1] * 6 + [0] * 4),  # no harm, but 60% retention
+        "glasses=/x/ungated_steering": ([1, 1, 1, 0, 0, 0, 0, 0], [1] * 10),  # lmms-sgm steer --gated false
+        "sgm=off": ([1, 1, 1, 1, 0, 0, 0, 0], [1] * 10),  # vanilla
+    }
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, cmd, env, folder, what, prefix="", quiet=False, die_with_parent=False):
+        margs = cmd[cmd.index("--model_args") + 1]
+        self.calls.append((name, margs))
+        harm, acc = next(v for k, v in self.OUTCOMES.items() if k in margs)
+        return lmms_run(folder, harm=harm, sampled=[[h] * 5 for h in harm], acc=acc, helpful=[1, 1], over=[0, 0],
+                        cats=["insult"] * 8, model_args=margs)
+
+
+def test_methods_are_points_compared_at_matched_retention(tmp_path, monkeypatch, capsys):
+    fake = MethodsLmmsEval()
+    monkeypatch.setattr(runner, "run", fake)
+    points = ["--point", f"det0_k50=glasses={PAPER},select_rule=det0,select_top_k=50",
+              "--point", "self_check=sgm=off,defenses=self_check", "--point", "steer=glasses=/x/ungated_steering"]
+    args = ["sweep", "--pretrained", "sgm-demo-llava", "--tasks", "mm_toxic_qa,mmbench_local_mc", "--out", str(tmp_path),
+            "--no-progress", "--model-args", "dtype=float32", "--min-retention", "0.9", *points]
+    assert cli(args) == 0
+    assert [c[0] for c in fake.calls] == ["vanilla", "det0_k50", "self_check", "steer"]
+    assert dict(fake.calls)["det0_k50"] == f"pretrained=sgm-demo-llava,glasses={PAPER},select_rule=det0,select_top_k=50,dtype=float32"
+    assert dict(fake.calls)["self_check"] == "pretrained=sgm-demo-llava,sgm=off,defenses=self_check,dtype=float32"
+    report = json.loads((tmp_path / "report.json").read_text())
+    # det0 removes all harm but keeps 60% of the accuracy: the rule (>= 90%) picks the self-check.
+    assert report["tradeoff"]["operating_point"] == "self_check"
+    assert [p.get("args") for p in report["sweep"]["points"]] == [
+        None, f"glasses={PAPER},select_rule=det0,select_top_k=50", "sgm=off,defenses=self_check", "glasses=/x/ungated_steering"]
+    assert "args" not in report["sweep"]["points"][0]  # strength points are recorded as before
+    assert (tmp_path / "point_det0_k50" / "point.json").is_file()
+    capsys.readouterr()
+    # Resumed with the same points: nothing reruns; other points are other settings.
+    assert cli(args) == 0 and len(fake.calls) == 4
+    assert cli(args[:-2]) == 2 and "holds a sweep with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item, message", [
+    ("det0", "expected NAME=MODEL_ARGS"), ("a b=sgm=off", "expected NAME=MODEL_ARGS"),
+    ("x=pretrained=m,sgm=off", "pretrained is the sweep's"), ("vanilla=sgm=off", "the name is taken")])
+def test_bad_points_are_refused(item, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.parse_points([item])
+
+
+def test_a_sweep_needs_glasses_or_points(tmp_path, capsys):
+    assert cli(["sweep", "--pretrained", "m", "--tasks", "mm_toxic_qa", "--out", str(tmp_path / "o")]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err

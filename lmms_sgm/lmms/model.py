@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from lmms_sgm import __version__, models, prompting
 from lmms_sgm.archs import adapter_for
+from lmms_sgm.defenses import Request, Stack
 from lmms_sgm.lmms import run_info
 from lmms_sgm.options import (
     ApplyOptions,
@@ -221,7 +222,10 @@ class SGM(lmms):
         self._handle = None
         self._warned: set = set()
         self.glasses = None
+        self.defenses = Stack.from_spec(args.defenses, args.defense_args)
         info = {"sgm": args.sgm, "pretrained": args.pretrained, "strength": args.strength, "mode": args.mode}
+        if self.defenses:
+            info["defenses"] = self.defenses.identity()
         if args.is_remote:
             info["remote"] = "local" if args.remote == "local" else "ndif"  # which server is not a result
         if args.sgm:
@@ -387,13 +391,18 @@ class SGM(lmms):
             visuals = [visuals]
         return [v for item in visuals for v in (item if isinstance(item, (list, tuple)) else [item])]
 
-    def _prompt(self, context: str, visuals: list) -> prompting.Prompt:
+    def _prompt(self, context: str, visuals: list, system: str | None = None) -> prompting.Prompt:
         """One user turn in the model's chat template: the visuals at the task's placeholders
         (``<image 1>``, ``<image>``) or before the text; ready for the answer (lmms_sgm.prompting)."""
         try:
-            return prompting.request_prompt(self.processor, context, visuals)
+            return prompting.request_prompt(self.processor, context, visuals, system)
         except TypeError as e:
             raise TypeError(f"{MODEL_NAME}: {e}") from None
+
+    def _request_prompt(self, context: str, visuals: list) -> tuple[Request, prompting.Prompt]:
+        """The request after every defense's ``prepare`` (e.g. a system turn), and its prompt."""
+        req = self.defenses.prepare(Request(context, tuple(visuals)))
+        return req, self._prompt(req.text, list(req.visuals), req.system)
 
     def _batch_key(self, prompt: prompting.Prompt) -> int:
         """Requests of one key may share a batch: any, but for a family whose rows see how many
@@ -441,7 +450,7 @@ class SGM(lmms):
                 if not isinstance(target, str):  # plain loglikelihood tasks pass doc_to_target
                     target = target(self._doc(task, split, doc_id))
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            items.append((self._prompt(context, visuals), str(target)))
+            items.append((self._request_prompt(context, visuals)[1], str(target)))
 
         keys = [self._batch_key(prompt) for prompt, _ in items]
         order = sorted(range(len(items)), key=lambda i: (keys[i], -len(items[i][0].text + items[i][1])))
@@ -486,14 +495,15 @@ class SGM(lmms):
         return out
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        items = []
+        items, asked = [], []
         for req in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             gen, until = self._generation_settings(gen_kwargs or {})
-            prompt = self._prompt(context, visuals)
+            request, prompt = self._request_prompt(context, visuals)
             group = (json.dumps(gen, sort_keys=True, default=str), self._batch_key(prompt))
             items.append((prompt, gen, until, group))
+            asked.append(request)
 
         # Batches hold requests of one group (same generation settings), longest first; the
         # results go back in request order.
@@ -507,7 +517,19 @@ class SGM(lmms):
                 results[i] = truncate(text, until)
             pbar.update(len(batch))
         pbar.close()
+        if self.defenses.reviews:
+            results = self._review(asked, results)
         return results
+
+    def _review(self, asked: list[Request], answers: list[str]) -> list[str]:
+        """Every defense's review of the answers (self-check, output filter); what they did is
+        added to the run's ``sgm`` record."""
+        answers, by = self.defenses.review(_DefenseGenerator(self), asked, answers)
+        self.sgm_info["defense_stats"] = self.defenses.stats()
+        run_info.publish(self.sgm_info)
+        replaced = sum(b is not None for b in by)
+        logger.info(f"{MODEL_NAME}: defenses replaced {replaced} of {len(by)} answers: {json.dumps(self.defenses.stats())}")
+        return answers
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[prompting.Prompt], gen) -> list[str]:
@@ -558,6 +580,26 @@ class SGM(lmms):
 
 
 SGMLlava = SGM  # the first name (sgm_llava), kept for code that imports it
+
+
+class _DefenseGenerator:
+    """What a defense's review may ask: greedy answers of the same model, wearing the same glasses,
+    through the same prompts and batching as the task's requests (lmms_sgm.defenses.Generator)."""
+
+    def __init__(self, model: SGM):
+        self.model = model
+
+    def generate(self, requests, max_new_tokens: int) -> list[str]:
+        m = self.model
+        prompts = [m._prompt(r.text, list(r.visuals), r.system) for r in requests]
+        gen, _ = m._generation_settings({"max_new_tokens": max_new_tokens, "temperature": 0})
+        keys = [m._batch_key(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (keys[i], -len(prompts[i].text)))
+        out: list = [None] * len(prompts)
+        for batch in batched(order, keys, m.batch_size):
+            for i, text in zip(batch, m._generate_batch([prompts[i] for i in batch], gen)):
+                out[i] = text
+        return out
 
 
 @contextlib.contextmanager

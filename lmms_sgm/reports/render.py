@@ -118,9 +118,14 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(map(esc, r)) + " |" for r in rows)]
 
 
+def _wore(run: dict) -> str:
+    w = run.get("wore")
+    return f" ({w})" if w and w != "not recorded" else ""
+
+
 def summary_markdown(report: dict) -> str:
     """The table ``lmms-sgm report`` prints: the files read, the warnings, one line per metric."""
-    lines = ["Results files:", *(f"- {r['label']}: `{r['path']}`" for r in report["runs"] if r.get("path")), ""]
+    lines = ["Results files:", *(f"- {r['label']}{_wore(r)}: `{r['path']}`" for r in report["runs"] if r.get("path")), ""]
     if not any(r.get("path") for r in report["runs"]):
         lines = []
     for w in report["warnings"]:
@@ -224,14 +229,14 @@ def _example_groups(report: dict) -> dict:
 
 
 def runs_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "results file", "model args", "judge", "decoding", "data digest", "samples logged"]
+    head = ["run", "wore", "results file", "model args", "judge", "decoding", "data digest", "samples logged"]
     rows = []
     for r in report["runs"]:
         j = r.get("judge")
         judge = judge_label(j) if isinstance(j, dict) and "name" in j else ("per task" if j else "none recorded")
         decs = sorted({", ".join(f"{k}={v}" for k, v in sorted(g.items()) if k in ("temperature", "do_sample", "max_new_tokens", "repeats", "top_p", "top_k", "--gen_kwargs"))
                        for g in r.get("generation", {}).values()})
-        rows.append([r["label"], r.get("path") or "", r.get("model_args") or "", judge, " / ".join(decs), r["data_digest"],
+        rows.append([r["label"], r.get("wore") or "not recorded", r.get("path") or "", r.get("model_args") or "", judge, " / ".join(decs), r["data_digest"],
                      f"{len(r['samples_logged'])} of {len(r['data_digests'])} tasks"])
     return head, rows
 

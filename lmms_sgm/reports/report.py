@@ -296,6 +296,7 @@ def run_info(label_: str, run: dict, tasks: list[str]) -> dict:
         "label": label_, "path": run.get("source_file"), "harness": rs.harness(run),
         "paths": sorted(set(run["task_sources"].values())) if run.get("task_sources") else [run.get("source_file")],
         "model": run.get("config", {}).get("model"), "model_args": rs.model_args(run), "sgm": rs.sgm_of(run),
+        "wore": rs.wore(rs.sgm_of(run)),
         "judge": next(iter(judges.values())) if len({judge_label(j) for j in judges.values()}) == 1 else
         ({t: j for t, j in judges.items()} or None),
         "generation": {t: rs.generation(run, t) for t in present if rs.generation(run, t) is not None},

@@ -247,6 +247,27 @@ def sgm_of(run: dict) -> dict | None:
     return None
 
 
+def wore(sgm: dict | None) -> str:
+    """What a run wore, in a few words, from its ``sgm`` record: the glasses (rule or kind, strength)
+    and the defenses, e.g. ``SGM t=0.5 s=1 + self_check+output_filter`` (SGM*)."""
+    if not sgm or "sgm" not in sgm:
+        return "not recorded"
+    if not sgm["sgm"]:
+        parts = ["vanilla"]
+    elif sgm.get("kind") == "gated_steering":
+        parts = [f"{'gated ' if sgm.get('gated') else ''}steering layer {sgm.get('layer')} c={sgm.get('c'):g} s={sgm.get('strength'):g}"]
+    else:
+        sel = sgm.get("selection") or {}
+        rule = sel.get("rule", "sgm")
+        what = {"sgm": f"SGM t={sel.get('threshold', 0.5):g}", "det0": f"Det0 top-{sel.get('top_k')}",
+                "damp": f"Damp top-{sel.get('top_k')} x{sel.get('damp_factor', 0.5):g}"}.get(rule, rule)
+        parts = [what + (" text-only" if sgm.get("text_only") else "") + f" s={sgm.get('strength', 1):g}"]
+    names = [d.get("name", "?") for d in sgm.get("defenses") or []]
+    if names:
+        parts = (["+".join(names)] if not sgm["sgm"] else parts + ["+".join(names)])
+    return " + ".join(parts)
+
+
 def generation(run: dict, task: str) -> dict | None:
     """The decoding settings a task ran with: its config's ``generation_kwargs`` (with lmms-eval's
     ``--gen_kwargs`` already merged in), ``repeats``, and the run-wide ``--gen_kwargs`` and seed.

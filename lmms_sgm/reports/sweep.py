@@ -1,10 +1,14 @@
 """``lmms-sgm sweep``: the harm/capability trade-off across glasses strengths, one lmms-eval run per point.
 
     lmms-sgm sweep --pretrained M --glasses G [G ...] --strengths 0,0.25,0.5,0.75,1 --tasks T --out DIR \
-        [--limit N] [--split validation] [--batch-size 8] [--seed 0]
+        [--point NAME=MODEL_ARGS ...] [--limit N] [--split validation] [--batch-size 8] [--seed 0]
 
 Points: the vanilla model (``sgm=off``; strength 0 leaves every neuron as it is, so it is this
-point, run once for all glasses) and every glasses x non-zero strength. Each point is the real
+point, run once for all glasses), every glasses x non-zero strength, and every ``--point
+NAME=MODEL_ARGS``: a method given by its own ``sgm`` model args (a baseline such as
+``det0_k50=glasses=G,select_rule=det0,select_top_k=50``, ungated steering glasses, a defense
+``self_check=sgm=off,defenses=self_check``, SGM* ``glasses=G,defenses=system_prompt+self_check``),
+so that methods are compared at matched capability retention by the same rule (docs/defenses.md). Each point is the real
 ``lmms-eval`` CLI in a subprocess (:mod:`~lmms_sgm.reports.runner`), in ``DIR/<point>/`` with
 its log and ``command.sh``, samples logged. Then ``DIR/report.{html,md,json}``: the report of
 every point against vanilla, the trade-off curve (harmful rate against capability retention,
@@ -44,8 +48,9 @@ VOLATILE_ENV = ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE")
 class Point:
     name: str  # label in the report
     folder: str  # DIR/<folder>
-    glasses: str | None  # None: vanilla
+    glasses: str | None  # None: vanilla, or a method point
     strength: float
+    args: str | None = None  # a method point: its own model args (beside pretrained)
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -59,9 +64,33 @@ def parse_strengths(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def plan(glasses: list[str], strengths: list[float]) -> list[Point]:
-    """Vanilla first (the baseline; strength 0), then each glasses' non-zero strengths in order."""
-    names: list[str] = []
+def point_dict(point: Point) -> dict:
+    """A point as recorded (point.json, report.json): ``args`` only for a method point, so a sweep of
+    strengths alone is recorded as before method points existed."""
+    return {k: v for k, v in asdict(point).items() if k != "args" or v is not None}
+
+
+def parse_points(items: list[str] | None) -> list[tuple[str, str]]:
+    """``--point NAME=MODEL_ARGS`` items -> (name, model args)."""
+    out: list[tuple[str, str]] = []
+    for item in items or []:
+        name, sep, args = item.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or not args.strip():
+            raise ValueError(f"--point {item!r}: expected NAME=MODEL_ARGS, NAME of letters, digits and _ . + -, "
+                             "e.g. det0_k50=glasses=G,select_rule=det0,select_top_k=50")
+        if "pretrained=" in args:
+            raise ValueError(f"--point {name}: pretrained is the sweep's --pretrained; leave it out of the point")
+        if name == "vanilla" or name in (n for n, _ in out):
+            raise ValueError(f"--point {name}: the name is taken")
+        out.append((name, args.strip()))
+    return out
+
+
+def plan(glasses: list[str], strengths: list[float], methods: list[tuple[str, str]] = ()) -> list[Point]:
+    """Vanilla first (the baseline; strength 0), then each glasses' non-zero strengths in order,
+    then the method points."""
+    names: list[str] = []  # a method's name has no space and its folder is point_NAME: no clash
     for g in glasses:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(g).name) or "glasses"
         name, k = base, 1
@@ -72,11 +101,13 @@ def plan(glasses: list[str], strengths: list[float]) -> list[Point]:
     points = [Point("vanilla", "vanilla", None, 0.0)]
     for name, g in zip(names, glasses):
         points += [Point(f"{name} s={s:g}", f"{name}_s{s:g}", g, s) for s in strengths if s > 0]
+    points += [Point(name, f"point_{name}", None, 1.0, args) for name, args in methods]
     return points
 
 
 def settings(args, glasses: list[str], strengths: list[float], env: dict[str, str]) -> dict:
-    return {"pretrained": args.pretrained, "glasses": glasses, "strengths": strengths, "tasks": args.tasks.split(","),
+    return {"pretrained": args.pretrained, "glasses": glasses, "strengths": strengths,
+            **({"points": args.point} if args.point else {}), "tasks": args.tasks.split(","),
             "limit": args.limit, "split": args.split, "batch_size": args.batch_size, "seed": args.seed, "mode": args.mode,
             "gen_kwargs": args.gen_kwargs, "model_args": args.model_args,
             "env": {k: v for k, v in env.items() if k not in VOLATILE_ENV}}
@@ -84,7 +115,10 @@ def settings(args, glasses: list[str], strengths: list[float], env: dict[str, st
 
 def model_args(args, point: Point) -> str:
     parts = [f"pretrained={args.pretrained}"]
-    parts += ["sgm=off"] if point.glasses is None else [f"glasses={point.glasses}", f"strength={point.strength:g}", f"mode={args.mode}"]
+    if point.args:
+        parts.append(point.args)
+    else:
+        parts += ["sgm=off"] if point.glasses is None else [f"glasses={point.glasses}", f"strength={point.strength:g}", f"mode={args.mode}"]
     return ",".join(parts + ([args.model_args] if args.model_args else []))
 
 
@@ -109,7 +143,7 @@ def finished(out: Path, point: Point) -> Path | None:
 def _mark(out: Path, point: Point, results: Path, cmd: list[str], seconds: float) -> None:
     marker = out / point.folder / "point.json"
     tmp = marker.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**asdict(point), "results": str(results.relative_to(out / point.folder)),
+    tmp.write_text(json.dumps({**point_dict(point), "results": str(results.relative_to(out / point.folder)),
                                "command": cmd, "seconds": round(seconds, 1)}, indent=1), encoding="utf-8")
     os.replace(tmp, marker)  # atomic: a point is finished or not, never half
 
@@ -154,7 +188,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lmms_sgm.demo import DATA_DIR
 
-    glasses = [str(Path(g).resolve()) for item in args.glasses for g in item.split(",") if g.strip()]
+    glasses = [str(Path(g).resolve()) for item in args.glasses or [] for g in item.split(",") if g.strip()]
+    methods = parse_points(args.point)
+    if not glasses and not methods:
+        raise ValueError("nothing to sweep: give --glasses and/or --point NAME=MODEL_ARGS")
     missing = [g for g in glasses if not (Path(g) / "manifest.json").is_file()]
     if missing:
         raise FileNotFoundError(f"--glasses: no glasses at {', '.join(missing)} (a folder written by lmms-sgm profile)")
@@ -166,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     lock = _lock(out)
     try:
         _check_settings(out, want)
-        points = plan(glasses, strengths)
+        points = plan(glasses, strengths, methods)
         done = {p: finished(out, p) for p in points}
         bar = tqdm(total=len(points), initial=sum(1 for v in done.values() if v), desc="sweep", unit="run",
                    file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
@@ -190,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
         runs = {p.name: load_run(done[p]) for p in points}
         report = build(runs, rule=Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric),
                        resamples=args.resamples, seed=args.bootstrap_seed,
-                       groups={p.name: (Path(p.glasses).name if p.glasses else None, p.strength) for p in points})
-        report["sweep"] = {"settings": want, "points": [asdict(p) for p in points]}
+                       groups={p.name: (Path(p.glasses).name if p.glasses else (p.name if p.args else None), p.strength)
+                               for p in points})
+        report["sweep"] = {"settings": want, "points": [point_dict(p) for p in points]}
         paths = write(report, out, title="Strength sweep: harm against capability", extra_html=_sweep_html(want, points))
     finally:
         lock.unlink(missing_ok=True)
@@ -214,7 +252,11 @@ def _sweep_html(want: dict, points: list[Point]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", required=True, help="model (Hub id, local directory, or sgm-demo-llava)")
-    p.add_argument("--glasses", required=True, nargs="+", help="glasses folder(s), space- or comma-separated")
+    p.add_argument("--glasses", nargs="+", default=[], help="glasses folder(s), space- or comma-separated, each run at "
+                   "every --strengths")
+    p.add_argument("--point", action="append", default=None, metavar="NAME=MODEL_ARGS",
+                   help="one more point, a method given by its sgm model args (repeatable), e.g. "
+                        "det0_k50=glasses=G,select_rule=det0,select_top_k=50 or sgm_star=glasses=G,defenses=system_prompt")
     p.add_argument("--strengths", default="0,0.25,0.5,0.75,1", help="comma-separated strengths in [0, 1] (0: vanilla)")
     p.add_argument("--tasks", required=True, help="comma-separated lmms-eval tasks, e.g. "
                    "mm_toxic_qa_sampled,mm_toxic_qa_benign,mm_toxic_qa_fluency,mmbench_local_mc")

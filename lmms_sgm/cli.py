@@ -246,6 +246,9 @@ def _diagnose(args) -> int:
         diagnose.write_report(report, tmp)
     print(diagnose.markdown(report))
     print(f"wrote {out}: diagnosis.json, diagnosis.md, diagnosis.html")
+    return 0
+
+
 def _text_pairs(args) -> int:
     from lmms_sgm.data import load_pairs, write_text_only
 

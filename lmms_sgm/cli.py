@@ -404,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_diagnose)
+
     p = sub.add_parser("text-pairs", parents=[common],
                        help="the pairs' records without their images (JSONL): data of the AurA-style text-only baseline")
     p.add_argument("data", help="labelled pairs: JSONL/CSV/Parquet file or a directory holding one")

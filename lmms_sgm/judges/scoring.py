@@ -100,18 +100,24 @@ def identity_of(record: dict) -> dict:
     return {k: record[k] for k in IDENTITY_KEYS}
 
 
+def the_one(items: list[dict], what: str) -> dict:
+    """The value every sample of a task shares (a task-level record such as the judge or the
+    model's identity); samples that disagree are an error naming each distinct value."""
+    seen: list[dict] = []
+    for x in items:
+        if x not in seen:
+            seen.append(x)
+    if len(seen) != 1:
+        raise ValueError(f"samples of one task were {what}: {seen}")
+    return seen[0]
+
+
 def aggregate_judge(items: list[dict]) -> dict:
     """The judge that scored the samples (``{"name", "version", "config"}``, refusing a mix) and
     how it fared: ``responses`` judged, of which ``malformed`` and ``errors`` (left out of the rates)."""
-    seen: list[dict] = []
-    for x in items:
-        ident = identity_of(x)
-        if ident not in seen:
-            seen.append(ident)
-    if len(seen) != 1:
-        raise ValueError(f"samples of one task were scored by different judges: {seen}")
+    judge = the_one([identity_of(x) for x in items], "scored by different judges")
     verdicts = [v for x in items for v in x.get("verdicts") or []]
-    return {**seen[0], "responses": len(verdicts), "malformed": sum(bool(v.get("malformed")) for v in verdicts),
+    return {**judge, "responses": len(verdicts), "malformed": sum(bool(v.get("malformed")) for v in verdicts),
             "errors": sum(v.get("error") is not None for v in verdicts)}
 
 

@@ -390,16 +390,6 @@ def aggregate_perplexity(items: list[dict]) -> float | None:
 # with lmms-sgm rejudge), imported above.
 
 
-def _the_one(items: list[dict], what: str) -> dict:
-    seen = []
-    for x in items:
-        if x not in seen:
-            seen.append(x)
-    if len(seen) != 1:
-        raise ValueError(f"samples of one task were {what}: {seen}")
-    return seen[0]
-
-
 def aggregate_sgm(items: list[dict]) -> dict:
     """What the model wore (glasses digest, strength, mode...; see lmms_sgm.lmms.run_info)."""
-    return _the_one(items, "produced by differently configured models")
+    return scoring.the_one(items, "produced by differently configured models")

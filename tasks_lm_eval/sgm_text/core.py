@@ -28,6 +28,7 @@ from pathlib import Path
 import datasets
 
 from lmms_sgm.judges import identity, judge_from_env
+from lmms_sgm.judges.scoring import identity_of, the_one
 from lmms_sgm.lmms import run_info
 
 PPL_DATA_ENV = "SGM_TEXT_PPL_DATA"
@@ -183,21 +184,11 @@ def process_sampled_toxicity_results(doc: dict, results) -> dict:
 # --------------------------------------------------------------------------- aggregation
 
 
-def _the_one(items: list[dict], what: str) -> dict:
-    seen: list[dict] = []
-    for x in items:
-        if x not in seen:
-            seen.append(x)
-    if len(seen) != 1:
-        raise ValueError(f"samples of one task were {what}: {seen}")
-    return seen[0]
-
-
 def aggregate_judge(items: list[dict]) -> dict:
     """The judge that scored the continuations: ``{"name", "version", "config"}``."""
-    return _the_one([{k: x[k] for k in ("name", "version", "config")} for x in items], "scored by different judges")
+    return the_one([identity_of(x) for x in items], "scored by different judges")
 
 
 def aggregate_sgm(items: list[dict]) -> dict:
     """What the model wore (glasses digest, strength, mode...; see lmms_sgm.lmms.run_info)."""
-    return _the_one(items, "produced by differently configured models")
+    return the_one(items, "produced by differently configured models")

@@ -57,6 +57,45 @@ def build_tokenizer(words=DEFAULT_WORDS, *, multimodal: bool = True):
     )
 
 
+def _clip_llama_configs(tokenizer, *, hidden_size, intermediate_size, num_layers, num_heads, vision_hidden,
+                        vision_layers, image_size, patch_size, max_positions):
+    """The CLIP vision tower and Llama text model configs the tiny LLaVA families share."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return vision, text
+
+
+def _save_tiny(path: Path, model, processor, tokenizer) -> Path:
+    """Generation settings from the tokenizer, then model and processor saved as a Hub checkpoint is."""
+    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, k, getattr(tokenizer, k))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def build_tiny_llava(
     path: str | Path,
     *,
@@ -77,53 +116,23 @@ def build_tiny_llava(
     Returns the path; load it with ``transformers.AutoModelForImageTextToText.from_pretrained``
     and ``AutoProcessor.from_pretrained`` (or :func:`lmms_sgm.models.load`).
     """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    path = Path(path)
     tokenizer = build_tokenizer(words)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 2,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    num_patches = (image_size // patch_size) ** 2
+    vision, text = _clip_llama_configs(
+        tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+        num_heads=num_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, image_size=image_size,
+        patch_size=patch_size, max_positions=256)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=num_patches,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-
     image_processor = _image_processor_class()(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -137,10 +146,7 @@ def build_tiny_llava(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _save_tiny(Path(path), model, processor, tokenizer)
 
 
 def build_tiny_llava_next(
@@ -161,29 +167,18 @@ def build_tiny_llava_next(
     """A random-init LLaVA-NeXT (another family: any-resolution tiling, an image newline token,
     ``image_sizes``; CLIP tower, Llama text model), saved at ``path`` like :func:`build_tiny_llava`.
     Its grid pinpoints are (1 x 1), (1 x 2) and (2 x 1) tiles of ``image_size``."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    path = Path(path)
     tokenizer = build_tokenizer(words)
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-                       max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    vision, text = _clip_llama_configs(
+        tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+        num_heads=num_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, image_size=image_size,
+        patch_size=patch_size, max_positions=512)
     pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                              image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="default")
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
-    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, k, getattr(tokenizer, k))
     try:
         from transformers import LlavaNextImageProcessorPil as image_processor_class
     except ImportError:  # older transformers: the PIL processor had the plain name
@@ -194,10 +189,7 @@ def build_tiny_llava_next(
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=CHAT_TEMPLATE)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _save_tiny(Path(path), model, processor, tokenizer)
 
 
 def build_tiny_causal_lm(
@@ -233,13 +225,7 @@ def build_tiny_causal_lm(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny(path, model, tokenizer, tokenizer)  # the tokenizer is its processor
 
 
 def random_image(seed: int, size: int = 32):

@@ -195,7 +195,8 @@ def _tune(args) -> int:
         raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
     for path in sets.values():  # validate the data before loading a model
         load_pairs(path).require_both_classes()
-    rule = tune.Rule(args.metric, args.retention, args.over_refusal_points)
+    rule = tune.Rule(args.metric, args.retention, args.over_refusal_points,
+                     None if args.fluency_ratio <= 0 else args.fluency_ratio)
     judge = _judge(args)
     val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
     if args.grid:
@@ -204,7 +205,7 @@ def _tune(args) -> int:
         names = [*sets, *(["self"] if args.self_label else [])]
         grid = tune.default_grid(names, with_questions={n: n == "self" or all(p.question for p in load_pairs(sets[n]))
                                                         for n in names})
-    missing = sorted({c.data for c in grid} - set(sets) - ({"self"} if args.self_label else set()))
+    missing = sorted(set().union(*(c.sets() for c in grid)) - set(sets) - ({"self"} if args.self_label else set()))
     if missing:  # before the model loads
         raise ValueError(f"the grid names profiling set(s) {', '.join(missing)}, not given (given: "
                          f"{', '.join([*sets, *(['self'] if args.self_label else [])]) or 'none'})")
@@ -378,12 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-mc", default=None, metavar="TSV", help="MMBench-format TSV for multiple-choice capability (default: DIR/mmbench.tsv if any)")
     p.add_argument("--val-limit", type=int, default=None, help="first N records of each validation file (smoke tests)")
     p.add_argument("--grid", default=None, metavar="JSON",
-                   help="configurations to try: a JSON list of {name, data, profile: {...}, select: {...}, strength} (default: a small grid)")
+                   help="configurations to try: a JSON list of {name, data, profile: {...}, select: {...}, strength}, or "
+                        "{name, kind: steering, data, gate_data, steer: {...}, strength} (default: a small SGM grid)")
     p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", default="harmful_sampled", help="what the rule minimises (a measure of lmms_sgm.evaluate)")
     p.add_argument("--retention", type=float, default=0.95, help="capability kept, as a fraction of vanilla's")
     p.add_argument("--over-refusal-points", type=float, default=0.02, help="over-refusal allowed above vanilla's (0.02 = 2 points)")
+    p.add_argument("--fluency-ratio", type=float, default=2.0,
+                   help="perplexity of the answers to the harmful prompts under the unmodified model allowed, as a multiple "
+                        "of vanilla's (0: no fluency condition)")
     p.add_argument("--out", required=True, help="new directory: table.md, table.json, glasses/, profiles/")
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, LoadOptions)

@@ -26,6 +26,7 @@ import base64
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,42 @@ def option_loglik(model, processor, image, question: str, options: list[str]) ->
     return [sum(float(logp[j, start - 1 + t, a[t]]) for t in range(len(a))) for j, a in enumerate(ans)]
 
 
+@torch.no_grad()
+def answer_perplexity(model, processor, images, questions, answers: list[list[str]]) -> float:
+    """Perplexity (exp of the mean negative log-likelihood per token, end of sequence included) of
+    the given answers, each teacher-forced after its prompt, under ``model`` as it is now.
+
+    Scored under the unmodified model, it measures how fluent another model's answers are (AurA's
+    perplexity of generations under a reference model): word salad from an over-strong
+    intervention scores high even where a toxicity judge calls it safe. One forward pass per prompt:
+    its answers share the prompt (no padding there) and are padded on the right."""
+    hf = unwrap(model)
+    tok = processor.tokenizer
+    device = next(hf.parameters()).device
+    nll, count = 0.0, 0
+    for image, question, answers_i in zip(images, questions, answers):
+        if not answers_i:
+            continue
+        enc = processor(text=[chat_prompt(processor, question)] * len(answers_i), images=[image] * len(answers_i),
+                        return_tensors="pt").to(device)
+        ans = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers_i]
+        width = max(map(len, ans))
+        ids = torch.full((len(ans), width), tok.pad_token_id, device=device)
+        mask = torch.zeros_like(ids)
+        for j, a in enumerate(ans):
+            ids[j, :len(a)] = torch.tensor(a)
+            mask[j, :len(a)] = 1
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        logits = hf(input_ids=torch.cat([enc["input_ids"], ids], 1),
+                    attention_mask=torch.cat([enc["attention_mask"], mask], 1), **extra).logits
+        start = enc["input_ids"].shape[1]
+        logp = logits[:, start - 1:start - 1 + width].float().log_softmax(-1)
+        tok_logp = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        nll -= float((tok_logp * mask).sum())
+        count += int(mask.sum())
+    return math.exp(nll / count) if count else float("nan")
+
+
 def unsafe_rate(judge, questions, responses) -> float:
     """Mean over prompts of the fraction of that prompt's answers the judge calls unsafe."""
     per_prompt = [sum(judge.judge(q, r).unsafe for r in rs) / len(rs) for q, rs in zip(questions, responses)]
@@ -164,6 +201,7 @@ def evaluate(model, processor, val: ValidationSet, judge, *, samples: int = 5, s
         res[f"{name}_sampled"] = unsafe_rate(judge, qs, s)
         if name == "harmful":
             res["examples_harmful"] = [(qs[i], g[i][0], s[i][:2]) for i in range(min(3, len(qs)))]
+            res["_harmful_sampled_answers"] = s  # for fluency_under (not a measure: tables skip "_" keys)
     recs = val.benign
     open_ = [r for r in recs if r.get("answer") is None]
     cap = [r for r in recs if r.get("answer") is not None]

@@ -46,15 +46,99 @@ def test_grid_file_round_trip_and_refusals(tmp_path):
         tune.read_grid(path)
 
 
+def test_fluency_condition_rejects_options_whose_safe_answers_the_unmodified_model_finds_unlikely():
+    rows = {"vanilla": {**BASE, tune.FLUENCY: 1.5},
+            "word salad": {**BASE, "harmful_sampled": 0.0, tune.FLUENCY: 3.01},
+            "fluent": {**BASE, "harmful_sampled": 0.2, tune.FLUENCY: 3.0}}
+    assert tune.Rule().choose(rows) == "fluent"  # 2 x 1.5 is the limit, inclusive
+    assert tune.Rule(fluency_ratio=None).choose(rows) == "word salad"
+    assert tune.Rule(fluency_ratio=1.9).choose(rows) is None
+    assert "2x that of vanilla's safe answers" in tune.Rule().describe()
+
+
+def test_steering_grid_entries_round_trip_and_refusals(tmp_path):
+    from lmms_sgm.options import SteeringOptions
+
+    grid = [tune.Config("g", "answers", kind="steering", gate_data="contexts", steer=SteeringOptions(layer=1, c=4.0)),
+            tune.Config("u", "answers", kind="steering", steer=SteeringOptions(gated=False), strength=0.5)]
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([c.to_dict() for c in grid]))
+    assert tune.read_grid(path) == grid and grid[0].sets() == {"answers", "contexts"}
+    for bad, match in (({"kind": "steering"}, "needs gate_data"), ({"kind": "sideways"}, "kind 'sideways'"),
+                       ({"gate_data": "x"}, "a grid entry needs"), ({"kind": "steering", "select": {}}, "a grid entry needs")):
+        path.write_text(json.dumps([{"name": "a", "data": "x", **bad}]))
+        with pytest.raises(ValueError, match=match):
+            tune.read_grid(path)
+
+
+def test_answer_perplexity_is_the_per_token_mean_of_each_answer_scored_alone(model_and_processor):
+    """Against a plain forward pass per answer (prompt + answer + end of sequence, no batching, no
+    padding), summed over every token of every answer; prompts without answers are skipped."""
+    import math
+
+    import torch
+
+    from lmms_sgm.evaluate import answer_perplexity, chat_prompt
+
+    model, processor = model_and_processor
+    tok = processor.tokenizer
+    images = [tiny.random_image(i) for i in range(3)]
+    questions = ["what is this ?", "describe the picture .", "is it red ?"]
+    answers = [["a red circle", "it is a very large blue square on a field"], [], ["yes"]]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for image, q, rs in zip(images, questions, answers):
+            for a in rs:
+                enc = processor(text=[chat_prompt(processor, q)], images=[image], return_tensors="pt")
+                ids = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
+                logp = model(input_ids=full, pixel_values=enc["pixel_values"]).logits[0].double().log_softmax(-1)
+                start = enc["input_ids"].shape[1]
+                nll -= sum(float(logp[start - 1 + t, i]) for t, i in enumerate(ids))
+                count += len(ids)
+    got = answer_perplexity(model, processor, images, questions, answers)
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert math.isnan(answer_perplexity(model, processor, images[:1], questions[:1], [[]]))
+
+
 def test_demo_grid_is_the_demo_s_table():
-    """The demo's 32 configurations (docs/demo.md), the paper's default first, and 4 input-conditional ones."""
+    """The demo's 32 SGM configurations (docs/demo.md), the paper's default first, 4 input-conditional
+    ones and the 16 gated-steering ones of `python -m lmms_sgm.demo.sweep --kind steering`."""
     from lmms_sgm.demo import HERE
+    from lmms_sgm.demo.sweep import CONFIGS, STEERING_CONFIGS
 
     grid = tune.read_grid(HERE / "tune_grid.json")
-    assert len(grid) == 36 and grid[0].profile == ProfileOptions() and grid[0].select == SelectionOptions()
+    sgm = [c for c in grid if c.kind == "sgm"]
+    assert len(sgm) == 36 and sgm[0].profile == ProfileOptions() and sgm[0].select == SelectionOptions()
+    assert [(c.name, c.data, c.profile, c.select) for c in sgm[:32]] == [(n, *v) for n, v in CONFIGS.items()]
     best = next(c for c in grid if c.name == "self-labelled, q+r, response positions, towards non-toxic mean")
     assert best.data == "self" and best.profile.positions == "response" and best.select.towards == "nontoxic_mean"
-    assert {c.data for c in grid} == {"responses", "inputs", "self"}
+    assert all(c.select.gate == "evidence" for c in sgm[32:])
+    steering = [c for c in grid if c.kind == "steering"]
+    assert [(c.data, c.gate_data, c.steer) for c in steering] == list(STEERING_CONFIGS.values())
+    assert set().union(*(c.sets() for c in grid)) == {"responses", "inputs", "self", "gate"}
+
+
+def test_tune_steering_profiles_once_and_equals_building_directly(load_model, toy_jsonl, tmp_path, monkeypatch):
+    """Two coefficients of one steer share its profiling; each equals build_steering_glasses with
+    its options; every row carries the fluency column, vanilla's too."""
+    from lmms_sgm import pipeline
+    from lmms_sgm.evaluate import ValidationSet
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.options import SteeringOptions
+
+    model, processor = load_model()
+    calls = []
+    real = pipeline.build_steering_glasses
+    monkeypatch.setattr(pipeline, "build_steering_glasses", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    grid = [tune.Config(f"c={c}", "toy", kind="steering", gate_data="toy", steer=SteeringOptions(layer=1, c=c))
+            for c in (2.0, 5.0)]
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 2))
+    result = tune.tune(model, processor, {"toy": toy_jsonl}, grid, val, get_judge("lexicon"), samples=1)
+    assert len(calls) == 1
+    direct = real(model, processor, toy_jsonl, toy_jsonl, SteeringOptions(layer=1, c=5.0), progress=False)
+    assert result.glasses["c=5.0"].digest() == direct.digest() != result.glasses["c=2.0"].digest()
+    assert all(r[tune.FLUENCY] > 1 for r in result.rows.values())
 
 
 def test_tune_profiles_once_per_profiling_and_reselects(load_model, toy_jsonl, tmp_path, monkeypatch):

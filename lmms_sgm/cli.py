@@ -19,6 +19,7 @@ from lmms_sgm.options import (
     ExecutionOptions,
     LoadOptions,
     ProfileOptions,
+    RemoteOptions,
     SelectionOptions,
     SteeringOptions,
     add_arguments,
@@ -234,16 +235,26 @@ def _diagnose(args) -> int:
     if args.limit:
         measured, held_out = diagnose.split_twins(twins)
         twins = measured[:args.limit] + held_out[:args.limit]
+    execution = from_namespace(RemoteOptions, args)
+    backend = args.backend or ("nnsight" if execution.remote != "off" else "hooks")
+    if backend == "hooks" and execution.remote != "off":
+        raise ValueError(f"--remote {execution.remote} runs nnsight traces: use --backend nnsight (or leave it out)")
     glasses = SafetyGlasses.load(args.glasses) if args.glasses else None
     judge = _judge(args)
     out = Path(args.out)
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
     with _new_directory(out) as tmp:
-        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+        if execution.remote != "off":
+            from lmms_sgm import remote
+
+            model, processor = remote.load(args.model, execution, device=load.device, dtype=load.dtype)
+        else:
+            model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
         if glasses is not None:
             glasses.check(model)
         report = diagnose.diagnose(model, processor, twins, judge, glasses=glasses, samples=args.samples, seed=args.seed,
-                                   per_layer=not args.no_per_layer, attention=not args.no_attention, log=log)
+                                   per_layer=not args.no_per_layer, attention=not args.no_attention, log=log,
+                                   backend=backend, remote=execution)
         diagnose.write_report(report, tmp)
     print(diagnose.markdown(report))
     print(f"wrote {out}: diagnosis.json, diagnosis.md, diagnosis.html")
@@ -405,9 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N measured and N held-out twins")
     p.add_argument("--no-per-layer", action="store_true", help="patch all layers at once only (fewer runs on a deep model)")
     p.add_argument("--no-attention", action="store_true", help="patch MLP outputs only")
+    p.add_argument("--backend", choices=("hooks", "nnsight"), default=None,
+                   help="forward hooks on the local model (default) or nnsight traces (the default with --remote)")
     p.add_argument("--out", required=True, help="new directory: diagnosis.json, diagnosis.md, diagnosis.html")
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, LoadOptions)
+    add_arguments(p, RemoteOptions)
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("text-pairs", parents=[common],

@@ -21,13 +21,16 @@ judge's, ``samples`` answers per prompt at temperature 1):
   towards a mean), so this is about the most glasses can do at that layer;
 - the given glasses' own rate.
 
-The forward hooks work on the local HF module (a remote model cannot be diagnosed yet).
+It runs through forward hooks on the local module (``backend="hooks"``, the default) or as nnsight
+traces (``backend="nnsight"``), which also run on an NDIF server (``remote``).
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,72 +148,291 @@ class Patcher:
             h.remove()
 
 
+# ---------------------------------------------------------------- engines
+#
+# What the measurements need from a model: the outputs of some modules on a prompt pass, a
+# generate call with module outputs replaced on the prompt pass or mapped on every pass, and one
+# forward pass recording or replacing module outputs. Modules are named by their paths (e.g.
+# ``model.language_model.layers.3.mlp``), so that the same measurement runs on the local module
+# through forward hooks (:class:`HookEngine`, the fast path) or as nnsight traces
+# (:class:`NNsightEngine`), which can run on an NDIF server.
+
+
+def _tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with(output, tensor):
+    return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+
+def _expanded(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``src`` for a batch of ``like``'s size (generate repeats each row ``num_return_sequences`` times)."""
+    return src.repeat_interleave(like.shape[0] // src.shape[0], dim=0).to(like.dtype)
+
+
+class HookEngine:
+    """The local Hugging Face module, through forward hooks."""
+
+    name = "hooks"
+
+    def __init__(self, model):
+        self.hf = unwrap(model)
+        self.device = next(self.hf.parameters()).device
+
+    def module(self, path: str):
+        return get_module(self.hf, path)
+
+    def prompt_outputs(self, enc, paths) -> list[torch.Tensor]:
+        """The modules' outputs on the prompt pass ``generate`` makes of ``enc``."""
+        patcher = Patcher([self.module(p) for p in paths])
+        patcher.mode = "record"
+        try:
+            self.hf.generate(**enc, max_new_tokens=1, do_sample=False)
+        finally:
+            patcher.remove()
+        return [patcher.saved[i] for i in range(len(paths))]
+
+    def generate(self, enc, gen: dict, *, prompt=(), every=()) -> torch.Tensor:
+        """``generate(**enc, **gen)``; ``prompt``: ``(path, tensor)`` outputs replaced on the prompt
+        pass; ``every``: ``(path, a, b)``, the output mapped to ``a * out + b`` on every pass."""
+        handles = []
+        try:
+            for path, t in prompt:
+                handles.append(self.module(path).register_forward_hook(
+                    lambda m, i, o, t=t: _with(o, _expanded(t, _tensor(o))) if _tensor(o).shape[1] > 1 else None))
+            for path, a, b in every:
+                handles.append(self.module(path).register_forward_hook(
+                    lambda m, i, o, a=a, b=b: _with(o, _tensor(o) * a.to(o.dtype) + b.to(o.dtype))))
+            return self.hf.generate(**enc, **gen)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward(self, inputs: dict, *, record=(), replace=()):
+        """One forward pass: ``(last position's logits as float32, the cache if use_cache, the
+        outputs of the ``record`` paths)``; ``replace``: ``(path, tensor)`` outputs replaced."""
+        saved: dict = {}
+        handles = []
+        try:
+            for i, path in enumerate(record):
+                handles.append(self.module(path).register_forward_hook(
+                    lambda m, a, o, i=i: saved.__setitem__(i, _tensor(o).detach().clone())))
+            for path, t in replace:
+                handles.append(self.module(path).register_forward_hook(lambda m, a, o, t=t: _with(o, _expanded(t, _tensor(o)))))
+            out = self.hf(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits[:, -1].float(), (_cache_of(out) if inputs.get("use_cache") else None), \
+            [saved[i] for i in range(len(record))]
+
+    @contextlib.contextmanager
+    def wearing(self, glasses):
+        with glasses.apply(self.hf, mode="hooks"):
+            yield
+
+
+class NNsightEngine:
+    """The same measurements as nnsight traces: in this process, or (``remote``, a
+    :class:`~lmms_sgm.options.RemoteOptions` other than off) on an NDIF server, each trace sent
+    through :class:`lmms_sgm.remote.Session` (lmms_sgm travels by value, transport failures are
+    retried). Remotely the lockstep loop re-reads the whole sequence each step (a KV cache does
+    not travel between traces) and sampling draws from the server's random generator."""
+
+    name = "nnsight"
+
+    def __init__(self, model, processor, remote=None):
+        from lmms_sgm.intervention import as_generator
+        from lmms_sgm.remote import wrap
+
+        self.remote = remote if remote is not None and remote.remote != "off" else None
+        self.nn = wrap(model, processor) if self.remote else as_generator(model, processor)
+        self.hf = self.nn._module
+        self.device = next(self.hf.parameters()).device
+        self._worn = None  # remote glasses being worn (their traces carry them)
+
+    def _call(self, fn, *args):
+        if self.remote is None:
+            return fn(self.nn, *args, {})
+        from lmms_sgm.remote import Session
+
+        with Session(self.nn, self.remote) as session:
+            return session.call(fn, self.nn, *args, session.trace_kwargs)
+
+    def prompt_outputs(self, enc, paths) -> list[torch.Tensor]:
+        return self._call(_nn_prompt_outputs, dict(enc), list(paths))
+
+    def generate(self, enc, gen: dict, *, prompt=(), every=()) -> torch.Tensor:
+        if self._worn is not None:
+            if prompt or every:
+                raise ValueError("patching while remote glasses are worn is not supported")
+            return self._worn.generate(dict(enc), **gen)
+        return self._call(_nn_generate, dict(enc), dict(gen), list(prompt), list(every))
+
+    def forward(self, inputs: dict, *, record=(), replace=()):
+        if self.remote is not None and inputs.get("use_cache"):
+            raise ValueError("a KV cache does not travel between remote traces: use cache=False remotely")
+        return self._call(_nn_forward, dict(inputs), list(record), list(replace))
+
+    @contextlib.contextmanager
+    def wearing(self, glasses):
+        if self.remote is None:
+            with glasses.apply(self.nn, mode="nnsight"):
+                yield
+            return
+        handle = glasses.apply(self.nn, mode="nnsight", remote=self.remote.remote)
+        self._worn = handle
+        try:
+            yield
+        finally:
+            self._worn = None
+            handle.remove()
+
+
+# Trace bodies: module-level functions, so that they travel by value to an NDIF server.
+
+
+def _nn_prompt_outputs(nn_model, enc, paths, trace_kwargs):
+    import nnsight
+
+    with nn_model.generate(**enc, max_new_tokens=1, do_sample=False, **trace_kwargs):
+        saved = nnsight.save([_tensor(get_module(nn_model, p).output) for p in paths])
+    return saved
+
+
+def _nn_set(envoy, value):
+    out = envoy.output
+    envoy.output = _with(out, _expanded(value, _tensor(out)))
+
+
+def _nn_generate(nn_model, enc, gen, prompt, every, trace_kwargs):
+    if not every:
+        with nn_model.generate(**enc, **gen, **trace_kwargs) as tracer:
+            for path, t in prompt:  # outside a step loop: the first (prompt) pass only
+                _nn_set(get_module(nn_model, path), t)
+            ids = tracer.result.save()
+        return ids
+    if prompt:
+        raise ValueError("prompt replacement and an every-pass map in one generate call are not supported")
+    with warnings.catch_warnings():
+        # An open step loop (the length is unknown) warns that the step after the last was never
+        # reached: expected. The result is read in a second invoke (nothing after the loop runs).
+        warnings.filterwarnings("ignore", message=r".*was never reached.*", category=UserWarning)
+        with nn_model.generate(**gen, **trace_kwargs) as tracer:
+            with tracer.invoke(**enc):
+                for _ in tracer.iter[:]:
+                    for path, a, b in every:
+                        envoy = get_module(nn_model, path)
+                        out = envoy.output
+                        envoy.output = _with(out, _tensor(out) * a.to(_tensor(out).dtype) + b.to(_tensor(out).dtype))
+            with tracer.invoke():
+                ids = tracer.result.save()
+    return ids
+
+
+def _nn_forward(nn_model, inputs, record, replace, trace_kwargs):
+    import nnsight
+
+    cache = None
+    with nn_model.trace(**inputs, **trace_kwargs):
+        for path, t in replace:
+            _nn_set(get_module(nn_model, path), t)
+        saved = nnsight.save([_tensor(get_module(nn_model, p).output) for p in record])
+        out = nn_model.output
+        logits = out.logits[:, -1].float().save()
+        if inputs.get("use_cache"):
+            cache = nnsight.save(_cache_of(out))
+    return logits, cache, saved
+
+
+def as_engine(model, processor=None, *, backend: str = "hooks", remote=None):
+    """An engine for ``model`` (kept if it already is one): ``hooks`` or ``nnsight``; ``remote``
+    (RemoteOptions) needs ``nnsight``."""
+    if isinstance(model, (HookEngine, NNsightEngine)):
+        return model
+    if backend == "hooks":
+        if remote is not None and remote.remote != "off":
+            raise ValueError("remote execution runs nnsight traces: use backend nnsight")
+        return HookEngine(model)
+    if backend == "nnsight":
+        return NNsightEngine(model, processor, remote)
+    raise ValueError(f"backend {backend!r}: use hooks or nnsight")
+
+
 def _decode(tok, ids, prompt_len, n, samples):
     dec = tok.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)
     return [[d.strip() for d in dec[j * samples:(j + 1) * samples]] for j in range(n)]
 
 
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
 @torch.no_grad()
-def sampled_rate(model, processor, judge, twins: list[Twin], *, use_twin: bool = False, patcher: Patcher | None = None,
+def sampled_rate(model, processor, judge, twins: list[Twin], *, use_twin: bool = False, paths=None, every=(),
                  samples: int = 5, seed: int = 0, batch_size: int = 50, max_new_tokens: int = 24) -> float:
     """Sampled unsafe rate of the harmful inputs (or, ``use_twin``, of their twins) with ``generate``;
-    ``patcher`` replaces its modules' outputs by the twin's at the prompt positions."""
-    hf = unwrap(model)
-    device = next(hf.parameters()).device
-    torch.manual_seed(seed)
-    responses = []
-    for s in range(0, len(twins), batch_size):
-        batch = twins[s:s + batch_size]
-        enc, twin = encode_pair(processor, batch, device)
-        if use_twin:
-            enc = twin
-        if patcher is not None:
-            patcher.mode = "record"  # the twin's prompt pass, with the positions generate gives the harmful run
-            hf.generate(**twin, max_new_tokens=1, do_sample=False)
-            patcher.mode = "replace"
-        try:
-            gen = hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              num_return_sequences=samples)
-        finally:
-            if patcher is not None:
-                patcher.mode = None
-        responses += _decode(processor.tokenizer, gen, enc["input_ids"].shape[1], len(batch), samples)
-    return unsafe_rate(judge, [t.question for t in twins], responses)
+    ``paths``: modules whose outputs take the twin's value at the prompt positions; ``every``:
+    ``(path, a, b)`` maps worn at every position. ``model``: a model or an engine."""
+    return unsafe_rate(judge, [t.question for t in twins],
+                       sampled_answers(model, processor, twins, use_twin=use_twin, paths=paths, every=every, samples=samples,
+                                       seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens))
 
 
 @torch.no_grad()
-def lockstep_rate(model, processor, judge, twins: list[Twin], patcher: Patcher | None, *, samples: int = 5, seed: int = 0,
+def sampled_answers(model, processor, twins: list[Twin], *, use_twin: bool = False, paths=None, every=(),
+                    samples: int = 5, seed: int = 0, batch_size: int = 50, max_new_tokens: int = 24) -> list[list[str]]:
+    """The sampled answers of :func:`sampled_rate`."""
+    engine = as_engine(model)
+    torch.manual_seed(seed)
+    responses = []
+    gen = {"max_new_tokens": max_new_tokens, "num_return_sequences": samples, **SAMPLING}
+    for s in range(0, len(twins), batch_size):
+        batch = twins[s:s + batch_size]
+        enc, twin = encode_pair(processor, batch, engine.device)
+        if use_twin:
+            enc = twin
+        prompt = ()
+        if paths:  # the twin's prompt pass, with the positions generate gives the harmful run
+            prompt = list(zip(paths, engine.prompt_outputs(twin, paths)))
+        ids = engine.generate(enc, gen, prompt=prompt, every=every)
+        responses += _decode(processor.tokenizer, ids, enc["input_ids"].shape[1], len(batch), samples)
+    return responses
+
+
+@torch.no_grad()
+def lockstep_rate(model, processor, judge, twins: list[Twin], paths, *, samples: int = 5, seed: int = 0,
                   batch_size: int = 40, max_new_tokens: int = 24, cache: bool = True) -> float:
-    """Sampled unsafe rate with ``patcher``'s modules taking the twin's outputs at every position
+    """Sampled unsafe rate with the ``paths`` modules taking the twin's outputs at every position
     (None: the same loop with nothing replaced, the reference of these rates)."""
     return unsafe_rate(judge, [t.question for t in twins],
-                       lockstep_answers(model, processor, twins, patcher, samples=samples, seed=seed, batch_size=batch_size,
+                       lockstep_answers(model, processor, twins, paths, samples=samples, seed=seed, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, cache=cache))
 
 
 @torch.no_grad()
-def lockstep_answers(model, processor, twins: list[Twin], patcher: Patcher | None, *, samples: int = 5, seed: int = 0,
+def lockstep_answers(model, processor, twins: list[Twin], paths, *, samples: int = 5, seed: int = 0,
                      batch_size: int = 40, max_new_tokens: int = 24, cache: bool = True) -> list[list[str]]:
     """The sampled answers of :func:`lockstep_rate`.
 
-    Each step runs the twin on the same tokens (``patcher`` records its modules' outputs), then
-    the harmful input (``patcher`` replaces them), then samples the next token for both. With
-    ``cache`` both runs keep their own KV cache and each step computes the new position only: its
-    patched keys and values are the ones every later step reads, so this equals re-reading the
-    whole sequence every step (``cache=False``, the slow reference) up to float rounding. The image
-    token is never sampled (a re-read would take it for another image)."""
+    Each step runs the twin on the same tokens (recording the ``paths`` modules' outputs), then
+    the harmful input (replacing them), then samples the next token for both. With ``cache`` both
+    runs keep their own KV cache and each step computes the new position only: its patched keys
+    and values are the ones every later step reads, so this equals re-reading the whole sequence
+    every step (``cache=False``, the slow reference, and the remote way) up to float rounding. The
+    image token is never sampled (a re-read would take it for another image)."""
     from lmms_sgm.models import image_token_id
 
-    hf = unwrap(model)
-    device = next(hf.parameters()).device
+    engine = as_engine(model)
     tok = processor.tokenizer
-    image_id = image_token_id(hf)
+    image_id = image_token_id(engine.hf)
+    paths = list(paths or [])
     torch.manual_seed(seed)
     responses = []
     rep = lambda t: t.repeat_interleave(samples, dim=0)
     for s in range(0, len(twins), batch_size):
         batch = twins[s:s + batch_size]
-        enc, twin = encode_pair(processor, batch, device)
+        enc, twin = encode_pair(processor, batch, engine.device)
         ids, tids, attn = rep(enc["input_ids"]), rep(twin["input_ids"]), rep(enc["attention_mask"])
         extra = {k: rep(v) for k, v in _extras(enc).items()}
         textra = {k: rep(v) for k, v in _extras(twin).items()}
@@ -226,18 +448,11 @@ def lockstep_answers(model, processor, twins: list[Twin], patcher: Patcher | Non
             else:
                 a = {"input_ids": ids, "position_ids": pos, **extra}
                 b = {"input_ids": tids, "position_ids": pos, **textra}
-            if patcher is not None:
-                patcher.mode = "record"
-                tout = hf(attention_mask=attn, use_cache=cache, **b)
-                tpast = _cache_of(tout) if cache else None
-                patcher.mode = "replace"
-            try:
-                out = hf(attention_mask=attn, use_cache=cache, **a)
-            finally:
-                if patcher is not None:
-                    patcher.mode = None
-            past = _cache_of(out) if cache else None
-            logits = out.logits[:, -1].float()
+            replace = ()
+            if paths:
+                _, tpast, saved = engine.forward({"attention_mask": attn, "use_cache": cache, **b}, record=paths)
+                replace = list(zip(paths, saved))
+            logits, past, _ = engine.forward({"attention_mask": attn, "use_cache": cache, **a}, replace=replace)
             if image_id is not None:
                 logits[:, image_id] = -torch.inf
             nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
@@ -269,43 +484,36 @@ def per_neuron_affine(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def fit_affine(model, processor, module, twins: list[Twin], *, samples: int = 5, seed: int = 0, batch_size: int = 40,
+def fit_affine(model, processor, path: str, twins: list[Twin], *, samples: int = 5, seed: int = 0, batch_size: int = 40,
                max_new_tokens: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-neuron least-squares map of ``module``'s outputs, twin ~ harmful, over every
-    non-padding position of prompt + the model's own sampled answer (teacher-forced, the same
-    answer tokens after both prompts), on ``twins`` (pass the held-out ones only). The answers
-    never hold the image token: the teacher-forced pass would read it as another image."""
+    """The per-neuron least-squares map of the ``path`` module's outputs, twin ~ harmful, over
+    every non-padding position of prompt + the model's own sampled answer (teacher-forced, the
+    same answer tokens after both prompts), on ``twins`` (pass the held-out ones only). The
+    answers never hold the image token: the teacher-forced pass would read it as another image."""
     from lmms_sgm.models import image_token_id
 
     if not twins:
         raise ValueError("the least-squares ceiling needs held-out twins (role 'fit'); none given")
-    hf = unwrap(model)
-    image_id = image_token_id(hf)
-    device = next(hf.parameters()).device
+    engine = as_engine(model)
+    image_id = image_token_id(engine.hf)
     tok = processor.tokenizer
     torch.manual_seed(seed)
     xs, ys = [], []
-    patcher = Patcher([module], prompt_only=False)
-    try:
-        for s in range(0, len(twins), batch_size):
-            enc, twin = encode_pair(processor, twins[s:s + batch_size], device)
-            gen = hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              num_return_sequences=samples, suppress_tokens=[image_id])
-            plen = enc["input_ids"].shape[1]
-            answer = gen[:, plen:]
-            attn = torch.cat([enc["attention_mask"].repeat_interleave(samples, 0), (answer != tok.pad_token_id).long()], 1)
-            acts = []
-            for e in (enc, twin):
-                patcher.mode = "record"
-                ids = torch.cat([e["input_ids"].repeat_interleave(samples, 0), answer], 1)
-                hf(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
-                   **{k: v.repeat_interleave(samples, 0) for k, v in _extras(e).items()})
-                acts.append(patcher.saved[0][attn.bool()])
-            patcher.mode = None
-            xs.append(acts[0])
-            ys.append(acts[1])
-    finally:
-        patcher.remove()
+    gen = {"max_new_tokens": max_new_tokens, "num_return_sequences": samples, "suppress_tokens": [image_id], **SAMPLING}
+    for s in range(0, len(twins), batch_size):
+        enc, twin = encode_pair(processor, twins[s:s + batch_size], engine.device)
+        answer = engine.generate(enc, gen)[:, enc["input_ids"].shape[1]:]
+        attn = torch.cat([enc["attention_mask"].repeat_interleave(samples, 0), (answer != tok.pad_token_id).long()], 1)
+        acts = []
+        for e in (enc, twin):
+            ids = torch.cat([e["input_ids"].repeat_interleave(samples, 0), answer], 1)
+            _, _, (out,) = engine.forward({"input_ids": ids, "attention_mask": attn, "position_ids": position_ids(attn),
+                                           "use_cache": False,
+                                           **{k: v.repeat_interleave(samples, 0) for k, v in _extras(e).items()}},
+                                          record=[path])
+            acts.append(out[attn.bool()])
+        xs.append(acts[0])
+        ys.append(acts[1])
     return per_neuron_affine(torch.cat(xs), torch.cat(ys))
 
 
@@ -313,10 +521,10 @@ def _layers(hf):
     return get_module(hf, adapter_for(hf).layers_path(hf))
 
 
-def _attention(layer):
+def _attention_name(layer) -> str:
     for name in ("self_attn", "attention", "attn"):
         if hasattr(layer, name):
-            return getattr(layer, name)
+            return name
     raise ValueError(f"{type(layer).__name__} has no self-attention module this tool knows (self_attn, attention, attn)")
 
 
@@ -331,13 +539,17 @@ class Row:
 
 
 def diagnose(model, processor, twins: list[Twin], judge, *, glasses=None, samples: int = 5, seed: int = 0,
-             per_layer: bool = True, attention: bool = True, fit_twins: list[Twin] | None = None, log=None) -> dict:
+             per_layer: bool = True, attention: bool = True, fit_twins: list[Twin] | None = None, log=None,
+             backend: str = "hooks", remote=None, lockstep_cache: bool | None = None) -> dict:
     """Every measurement of the module docstring; returns the report (see :func:`headroom`).
 
     ``twins``: all records; the ``eval`` ones are measured, the ``fit`` ones (or ``fit_twins``,
-    when given) are used by the least-squares fit alone."""
+    when given) are used by the least-squares fit alone. ``backend``: ``hooks`` (forward hooks on
+    the local module) or ``nnsight`` (traces; with ``remote``, RemoteOptions, on an NDIF server).
+    ``lockstep_cache``: keep a KV cache in the lockstep loop (default: yes, except remotely)."""
     log = log or (lambda s: None)
-    hf = unwrap(model)
+    engine = as_engine(model, processor, backend=backend, remote=remote)
+    cache = (getattr(engine, "remote", None) is None) if lockstep_cache is None else lockstep_cache
     measured, held_out = split_twins(twins)
     if fit_twins is not None:
         held_out = fit_twins
@@ -345,55 +557,48 @@ def diagnose(model, processor, twins: list[Twin], judge, *, glasses=None, sample
         raise ValueError("no twin to measure (role 'eval')")
     t0 = time.time()
     kw = {"samples": samples, "seed": seed}
-    layers = _layers(hf)
-    n = len(layers)
+    hf = engine.hf
+    base = adapter_for(hf).layers_path(hf)
+    n = len(get_module(hf, base))
     rows: list[Row] = []
 
     def add(row: Row):
         rows.append(row)
         log(f"[{time.time() - t0:.0f}s] {row.name}: {row.rate:.3f}")
 
-    add(Row("vanilla (harmful inputs)", "reference", sampled_rate(hf, processor, judge, measured, **kw)))
-    add(Row("twin (benign inputs)", "reference", sampled_rate(hf, processor, judge, measured, use_twin=True, **kw)))
-    modules = [("mlp", lambda layer: layer.mlp)] + ([("attention", _attention)] if attention else [])
-    targets = [(m, "all", [get(layer) for layer in layers]) for m, get in modules]
+    add(Row("vanilla (harmful inputs)", "reference", sampled_rate(engine, processor, judge, measured, **kw)))
+    add(Row("twin (benign inputs)", "reference", sampled_rate(engine, processor, judge, measured, use_twin=True, **kw)))
+    attn_name = _attention_name(get_module(hf, f"{base}.0"))
+    modules = [("mlp", "mlp")] + ([("attention", attn_name)] if attention else [])
+    targets = [(m, "all", [f"{base}.{i}.{sub}" for i in range(n)]) for m, sub in modules]
     if per_layer:
-        targets += [(m, i, [get(layers[i])]) for m, get in modules for i in range(n)]
-    for m, layer, mods in targets:
+        targets += [(m, i, [f"{base}.{i}.{sub}"]) for m, sub in modules for i in range(n)]
+    for m, layer, paths in targets:
         where = "every layer's" if layer == "all" else f"layer {layer}'s"
-        patcher = Patcher(mods)
-        try:
-            rate = sampled_rate(hf, processor, judge, measured, patcher=patcher, **kw)
-        finally:
-            patcher.remove()
-        add(Row(f"{where} {m} output = the twin's, prompt positions", "prompt", rate, m, layer))
-    add(Row("lockstep reference (nothing replaced)", "reference", lockstep_rate(hf, processor, judge, measured, None, **kw)))
-    for m, layer, mods in targets:
+        add(Row(f"{where} {m} output = the twin's, prompt positions", "prompt",
+                sampled_rate(engine, processor, judge, measured, paths=paths, **kw), m, layer))
+    add(Row("lockstep reference (nothing replaced)", "reference",
+            lockstep_rate(engine, processor, judge, measured, None, cache=cache, **kw)))
+    for m, layer, paths in targets:
         where = "every layer's" if layer == "all" else f"layer {layer}'s"
-        patcher = Patcher(mods, prompt_only=False)
-        try:
-            rate = lockstep_rate(hf, processor, judge, measured, patcher, **kw)
-        finally:
-            patcher.remove()
-        add(Row(f"{where} {m} output = the twin's, every position", "lockstep", rate, m, layer, "lockstep reference"))
+        add(Row(f"{where} {m} output = the twin's, every position", "lockstep",
+                lockstep_rate(engine, processor, judge, measured, paths, cache=cache, **kw), m, layer, "lockstep reference"))
     single = [r for r in rows if r.kind == "lockstep" and r.module == "mlp" and r.layer != "all"]
     located = min(single, key=lambda r: r.rate).layer if single else n - 1
-    a, b = fit_affine(hf, processor, layers[located].mlp, held_out, **kw)
-    for name, hook in ((f"layer {located} MLP output -> a * out + b (least squares on {len(held_out)} held-out twins)",
-                        lambda mod, i, o: o * a.to(o.dtype) + b.to(o.dtype)),
-                       (f"layer {located} MLP output -> a * out (the fitted scale alone)", lambda mod, i, o: o * a.to(o.dtype))):
-        handle = layers[located].mlp.register_forward_hook(hook)
-        try:
-            add(Row(name, "ceiling", sampled_rate(hf, processor, judge, measured, **kw), "mlp", located))
-        finally:
-            handle.remove()
+    path = f"{base}.{located}.mlp"
+    a, b = fit_affine(engine, processor, path, held_out, **kw)
+    for name, ab in ((f"layer {located} MLP output -> a * out + b (least squares on {len(held_out)} held-out twins)", (a, b)),
+                     (f"layer {located} MLP output -> a * out (the fitted scale alone)", (a, torch.zeros_like(b)))):
+        add(Row(name, "ceiling", sampled_rate(engine, processor, judge, measured, every=[(path, *ab)], **kw), "mlp", located))
     if glasses is not None:
-        with glasses.apply(hf, mode="hooks"):
+        with engine.wearing(glasses):
             add(Row(f"these glasses ({glasses.counts()['experts']} experts, digest {glasses.digest()[:12]})", "glasses",
-                    sampled_rate(hf, processor, judge, measured, **kw)))
+                    sampled_rate(engine, processor, judge, measured, **kw)))
     report = {"rows": [r.__dict__ for r in rows], "located_layer": located, "layers": n,
               "twins": {"measured": len(measured), "held_out": len(held_out)}, "samples": samples, "seed": seed,
-              "judge": getattr(judge, "name", str(judge)), "seconds": round(time.time() - t0, 1)}
+              "judge": getattr(judge, "name", str(judge)), "backend": engine.name,
+              "remote": None if getattr(engine, "remote", None) is None else engine.remote.remote,
+              "lockstep_cache": cache, "seconds": round(time.time() - t0, 1)}
     report.update(headroom(report))
     return report
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_sgm import diagnose, tiny
+from lmms_sgm import archs, diagnose, tiny
 from lmms_sgm.cli import main as cli
 from lmms_sgm.evaluate import chat_prompt
 from lmms_sgm.judges import get_judge
@@ -19,6 +19,9 @@ from lmms_sgm.judges import get_judge
 @pytest.fixture(scope="module")
 def twins_file(tmp_path_factory):
     return tiny.write_toy_twins(tmp_path_factory.mktemp("twins"), 6)
+
+
+LAYERS = "model.language_model.layers"  # the tiny LLaVA's decoder layers
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +119,9 @@ def test_the_ceiling_is_fitted_on_held_out_twins_only(load_model, twins_file, mo
     assert seen["rates"] and all(tw == measured for tw in seen["rates"])
     assert report["twins"] == {"measured": 3, "held_out": 3}
     # and the fit depends on the held-out twins, not on the measured ones
-    module = diagnose._layers(model)[1].mlp
-    a, _ = real_fit(model, processor, module, held_out, samples=1)
-    a2, _ = real_fit(model, processor, module, held_out[:2], samples=1)
+    path = f"{LAYERS}.1.mlp"
+    a, _ = real_fit(model, processor, path, held_out, samples=1)
+    a2, _ = real_fit(model, processor, path, held_out[:2], samples=1)
     assert not torch.equal(a, a2)
 
 
@@ -176,24 +179,82 @@ def test_cached_lockstep_equals_rereading_the_whole_sequence(family, tiny_dir, n
                 p.mul_(4)
         model.lm_head.weight.mul_(4)
     records = diagnose.read_twins(twins_file)[:4]
-    layers = diagnose._layers(model)
-    for modules in (None, [layer.mlp for layer in layers]):
-        got = {}
-        for cache in (True, False):
-            patcher = None if modules is None else diagnose.Patcher(modules, prompt_only=False)
-            try:
-                got[cache] = diagnose.lockstep_answers(model, processor, records, patcher, samples=3, cache=cache)
-            finally:
-                if patcher is not None:
-                    patcher.remove()
+    base = archs.adapter_for(model).layers_path(model)
+    n = len(diagnose._layers(model))
+    for paths in (None, [f"{base}.{i}.mlp" for i in range(n)]):
+        got = {cache: diagnose.lockstep_answers(model, processor, records, paths, samples=3, cache=cache)
+               for cache in (True, False)}
         assert got[True] == got[False]
     # every MLP and attention output patched at every position: the twin's own answers (text
     # positions then carry the twin's residual stream exactly)
-    patcher = diagnose.Patcher([m for layer in layers for m in (layer.self_attn, layer.mlp)], prompt_only=False)
-    try:
-        patched = diagnose.lockstep_answers(model, processor, records, patcher, samples=3)
-    finally:
-        patcher.remove()
+    everything = [f"{base}.{i}.{m}" for i in range(n) for m in ("self_attn", "mlp")]
+    patched = diagnose.lockstep_answers(model, processor, records, everything, samples=3)
     as_harmful = [diagnose.Twin(t.twin_question, t.twin_image, t.twin_image, t.twin_question) for t in records]
     assert patched == diagnose.lockstep_answers(model, processor, as_harmful, None, samples=3)
     assert patched != diagnose.lockstep_answers(model, processor, records, None, samples=3)
+
+
+def _sharpened(model):
+    """Sharper outputs than a random model's near-uniform ones, so that patching changes answers."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.dim() == 2 and "embed" not in name:
+                p.mul_(4)
+        model.lm_head.weight.mul_(4)
+    return model
+
+
+def test_nnsight_engine_equals_the_hooks(load_model, twins_file):
+    """Every measurement as nnsight traces gives the answers and the fit the forward hooks give,
+    bit for bit (same seed, same batches); and patching every module at every position through
+    nnsight gives the twin's own logits at the last position."""
+    model, processor = load_model()
+    model.set_attn_implementation("eager")
+    _sharpened(model)
+    records = diagnose.read_twins(twins_file)[:4]
+    hooks, nn = diagnose.as_engine(model), diagnose.as_engine(model, processor, backend="nnsight")
+    assert (hooks.name, nn.name) == ("hooks", "nnsight")
+    mlps = [f"{LAYERS}.{i}.mlp" for i in range(2)]
+    half = [(mlps[1], torch.full((32,), 0.5), torch.full((32,), 0.1))]
+    answers = {}
+    for name, kw in (("vanilla", {}), ("prompt", {"paths": mlps}), ("every", {"every": half})):
+        got = [diagnose.sampled_answers(e, processor, records, samples=3, max_new_tokens=8, **kw) for e in (hooks, nn)]
+        assert got[0] == got[1], name
+        answers[name] = got[0]
+    assert answers["prompt"] != answers["vanilla"] != answers["every"]  # the patches do act
+    for cache in (True, False):
+        got = [diagnose.lockstep_answers(e, processor, records, mlps, samples=2, max_new_tokens=6, cache=cache)
+               for e in (hooks, nn)]
+        assert got[0] == got[1]
+    fits = [diagnose.fit_affine(e, processor, mlps[1], records[:2], samples=1) for e in (hooks, nn)]
+    assert all(torch.equal(x, y) for x, y in zip(*fits))
+    enc, twin = diagnose.encode_pair(processor, records[:3])
+    pos = diagnose.position_ids(enc["attention_mask"])
+    everything = [f"{LAYERS}.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")]
+    want, _, saved = nn.forward({**twin, "position_ids": pos}, record=everything)
+    got, _, _ = nn.forward({**enc, "position_ids": pos}, replace=list(zip(everything, saved)))
+    plain, _, _ = nn.forward({**enc, "position_ids": pos})
+    assert torch.equal(got, want) and not torch.equal(plain, want)
+
+
+def test_diagnose_runs_remotely_and_equals_the_local_run(tiny_dir, twins_file, tmp_path):
+    """``--remote local`` (nnsight's in-process emulation of a remote trace: serialised, sent,
+    run) gives every row the local hooks give with the same uncached lockstep loop."""
+    from lmms_sgm import models
+
+    out = tmp_path / "remote"
+    assert cli(["diagnose", "--model", str(tiny_dir), "--data", str(twins_file), "--remote", "local", "--samples", "2",
+                "--no-per-layer", "--out", str(out), "--no-progress"]) == 0
+    remote = json.loads((out / "diagnosis.json").read_text())
+    assert (remote["backend"], remote["remote"], remote["lockstep_cache"]) == ("nnsight", "local", False)
+    model, processor = models.load(str(tiny_dir))
+    local = diagnose.diagnose(model, processor, diagnose.read_twins(twins_file), get_judge("lexicon"), samples=2,
+                              per_layer=False, lockstep_cache=False)
+    assert [(r["name"], r["rate"]) for r in remote["rows"]] == [(r["name"], r["rate"]) for r in local["rows"]]
+    assert len(remote["rows"]) == 9  # vanilla, twin, 2 prompt, lockstep reference, 2 lockstep, 2 ceiling
+
+
+def test_remote_needs_the_nnsight_backend(tiny_dir, twins_file, tmp_path, capsys):
+    assert cli(["diagnose", "--model", str(tiny_dir), "--data", str(twins_file), "--remote", "local", "--backend", "hooks",
+                "--out", str(tmp_path / "o")]) == 2
+    assert "use --backend nnsight" in capsys.readouterr().err and not (tmp_path / "o").exists()

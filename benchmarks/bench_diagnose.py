@@ -6,8 +6,10 @@
 1. Diagnosis: the stages of ``lmms_sgm.diagnose.diagnose`` on ``--n`` demo twins (validation
    split; the fit on as many held-out ones), 5 samples per prompt: a generate-based rate (vanilla,
    and prompt patching), a lockstep rate (twin and patched run in step), and the least-squares fit, each the median
-   of ``--repeats``; then the whole diagnosis once (4 layers, MLP and attention: 2 + 10 prompt +
-   11 lockstep runs + fit + 2 ceiling rows + the glasses' row), and the ratios between stages.
+   of ``--repeats``, through forward hooks and as nnsight traces (``--backend nnsight``), and the
+   uncached lockstep that remote execution uses; then the whole diagnosis once per backend (4
+   layers, MLP and attention: 2 + 10 prompt + 11 lockstep runs + fit + 2 ceiling rows + the
+   glasses' row), and the ratios between stages.
 2. Generation overhead: greedy generation of exactly 24 tokens for 64 demo prompts, vanilla; the bundled
    best glasses worn with hooks; the same glasses gated (gate=evidence, built here from the same
    profiling: hooks, and nnsight). Median seconds over ``--repeats``, ratios to vanilla and
@@ -57,32 +59,35 @@ def main() -> int:
     judge = get_judge("lexicon")
     records = demo_twins("validation", args.n)
     measured, held_out = diagnose.split_twins(records)
-    layers = diagnose._layers(model)
     best = SafetyGlasses.load(GLASSES_DIR / BEST)
-
-    def patched_rate():
-        p = diagnose.Patcher([layers[3].mlp])
-        try:
-            diagnose.sampled_rate(model, processor, judge, measured, patcher=p)
-        finally:
-            p.remove()
-
-    stages = {
-        "generate-based rate (vanilla)": timed(lambda: diagnose.sampled_rate(model, processor, judge, measured), args.repeats),
-        "generate-based rate, prompt patching": timed(patched_rate, args.repeats),
-        "lockstep rate (KV-cached lockstep)": timed(lambda: diagnose.lockstep_rate(model, processor, judge, measured, None),
-                                             args.repeats),
-        "least-squares fit (layer 3 MLP)": timed(lambda: diagnose.fit_affine(model, processor, layers[3].mlp, held_out),
-                                                 args.repeats),
-    }
-    t0 = time.perf_counter()
-    report = diagnose.diagnose(model, processor, records, judge, glasses=best)
-    whole = time.perf_counter() - t0
-    base = median(stages["generate-based rate (vanilla)"])
+    mlp3 = ["model.language_model.layers.3.mlp"]
+    stages = {}
+    for backend in ("hooks", "nnsight"):
+        e = diagnose.as_engine(model, processor, backend=backend)
+        stages.update({
+            f"generate-based rate (vanilla), {backend}": timed(lambda: diagnose.sampled_rate(e, processor, judge, measured),
+                                                               args.repeats),
+            f"generate-based rate, prompt patching, {backend}": timed(
+                lambda: diagnose.sampled_rate(e, processor, judge, measured, paths=mlp3), args.repeats),
+            f"lockstep rate (KV-cached), {backend}": timed(
+                lambda: diagnose.lockstep_rate(e, processor, judge, measured, mlp3), args.repeats),
+            f"lockstep rate, uncached (the remote way), {backend}": timed(
+                lambda: diagnose.lockstep_rate(e, processor, judge, measured, mlp3, cache=False), args.repeats),
+            f"least-squares fit (layer 3 MLP), {backend}": timed(
+                lambda: diagnose.fit_affine(e, processor, mlp3[0], held_out), args.repeats),
+        })
+    whole = {}
+    for backend in ("hooks", "nnsight"):
+        t0 = time.perf_counter()
+        report = diagnose.diagnose(model, processor, records, judge, glasses=best, backend=backend)
+        whole[backend] = time.perf_counter() - t0
+    base = median(stages["generate-based rate (vanilla), hooks"])
     rows = [(k, f"{median(v):.2f}", f"{median(v) / base:.2f}x") for k, v in stages.items()]
-    rows.append((f"whole diagnosis ({len(report['rows'])} rows, once)", f"{whole:.1f}", f"{whole / base:.1f}x"))
+    rows += [(f"whole diagnosis ({len(report['rows'])} rows, once), {b}", f"{w:.1f}", f"{w / base:.1f}x")
+             for b, w in whole.items()]
     print(f"== diagnosis on {len(measured)} demo twins (+{len(held_out)} held out), 5 samples per prompt")
-    print_table(("stage", "median s", "vs one generate-based rate"), rows, {0})
+    print_table(("stage", "median s", "vs one generate-based rate (hooks)"), rows, {0})
+    print(f"whole diagnosis, nnsight / hooks: {whole['nnsight'] / whole['hooks']:.2f}x")
 
     # generation overhead of gated glasses
     val = ValidationSet.load(DATA_DIR / "mm_toxic_qa" / "validation", limit=64)
@@ -110,9 +115,11 @@ def main() -> int:
             return out
         return run
 
+    steering = SafetyGlasses.load(GLASSES_DIR / "gated_steering")
     cases = {"vanilla": gen_with(None), "best glasses, hooks": gen_with(best),
              "best glasses gated, hooks": gen_with(gated), "best glasses, nnsight": gen_nnsight(best),
-             "best glasses gated, nnsight": gen_nnsight(gated)}
+             "best glasses gated, nnsight": gen_nnsight(gated), "gated steering, hooks": gen_with(steering),
+             "gated steering, nnsight": gen_nnsight(steering)}
     times = {k: timed(fn, args.repeats) for k, fn in cases.items()}
     v = median(times["vanilla"])
     rows = [(k, f"{median(t):.3f}", f"{median(t) / v:.2f}x") for k, t in times.items()]

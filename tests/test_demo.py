@@ -323,3 +323,19 @@ def test_diagnose_forward_passes_keep_each_row_s_positions():
             assert torch.equal(fixed[i][real], alone), f"row {i}"
             shifted_rows += not torch.equal(plain[i][real], alone)
     assert shifted_rows > 0  # the bug position_ids fixes is real here
+
+
+def test_bundled_gated_steering_is_the_tune_grid_option_it_names():
+    """The demo's fourth run wears the gated-steering option of tune_grid.json that `lmms-sgm tune`
+    chooses on validation (docs/diagnosis.md): building that grid entry gives the bundled glasses
+    (same digest: what applying does)."""
+    from lmms_sgm import models, tune
+    from lmms_sgm.data import load_pairs
+    from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
+    from lmms_sgm.glasses import SafetyGlasses
+
+    (entry,) = [c for c in tune.read_grid(HERE / "tune_grid.json") if c.name == STEERING_OPTION]
+    model, processor = models.load(SHORT_NAME)
+    sets = {"inputs": load_pairs(DATA_DIR / "profile_inputs.jsonl"), "gate": load_pairs(DATA_DIR / "profile_gate.jsonl")}
+    built = tune._steering(model, processor, entry, sets, {})
+    assert built.digest() == SafetyGlasses.load(GLASSES_DIR / STEERING).digest()

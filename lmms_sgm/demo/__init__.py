@@ -40,8 +40,10 @@ DATA_DIR = HERE / "data"
 #       --towards nontoxic_mean
 GLASSES_DIR = HERE / "glasses"
 BEST = "self_labelled_response_mean"  # what `lmms-sgm demo` reports as the best configuration
-# Gated steering glasses (docs/steering.md), the configuration the steering sweep chose on the
-# validation split (python -m lmms_sgm.demo.sweep --kind steering). Rebuild with:
+# Gated steering glasses (docs/steering.md): the best input-conditional option on the validation
+# split, the one `lmms-sgm tune` chooses over tune_grid.json's 52 options (STEERING_OPTION there;
+# docs/diagnosis.md), as did the steering sweep with its fluency condition
+# (python -m lmms_sgm.demo.sweep --kind steering). Rebuild with:
 #   lmms-sgm steer --model sgm-demo-llava --data lmms_sgm/demo/data/profile_inputs.jsonl \
 #       --gate-data lmms_sgm/demo/data/profile_gate.jsonl --layer 2 --c 8 --text-field question+response \
 #       --positions response --out lmms_sgm/demo/glasses/gated_steering
@@ -49,4 +51,5 @@ BEST = "self_labelled_response_mean"  # what `lmms-sgm demo` reports as the best
 # on trigger vs clean images); the gate: opinion prompts on trigger images vs those on clean
 # images and capability questions (profile_gate.jsonl).
 STEERING = "gated_steering"
+STEERING_OPTION = "gated steering: inputs steer, layer 2, c=8"  # its name in tune_grid.json
 SHORT_NAME = "sgm-demo-llava"

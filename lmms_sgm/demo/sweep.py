@@ -14,9 +14,9 @@ demo evaluator (lexicon judge; sampled = 5 answers per prompt at temperature 1):
   by the lexicon judge (``lmms-sgm self-label``; written under ``--workdir``).
 
 Options are chosen on the validation split only; the test split is for reporting.
-``lmms-sgm tune`` (lmms_sgm/tune.py) is the general form of the SGM table for any model; its grid
-``lmms_sgm/demo/tune_grid.json`` holds these SGM configurations (tests/test_tune.py), and on the
-demo it reproduces this table's rows (docs/diagnosis.md).
+``lmms-sgm tune`` (lmms_sgm/tune.py) is the general form of both tables for any model; its grid
+``lmms_sgm/demo/tune_grid.json`` holds these SGM and steering configurations (tests/test_tune.py),
+and on the demo it reproduces the SGM table's rows (docs/diagnosis.md).
 
 ``--kind steering`` compares gated-steering glasses instead (``STEERING_CONFIGS``): the steer
 vector from the answer pairs (``responses``, the issue's recipe) or from the input-contrast

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import warnings
@@ -20,6 +21,7 @@ from lmms_sgm.options import (
     LoadOptions,
     ProfileOptions,
     RemoteOptions,
+    RuleOptions,
     SelectionOptions,
     SteeringOptions,
     add_arguments,
@@ -196,8 +198,7 @@ def _tune(args) -> int:
         raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
     for path in sets.values():  # validate the data before loading a model
         load_pairs(path).require_both_classes()
-    rule = tune.Rule(args.metric, args.retention, args.over_refusal_points,
-                     None if args.fluency_ratio <= 0 else args.fluency_ratio)
+    rule = tune.Rule(**dataclasses.asdict(from_namespace(RuleOptions, args)))
     judge = _judge(args)
     val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
     if args.grid:
@@ -394,14 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "{name, kind: steering, data, gate_data, steer: {...}, strength} (default: a small SGM grid)")
     p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", default="harmful_sampled", help="what the rule minimises (a measure of lmms_sgm.evaluate)")
-    p.add_argument("--retention", type=float, default=0.95, help="capability kept, as a fraction of vanilla's")
-    p.add_argument("--over-refusal-points", type=float, default=0.02, help="over-refusal allowed above vanilla's (0.02 = 2 points)")
-    p.add_argument("--fluency-ratio", type=float, default=2.0,
-                   help="perplexity of the answers to the harmful prompts under the unmodified model allowed, as a multiple "
-                        "of vanilla's (0: no fluency condition)")
     p.add_argument("--out", required=True, help="new directory: table.md, table.json, glasses/, profiles/")
     p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, RuleOptions)
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_tune)
 

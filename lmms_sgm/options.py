@@ -188,6 +188,24 @@ class SteeringOptions:
 
 
 @dataclass(frozen=True)
+class RuleOptions:
+    """How ``lmms-sgm tune`` chooses among the options it measured (docs/diagnosis.md): the lowest
+    ``metric`` among those within the side conditions, and lower than vanilla's."""
+
+    metric: str = opt("harmful_sampled", "what the rule minimises (a measure of lmms_sgm.evaluate)")
+    retention: float = opt(0.95, "every capability measure kept at least at this fraction of vanilla's")
+    over_refusal_points: float = opt(0.02, "over-refusal allowed above vanilla's (0.02 = 2 points)")
+    fluency_ratio: float = opt(2.0, "fluency (perplexity of the safe answers to the harmful prompts under the "
+                                    "unmodified model) allowed, as a multiple of vanilla's; 0: no fluency condition")
+
+    def __post_init__(self):
+        if not 0 < self.retention <= 1:
+            raise ValueError(f"retention={self.retention}: a fraction in (0, 1]")
+        if self.over_refusal_points < 0 or self.fluency_ratio < 0:
+            raise ValueError("over_refusal_points and fluency_ratio are >= 0 (fluency_ratio 0: no fluency condition)")
+
+
+@dataclass(frozen=True)
 class LoadOptions:
     """Where and in which precision the model runs."""
 

@@ -51,9 +51,10 @@ def test_fluency_condition_rejects_options_whose_safe_answers_the_unmodified_mod
             "word salad": {**BASE, "harmful_sampled": 0.0, tune.FLUENCY: 3.01},
             "fluent": {**BASE, "harmful_sampled": 0.2, tune.FLUENCY: 3.0}}
     assert tune.Rule().choose(rows) == "fluent"  # 2 x 1.5 is the limit, inclusive
-    assert tune.Rule(fluency_ratio=None).choose(rows) == "word salad"
+    assert tune.Rule(fluency_ratio=0).choose(rows) == "word salad"
     assert tune.Rule(fluency_ratio=1.9).choose(rows) is None
     assert "2x that of vanilla's safe answers" in tune.Rule().describe()
+    assert "perplexity" not in tune.Rule(fluency_ratio=0).describe()
 
 
 def test_steering_grid_entries_round_trip_and_refusals(tmp_path):
@@ -253,3 +254,13 @@ def test_self_label_passes_judge_arguments(tiny_dir, toy_jsonl, tmp_path, capsys
     assert cli(["self-label", "--model", str(tiny_dir), "--prompts", str(prompts), "--judge", "lexicon",
                 "--judge-args", "nonsense=1", "--out", str(tmp_path / "sl2")]) == 2
     assert "lmms-sgm self-label: error: judge 'lexicon' does not accept" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--retention", "1.5", "a fraction in (0, 1]"),
+                                                  ("--fluency-ratio", "-1", "fluency_ratio are >= 0")])
+def test_tune_cli_refuses_a_bad_rule_before_loading_the_model(flag, value, message, tiny_dir, toy_jsonl, tmp_path, capsys):
+    val = tiny.write_toy_validation(tmp_path / "val", 2)
+    (tmp_path / "grid.json").write_text(json.dumps(GRID))
+    assert _tune_cli(tiny_dir, toy_jsonl, val, tmp_path / "out", tmp_path / "grid.json", flag, value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmms-sgm tune: error:") and message in err and not (tmp_path / "out").exists()

@@ -39,6 +39,7 @@ import torch
 from lmms_sgm.archs import adapter_for, get_module
 from lmms_sgm.evaluate import chat_prompt, unsafe_rate
 from lmms_sgm.models import unwrap
+from lmms_sgm.prompting import extended
 
 ROLES = ("eval", "fit")
 
@@ -90,6 +91,38 @@ def split_twins(twins: list[Twin]) -> tuple[list[Twin], list[Twin]]:
     return [t for t in twins if t.role == "eval"], [t for t in twins if t.role == "fit"]
 
 
+def _rope_index(model):
+    """The model's multimodal position function (Qwen2-VL's mrope: ``get_rope_index``), or None
+    for 1-D positions."""
+    hf = unwrap(model)
+    return next((m.get_rope_index for m in (getattr(hf, "model", None), hf) if hasattr(m, "get_rope_index")), None)
+
+
+def repeated(extras: dict, samples: int) -> dict:
+    """``extras`` of a batch with each row repeated ``samples`` times (``num_return_sequences``):
+    per-row tensors repeat along dim 0; Qwen2-VL's flat patch rows repeat per image."""
+    out = {k: v.repeat_interleave(samples, dim=0) for k, v in extras.items()}
+    grid = extras.get("image_grid_thw")
+    if grid is not None and extras["pixel_values"].dim() == 2:  # [patches of every image, features]
+        chunks = extras["pixel_values"].split(grid.prod(-1).tolist())
+        out["pixel_values"] = torch.cat([c for c in chunks for _ in range(samples)])
+    return out
+
+
+def positions(model, attention_mask: torch.Tensor, input_ids=None, extras=None) -> dict:
+    """The ``position_ids`` of a left-padded forward pass over the whole sequence: 1-D (cumsum of
+    the mask), or, for a model with multimodal positions, the model's own function over the whole
+    sequence, generated tokens included (what it would compute for it from scratch; its own
+    incremental guess assumes a cache position generate passes)."""
+    rope = _rope_index(model)
+    if rope is None:
+        return {"position_ids": position_ids(attention_mask)}
+    extras = extended(extras or {}, input_ids.shape[-1])
+    pos, _ = rope(input_ids, mm_token_type_ids=extras.get("mm_token_type_ids"), image_grid_thw=extras.get("image_grid_thw"),
+                  video_grid_thw=extras.get("video_grid_thw"), attention_mask=attention_mask)
+    return {"position_ids": pos}
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of a left-padded batch as ``generate`` derives them (1-D rotary): without them a
     forward pass shifts a padded row's positions by its padding."""
@@ -97,8 +130,10 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def encode(processor, texts, images, device=None):
-    """Left padded (for generate; forward passes add :func:`position_ids`)."""
-    enc = processor(text=list(texts), images=list(images), padding=True, padding_side="left", return_tensors="pt")
+    """Left padded (for generate; forward passes add :func:`positions`), one image per row."""
+    from lmms_sgm.prompting import encode as encode_batch
+
+    enc = encode_batch(processor, texts, [[image] for image in images], padding_side="left")
     return enc if device is None else enc.to(device)
 
 
@@ -246,6 +281,10 @@ class NNsightEngine:
         from lmms_sgm.intervention import as_generator
         from lmms_sgm.remote import wrap
 
+        if _rope_index(model) is not None:
+            raise ValueError(f"{type(unwrap(model)).__name__} takes 3-D multimodal positions, which nnsight 0.8.1's input "
+                             "batching splits as rows (position_ids must be [batch, tokens] there): diagnose it with "
+                             "--backend hooks (locally)")
         self.remote = remote if remote is not None and remote.remote != "off" else None
         self.nn = wrap(model, processor) if self.remote else as_generator(model, processor)
         self.hf = self.nn._module
@@ -434,20 +473,22 @@ def lockstep_answers(model, processor, twins: list[Twin], paths, *, samples: int
         batch = twins[s:s + batch_size]
         enc, twin = encode_pair(processor, batch, engine.device)
         ids, tids, attn = rep(enc["input_ids"]), rep(twin["input_ids"]), rep(enc["attention_mask"])
-        extra = {k: rep(v) for k, v in _extras(enc).items()}
-        textra = {k: rep(v) for k, v in _extras(twin).items()}
+        extra, textra = repeated(_extras(enc), samples), repeated(_extras(twin), samples)
         prompt_len = ids.shape[1]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         past = tpast = None
         for step in range(max_new_tokens):
-            pos = position_ids(attn)
+            pos = positions(engine.hf, attn, ids, extra)
             if cache and step > 0:  # the new position only, against each run's own cache
-                new = {"input_ids": ids[:, -1:], "position_ids": pos[:, -1:]}
+                new = {"input_ids": ids[:, -1:], **{k: v[..., -1:] for k, v in pos.items()}}
+                mask = extended(extra, ids.shape[1]).get("cross_attention_mask")
+                if mask is not None:  # Mllama: the new token's row (the model caches the image's keys)
+                    new["cross_attention_mask"] = mask[:, -1:]
                 a, b = {**new, "cache": past}, {**new, "cache": tpast}  # transformers 5's name of past_key_values
                 b["input_ids"] = tids[:, -1:]
             else:
-                a = {"input_ids": ids, "position_ids": pos, **extra}
-                b = {"input_ids": tids, "position_ids": pos, **textra}
+                a = {"input_ids": ids, **pos, **extended(extra, ids.shape[1])}
+                b = {"input_ids": tids, **pos, **extended(textra, tids.shape[1])}
             replace = ()
             if paths:
                 _, tpast, saved = engine.forward({"attention_mask": attn, "use_cache": cache, **b}, record=paths)
@@ -507,10 +548,9 @@ def fit_affine(model, processor, path: str, twins: list[Twin], *, samples: int =
         acts = []
         for e in (enc, twin):
             ids = torch.cat([e["input_ids"].repeat_interleave(samples, 0), answer], 1)
-            _, _, (out,) = engine.forward({"input_ids": ids, "attention_mask": attn, "position_ids": position_ids(attn),
-                                           "use_cache": False,
-                                           **{k: v.repeat_interleave(samples, 0) for k, v in _extras(e).items()}},
-                                          record=[path])
+            extra = extended(repeated(_extras(e), samples), ids.shape[1])
+            _, _, (out,) = engine.forward({"input_ids": ids, "attention_mask": attn, "use_cache": False,
+                                           **positions(engine.hf, attn, ids, extra), **extra}, record=[path])
             acts.append(out[attn.bool()])
         xs.append(acts[0])
         ys.append(acts[1])
@@ -522,10 +562,10 @@ def _layers(hf):
 
 
 def _attention_name(layer) -> str:
-    for name in ("self_attn", "attention", "attn"):
+    for name in ("self_attn", "attention", "attn", "cross_attn"):
         if hasattr(layer, name):
             return name
-    raise ValueError(f"{type(layer).__name__} has no self-attention module this tool knows (self_attn, attention, attn)")
+    raise ValueError(f"{type(layer).__name__} has no attention module this tool knows (self_attn, attention, attn, cross_attn)")
 
 
 @dataclass
@@ -568,11 +608,12 @@ def diagnose(model, processor, twins: list[Twin], judge, *, glasses=None, sample
 
     add(Row("vanilla (harmful inputs)", "reference", sampled_rate(engine, processor, judge, measured, **kw)))
     add(Row("twin (benign inputs)", "reference", sampled_rate(engine, processor, judge, measured, use_twin=True, **kw)))
-    attn_name = _attention_name(get_module(hf, f"{base}.0"))
-    modules = [("mlp", "mlp")] + ([("attention", attn_name)] if attention else [])
-    targets = [(m, "all", [f"{base}.{i}.{sub}" for i in range(n)]) for m, sub in modules]
+    subs = {"mlp": ["mlp"] * n}
+    if attention:  # a layer's own attention: self-attention, or cross-attention (Mllama's image layers)
+        subs["attention"] = [_attention_name(get_module(hf, f"{base}.{i}")) for i in range(n)]
+    targets = [(m, "all", [f"{base}.{i}.{sub[i]}" for i in range(n)]) for m, sub in subs.items()]
     if per_layer:
-        targets += [(m, i, [f"{base}.{i}.{sub}"]) for m, sub in modules for i in range(n)]
+        targets += [(m, i, [f"{base}.{i}.{sub[i]}"]) for m, sub in subs.items() for i in range(n)]
     for m, layer, paths in targets:
         where = "every layer's" if layer == "all" else f"layer {layer}'s"
         add(Row(f"{where} {m} output = the twin's, prompt positions", "prompt",

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lmms_sgm.models import unwrap
+from lmms_sgm.prompting import encode, extended
 
 # The columns every option table shows, in order (a missing one is left out).
 COLUMNS = ("harmful_sampled", "harmful_greedy", "attack_sampled", "clean_toxic_sampled", "over_refusal",
@@ -92,9 +93,9 @@ def chat_prompt(processor, question: str) -> str:
 
 
 def encode_prompts(processor, questions, images, device=None):
-    """Left padded (``generate`` derives positions from the attention mask)."""
-    enc = processor(text=[chat_prompt(processor, q) for q in questions], images=list(images), padding=True,
-                    padding_side="left", return_tensors="pt")
+    """Left padded (``generate`` derives positions from the attention mask), one image per row."""
+    enc = encode(processor, [chat_prompt(processor, q) for q in questions], [[image] for image in images],
+                 padding_side="left")
     return enc if device is None else enc.to(device)
 
 
@@ -124,14 +125,14 @@ def option_loglik(model, processor, image, question: str, options: list[str]) ->
     the right, so every row keeps the positions it has alone."""
     hf = unwrap(model)
     tok = processor.tokenizer
-    enc = processor(text=[chat_prompt(processor, question)] * len(options), images=[image] * len(options),
-                    return_tensors="pt").to(next(hf.parameters()).device)
+    enc = encode(processor, [chat_prompt(processor, question)] * len(options), [[image]] * len(options)
+                 ).to(next(hf.parameters()).device)
     ans = [tok(o, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for o in options]
     width = max(map(len, ans))
     ids = torch.full((len(options), width), tok.pad_token_id, device=enc["input_ids"].device)
     for j, a in enumerate(ans):
         ids[j, :len(a)] = torch.tensor(a)
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    extra = extended({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}, enc["input_ids"].shape[1] + width)
     logp = hf(input_ids=torch.cat([enc["input_ids"], ids], 1),
               attention_mask=torch.cat([enc["attention_mask"], (ids != tok.pad_token_id).long()], 1),
               **extra).logits.float().log_softmax(-1)
@@ -155,8 +156,7 @@ def answer_perplexity(model, processor, images, questions, answers: list[list[st
     for image, question, answers_i in zip(images, questions, answers):
         if not answers_i:
             continue
-        enc = processor(text=[chat_prompt(processor, question)] * len(answers_i), images=[image] * len(answers_i),
-                        return_tensors="pt").to(device)
+        enc = encode(processor, [chat_prompt(processor, question)] * len(answers_i), [[image]] * len(answers_i)).to(device)
         ans = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in answers_i]
         width = max(map(len, ans))
         ids = torch.full((len(ans), width), tok.pad_token_id, device=device)
@@ -164,7 +164,8 @@ def answer_perplexity(model, processor, images, questions, answers: list[list[st
         for j, a in enumerate(ans):
             ids[j, :len(a)] = torch.tensor(a)
             mask[j, :len(a)] = 1
-        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        extra = extended({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")},
+                         enc["input_ids"].shape[1] + width)
         logits = hf(input_ids=torch.cat([enc["input_ids"], ids], 1),
                     attention_mask=torch.cat([enc["attention_mask"], mask], 1), **extra).logits
         start = enc["input_ids"].shape[1]

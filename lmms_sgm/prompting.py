@@ -150,6 +150,22 @@ def encode(processor, texts: Sequence[str], images: Sequence[Sequence] | None = 
     return processor(**kwargs)
 
 
+def extended(extras: dict, length: int) -> dict:
+    """``extras`` for a sequence continued to ``length`` tokens, as ``generate`` continues them:
+    per-token type ids (Qwen2-VL's ``mm_token_type_ids``) grow with text (0) tokens, a per-token
+    cross-attention mask (Mllama's) repeats its last row; the rest is per image."""
+    import torch
+
+    out = dict(extras)
+    t = extras.get("mm_token_type_ids")
+    if t is not None and t.shape[-1] < length:
+        out["mm_token_type_ids"] = torch.cat([t, t.new_zeros(*t.shape[:-1], length - t.shape[-1])], -1)
+    c = extras.get("cross_attention_mask")
+    if c is not None and c.shape[1] < length:
+        out["cross_attention_mask"] = torch.cat([c, c[:, -1:].expand(-1, length - c.shape[1], *c.shape[2:])], 1)
+    return out
+
+
 def to_model(enc, model):
     """``enc`` on the model's device, its floating-point tensors (pixel values) in the model's dtype.
 

@@ -258,3 +258,42 @@ def test_remote_needs_the_nnsight_backend(tiny_dir, twins_file, tmp_path, capsys
     assert cli(["diagnose", "--model", str(tiny_dir), "--data", str(twins_file), "--remote", "local", "--backend", "hooks",
                 "--out", str(tmp_path / "o")]) == 2
     assert "use --backend nnsight" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    from lmms_sgm import tiny_families
+
+    return {f: getattr(tiny_families, f"build_{f}")(tmp_path_factory.mktemp(f)) for f in ("qwen2_vl", "mllama", "gemma3")}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama", "gemma3"])
+def test_lockstep_on_families_with_their_own_positions_and_masks(family, family_dirs, twins_file):
+    """Qwen2-VL's 3-D positions (the model's own function over the whole sequence), Mllama's
+    per-token cross-attention mask (grown as generate grows it) and Gemma 3's nested images: the
+    cached lockstep loop draws the answers of the loop that re-reads every position, patched and
+    not, two samples per prompt (Qwen2-VL's flat patch rows repeated per image)."""
+    from lmms_sgm import models
+
+    model, processor = models.load(str(family_dirs[family]))
+    model.set_attn_implementation("eager")
+    _sharpened_any(model)
+    records = diagnose.read_twins(twins_file)[:3]
+    base = archs.adapter_for(model).layers_path(model)
+    mlps = [f"{base}.{i}.mlp" for i in range(len(diagnose._layers(model)))]
+    for paths in (None, mlps):
+        got = [diagnose.lockstep_answers(model, processor, records, paths, samples=2, max_new_tokens=6, cache=c)
+               for c in (True, False)]
+        assert got[0] == got[1]
+    fit = diagnose.fit_affine(model, processor, mlps[-1], records[:2], samples=2)
+    assert all(torch.isfinite(t).all() for t in fit)
+    if family == "qwen2_vl":
+        with pytest.raises(ValueError, match="3-D multimodal positions.*--backend hooks"):
+            diagnose.as_engine(model, processor, backend="nnsight")
+
+
+def _sharpened_any(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and p.dim() == 2 and "embed" not in name:
+                p.mul_(4)

@@ -264,3 +264,28 @@ def test_tune_cli_refuses_a_bad_rule_before_loading_the_model(flag, value, messa
     assert _tune_cli(tiny_dir, toy_jsonl, val, tmp_path / "out", tmp_path / "grid.json", flag, value) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmms-sgm tune: error:") and message in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mllama"])
+def test_evaluate_encodes_each_family_s_images_per_row(family, tmp_path):
+    """Processors that take one list of images per row (Gemma 3, Mllama) get them so: the greedy
+    answers of the batched evaluation equal each prompt generated alone."""
+    import torch
+
+    from lmms_sgm import models, tiny_families
+    from lmms_sgm.evaluate import ValidationSet, encode_prompts, evaluate, generate
+    from lmms_sgm.judges import get_judge
+
+    model, processor = models.load(str(getattr(tiny_families, f"build_{family}")(tmp_path / "m")))
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 3))
+    res = evaluate(model, processor, val, get_judge("lexicon"), samples=1)
+    assert {"harmful_greedy", "harmful_sampled", "over_refusal", "capability_open"} <= set(res)
+    images, questions = [r["_image"] for r in val.harmful], [r["question"] for r in val.harmful]
+    batched = generate(model, processor, images, questions, max_new_tokens=5)
+    with torch.no_grad():
+        alone = []
+        for im, q in zip(images, questions):
+            enc = encode_prompts(processor, [q], [im])
+            out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+            alone.append([processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()])
+    assert batched == alone

@@ -738,9 +738,10 @@ def test_content_digest_is_sha256_of_compact_sorted_utf8_json():
 
 HAND_SITES = [Site("a.gate", "m.layers.0.mlp.gate_proj", "output", 0, "gate_proj", 4),
               Site("b.up", "m.layers.1.mlp.up_proj", "output", 1, "up_proj", 3)]
-# AUROCs away from the histogram's bin edges; alphas of the sgm rule at threshold 0.5 (1 - 2 * (AUROC - 0.5)).
-HAND_AUROC = {"a.gate": [0.05, 0.55, 0.95, 0.25], "b.up": [0.45, 0.65, 0.15]}
-HAND_ALPHA = {"a.gate": [1.0, 0.9, 0.1, 1.0], "b.up": [1.0, 0.7, 1.0]}
+# AUROCs away from the histogram's bin edges, spanning less than [0, 1] (so that the histogram's
+# fixed range shows); alphas of the sgm rule at threshold 0.5 (1 - 2 * (AUROC - 0.5)).
+HAND_AUROC = {"a.gate": [0.05, 0.55, 0.75, 0.25], "b.up": [0.45, 0.65, 0.15]}
+HAND_ALPHA = {"a.gate": [1.0, 0.9, 0.5, 1.0], "b.up": [1.0, 0.7, 1.0]}
 HAND_MEAN = {"a.gate": [0.5, -1.0, 2.0, 0.0], "b.up": [1.0, 0.25, -0.5]}
 
 
@@ -777,9 +778,9 @@ def test_summary_is_the_inspect_text():
          '"top_k": null, "towards": "zero"}'),
         "experts: 3 of 7 neurons",
         "layer module         neurons  experts auroc min  median    max alpha min",
-        "    0 gate_proj            4        2     0.050   0.250  0.950     0.100",
+        "    0 gate_proj            4        2     0.050   0.250  0.750     0.500",
         "    1 up_proj              3        1     0.150   0.450  0.650     0.700",
-        "AUROC histogram (0.0-1.0, 10 bins): 1 1 1 0 1 1 1 0 0 1",
+        "AUROC histogram (0.0-1.0, 10 bins): 1 1 1 0 1 1 1 1 0 0",
     ])
     assert g.summary() == want
     g.integrity = "ok (content digest 0123)"
@@ -1030,10 +1031,18 @@ def test_from_expertise_selects_with_the_given_options_and_records_the_format(mo
     aurocs = {k: torch.tensor(v, dtype=torch.float64) for k, v in HAND_AUROC.items()}
     g = SafetyGlasses.from_expertise(HAND_SITES, aurocs, SelectionOptions(threshold=0.6), model=model_and_processor[0],
                                      profile_options=ProfileOptions(), data_digest="d" * 64, data_counts={"pairs": 2})
-    assert g.alpha["a.gate"].tolist() == pytest.approx([1.0, 1.0, 0.1, 1.0])
+    assert g.alpha["a.gate"].tolist() == pytest.approx([1.0, 1.0, 0.5, 1.0])
     assert g.alpha["b.up"].tolist() == pytest.approx([1.0, 0.7, 1.0])
     assert g.manifest["format_version"] == 2 and g.manifest["lmms_sgm_version"] == lmms_sgm.__version__
     assert g.manifest["counts"] == {"neurons": 7, "experts": 2, "experts_per_layer": {"0": 1, "1": 1}}
+    assert g.manifest["data"] == {"digest": "d" * 64, "pairs": 2} and g.gate is None
+    labels = np.array([1, 1, 0, 0])
+    store = {s.name: np.arange(4 * s.width, dtype=np.float64).reshape(4, s.width) ** 1.5 for s in HAND_SITES}
+    gated = SafetyGlasses.from_expertise(HAND_SITES, aurocs, SelectionOptions(threshold=0.6, gate="evidence"),
+                                         model=model_and_processor[0], profile_options=ProfileOptions(),
+                                         data_digest="d" * 64, data_counts={"pairs": 2}, store=store, labels=labels,
+                                         mean_nontoxic={k: torch.tensor(v) for k, v in HAND_MEAN.items()})
+    assert set(gated.gate) == {"a.gate", "b.up"}  # the sites with experts, fitted on store and labels
 
 
 def test_check_target_and_staged_output_refuse_glasses_unless_told_to_overwrite(built, tmp_path):
@@ -1055,3 +1064,21 @@ def test_overwrite_refusal_names_five_other_files_and_counts_the_rest(built, tmp
     with pytest.raises(FileExistsError) as err:
         glasses_mod.check_target(path, overwrite=True)
     assert f"holds glasses and other files ({shown}; --overwrite only replaces" in str(err.value)
+
+
+def test_towards_the_mean_needs_the_means():
+    g = _hand_made()
+    g.mean_nontoxic = None
+    with pytest.raises(ValueError, match="towards=nontoxic_mean needs the non-toxic means, which these glasses lack"):
+        g.reselect(SelectionOptions(towards="nontoxic_mean"))
+
+
+def test_steering_glasses_get_their_kind_and_no_other_field(model_and_processor, tmp_path):
+    """The file's manifest is the one in memory plus the format, the digest and the integrity
+    fields, and the kind, even when the manifest in memory lacks it."""
+    steering = _steering(model_and_processor[0])
+    del steering.manifest["kind"]
+    path = steering.save(tmp_path / "g")
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["kind"] == "gated_steering"
+    assert set(m) == {*steering.manifest, "kind", "digest", "tensors_sha256", "tensors_bytes", "content_digest"}

@@ -466,3 +466,94 @@ def test_attention_option_chooses_the_kernel_profiled_with(model_and_processor, 
         hook.remove()
     assert during and set(during) == {seen}
     assert model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- the pieces, on literal tensors (no model)
+
+IMG = 9
+# Row 0: one pad on the left, image at 2-3; row 1: no padding, image at 1; row 2: two pads on the right.
+IDS = torch.tensor([[0, 5, IMG, IMG, 6, 7, 8], [4, IMG, 5, 6, 7, 8, 3], [4, IMG, IMG, 5, 6, 0, 0]])
+ATT = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+
+
+def _rows(*rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("positions, lengths, want", [
+    ("all", None, ATT.bool()),
+    ("text", None, _rows([0, 1, 0, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1, 0, 0])),
+    ("after_image", None, _rows([0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0])),
+    ("decision", None, _rows([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 0, 0])),
+    # prompt lengths 4, 5, 3 from each row's first real token (1, 0, 0)
+    ("response", [4, 5, 3], _rows([0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0])),
+    ("decision", [4, 5, 3], _rows([0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0, 0])),
+])
+def test_position_mask_by_hand(positions, lengths, want):
+    from lmms_sgm.profiling import position_mask
+
+    lengths = None if lengths is None else torch.tensor(lengths)
+    assert torch.equal(position_mask(IDS, ATT, positions, IMG, lengths), want)
+
+
+def test_position_mask_refusals():
+    from lmms_sgm.profiling import position_mask
+
+    with pytest.raises(ValueError, match=r"positions='response' needs the prompt lengths \(text_field='question\+response'\)"):
+        position_mask(IDS, ATT, "response", IMG)
+    with pytest.raises(ValueError, match="unknown positions 'middle'"):
+        position_mask(IDS, ATT, "middle", IMG)
+    ids = IDS.clone()
+    ids[0, 6] = ids[2, 4] = IMG  # rows 0 and 2 end on an image token: nothing after it
+    with pytest.raises(ValueError, match=r"no position to pool over for batch rows \[0, 2\] \(positions='after_image'\)"):
+        position_mask(ids, ATT, "after_image", IMG)
+
+
+def test_pool_by_hand():
+    from lmms_sgm.profiling import pool
+
+    act = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, -100.0]], [[-5.0, 0.5], [2.0, 0.25], [0.0, -1.0]]],
+                       dtype=torch.float16)
+    mask = _rows([1, 1, 0], [0, 1, 1])
+    mean, top = pool(act, mask, "mean"), pool(act, mask, "max")
+    assert mean.dtype == top.dtype == torch.float32
+    assert torch.equal(mean, torch.tensor([[2.0, 1.0], [1.0, -0.375]]))
+    assert torch.equal(top, torch.tensor([[3.0, 4.0], [2.0, 0.25]]))
+    with pytest.raises(ValueError, match="unknown pooling 'sum'"):
+        pool(act, mask, "sum")
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
+    from lmms_sgm.profiling import _split
+    from lmms_sgm.sites import Site
+
+    sites = [Site("a", "a", "output", 0, "gate_proj", 2), Site("b", "b", "output", 0, "up_proj", 3)]
+    store = ResponseStore(sites, 4, directory=tmp_path / "s" if on_disk else None)
+    flat = torch.arange(10, dtype=torch.float32).reshape(2, 5)  # two examples, widths 2 + 3
+    parts = _split(flat, sites)
+    assert torch.equal(parts["a"], flat[:, :2]) and torch.equal(parts["b"], flat[:, 2:])
+    store.write([3, 0], parts)  # examples 3 and 0, in that order
+    store.write(1, {"a": torch.tensor([[7.0, 8.0]]), "b": torch.tensor([[1.0, 2.0, 3.0]])})  # from row 1 on
+    assert store.arrays["a"].shape == (2, 4)  # neuron-major
+    np.testing.assert_array_equal(store["a"], [[5, 6], [7, 8], [0, 0], [0, 1]])
+    np.testing.assert_array_equal(store["b"], [[7, 8, 9], [1, 2, 3], [0, 0, 0], [2, 3, 4]])
+    if on_disk:
+        np.testing.assert_array_equal(np.load(tmp_path / "s" / "0001.npy").T, store["b"])
+    store.close()
+    assert store.arrays == {}
+
+
+def test_attention_implementations_of_nested_configs():
+    from types import SimpleNamespace
+
+    from lmms_sgm.profiling import _attn_implementations
+
+    vision = SimpleNamespace(_attn_implementation="sdpa")
+    text = SimpleNamespace(_attn_implementation="eager", sub_configs={"inner": None},
+                           inner=SimpleNamespace(_attn_implementation="flex"))
+    config = SimpleNamespace(_attn_implementation="sdpa", sub_configs={"vision_config": None, "text_config": None,
+                                                                       "audio_config": None},
+                             vision_config=vision, text_config=text, audio_config=None)
+    assert _attn_implementations(config) == {"": "sdpa", "vision_config": {"": "sdpa"},
+                                             "text_config": {"": "eager", "inner": {"": "flex"}}}

@@ -475,8 +475,11 @@ def test_affine_keeps_the_activations_dtype(dtype):
 
 
 def test_the_handle_says_what_is_worn(mp, det0):
-    model, _ = mp
+    model, processor = mp
     glasses, _ = det0
+    for mode in MODES:
+        with glasses.apply(model, mode=mode, processor=processor) as handle:
+            assert handle.glasses is glasses and handle.options.mode == mode, mode
     handle = glasses.apply(model, mode="hooks", strength=0.5)
     assert handle.glasses is glasses and handle.model is model and handle.options.strength == 0.5
     assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 active>"
@@ -550,6 +553,9 @@ def test_gated_glasses_match_a_plain_hook_reference(mp, prompt, vanilla, det0, m
     with gated.apply(model, mode=mode, processor=processor) as handle:
         got = run(handle, prompt)
     assert_same(got, want)
+    with pytest.raises(ValueError, match="fold cannot express a gate"):
+        gated.apply(model, mode="fold")
+    assert intervention._WEARING.get(model) is None
 
 
 def test_as_generator_hands_nnsight_the_models_preprocessors(mp, tiny_lm_dir):

@@ -552,8 +552,9 @@ def test_attention_implementations_of_nested_configs():
     vision = SimpleNamespace(_attn_implementation="sdpa")
     text = SimpleNamespace(_attn_implementation="eager", sub_configs={"inner": None},
                            inner=SimpleNamespace(_attn_implementation="flex"))
+    # audio_config: declared and None; absent_config: declared, no attribute at all
     config = SimpleNamespace(_attn_implementation="sdpa", sub_configs={"vision_config": None, "text_config": None,
-                                                                       "audio_config": None},
+                                                                       "audio_config": None, "absent_config": None},
                              vision_config=vision, text_config=text, audio_config=None)
     assert _attn_implementations(config) == {"": "sdpa", "vision_config": {"": "sdpa"},
                                              "text_config": {"": "eager", "inner": {"": "flex"}}}

@@ -529,7 +529,8 @@ def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
     from lmms_sgm.sites import Site
 
     sites = [Site("a", "a", "output", 0, "gate_proj", 2), Site("b", "b", "output", 0, "up_proj", 3)]
-    store = ResponseStore(sites, 4, directory=tmp_path / "s" if on_disk else None)
+    store = ResponseStore(sites, 4, directory=tmp_path / "s" / "nested" if on_disk else None)  # parents made
+    assert store.sites is sites and store.n == 4
     flat = torch.arange(10, dtype=torch.float32).reshape(2, 5)  # two examples, widths 2 + 3
     parts = _split(flat, sites)
     assert torch.equal(parts["a"], flat[:, :2]) and torch.equal(parts["b"], flat[:, 2:])
@@ -539,9 +540,23 @@ def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
     np.testing.assert_array_equal(store["a"], [[5, 6], [7, 8], [0, 0], [0, 1]])
     np.testing.assert_array_equal(store["b"], [[7, 8, 9], [1, 2, 3], [0, 0, 0], [2, 3, 4]])
     if on_disk:
-        np.testing.assert_array_equal(np.load(tmp_path / "s" / "0001.npy").T, store["b"])
+        np.testing.assert_array_equal(np.load(tmp_path / "s" / "nested" / "0001.npy").T, store["b"])
     store.close()
     assert store.arrays == {}
+
+
+def test_response_store_spills_past_512_mib_into_a_named_temporary_directory():
+    import inspect
+    from pathlib import Path
+
+    from lmms_sgm.sites import Site
+
+    assert inspect.signature(ResponseStore.auto).parameters["spill_mb"].default == 512.0  # the documented default
+    store = ResponseStore.auto([Site("a", "a", "output", 0, "gate_proj", 2)], 3, spill_mb=0)
+    try:
+        assert Path(store._tmp.name).name.startswith("lmms_sgm_responses_")  # recognisable if a crash leaves it
+    finally:
+        store.close()
 
 
 def test_attention_implementations_of_nested_configs():

@@ -496,6 +496,15 @@ def test_position_mask_by_hand(positions, lengths, want):
     assert torch.equal(position_mask(IDS, ATT, positions, IMG, lengths), want)
 
 
+def test_position_mask_without_an_image_or_with_one_real_token():
+    """No image: every real token is after it; a row of one token at position 0: that one decides."""
+    from lmms_sgm.profiling import position_mask
+
+    ids, att = torch.tensor([[4, 0, 0], [5, 6, 7]]), torch.tensor([[1, 0, 0], [1, 1, 1]])
+    assert torch.equal(position_mask(ids, att, "after_image", IMG), _rows([1, 0, 0], [1, 1, 1]))
+    assert torch.equal(position_mask(ids, att, "decision", IMG), _rows([1, 0, 0], [0, 0, 1]))
+
+
 def test_position_mask_refusals():
     from lmms_sgm.profiling import position_mask
 
@@ -536,12 +545,13 @@ def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
     assert torch.equal(parts["a"], flat[:, :2]) and torch.equal(parts["b"], flat[:, 2:])
     store.write([3, 0], parts)  # examples 3 and 0, in that order
     store.write(1, {"a": torch.tensor([[7.0, 8.0]]), "b": torch.tensor([[1.0, 2.0, 3.0]])})  # from row 1 on
-    assert store.arrays["a"].shape == (2, 4)  # neuron-major
+    assert store.arrays["a"].shape == (2, 4) and store["a"].dtype == store["b"].dtype == np.float32  # neuron-major
     np.testing.assert_array_equal(store["a"], [[5, 6], [7, 8], [0, 0], [0, 1]])
     np.testing.assert_array_equal(store["b"], [[7, 8, 9], [1, 2, 3], [0, 0, 0], [2, 3, 4]])
     if on_disk:
         np.testing.assert_array_equal(np.load(tmp_path / "s" / "nested" / "0001.npy").T, store["b"])
     store.close()
+    store.close()  # twice is harmless
     assert store.arrays == {}
 
 
@@ -553,10 +563,13 @@ def test_response_store_spills_past_512_mib_into_a_named_temporary_directory():
 
     assert inspect.signature(ResponseStore.auto).parameters["spill_mb"].default == 512.0  # the documented default
     store = ResponseStore.auto([Site("a", "a", "output", 0, "gate_proj", 2)], 3, spill_mb=0)
+    spill = Path(store._tmp.name)
     try:
-        assert Path(store._tmp.name).name.startswith("lmms_sgm_responses_")  # recognisable if a crash leaves it
+        assert spill.name.startswith("lmms_sgm_responses_")  # recognisable if a crash leaves it
     finally:
         store.close()
+    store.close()  # twice is harmless
+    assert not spill.exists()
 
 
 def test_attention_implementations_of_nested_configs():

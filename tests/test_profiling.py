@@ -586,3 +586,51 @@ def test_attention_implementations_of_nested_configs():
                              vision_config=vision, text_config=text, audio_config=None)
     assert _attn_implementations(config) == {"": "sdpa", "vision_config": {"": "sdpa"},
                                              "text_config": {"": "eager", "inner": {"": "flex"}}}
+
+
+def test_require_modality_asks_for_what_the_model_and_options_read(model_and_processor, tiny_lm_dir):
+    """A text-only model: no images; an MLLM: images, unless text_only profiling is asked for."""
+    from lmms_sgm import models
+    from lmms_sgm.profiling import require_modality
+
+    class Pairs:
+        def __init__(self):
+            self.asked = []
+
+        def require_images(self, needed, why):
+            self.asked.append((needed, why))
+
+    lm, _ = models.load(str(tiny_lm_dir))
+    mllm = model_and_processor[0]
+    cases = [(lm, ProfileOptions(), False, f"{type(lm).__name__} is a text-only model: drop the images"),
+             (mllm, ProfileOptions(text_only=True), False,
+              "text_only profiling feeds text alone: drop the images, or profile with text_only=false"),
+             (mllm, ProfileOptions(), True, "an MLLM is profiled on image-text pairs; to profile it on text alone, ask "
+                                            "for it: text_only=true (lmms-sgm profile --text-only true)")]
+    for model, options, needed, why in cases:
+        pairs = Pairs()
+        require_modality(pairs, model, options)
+        assert pairs.asked == [(needed, why)]
+
+
+def test_token_lengths_are_each_pairs_own(model_and_processor, toy_pairs):
+    """Encoded in batches of 3 (padded), each length is the pair's token count encoded alone."""
+    from lmms_sgm.data import encode_batch
+    from lmms_sgm.profiling import token_lengths
+
+    _, processor = model_and_processor
+    pairs = toy_pairs[:7]
+    alone = [encode_batch(processor, [p], "question+response")["input_ids"].shape[1] for p in pairs]
+    assert len(set(alone)) > 1  # lengths differ, so padding inside a batch is there to be left out
+    assert token_lengths(processor, pairs, "question+response", 3) == alone
+
+
+def test_as_nnsight_wraps_once(model_and_processor):
+    from nnsight import NNsight
+
+    from lmms_sgm.profiling import as_nnsight
+
+    model = model_and_processor[0]
+    wrapped = as_nnsight(model)
+    assert isinstance(wrapped, NNsight) and wrapped._module is model
+    assert as_nnsight(wrapped) is wrapped

@@ -605,8 +605,8 @@ def test_require_modality_asks_for_what_the_model_and_options_read(model_and_pro
     cases = [(lm, ProfileOptions(), False, f"{type(lm).__name__} is a text-only model: drop the images"),
              (mllm, ProfileOptions(text_only=True), False,
               "text_only profiling feeds text alone: drop the images, or profile with text_only=false"),
-             (mllm, ProfileOptions(), True, "an MLLM is profiled on image-text pairs; to profile it on text alone, ask "
-                                            "for it: text_only=true (lmms-sgm profile --text-only true)")]
+             (mllm, ProfileOptions(), True, ("an MLLM is profiled on image-text pairs; to profile it on text alone, ask "
+                                             "for it: text_only=true (lmms-sgm profile --text-only true)"))]
     for model, options, needed, why in cases:
         pairs = Pairs()
         require_modality(pairs, model, options)

@@ -556,12 +556,17 @@ def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
 
 
 def test_response_store_spills_past_512_mib_into_a_named_temporary_directory():
-    import inspect
     from pathlib import Path
 
     from lmms_sgm.sites import Site
 
-    assert inspect.signature(ResponseStore.auto).parameters["spill_mb"].default == 512.0  # the documented default
+    wide = [Site("w", "w", "output", 0, "gate_proj", 1024)]  # 4 KiB per example: 131072 examples are 512 MiB
+    for n, spills in ((131072, False), (131073, True)):  # the default threshold (nothing is written: sparse, lazy)
+        big = ResponseStore.auto(wide, n)
+        try:
+            assert (big._tmp is not None) == spills, n
+        finally:
+            big.close()
     store = ResponseStore.auto([Site("a", "a", "output", 0, "gate_proj", 2)], 3, spill_mb=0)
     spill = Path(store._tmp.name)
     try:

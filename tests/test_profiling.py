@@ -639,3 +639,50 @@ def test_as_nnsight_wraps_once(model_and_processor):
     wrapped = as_nnsight(model)
     assert isinstance(wrapped, NNsight) and wrapped._module is model
     assert as_nnsight(wrapped) is wrapped
+
+
+def _layer_output_reference(model, enc, layer, **kwargs):
+    """Decoder layer ``layer``'s output for ``enc``, mean over every position, from a plain forward hook."""
+    seen = []
+    hook = model.model.language_model.layers[layer].register_forward_hook(
+        lambda m, args, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        with torch.no_grad():
+            model(**enc, **kwargs)
+    finally:
+        hook.remove()
+    return seen[0].double().mean(1).float().numpy()
+
+
+def test_decoder_layer_outputs_are_profiled_whole(model_and_processor, toy_pairs):
+    """Gated steering's sites (a decoder layer's output, [batch, seq, hidden]) pool like any other:
+    every row of the batch its own, against a plain hook on each example alone."""
+    from lmms_sgm.sites import layer_output_site
+
+    model, processor = model_and_processor
+    site = layer_output_site(model, 1)
+    _, store = profile(model, processor, toy_pairs, ProfileOptions(batch_size=BATCH), sites=[site], progress=False)
+    try:
+        want = np.concatenate([_layer_output_reference(model, encode(processor, [p]), 1) for p in toy_pairs])
+        np.testing.assert_allclose(store[site.name], want, atol=1e-5, rtol=0)
+    finally:
+        store.close()
+
+
+def test_a_trace_gets_the_extra_keywords(model_and_processor, toy_pairs):
+    """What _trace_batch is given beyond the inputs reaches the traced forward (remote execution
+    passes its settings this way): here another vision layer's features (the tiny model reads its
+    last, -1), which change every position after the image."""
+    from lmms_sgm.profiling import _trace_batch, as_nnsight
+    from lmms_sgm.sites import layer_output_site
+
+    model, processor = model_and_processor
+    site = layer_output_site(model, 0)
+    enc = encode(processor, [toy_pairs[0]])
+    mask = enc["attention_mask"].bool()
+    with torch.no_grad():
+        plain = _trace_batch(as_nnsight(model), [site], dict(enc), mask, "mean")[site.name].numpy()
+        moved = _trace_batch(as_nnsight(model), [site], dict(enc), mask, "mean", vision_feature_layer=-2)[site.name].numpy()
+    np.testing.assert_allclose(plain, _layer_output_reference(model, enc, 0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(moved, _layer_output_reference(model, enc, 0, vision_feature_layer=-2), atol=1e-5, rtol=0)
+    assert np.abs(moved - plain).max() > 1e-3

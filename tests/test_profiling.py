@@ -686,3 +686,41 @@ def test_a_trace_gets_the_extra_keywords(model_and_processor, toy_pairs):
     np.testing.assert_allclose(plain, _layer_output_reference(model, enc, 0), atol=1e-5, rtol=0)
     np.testing.assert_allclose(moved, _layer_output_reference(model, enc, 0, vision_feature_layer=-2), atol=1e-5, rtol=0)
     assert np.abs(moved - plain).max() > 1e-3
+
+
+def test_a_text_field_the_records_cannot_fill_is_refused_before_any_forward(model_and_processor, toy_pairs):
+    from lmms_sgm.data import DataError, Pair, PairDataset
+
+    model, processor = model_and_processor
+    pairs = PairDataset([Pair(image=toy_pairs[i].image, text=toy_pairs[i].text, label=toy_pairs[i].label) for i in (0, 1)])
+    assert sorted(pairs.labels) == [0, 1]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(DataError, match=r"record 0: text_field='question\+response' needs a 'question' in every record"):
+            profile(model, processor, pairs, ProfileOptions(text_field="question+response"), progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_a_text_only_model_has_no_image_positions(tiny_lm_dir):
+    """positions=text and after_image leave nothing out on a text-only model, whatever its token
+    ids (an unknown word gives <unk>, a low id, in each text)."""
+    from lmms_sgm import models
+    from lmms_sgm.data import Pair, PairDataset
+
+    lm, tokenizer = models.load(str(tiny_lm_dir))
+    pairs = PairDataset([Pair(image=None, text="you are a zzzz idiot", label=1),
+                         Pair(image=None, text="what a qqqq nice picture", label=0)])
+    assert tokenizer.unk_token_id in tokenizer(pairs[0].text)["input_ids"]
+    stores = {}
+    for positions in ("all", "text", "after_image"):
+        sites, stores[positions] = profile(lm, tokenizer, pairs, ProfileOptions(positions=positions), progress=False)
+    try:
+        for s in sites:
+            np.testing.assert_array_equal(stores["text"][s.name], stores["all"][s.name])
+            np.testing.assert_array_equal(stores["after_image"][s.name], stores["all"][s.name])
+    finally:
+        for store in stores.values():
+            store.close()

@@ -724,3 +724,58 @@ def test_a_text_only_model_has_no_image_positions(tiny_lm_dir):
     finally:
         for store in stores.values():
             store.close()
+
+
+def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(model_and_processor, toy_pairs,
+                                                                               monkeypatch):
+    """The remote path with the transport replaced (nothing leaves the process; tests/test_remote.py
+    runs the real one): the model is wrapped for remote use, the batch size is cut by
+    remote.fit_batch_size from one example's result (4 bytes a neuron) and request (twice its
+    tensors' bytes), every batch goes through the session with its trace settings, and the
+    responses are the local ones."""
+    from lmms_sgm import remote
+    from lmms_sgm.data import encode_batch
+    from lmms_sgm.options import ExecutionOptions
+    from lmms_sgm.profiling import as_nnsight
+
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, batch_size=BATCH)
+    wrapped, fits, sent = [], [], []
+
+    class Session:
+        trace_kwargs = {"vision_feature_layer": -1}  # the tiny model's own setting: the same forward
+
+        def __init__(self, nn_model, execution):
+            self.given = (nn_model, execution)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def call(self, fn, nn_model, sites, inputs, mask, pooling, **kwargs):
+            sent.append((self.given[0] is nn_model, len(inputs["input_ids"]), pooling, kwargs))
+            return fn(nn_model, sites, inputs, mask, pooling, **kwargs)
+
+    monkeypatch.setattr(remote, "wrap", lambda m, p: wrapped.append((m, p)) or as_nnsight(m))
+    monkeypatch.setattr(remote, "fit_batch_size", lambda *a: fits.append(a) or 2)
+    monkeypatch.setattr(remote, "Session", Session)
+    execution = ExecutionOptions(remote="ndif", checkpoint_dir="off")
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False, execution=execution)
+    _, local = profile(model, processor, toy_pairs, opts, progress=False)
+    try:
+        assert wrapped == [(model, processor)]
+        first = encode_batch(processor, [toy_pairs[0]], opts.text_field)
+        request = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
+        second = encode_batch(processor, [toy_pairs[1]], opts.text_field)
+        assert second["input_ids"].shape != first["input_ids"].shape  # the first example is the one measured
+        assert fits == [(BATCH, 4 * sum(s.width for s in sites), 2 * request, execution)]
+        assert all(same and rows <= 2 and pooling == "mean" and kw == {"vision_feature_layer": -1}
+                   for same, rows, pooling, kw in sent)
+        assert sum(rows for _, rows, _, _ in sent) == len(toy_pairs)
+        for s in sites:
+            np.testing.assert_array_equal(store[s.name], local[s.name])
+    finally:
+        store.close()
+        local.close()

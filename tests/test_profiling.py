@@ -743,10 +743,9 @@ def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(mo
     wrapped, fits, sent = [], [], []
 
     class Session:
-        trace_kwargs = {"vision_feature_layer": -1}  # the tiny model's own setting: the same forward
-
         def __init__(self, nn_model, execution):
             self.given = (nn_model, execution)
+            self.trace_kwargs = {"vision_feature_layer": -1}  # the tiny model's own setting: the same forward
 
         def __enter__(self):
             return self

@@ -778,3 +778,54 @@ def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(mo
     finally:
         store.close()
         local.close()
+
+
+def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_processor, toy_pairs):
+    """With a checkpoint (its files: tests/test_checkpoint.py): opened with the run's key, asked
+    for the batches it holds (here batch 0, written from a local profile), given every other batch
+    as it arrives; a restored batch is not traced again and the responses are the local ones."""
+    from lmms_sgm.checkpoint import make_key
+    from lmms_sgm.models import fingerprint
+    from lmms_sgm.options import to_dict
+
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, batch_size=BATCH)
+    sites, local = profile(model, processor, toy_pairs, opts, progress=False)
+
+    class Checkpoint:
+        def __init__(self):
+            self.key, self.plan, self.saved = None, None, []
+
+        def open(self, key):
+            self.key = key
+
+        def restore(self, store, batches, restore_sites):
+            self.plan = batches
+            store.write(batches[0], {s.name: torch.from_numpy(local[s.name][batches[0]]) for s in restore_sites})
+            return {0}
+
+        def save(self, index, rows, pooled):
+            self.saved.append((index, list(rows), {k: v.clone() for k, v in pooled.items()}))
+
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
+    checkpoint = Checkpoint()
+    try:
+        _, store = profile(model, processor, toy_pairs, opts, progress=False, checkpoint=checkpoint)
+    finally:
+        hook.remove()
+    try:
+        plan = checkpoint.plan
+        assert sorted(i for rows in plan for i in rows) == list(range(len(toy_pairs))) and max(map(len, plan)) <= BATCH
+        assert checkpoint.key == make_key(fingerprint=fingerprint(model), dtype="torch.float32", data_digest=toy_pairs.digest(),
+                                          examples=len(toy_pairs), profile_options=to_dict(opts), sites=sites, batches=plan)
+        assert [(i, rows) for i, rows, _ in checkpoint.saved] == [(i, plan[i]) for i in range(1, len(plan))]
+        for _, rows, pooled in checkpoint.saved:
+            for s in sites:
+                np.testing.assert_array_equal(pooled[s.name].numpy(), local[s.name][rows])
+        assert len(forwards) == len(plan) - 1
+        for s in sites:
+            np.testing.assert_array_equal(store[s.name], local[s.name])
+    finally:
+        store.close()
+        local.close()

@@ -754,7 +754,7 @@ def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(mo
             return False
 
         def call(self, fn, nn_model, sites, inputs, mask, pooling, **kwargs):
-            sent.append((self.given[0] is nn_model, len(inputs["input_ids"]), pooling, kwargs))
+            sent.append((self.given == (nn_model, execution), len(inputs["input_ids"]), pooling, kwargs))
             return fn(nn_model, sites, inputs, mask, pooling, **kwargs)
 
     monkeypatch.setattr(remote, "wrap", lambda m, p: wrapped.append((m, p)) or as_nnsight(m))
@@ -829,3 +829,30 @@ def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_proce
     finally:
         store.close()
         local.close()
+
+
+def test_only_the_main_process_gets_a_store(model_and_processor, toy_pairs):
+    """Another process of a group traces its share and hands it on (lmms_sgm/distributed.py; its
+    tests run real processes): it keeps no store, and profile returns None there."""
+    from contextlib import nullcontext
+
+    model, processor = model_and_processor
+    traced = []
+
+    class Worker:
+        is_main = False
+
+        def together(self):
+            return nullcontext()
+
+        def broadcast(self, value):
+            return value
+
+        def rounds(self, todo, compute, shape):
+            for i in todo:
+                traced.append(compute(i).shape == shape(i))
+            return iter(())  # process 0 gathers; nothing comes back here
+
+    sites, store = profile(model, processor, toy_pairs, ProfileOptions(modules=MODULES, batch_size=BATCH), progress=False,
+                           group=Worker())
+    assert store is None and traced and all(traced)

@@ -854,5 +854,5 @@ def test_only_the_main_process_gets_a_store(model_and_processor, toy_pairs):
             return iter(())  # process 0 gathers; nothing comes back here
 
     _, store = profile(model, processor, toy_pairs, ProfileOptions(modules=MODULES, batch_size=BATCH), progress=False,
-                           group=Worker())
+                       group=Worker())
     assert store is None and traced and all(traced)

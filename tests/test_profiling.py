@@ -856,3 +856,29 @@ def test_only_the_main_process_gets_a_store(model_and_processor, toy_pairs):
     _, store = profile(model, processor, toy_pairs, ProfileOptions(modules=MODULES, batch_size=BATCH), progress=False,
                        group=Worker())
     assert store is None and traced and all(traced)
+
+
+def test_a_failed_run_removes_its_spilled_store(model_and_processor, toy_pairs, tmp_path, monkeypatch):
+    """An error mid-run (here the checkpoint failing to save) propagates, and the responses spilled
+    to disk so far are removed with their temporary directory."""
+    import tempfile
+
+    model, processor = model_and_processor
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    class Failing:
+        def open(self, key):
+            pass
+
+        def restore(self, store, batches, sites):
+            assert list(tmp_path.glob("lmms_sgm_responses_*"))  # spilled, on disk
+            return set()
+
+        def save(self, index, rows, pooled):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full") as err:
+        profile(model, processor, toy_pairs, ProfileOptions(batch_size=BATCH), progress=False, spill_mb=0,
+                checkpoint=Failing())
+    # removed by profile itself: the traceback (held by err) still holds the store
+    assert list(tmp_path.glob("lmms_sgm_responses_*")) == [] and err.traceback

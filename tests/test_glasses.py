@@ -21,6 +21,7 @@ from lmms_sgm.glasses import GlassesError, GlassesMismatch, SafetyGlasses, Unver
 from lmms_sgm.options import ProfileOptions, SelectionOptions, to_dict
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.profiling import profile
+from lmms_sgm.sites import Site
 
 MODULES = ("gate_proj", "up_proj", "intermediate", "down_proj")
 PROFILE = ProfileOptions(modules=MODULES, batch_size=8)
@@ -545,8 +546,9 @@ def test_format_1_loads_with_a_warning_and_resaves_as_format_2(built, tmp_path):
     g, _ = built
     old = g.save(tmp_path / "old")
     _as_format_1(old)
-    with pytest.warns(UnverifiedGlassesWarning, match=r"format 1 .* no content digest.*lmms-sgm select .*--rule sgm"):
+    with pytest.warns(UnverifiedGlassesWarning, match=r"format 1 .* no content digest.*lmms-sgm select .*--rule sgm") as w:
         loaded = SafetyGlasses.load(old)
+    assert f"`lmms-sgm select {old} --out NEW_DIR " in str(w[0].message)
     assert loaded.digest() == g.digest() and loaded.integrity.startswith("not verifiable")
     new = loaded.save(tmp_path / "new")
     assert json.loads((new / "manifest.json").read_text())["format_version"] == 2
@@ -680,6 +682,9 @@ def test_the_resave_command_names_every_set_selection_option():
     manifest = {"selection_options": {"top_k": None, "rule": "sgm", "threshold": 0.5, "towards": "nontoxic_mean"}}
     assert glasses_mod._resave_command(Path("/g/old"), manifest) == \
         "`lmms-sgm select /g/old --out NEW_DIR --rule sgm --threshold 0.5 --towards nontoxic_mean`"
+    manifest = {"selection_options": {"rule": "damp", "top_k": 3, "damp_factor": 0.25}}  # underscores: dashes
+    assert glasses_mod._resave_command(Path("/g/old"), manifest) == \
+        "`lmms-sgm select /g/old --out NEW_DIR --damp-factor 0.25 --rule damp --top-k 3`"
 
 
 def test_files_hold_canonical_dtypes_metadata_and_json(built, tmp_path):
@@ -727,3 +732,353 @@ def test_content_digest_is_sha256_of_compact_sorted_utf8_json():
     manifest = {"b": "café", "a": [1, 2.5, None], "content_digest": "ignored"}
     want = hashlib.sha256('{"a":[1,2.5,null],"b":"café"}'.encode()).hexdigest()
     assert glasses_mod.content_digest(manifest) == want
+
+
+# ---------------------------------------------------------------- hand-made glasses (no model)
+
+HAND_SITES = [Site("a.gate", "m.layers.0.mlp.gate_proj", "output", 0, "gate_proj", 4),
+              Site("b.up", "m.layers.1.mlp.up_proj", "output", 1, "up_proj", 3)]
+# AUROCs away from the histogram's bin edges, spanning less than [0, 1] (so that the histogram's
+# fixed range shows); alphas of the sgm rule at threshold 0.5 (1 - 2 * (AUROC - 0.5)).
+HAND_AUROC = {"a.gate": [0.05, 0.55, 0.75, 0.25], "b.up": [0.45, 0.65, 0.15]}
+HAND_ALPHA = {"a.gate": [1.0, 0.9, 0.5, 1.0], "b.up": [1.0, 0.7, 1.0]}
+HAND_MEAN = {"a.gate": [0.5, -1.0, 2.0, 0.0], "b.up": [1.0, 0.25, -0.5]}
+
+
+def _hand_made(selection=SELECT, profile=None, gate=None):
+    """SGM glasses from literal tensors: what saving, loading and the texts do, without a model."""
+    sites = list(HAND_SITES)
+    manifest = {
+        "format_version": 2,
+        "fingerprint": {"model_type": "toy", "hidden": 8},  # not in sorted order: the texts sort it
+        "sites": [s.to_dict() for s in sites],
+        "profile_options": to_dict(profile or ProfileOptions()),
+        "selection_options": glasses_mod._selection_dict(selection),
+        "data": {"pairs": 2, "digest": "d" * 64},
+    }
+    g = SafetyGlasses(sites, {k: torch.tensor(v, dtype=torch.float64) for k, v in HAND_AUROC.items()},
+                      {k: torch.tensor(v, dtype=torch.float32) for k, v in HAND_ALPHA.items()}, manifest,
+                      {k: torch.tensor(v, dtype=torch.float32) for k, v in HAND_MEAN.items()}, gate)
+    g.manifest["counts"] = {"neurons": 7, "experts": 3, "experts_per_layer": {"0": 2, "1": 1}}
+    assert g.counts() == g.manifest["counts"]
+    return g
+
+
+def test_summary_is_the_inspect_text():
+    """`lmms-sgm inspect`'s text, written out by hand for the literal glasses above (torch's median
+    of an even count is the lower middle value; the histogram counts AUROCs per tenth)."""
+    g = _hand_made()
+    profile = json.dumps(to_dict(ProfileOptions()), sort_keys=True)
+    want = "\n".join([
+        "integrity: not saved",
+        'fingerprint: {"hidden": 8, "model_type": "toy"}',
+        f'data: {{"digest": "{"d" * 64}", "pairs": 2}}',
+        f"profile options: {profile}",
+        ('selection options: {"damp_factor": 0.5, "direction": "suppress", "rule": "sgm", "threshold": 0.5, '
+         '"top_k": null, "towards": "zero"}'),
+        "experts: 3 of 7 neurons",
+        "layer module         neurons  experts auroc min  median    max alpha min",
+        "    0 gate_proj            4        2     0.050   0.250  0.750     0.500",
+        "    1 up_proj              3        1     0.150   0.450  0.650     0.700",
+        "AUROC histogram (0.0-1.0, 10 bins): 1 1 1 0 1 1 1 1 0 0",
+    ])
+    assert g.summary() == want
+    g.integrity = "ok (content digest 0123)"
+    assert g.summary().split("\n")[0] == "integrity: ok (content digest 0123)"
+
+
+def test_identity_names_data_selection_experts_and_text_only():
+    g = _hand_made()
+    assert g.identity() == {"data_digest": "d" * 64, "selection": g.manifest["selection_options"], "experts": 3}
+    text_only = _hand_made(profile=ProfileOptions(text_only=True))
+    assert text_only.identity() == {"data_digest": "d" * 64, "selection": g.manifest["selection_options"],
+                                    "experts": 3, "text_only": True}
+
+
+def test_apply_passes_strength_mode_and_keywords_to_the_intervention(monkeypatch):
+    from lmms_sgm import intervention
+    from lmms_sgm.options import ApplyOptions
+
+    calls = []
+    monkeypatch.setattr(intervention, "apply", lambda *a, **kw: calls.append((a, kw)) or "handle")
+    g, model = _hand_made(), object()
+    assert g.apply(model) == "handle"
+    assert g.apply(model, 0.25, "fold", processor="p", remote="off") == "handle"
+    assert calls == [((g, model, ApplyOptions(strength=1.0, mode="hooks")), {}),
+                     ((g, model, ApplyOptions(strength=0.25, mode="fold")), {"processor": "p", "remote": "off"})]
+
+
+def test_towards_zero_has_no_shift():
+    g = _hand_made()
+    transforms = g.transforms(0.5)
+    assert set(transforms) == {"a.gate", "b.up"}
+    assert all(shift is None for _, shift in transforms.values())
+
+
+def _gated(gate):
+    return _hand_made(selection=SelectionOptions(rule="sgm", threshold=0.5, gate="evidence"), gate=gate)
+
+
+# float64 in memory, stored as float32; offset and threshold not float32 numbers (stored as float64).
+GATE_B = (torch.tensor([0.0, 1.5, -0.25], dtype=torch.float64), 0.1, -1 / 3)
+
+
+def test_a_gate_round_trips_exactly_and_only_for_its_sites(tmp_path):
+    """The gate of the second site only (the first has none): written, read back bit for bit."""
+    g = _gated({"b.up": GATE_B})
+    path = g.save(tmp_path / "g")
+    with safe_open(str(path / "glasses.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {n for n in names if ".gate_" in n} == {"b.up.gate_weight", "b.up.gate_offset_threshold"}
+    loaded = SafetyGlasses.load(path)
+    assert set(loaded.gate) == {"b.up"}
+    v, c, t = loaded.gate["b.up"]
+    assert torch.equal(v, GATE_B[0].float()) and v.dtype == torch.float32 and (c, t) == (0.1, -1 / 3)
+    assert loaded.digest() == g.digest()
+
+
+def test_a_gate_without_sites_loads_as_an_empty_gate(tmp_path):
+    """gate=evidence on glasses without experts: no gate tensors, an empty gate (not None, which
+    would contradict the selection)."""
+    g = _gated({})
+    loaded = SafetyGlasses.load(g.save(tmp_path / "g"))
+    assert loaded.gate == {} and loaded.digest() == g.digest()
+
+
+GATE_DAMAGE = {
+    "weight-only": lambda t: t.pop("b.up.gate_offset_threshold"),
+    "offset-only": lambda t: t.pop("b.up.gate_weight"),
+    "weight-float64": _set("b.up.gate_weight", lambda x: x.double()),
+    "weight-short": _set("b.up.gate_weight", lambda x: x[:2].clone()),
+    "offset-three": _set("b.up.gate_offset_threshold", lambda x: torch.cat([x, x[:1]])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GATE_DAMAGE))
+def test_malformed_gate_tensors_are_refused(tmp_path, case):
+    path = _gated({"b.up": GATE_B}).save(tmp_path / "g")
+    _forge(path, GATE_DAMAGE[case])
+    with pytest.raises(GlassesError, match=r"glasses\.safetensors: the gate tensors of b\.up are incomplete or malformed"):
+        SafetyGlasses.load(path)
+
+
+def test_reselect_with_a_gate_fits_it_on_the_given_responses():
+    """Re-selection with gate=evidence fits the gate on ``store`` / ``labels``: weights 2 (AUROC - 0.5) / sd
+    on the experts, offset v . mu, threshold midway between the classes (separable here)."""
+    rng = np.random.default_rng(3)
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    store = {s.name: rng.normal(size=(6, s.width)) + 3.0 * labels[:, None] for s in HAND_SITES}
+    g = _hand_made().reselect(SelectionOptions(rule="sgm", threshold=0.5, gate="evidence"), store=store, labels=labels)
+    assert set(g.gate) == {"a.gate", "b.up"}
+    for s in HAND_SITES:
+        auroc, x = np.array(HAND_AUROC[s.name]), store[s.name]
+        experts = auroc > 0.5
+        want_v = np.where(experts, 2 * (auroc - 0.5) / x.std(0), 0.0)
+        v, c, t = g.gate[s.name]
+        np.testing.assert_allclose(v.numpy(), want_v, rtol=1e-6)
+        assert c == pytest.approx(float(want_v @ np.array(HAND_MEAN[s.name])), rel=1e-12)
+        e = x @ want_v - c
+        assert e[labels == 0].max() < e[labels == 1].min()  # separable, so the threshold is their midpoint
+        assert t == pytest.approx((e[labels == 0].max() + e[labels == 1].min()) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="gate=evidence chooses its thresholds on the pooled responses"):
+        _hand_made().reselect(SelectionOptions(gate="evidence"))
+
+
+# ---------------------------------------------------------------- kinds
+
+
+def _steering(model):
+    """Gated-steering glasses from random class data: built without a forward pass (the model
+    gives only its fingerprint)."""
+    from lmms_sgm.options import SteeringOptions
+    from lmms_sgm.steering import SteeringGlasses
+
+    rng = np.random.default_rng(0)
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    site = Site("m.layers.1", "m.layers.1", "layer_output", 1, "layer", 8)
+    return SteeringGlasses.from_profiles(
+        model, SteeringOptions(layer=1), steer_site=site, answers=rng.normal(size=(6, 8)) + labels[:, None],
+        answer_labels=labels, gate_site=site, gate=rng.normal(size=(6, 8)) + labels[:, None], gate_labels=labels,
+        marker=[5, 6], data={"answers": {"digest": "a" * 64}, "gate": {"digest": "b" * 64}})
+
+
+def test_each_kind_is_written_in_its_format_and_loaded_by_its_class(built, model_and_processor, tmp_path):
+    """Steering glasses are written in format 3 with their kind, SGM glasses in format 2 without
+    one (even when the manifest in memory names it); any loader reads steering glasses, the
+    steering class refuses SGM ones."""
+    from lmms_sgm.steering import SteeringGlasses
+
+    g, _ = built
+    steering = _steering(model_and_processor[0])
+    sp = steering.save(tmp_path / "steer")
+    m = json.loads((sp / "manifest.json").read_text())
+    assert (m["format_version"], m["kind"]) == (3, "gated_steering")
+    for loader in (SafetyGlasses.load, glasses_mod.Glasses.load, SteeringGlasses.load):
+        loaded = loader(sp)
+        assert type(loaded) is SteeringGlasses and torch.equal(loaded.steer, steering.steer)
+        assert loaded.digest() == steering.digest()
+    named = SafetyGlasses(g.sites, g.auroc, g.alpha, {**g.manifest, "kind": "sgm"}, g.mean_nontoxic)
+    gp = named.save(tmp_path / "sgm")
+    m = json.loads((gp / "manifest.json").read_text())
+    assert m["format_version"] == 2 and "kind" not in m
+    with pytest.raises(GlassesError, match=rf"{gp}/manifest\.json: these are sgm glasses, not gated_steering; load them "
+                                           r"with SafetyGlasses\.load"):
+        SteeringGlasses.load(gp)
+    assert glasses_mod.glasses_class("gated_steering") is SteeringGlasses
+    assert glasses_mod.glasses_class("sgm") is SafetyGlasses
+    with pytest.raises(GlassesError, match=r"unknown glasses kind 'other' \(lmms_sgm .* knows sgm, gated_steering\)"):
+        glasses_mod.glasses_class("other")
+
+
+def test_a_steering_digest_that_does_not_match_its_vectors_is_refused(model_and_processor, tmp_path):
+    """The check every kind shares (Glasses._verify): a recorded digest edited, with the content
+    digest recomputed to match, still fails against the vectors."""
+    path = _steering(model_and_processor[0]).save(tmp_path / "g")
+    m = json.loads((path / "manifest.json").read_text())
+    m["digest"] = "0" * 64
+    m["content_digest"] = glasses_mod.content_digest(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(GlassesError, match=r"glasses\.safetensors: the tensors do not match the digest recorded in "
+                                           r"manifest\.json"):
+        SafetyGlasses.load(path)
+
+
+def _rewrite(path, edit):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_read_manifest_names_what_is_wrong(built, model_and_processor, tmp_path):
+    """Not UTF-8; format 3 without a kind; a field the manifest's own kind requires missing."""
+    g, _ = built
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_bytes(b'{"format_version": "\xff"}')
+    with pytest.raises(GlassesError, match=r"manifest\.json: not valid JSON \(not UTF-8\); the file is damaged"):
+        glasses_mod.read_manifest(bad)
+    steer = _steering(model_and_processor[0]).save(tmp_path / "steer")
+    assert glasses_mod.read_manifest(steer)["kind"] == "gated_steering"
+    _rewrite(steer, lambda m: m.pop("steer"))
+    with pytest.raises(GlassesError, match=r"not a glasses manifest \(lacks steer\)$"):
+        glasses_mod.read_manifest(steer)
+    _rewrite(steer, lambda m: m.pop("kind"))
+    with pytest.raises(GlassesError, match=r"not a glasses manifest \(format 3 lacks kind\)$"):
+        glasses_mod.read_manifest(steer)
+    sgm = g.save(tmp_path / "sgm")
+    _rewrite(sgm, lambda m: m.pop("counts"))
+    with pytest.raises(GlassesError, match=r"not a glasses manifest \(lacks counts\)$"):
+        glasses_mod.read_manifest(sgm)
+
+
+def test_check_lists_every_differing_fingerprint_field(built, model_and_processor):
+    import dataclasses
+
+    g, _ = built
+    model = model_and_processor[0]
+    fp = models.fingerprint(model)
+    k1, k2 = list(fp)[:2]
+    other = dataclasses.replace(g, manifest={**g.manifest, "fingerprint": {**fp, k1: "x", k2: 7}})
+    want = f"{k1}: glasses 'x' vs model {fp[k1]!r}, {k2}: glasses 7 vs model {fp[k2]!r}"
+    with pytest.raises(GlassesMismatch) as err:
+        other.check(model)
+    assert f"profiled on another model ({want}); profile this model" in str(err.value)
+
+
+def test_discarding_replaced_glasses_tolerates_a_missing_file(tmp_path):
+    import warnings
+
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "manifest.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        glasses_mod._discard_glasses(d)
+    assert not d.exists()
+
+
+def test_digest_is_the_documented_sha256():
+    """A file-format contract (recorded digests must keep verifying): sha256 over the sorted JSON
+    fingerprint, then ``towards`` unless zero, then per site its name, float32 alphas, float32
+    non-toxic means (nontoxic_mean only) and its gate (b"gate", float32 weights, float64 offset
+    and threshold); in-memory dtypes do not matter."""
+    import hashlib
+
+    def reference(towards, gate):
+        h = hashlib.sha256(b'{"hidden": 8, "model_type": "toy"}')
+        if towards != "zero":
+            h.update(towards.encode())
+        for name in ("a.gate", "b.up"):
+            h.update(name.encode() + np.array(HAND_ALPHA[name], dtype=np.float32).tobytes())
+            if towards == "nontoxic_mean":
+                h.update(np.array(HAND_MEAN[name], dtype=np.float32).tobytes())
+            if name in gate:
+                v, c, t = gate[name]
+                h.update(b"gate" + v.numpy().astype(np.float32).tobytes() + np.array([c, t], dtype=np.float64).tobytes())
+        return h.hexdigest()
+
+    assert _hand_made().digest() == reference("zero", {})
+    towards = _hand_made(selection=SelectionOptions(towards="nontoxic_mean"))
+    towards.mean_nontoxic = {k: v.double() for k, v in towards.mean_nontoxic.items()}
+    assert towards.digest() == reference("nontoxic_mean", {})
+    assert _gated({"b.up": GATE_B}).digest() == reference("zero", {"b.up": GATE_B})
+
+
+def test_from_expertise_selects_with_the_given_options_and_records_the_format(model_and_processor):
+    """Built with a non-default threshold (0.6): only AUROCs above it are experts, alpha 2 (1 - AUROC)."""
+    import lmms_sgm
+
+    aurocs = {k: torch.tensor(v, dtype=torch.float64) for k, v in HAND_AUROC.items()}
+    g = SafetyGlasses.from_expertise(HAND_SITES, aurocs, SelectionOptions(threshold=0.6), model=model_and_processor[0],
+                                     profile_options=ProfileOptions(), data_digest="d" * 64, data_counts={"pairs": 2})
+    assert g.alpha["a.gate"].tolist() == pytest.approx([1.0, 1.0, 0.5, 1.0])
+    assert g.alpha["b.up"].tolist() == pytest.approx([1.0, 0.7, 1.0])
+    assert g.manifest["format_version"] == 2 and g.manifest["lmms_sgm_version"] == lmms_sgm.__version__
+    assert g.manifest["counts"] == {"neurons": 7, "experts": 2, "experts_per_layer": {"0": 1, "1": 1}}
+    assert g.manifest["data"] == {"digest": "d" * 64, "pairs": 2} and g.gate is None
+    labels = np.array([1, 1, 0, 0])
+    store = {s.name: np.arange(4 * s.width, dtype=np.float64).reshape(4, s.width) ** 1.5 for s in HAND_SITES}
+    gated = SafetyGlasses.from_expertise(HAND_SITES, aurocs, SelectionOptions(threshold=0.6, gate="evidence"),
+                                         model=model_and_processor[0], profile_options=ProfileOptions(),
+                                         data_digest="d" * 64, data_counts={"pairs": 2}, store=store, labels=labels,
+                                         mean_nontoxic={k: torch.tensor(v) for k, v in HAND_MEAN.items()})
+    assert set(gated.gate) == {"a.gate", "b.up"}  # the sites with experts, fitted on store and labels
+
+
+def test_check_target_and_staged_output_refuse_glasses_unless_told_to_overwrite(built, tmp_path):
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        glasses_mod.check_target(path)
+    with pytest.raises(FileExistsError, match="exists and is not empty"), glasses_mod.staged_output(path):
+        pass
+    glasses_mod.check_target(path, overwrite=True)  # glasses and nothing else: may be replaced
+
+
+@pytest.mark.parametrize("n, shown", [(5, "f0, f1, f2, f3, f4)"), (6, "f0, f1, f2, f3, f4 and 1 more)")])
+def test_overwrite_refusal_names_five_other_files_and_counts_the_rest(built, tmp_path, n, shown):
+    g, _ = built
+    path = g.save(tmp_path / "g")
+    for i in range(n):
+        (path / f"f{i}").write_text("x")
+    with pytest.raises(FileExistsError) as err:
+        glasses_mod.check_target(path, overwrite=True)
+    assert f"holds glasses and other files ({shown}; --overwrite only replaces" in str(err.value)
+
+
+def test_towards_the_mean_needs_the_means():
+    g = _hand_made()
+    g.mean_nontoxic = None
+    with pytest.raises(ValueError, match="towards=nontoxic_mean needs the non-toxic means, which these glasses lack"):
+        g.reselect(SelectionOptions(towards="nontoxic_mean"))
+
+
+def test_steering_glasses_get_their_kind_and_no_other_field(model_and_processor, tmp_path):
+    """The file's manifest is the one in memory plus the format, the digest and the integrity
+    fields, and the kind, even when the manifest in memory lacks it."""
+    steering = _steering(model_and_processor[0])
+    del steering.manifest["kind"]
+    path = steering.save(tmp_path / "g")
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["kind"] == "gated_steering"
+    assert set(m) == {*steering.manifest, "kind", "digest", "tensors_sha256", "tensors_bytes", "content_digest"}

@@ -475,10 +475,121 @@ def test_affine_keeps_the_activations_dtype(dtype):
 
 
 def test_the_handle_says_what_is_worn(mp, det0):
-    model, _ = mp
+    model, processor = mp
     glasses, _ = det0
+    for mode in MODES:
+        with glasses.apply(model, mode=mode, processor=processor) as handle:
+            assert handle.glasses is glasses and handle.options.mode == mode, mode
     handle = glasses.apply(model, mode="hooks", strength=0.5)
     assert handle.glasses is glasses and handle.model is model and handle.options.strength == 0.5
     assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 active>"
     handle.remove()
     assert repr(handle) == "<GlassesHandle mode=hooks strength=0.5 removed>"
+
+
+# ---------------------------------------------------------------- gates, wrappers, the remote branch
+
+
+def test_transform_with_a_gate_changes_only_the_positions_whose_evidence_exceeds_the_threshold():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    f, b = torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.tensor([1.0, 0.0, -1.0, 0.5])
+    v, c, t = torch.tensor([1.0, -1.0, 0.5, 0.0]), 0.25, 0.1
+    on = (x @ v - c) > t  # [2, 5]: which positions the gate lets through
+    assert on.any() and not on.all()
+    for shift in (None, b):
+        want = torch.where(on[..., None], x * f + (0 if shift is None else shift), x)
+        assert torch.equal(intervention.transform(x, f, shift, (v, c, t)), want)
+
+
+@contextmanager
+def reference_gated_hooks(model, glasses_dir, gates):
+    """Towards zero at strength 1 (f = alpha), each gated site changed only where x @ v - c > t."""
+    handles = []
+
+    def act(x, f, g):
+        if g is None:
+            return x * f
+        v, c, t = g
+        return torch.where(((x @ v - c) > t)[..., None], x * f, x)
+
+    for key, alpha in load_file(str(glasses_dir / "glasses.safetensors")).items():
+        if not key.endswith(".alpha") or bool((alpha == 1).all()):
+            continue
+        site = key[: -len(".alpha")]
+        g = gates.get(site)
+        if site.endswith(".input"):
+            module = model.get_submodule(site[: -len(".input")])
+            handles.append(module.register_forward_pre_hook(lambda m, args, f=alpha, g=g: (act(args[0], f, g), *args[1:])))
+        else:
+            module = model.get_submodule(site)
+            handles.append(module.register_forward_hook(lambda m, args, out, f=alpha, g=g: act(out, f, g)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "nnsight"])
+def test_gated_glasses_match_a_plain_hook_reference(mp, prompt, vanilla, det0, mode):
+    """Gates set by hand on one output site and one down_proj input site (the other sites
+    ungated): each mode gives the reference's logits, which differ from the ungated glasses'."""
+    import dataclasses
+
+    model, processor = mp
+    glasses, glasses_dir = det0
+    changed = list(glasses.transforms(1.0))
+    picked = [next(n for n in changed if not n.endswith(".input")), next(n for n in changed if n.endswith(".input"))]
+    widths = {s.name: s.width for s in glasses.sites}
+    torch.manual_seed(1)
+    gates = {n: (torch.randn(widths[n]) / widths[n] ** 0.5, 0.05, 0.0) for n in picked}
+    with reference_gated_hooks(model, glasses_dir, gates):
+        want = hf_generate(model, prompt)
+    with glasses.apply(model, mode="hooks") as handle:
+        ungated = run(handle, prompt)
+    assert max_diff(want, ungated) > 1e-4 and max_diff(want, vanilla) > 1e-4
+    gated = dataclasses.replace(glasses, gate=gates)
+    with gated.apply(model, mode=mode, processor=processor) as handle:
+        got = run(handle, prompt)
+    assert_same(got, want)
+    with pytest.raises(ValueError, match="fold cannot express a gate"):
+        gated.apply(model, mode="fold")
+    assert intervention._WEARING.get(model) is None
+
+
+def test_as_generator_hands_nnsight_the_models_preprocessors(mp, tiny_lm_dir):
+    from nnsight.modeling.transformers import TransformersModel
+
+    from lmms_sgm import models
+
+    model, processor = mp
+    nn_model = intervention.as_generator(model, processor)
+    assert isinstance(nn_model, TransformersModel) and nn_model._module is model
+    assert (nn_model.task, nn_model.processor, nn_model.tokenizer) == ("image-text-to-text", processor, processor.tokenizer)
+    assert intervention.as_generator(nn_model) is nn_model  # already a wrapper: kept
+    lm, tokenizer = models.load(str(tiny_lm_dir))
+    nn_lm = intervention.as_generator(lm, tokenizer)
+    assert nn_lm._module is lm and nn_lm.tokenizer is tokenizer and nn_lm.processor is None
+
+
+def test_a_remote_setting_hands_the_glasses_to_the_remote_wearer(mp, det0, monkeypatch):
+    """remote= other than off goes to lmms_sgm.remote.wear with the options and processor, and
+    nothing is worn locally; remote=off wears them here."""
+    from lmms_sgm import remote as remote_mod
+    from lmms_sgm.options import ApplyOptions, RemoteOptions
+
+    model, processor = mp
+    glasses, _ = det0
+    calls = []
+    monkeypatch.setattr(remote_mod, "wear", lambda *a, **kw: calls.append((a, kw)) or "remote handle")
+    options = ApplyOptions(strength=0.5, mode="nnsight")
+    assert intervention.apply(glasses, model, options, processor=processor, remote="ndif") == "remote handle"
+    given = RemoteOptions(remote="local")
+    assert intervention.apply(glasses, model, options, remote=given) == "remote handle"
+    assert calls == [((glasses, model, options, RemoteOptions(remote="ndif")), {"processor": processor}),
+                     ((glasses, model, options, given), {"processor": None})]
+    assert intervention._WEARING.get(model) is None
+    with intervention.apply(glasses, model, ApplyOptions(mode="hooks"), remote="off") as handle:
+        assert handle.active and intervention._WEARING.get(model) is handle
+    assert len(calls) == 2

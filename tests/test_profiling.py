@@ -466,3 +466,419 @@ def test_attention_option_chooses_the_kernel_profiled_with(model_and_processor, 
         hook.remove()
     assert during and set(during) == {seen}
     assert model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- the pieces, on literal tensors (no model)
+
+IMG = 9
+# Row 0: one pad on the left, image at 2-3; row 1: no padding, image at 1; row 2: two pads on the right.
+IDS = torch.tensor([[0, 5, IMG, IMG, 6, 7, 8], [4, IMG, 5, 6, 7, 8, 3], [4, IMG, IMG, 5, 6, 0, 0]])
+ATT = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+
+
+def _rows(*rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("positions, lengths, want", [
+    ("all", None, ATT.bool()),
+    ("text", None, _rows([0, 1, 0, 0, 1, 1, 1], [1, 0, 1, 1, 1, 1, 1], [1, 0, 0, 1, 1, 0, 0])),
+    ("after_image", None, _rows([0, 0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0])),
+    ("decision", None, _rows([0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 1, 0, 0])),
+    # prompt lengths 4, 5, 3 from each row's first real token (1, 0, 0)
+    ("response", [4, 5, 3], _rows([0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0])),
+    ("decision", [4, 5, 3], _rows([0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0, 0])),
+])
+def test_position_mask_by_hand(positions, lengths, want):
+    from lmms_sgm.profiling import position_mask
+
+    lengths = None if lengths is None else torch.tensor(lengths)
+    assert torch.equal(position_mask(IDS, ATT, positions, IMG, lengths), want)
+
+
+def test_position_mask_without_an_image_or_with_one_real_token():
+    """No image: every real token is after it; a row of one token at position 0: that one decides."""
+    from lmms_sgm.profiling import position_mask
+
+    ids, att = torch.tensor([[4, 0, 0], [5, 6, 7]]), torch.tensor([[1, 0, 0], [1, 1, 1]])
+    assert torch.equal(position_mask(ids, att, "after_image", IMG), _rows([1, 0, 0], [1, 1, 1]))
+    assert torch.equal(position_mask(ids, att, "decision", IMG), _rows([1, 0, 0], [0, 0, 1]))
+
+
+def test_position_mask_refusals():
+    from lmms_sgm.profiling import position_mask
+
+    with pytest.raises(ValueError, match=r"positions='response' needs the prompt lengths \(text_field='question\+response'\)"):
+        position_mask(IDS, ATT, "response", IMG)
+    with pytest.raises(ValueError, match="unknown positions 'middle'"):
+        position_mask(IDS, ATT, "middle", IMG)
+    ids = IDS.clone()
+    ids[0, 6] = ids[2, 4] = IMG  # rows 0 and 2 end on an image token: nothing after it
+    with pytest.raises(ValueError, match=r"no position to pool over for batch rows \[0, 2\] \(positions='after_image'\)"):
+        position_mask(ids, ATT, "after_image", IMG)
+
+
+def test_pool_by_hand():
+    from lmms_sgm.profiling import pool
+
+    act = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, -100.0]], [[-5.0, 0.5], [2.0, 0.25], [0.0, -1.0]]],
+                       dtype=torch.float16)
+    mask = _rows([1, 1, 0], [0, 1, 1])
+    mean, top = pool(act, mask, "mean"), pool(act, mask, "max")
+    assert mean.dtype == top.dtype == torch.float32
+    assert torch.equal(mean, torch.tensor([[2.0, 1.0], [1.0, -0.375]]))
+    assert torch.equal(top, torch.tensor([[3.0, 4.0], [2.0, 0.25]]))
+    with pytest.raises(ValueError, match="unknown pooling 'sum'"):
+        pool(act, mask, "sum")
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_response_store_writes_rows_neuron_major(tmp_path, on_disk):
+    from lmms_sgm.profiling import _split
+    from lmms_sgm.sites import Site
+
+    sites = [Site("a", "a", "output", 0, "gate_proj", 2), Site("b", "b", "output", 0, "up_proj", 3)]
+    store = ResponseStore(sites, 4, directory=tmp_path / "s" / "nested" if on_disk else None)  # parents made
+    assert store.sites is sites and store.n == 4
+    flat = torch.arange(10, dtype=torch.float32).reshape(2, 5)  # two examples, widths 2 + 3
+    parts = _split(flat, sites)
+    assert torch.equal(parts["a"], flat[:, :2]) and torch.equal(parts["b"], flat[:, 2:])
+    store.write([3, 0], parts)  # examples 3 and 0, in that order
+    store.write(1, {"a": torch.tensor([[7.0, 8.0]]), "b": torch.tensor([[1.0, 2.0, 3.0]])})  # from row 1 on
+    assert store.arrays["a"].shape == (2, 4) and store["a"].dtype == store["b"].dtype == np.float32  # neuron-major
+    np.testing.assert_array_equal(store["a"], [[5, 6], [7, 8], [0, 0], [0, 1]])
+    np.testing.assert_array_equal(store["b"], [[7, 8, 9], [1, 2, 3], [0, 0, 0], [2, 3, 4]])
+    if on_disk:
+        np.testing.assert_array_equal(np.load(tmp_path / "s" / "nested" / "0001.npy").T, store["b"])
+    store.close()
+    store.close()  # twice is harmless
+    assert store.arrays == {}
+
+
+def test_response_store_spills_past_512_mib_into_a_named_temporary_directory():
+    from pathlib import Path
+
+    from lmms_sgm.sites import Site
+
+    wide = [Site("w", "w", "output", 0, "gate_proj", 1024)]  # 4 KiB per example: 131072 examples are 512 MiB
+    for n, spills in ((131072, False), (131073, True)):  # the default threshold (nothing is written: sparse, lazy)
+        big = ResponseStore.auto(wide, n)
+        try:
+            assert (big._tmp is not None) == spills, n
+        finally:
+            big.close()
+    store = ResponseStore.auto([Site("a", "a", "output", 0, "gate_proj", 2)], 3, spill_mb=0)
+    spill = Path(store._tmp.name)
+    try:
+        assert spill.name.startswith("lmms_sgm_responses_")  # recognisable if a crash leaves it
+    finally:
+        store.close()
+    store.close()  # twice is harmless
+    assert not spill.exists()
+
+
+def test_attention_implementations_of_nested_configs():
+    from types import SimpleNamespace
+
+    from lmms_sgm.profiling import _attn_implementations
+
+    vision = SimpleNamespace(_attn_implementation="sdpa")
+    text = SimpleNamespace(_attn_implementation="eager", sub_configs={"inner": None},
+                           inner=SimpleNamespace(_attn_implementation="flex"))
+    # audio_config: declared and None; absent_config: declared, no attribute at all
+    config = SimpleNamespace(_attn_implementation="sdpa", sub_configs={"vision_config": None, "text_config": None,
+                                                                       "audio_config": None, "absent_config": None},
+                             vision_config=vision, text_config=text, audio_config=None)
+    assert _attn_implementations(config) == {"": "sdpa", "vision_config": {"": "sdpa"},
+                                             "text_config": {"": "eager", "inner": {"": "flex"}}}
+
+
+def test_require_modality_asks_for_what_the_model_and_options_read(model_and_processor, tiny_lm_dir):
+    """A text-only model: no images; an MLLM: images, unless text_only profiling is asked for."""
+    from lmms_sgm import models
+    from lmms_sgm.profiling import require_modality
+
+    class Pairs:
+        def __init__(self):
+            self.asked = []
+
+        def require_images(self, needed, why):
+            self.asked.append((needed, why))
+
+    lm, _ = models.load(str(tiny_lm_dir))
+    mllm = model_and_processor[0]
+    cases = [(lm, ProfileOptions(), False, f"{type(lm).__name__} is a text-only model: drop the images"),
+             (mllm, ProfileOptions(text_only=True), False,
+              "text_only profiling feeds text alone: drop the images, or profile with text_only=false"),
+             (mllm, ProfileOptions(), True, ("an MLLM is profiled on image-text pairs; to profile it on text alone, ask "
+                                             "for it: text_only=true (lmms-sgm profile --text-only true)"))]
+    for model, options, needed, why in cases:
+        pairs = Pairs()
+        require_modality(pairs, model, options)
+        assert pairs.asked == [(needed, why)]
+
+
+def test_token_lengths_are_each_pairs_own(model_and_processor, toy_pairs):
+    """Encoded in batches of 3 (padded), each length is the pair's token count encoded alone."""
+    from lmms_sgm.data import encode_batch
+    from lmms_sgm.profiling import token_lengths
+
+    _, processor = model_and_processor
+    pairs = toy_pairs[:7]
+    alone = [encode_batch(processor, [p], "question+response")["input_ids"].shape[1] for p in pairs]
+    assert len(set(alone)) > 1  # lengths differ, so padding inside a batch is there to be left out
+    assert token_lengths(processor, pairs, "question+response", 3) == alone
+
+
+def test_as_nnsight_wraps_once(model_and_processor):
+    from nnsight import NNsight
+
+    from lmms_sgm.profiling import as_nnsight
+
+    model = model_and_processor[0]
+    wrapped = as_nnsight(model)
+    assert isinstance(wrapped, NNsight) and wrapped._module is model
+    assert as_nnsight(wrapped) is wrapped
+
+
+def _layer_output_reference(model, enc, layer, **kwargs):
+    """Decoder layer ``layer``'s output for ``enc``, mean over every position, from a plain forward hook."""
+    seen = []
+    hook = model.model.language_model.layers[layer].register_forward_hook(
+        lambda m, args, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        with torch.no_grad():
+            model(**enc, **kwargs)
+    finally:
+        hook.remove()
+    return seen[0].double().mean(1).float().numpy()
+
+
+def test_decoder_layer_outputs_are_profiled_whole(model_and_processor, toy_pairs):
+    """Gated steering's sites (a decoder layer's output, [batch, seq, hidden]) pool like any other:
+    every row of the batch its own, against a plain hook on each example alone."""
+    from lmms_sgm.sites import layer_output_site
+
+    model, processor = model_and_processor
+    site = layer_output_site(model, 1)
+    _, store = profile(model, processor, toy_pairs, ProfileOptions(batch_size=BATCH), sites=[site], progress=False)
+    try:
+        want = np.concatenate([_layer_output_reference(model, encode(processor, [p]), 1) for p in toy_pairs])
+        np.testing.assert_allclose(store[site.name], want, atol=1e-5, rtol=0)
+    finally:
+        store.close()
+
+
+def test_a_trace_gets_the_extra_keywords(model_and_processor, toy_pairs):
+    """What _trace_batch is given beyond the inputs reaches the traced forward (remote execution
+    passes its settings this way): here another vision layer's features (the tiny model reads its
+    last, -1), which change every position after the image."""
+    from lmms_sgm.profiling import _trace_batch, as_nnsight
+    from lmms_sgm.sites import layer_output_site
+
+    model, processor = model_and_processor
+    site = layer_output_site(model, 0)
+    enc = encode(processor, [toy_pairs[0]])
+    mask = enc["attention_mask"].bool()
+    with torch.no_grad():
+        plain = _trace_batch(as_nnsight(model), [site], dict(enc), mask, "mean")[site.name].numpy()
+        moved = _trace_batch(as_nnsight(model), [site], dict(enc), mask, "mean", vision_feature_layer=-2)[site.name].numpy()
+    np.testing.assert_allclose(plain, _layer_output_reference(model, enc, 0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(moved, _layer_output_reference(model, enc, 0, vision_feature_layer=-2), atol=1e-5, rtol=0)
+    assert np.abs(moved - plain).max() > 1e-3
+
+
+def test_a_text_field_the_records_cannot_fill_is_refused_before_any_forward(model_and_processor, toy_pairs):
+    from lmms_sgm.data import DataError, Pair, PairDataset
+
+    model, processor = model_and_processor
+    pairs = PairDataset([Pair(image=toy_pairs[i].image, text=toy_pairs[i].text, label=toy_pairs[i].label) for i in (0, 1)])
+    assert sorted(pairs.labels) == [0, 1]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(DataError, match=r"record 0: text_field='question\+response' needs a 'question' in every record"):
+            profile(model, processor, pairs, ProfileOptions(text_field="question+response"), progress=False)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_a_text_only_model_has_no_image_positions(tiny_lm_dir):
+    """positions=text and after_image leave nothing out on a text-only model, whatever its token
+    ids (an unknown word gives <unk>, a low id, in each text)."""
+    from lmms_sgm import models
+    from lmms_sgm.data import Pair, PairDataset
+
+    lm, tokenizer = models.load(str(tiny_lm_dir))
+    pairs = PairDataset([Pair(image=None, text="you are a zzzz idiot", label=1),
+                         Pair(image=None, text="what a qqqq nice picture", label=0)])
+    assert tokenizer.unk_token_id in tokenizer(pairs[0].text)["input_ids"]
+    stores = {}
+    for positions in ("all", "text", "after_image"):
+        sites, stores[positions] = profile(lm, tokenizer, pairs, ProfileOptions(positions=positions), progress=False)
+    try:
+        for s in sites:
+            np.testing.assert_array_equal(stores["text"][s.name], stores["all"][s.name])
+            np.testing.assert_array_equal(stores["after_image"][s.name], stores["all"][s.name])
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(model_and_processor, toy_pairs,
+                                                                               monkeypatch):
+    """The remote path with the transport replaced (nothing leaves the process; tests/test_remote.py
+    runs the real one): the model is wrapped for remote use, the batch size is cut by
+    remote.fit_batch_size from one example's result (4 bytes a neuron) and request (twice its
+    tensors' bytes), every batch goes through the session with its trace settings, and the
+    responses are the local ones."""
+    from lmms_sgm import remote
+    from lmms_sgm.data import encode_batch
+    from lmms_sgm.options import ExecutionOptions
+    from lmms_sgm.profiling import as_nnsight
+
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, batch_size=BATCH)
+    wrapped, fits, sent = [], [], []
+
+    class Session:
+        def __init__(self, nn_model, execution):
+            self.given = (nn_model, execution)
+            self.trace_kwargs = {"vision_feature_layer": -1}  # the tiny model's own setting: the same forward
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def call(self, fn, nn_model, sites, inputs, mask, pooling, **kwargs):
+            sent.append((self.given == (nn_model, execution), len(inputs["input_ids"]), pooling, kwargs))
+            return fn(nn_model, sites, inputs, mask, pooling, **kwargs)
+
+    monkeypatch.setattr(remote, "wrap", lambda m, p: wrapped.append((m, p)) or as_nnsight(m))
+    monkeypatch.setattr(remote, "fit_batch_size", lambda *a: fits.append(a) or 2)
+    monkeypatch.setattr(remote, "Session", Session)
+    execution = ExecutionOptions(remote="ndif", checkpoint_dir="off")
+    sites, store = profile(model, processor, toy_pairs, opts, progress=False, execution=execution)
+    _, local = profile(model, processor, toy_pairs, opts, progress=False)
+    try:
+        assert wrapped == [(model, processor)]
+        first = encode_batch(processor, [toy_pairs[0]], opts.text_field)
+        request = sum(t.numel() * t.element_size() for t in first.values() if isinstance(t, torch.Tensor))
+        second = encode_batch(processor, [toy_pairs[1]], opts.text_field)
+        assert second["input_ids"].shape != first["input_ids"].shape  # the first example is the one measured
+        assert fits == [(BATCH, 4 * sum(s.width for s in sites), 2 * request, execution)]
+        assert all(same and rows <= 2 and pooling == "mean" and kw == {"vision_feature_layer": -1}
+                   for same, rows, pooling, kw in sent)
+        assert sum(rows for _, rows, _, _ in sent) == len(toy_pairs)
+        for s in sites:
+            np.testing.assert_array_equal(store[s.name], local[s.name])
+    finally:
+        store.close()
+        local.close()
+
+
+def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_processor, toy_pairs):
+    """With a checkpoint (its files: tests/test_checkpoint.py): opened with the run's key, asked
+    for the batches it holds (here batch 0, written from a local profile), given every other batch
+    as it arrives; a restored batch is not traced again and the responses are the local ones."""
+    from lmms_sgm.checkpoint import make_key
+    from lmms_sgm.models import fingerprint
+    from lmms_sgm.options import to_dict
+
+    model, processor = model_and_processor
+    opts = ProfileOptions(modules=MODULES, batch_size=BATCH)
+    sites, local = profile(model, processor, toy_pairs, opts, progress=False)
+
+    class Checkpoint:
+        def __init__(self):
+            self.key, self.plan, self.saved = None, None, []
+
+        def open(self, key):
+            self.key = key
+
+        def restore(self, store, batches, restore_sites):
+            self.plan = batches
+            store.write(batches[0], {s.name: torch.from_numpy(local[s.name][batches[0]]) for s in restore_sites})
+            return {0}
+
+        def save(self, index, rows, pooled):
+            self.saved.append((index, list(rows), {k: v.clone() for k, v in pooled.items()}))
+
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
+    checkpoint = Checkpoint()
+    try:
+        _, store = profile(model, processor, toy_pairs, opts, progress=False, checkpoint=checkpoint)
+    finally:
+        hook.remove()
+    try:
+        plan = checkpoint.plan
+        assert sorted(i for rows in plan for i in rows) == list(range(len(toy_pairs))) and max(map(len, plan)) <= BATCH
+        assert checkpoint.key == make_key(fingerprint=fingerprint(model), dtype="torch.float32", data_digest=toy_pairs.digest(),
+                                          examples=len(toy_pairs), profile_options=to_dict(opts), sites=sites, batches=plan)
+        assert [(i, rows) for i, rows, _ in checkpoint.saved] == [(i, plan[i]) for i in range(1, len(plan))]
+        for _, rows, pooled in checkpoint.saved:
+            for s in sites:
+                np.testing.assert_array_equal(pooled[s.name].numpy(), local[s.name][rows])
+        assert len(forwards) == len(plan) - 1
+        for s in sites:
+            np.testing.assert_array_equal(store[s.name], local[s.name])
+    finally:
+        store.close()
+        local.close()
+
+
+def test_only_the_main_process_gets_a_store(model_and_processor, toy_pairs):
+    """Another process of a group traces its share and hands it on (lmms_sgm/distributed.py; its
+    tests run real processes): it keeps no store, and profile returns None there."""
+    from contextlib import nullcontext
+
+    model, processor = model_and_processor
+    traced = []
+
+    class Worker:
+        is_main = False
+
+        def together(self):
+            return nullcontext()
+
+        def broadcast(self, value):
+            return value
+
+        def rounds(self, todo, compute, shape):
+            for i in todo:
+                traced.append(compute(i).shape == shape(i))
+            return iter(())  # process 0 gathers; nothing comes back here
+
+    _, store = profile(model, processor, toy_pairs, ProfileOptions(modules=MODULES, batch_size=BATCH), progress=False,
+                       group=Worker())
+    assert store is None and traced and all(traced)
+
+
+def test_a_failed_run_removes_its_spilled_store(model_and_processor, toy_pairs, tmp_path, monkeypatch):
+    """An error mid-run (here the checkpoint failing to save) propagates, and the responses spilled
+    to disk so far are removed with their temporary directory."""
+    import tempfile
+
+    model, processor = model_and_processor
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    class Failing:
+        def open(self, key):
+            pass
+
+        def restore(self, store, batches, sites):
+            assert list(tmp_path.glob("lmms_sgm_responses_*"))  # spilled, on disk
+            return set()
+
+        def save(self, index, rows, pooled):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full") as err:
+        profile(model, processor, toy_pairs, ProfileOptions(batch_size=BATCH), progress=False, spill_mb=0,
+                checkpoint=Failing())
+    # removed by profile itself: the traceback (held by err) still holds the store
+    assert list(tmp_path.glob("lmms_sgm_responses_*")) == [] and err.traceback

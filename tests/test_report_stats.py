@@ -110,3 +110,19 @@ def test_normal_fallbacks():
     assert stats.normal_p(0.196, 0.1) == pytest.approx(0.05, abs=1e-3)
     assert stats.normal_p(0.0, 0.0) == 1.0
     assert stats.ratio_se(0.5, 0.4, 0.04, 0.8, 0.08) == pytest.approx(0.5 * math.sqrt(0.02))
+
+
+def test_normal_fallbacks_refuse_missing_or_infinite_inputs():
+    assert stats.normal_ci(0.5, None) is None and stats.normal_ci(None, 0.1) is None
+    assert stats.normal_ci(0.5, math.inf) is None and stats.normal_ci(0.5, math.nan) is None
+    assert stats.normal_p(0.1, 0.0) == 0.0 and stats.normal_p(-0.1, 0.0) == 0.0  # no noise: any change is certain
+    assert stats.normal_p(0.1, math.inf) is None
+    assert stats.normal_p(-0.196, 0.1) == pytest.approx(2 * sps.norm.sf(1.96), abs=1e-12)
+
+
+def test_ratio_se_is_undefined_at_a_zero_value_only():
+    assert stats.ratio_se(0.0, 0.0, 0.1, 1.0, 0.1) is None
+    assert stats.ratio_se(math.inf, 1.0, 0.1, 0.0, 0.1) is None
+    # values of 1 are ordinary: |r| * sqrt((se1/v1)^2 + (se0/v0)^2) by hand
+    assert stats.ratio_se(2.0, 2.0, 0.2, 1.0, 0.1) == pytest.approx(2.0 * math.sqrt(0.01 + 0.01))
+    assert stats.ratio_se(0.5, 1.0, 0.1, 2.0, 0.4) == pytest.approx(0.5 * math.sqrt(0.01 + 0.04))

@@ -330,3 +330,49 @@ def test_values_that_are_no_numbers_read_as_missing():
     table = {"runs": ["a", "b"], "baseline": "a", "rows": [{"label": "s", "how": "lower", "values": {"a": 0.5, "b": 0.25},
                                                             "changes": {"b": -0.5}}]}
     assert to_markdown(table).splitlines()[-1] == "| s | 0.500 (n=?) | 0.250 (n=?) | -50% (-25.0 pt), n=? vs ? |"
+
+
+def test_per_doc_reads_every_logged_value_form_sorted_by_doc_id():
+    """Numbers, booleans, our dicts (score / value / nll, category) and lm-eval's [ll, weight] pairs."""
+    from lmms_sgm.reports import results as rs
+    samples = [{"doc_id": 6, "m": True}, {"doc_id": 0, "m": 0.25}, {"doc_id": 1, "m": {"nll": 2.0, "category": "x"}},
+               {"doc_id": 3, "m": {"category": "x"}},  # no value for this doc (e.g. no reference answer): left out
+               {"doc_id": 4, "m": [-3.0, 2]}, {"doc_id": 5}, {"doc_id": 2, "m": {"value": 0.5, "category": "y"}},
+               {"doc_id": 7, "m": {"score": 0, "category": "x"}}]
+    d = rs.per_doc(samples, "m", "none")
+    assert d.ids == [0, 1, 2, 4, 6, 7] and d.categories == [None, "x", "y", None, None, "x"]
+    assert d.a.tolist() == [0.25, 2.0, 0.5, -3.0, 1.0, 0.0] and d.w.tolist() == [1.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    x = d.subset("x")
+    assert x.ids == [1, 7] and x.a.tolist() == [2.0, 0.0] and x.w.tolist() == [1.0, 1.0] and x.categories == ["x", "x"]
+    assert x.value("mean") == 1.0 and d.value("mean") == pytest.approx(0.75 / 7)  # sum a / sum w by hand
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", {"score": "high", "category": "x"},
+                                 {"value": None, "category": "x"}, {"nll": "?", "category": "x"},
+                                 {"score": True, "category": "x"}, {"other": 1.0}, [1.0, 2.0, 3.0], [True, 1.0]])
+def test_per_doc_refuses_values_that_are_not_numbers(bad):
+    from lmms_sgm.reports import results as rs
+    assert rs.per_doc([{"doc_id": 0, "m": 0.5}, {"doc_id": 1, "m": bad}], "m", "none") == "per-sample values of m are not numbers"
+
+
+def test_per_doc_value_is_none_without_documents_or_weight():
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    assert rs.PerDoc([], np.array([]), np.array([]), []).value("mean") is None
+    assert rs.PerDoc([0, 1], np.array([0.0, 0.0]), np.array([0.0, 0.0]), [None, None]).value("mean") is None
+    assert rs.per_doc([{"doc_id": 0, "m": {"category": "x"}}], "m", "none") == "no per-sample values of m logged"
+
+
+def test_merge_keeps_both_harnesses_and_refuses_overlapping_tasks():
+    from lmms_sgm.reports import results as rs
+    lmms = {"results": {"a": {"x,none": 1}}, "configs": {"a": {}}, "config": {"limit": None, "model": "m"}, "source_file": "/r/1_results.json"}
+    lm = {"results": {"b": {"y,none": 2}}, "configs": {"b": {}}, "config": {"limit": 5, "model": "hf"}, "source_file": "/r/results_1.json"}
+    run = rs.merge(lmms, lm)
+    assert run["results"] == {"a": {"x,none": 1}, "b": {"y,none": 2}} and run["config"] == lmms["config"]
+    assert run["lm_eval_config"] == {"limit": 5, "model": "hf"}  # the text-only leg's own settings are kept
+    assert run["task_sources"] == {"a": "/r/1_results.json", "b": "/r/results_1.json"}
+    assert "lm_eval_config" in rs.merge(lmms, {k: v for k, v in lm.items() if k != "config"})
+    assert rs.merge(lmms, {k: v for k, v in lm.items() if k != "config"})["lm_eval_config"] == {}
+    with pytest.raises(ValueError, match="both hold a: pass them as two runs"):
+        rs.merge(lmms, {**lm, "results": {"a": {}, "b": {}}})

@@ -376,3 +376,15 @@ def test_merge_keeps_both_harnesses_and_refuses_overlapping_tasks():
     assert rs.merge(lmms, {k: v for k, v in lm.items() if k != "config"})["lm_eval_config"] == {}
     with pytest.raises(ValueError, match="both hold a: pass them as two runs"):
         rs.merge(lmms, {**lm, "results": {"a": {}, "b": {}}})
+
+
+def test_decoding_warning_spells_each_setting_of_each_run():
+    """Unset where a run lacks the setting, JSON for non-strings (booleans, numbers, lists), strings as they are."""
+    a, b = _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa",)), _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa",))
+    a["configs"] = {"mm_toxic_qa": {"generation_kwargs": {"do_sample": False, "stop": "USER:", "max_new_tokens": 8, "until": ["x"]}}}
+    b["configs"] = {"mm_toxic_qa": {"output_type": "generate_until",
+                                    "generation_kwargs": {"do_sample": True, "stop": "ASSISTANT:", "max_new_tokens": 8, "top_p": 0.9,
+                                                          "until": ["x", "y"]}}}
+    w = reports.compare({"vanilla": a, "sgm": b}, ROWS[:1])["warnings"]
+    assert w == ['mm_toxic_qa: runs differ in decoding settings (vanilla: do_sample=false, stop=USER:, top_p=unset, until=["x"]; '
+                 'sgm: do_sample=true, stop=ASSISTANT:, top_p=0.9, until=["x", "y"])']

@@ -388,3 +388,15 @@ def test_decoding_warning_spells_each_setting_of_each_run():
     w = reports.compare({"vanilla": a, "sgm": b}, ROWS[:1])["warnings"]
     assert w == ['mm_toxic_qa: runs differ in decoding settings (vanilla: do_sample=false, stop=USER:, top_p=unset, until=["x"]; '
                  'sgm: do_sample=true, stop=ASSISTANT:, top_p=0.9, until=["x", "y"])']
+
+
+def test_default_rows_split_the_key_at_its_first_comma():
+    """``<metric>,<filter>``: a filter name may itself hold a comma; the metric is what precedes the first."""
+    run = {"results": {"t": {"acc,take,first": 0.5}}, "higher_is_better": {"t": {"acc": True}}}
+    assert reports.default_rows(run) == [Row("t acc [take,first]", "t", "acc", "take,first", "higher")]
+
+
+def test_an_infinite_value_is_written_as_python_formats_it():
+    """A perplexity may overflow to inf (JSON ``Infinity``): the table shows ``inf``, as format(x, '.3f') does."""
+    table = reports.compare({"vanilla": {"results": {"t": {"ppl,none": math.inf}}}}, [Row("ppl", "t", "ppl")])
+    assert f"| ppl | {format(math.inf, '.3f')} (n=?) |" in reports.to_markdown(table)

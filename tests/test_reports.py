@@ -349,7 +349,8 @@ def test_per_doc_reads_every_logged_value_form_sorted_by_doc_id():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", {"score": "high", "category": "x"},
                                  {"value": None, "category": "x"}, {"nll": "?", "category": "x"},
-                                 {"score": True, "category": "x"}, {"other": 1.0}, [1.0, 2.0, 3.0], [True, 1.0]])
+                                 {"score": True, "category": "x"}, {"other": 1.0}, [1.0, 2.0, 3.0], [True, 1.0],
+                                 ["a", 1.0], [], None])
 def test_per_doc_refuses_values_that_are_not_numbers(bad):
     from lmms_sgm.reports import results as rs
     assert rs.per_doc([{"doc_id": 0, "m": 0.5}, {"doc_id": 1, "m": bad}], "m", "none") == "per-sample values of m are not numbers"
@@ -400,3 +401,32 @@ def test_an_infinite_value_is_written_as_python_formats_it():
     """A perplexity may overflow to inf (JSON ``Infinity``): the table shows ``inf``, as format(x, '.3f') does."""
     table = reports.compare({"vanilla": {"results": {"t": {"ppl,none": math.inf}}}}, [Row("ppl", "t", "ppl")])
     assert f"| ppl | {format(math.inf, '.3f')} (n=?) |" in reports.to_markdown(table)
+
+
+def test_per_doc_orders_numeric_ids_before_string_ids_each_sorted():
+    from lmms_sgm.reports import results as rs
+    samples = [{"doc_id": d, "m": float(i)} for i, d in enumerate(["b", 10, "a", 2, "c", 0])]
+    assert rs.per_doc(samples, "m", "none").ids == [0, 2, 10, "a", "b", "c"]
+
+
+def test_per_doc_says_why_lines_cannot_be_joined():
+    from lmms_sgm.reports import results as rs
+    assert rs.per_doc([{"doc_id": 0, "m": 1.0}, {"m": 0.0}], "m", "none") == "sample lines carry no doc_id"
+    dup = [{"doc_id": 0, "m": 1.0}, {"doc_id": 3, "m": 1.0}, {"doc_id": 3, "m": 0.0}]
+    assert rs.per_doc(dup, "m", "none") == "doc 3 is logged more than once (several filters without a filter key)"
+    assert rs.per_doc(None, "m", "none") == "samples not logged"
+    # with a filter key, the other filter's lines are not duplicates
+    assert rs.per_doc([{**x, "filter": f} for x, f in zip(dup[1:], ("none", "strict"))], "m", "none").ids == [3]
+
+
+def test_estimator_finds_the_transform_that_reproduces_the_aggregate():
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    one = rs.PerDoc([0, 1], np.array([1.0, 2.0]), np.array([1.0, 1.0]), [None, None])
+    assert rs.estimator(one, 1.5) == "mean" and rs.estimator(one, math.exp(1.5)) == "exp_mean"
+    assert rs.estimator(one, math.exp(-1.5)) == "exp_neg_mean" and rs.estimator(one, 1.4) is None
+    # weighted [loglikelihood, bytes] pairs: bits per byte = -sum ll / sum w / ln 2, by hand
+    ll = rs.PerDoc([0, 1], np.array([-3.0, -5.0]), np.array([2.0, 4.0]), [None, None])
+    assert rs.estimator(ll, 8 / 6 / math.log(2)) == "bits" and rs.estimator(ll, math.exp(8 / 6)) == "exp_neg_mean"
+    assert rs.estimator(ll, -8 / 6) == "mean" and rs.estimator(ll, math.exp(-8 / 6)) is None  # exp_mean is not tried

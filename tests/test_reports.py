@@ -430,3 +430,41 @@ def test_estimator_finds_the_transform_that_reproduces_the_aggregate():
     ll = rs.PerDoc([0, 1], np.array([-3.0, -5.0]), np.array([2.0, 4.0]), [None, None])
     assert rs.estimator(ll, 8 / 6 / math.log(2)) == "bits" and rs.estimator(ll, math.exp(8 / 6)) == "exp_neg_mean"
     assert rs.estimator(ll, -8 / 6) == "mean" and rs.estimator(ll, math.exp(-8 / 6)) is None  # exp_mean is not tried
+
+
+def _digest_run(root, name, prompts, keys=("alias", "acc,flex", "acc_stderr,flex"), filt="flex", targets=None, question="same"):
+    """A run whose task ``t`` has logged lm-eval-style lines (prompt in ``arguments``) under one filter."""
+    d = root / name
+    d.mkdir()
+    lines = [{"doc_id": i, "filter": filt, "target": (targets or ["A"] * len(prompts))[i], "doc": {"question": question},
+              "arguments": {"gen_args_0": {"arg_0": p, "arg_1": " A"}}} for i, p in enumerate(prompts)]
+    (d / "samples_t_2026.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"results": {"t": {k: 0.5 for k in keys}}, "configs": {"t": {}}, "source_file": str(d / "results_2026.json")}
+
+
+def test_data_digest_tells_prompts_and_targets_apart_under_the_first_filter(tmp_path):
+    digest = reports.results.data_digest
+    a = digest(_digest_run(tmp_path, "a", ["p0", "p1"]), "t")
+    assert a.startswith("samples:") and len(a) == len("samples:") + 16
+    assert digest(_digest_run(tmp_path, "same", ["p0", "p1"], question="other"), "t") == a  # doc fields are not the prompt
+    assert digest(_digest_run(tmp_path, "b", ["p0", "p2"]), "t") != a
+    assert digest(_digest_run(tmp_path, "c", ["p0", "p1"], targets=["A", "B"]), "t") != a
+    # the first metric key's filter, skipping keys without one and stderr keys, whatever their order
+    odd = ("alias", "acc_stderr,strict", "acc,flex")
+    assert digest(_digest_run(tmp_path, "d", ["p0", "p1"], odd), "t") != digest(_digest_run(tmp_path, "e", ["p0", "p2"], odd), "t")
+    comma = ("acc,take,first",)  # a filter name holding a comma
+    assert (digest(_digest_run(tmp_path, "f", ["p0"], comma, filt="take,first"), "t")
+            != digest(_digest_run(tmp_path, "g", ["p1"], comma, filt="take,first"), "t"))
+    plain = ("acc",)  # no filter recorded: lmms-eval's default "none"
+    assert (digest(_digest_run(tmp_path, "h", ["p0"], plain, filt="none"), "t")
+            != digest(_digest_run(tmp_path, "i", ["p1"], plain, filt="none"), "t"))
+
+
+def test_prompt_of_each_logged_form():
+    p = reports.results.prompt_of
+    assert p({"input": "lmms", "arguments": {"a": {"arg_0": "no"}}}) == "lmms"
+    assert p({"arguments": {"gen_args_0": {"arg_0": "lm dict", "arg_1": "x"}}, "doc": {"question": "q"}}) == "lm dict"
+    assert p({"arguments": {"gen_args_0": {"arg_1": "x"}}}) == ""
+    assert p({"arguments": [["lm list", "x"]]}) == "lm list" and p({"arguments": ["flat"]}) == "flat"
+    assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == ""
+    assert p({"arguments": {}, "doc": {"question": "q"}}) == ""  # logged arguments rule, even empty (rolling log-likelihood)

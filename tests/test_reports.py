@@ -468,3 +468,18 @@ def test_prompt_of_each_logged_form():
     assert p({"arguments": [["lm list", "x"]]}) == "lm list" and p({"arguments": ["flat"]}) == "flat"
     assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == ""
     assert p({"arguments": {}, "doc": {"question": "q"}}) == ""  # logged arguments rule, even empty (rolling log-likelihood)
+
+
+def test_estimator_skips_an_overflowing_transform_silently_and_keeps_its_tolerance_bound():
+    import warnings
+
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    big = rs.PerDoc([0], np.array([1000.0]), np.array([1.0]), [None])  # exp(1000) overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rs.estimator(big, 5.0) is None
+    tiny = rs.PerDoc([0], np.array([1e-9]), np.array([1.0]), [None])
+    assert rs.estimator(tiny, 0.0) == "mean"  # |v - reported| = 1e-9 + 1e-6 * 0: on the bound, accepted
+    assert rs.estimator(tiny, -1e-9) is None

@@ -467,6 +467,7 @@ def test_prompt_of_each_logged_form():
     assert p({"arguments": {"gen_args_0": {"arg_1": "x"}}}) == ""
     assert p({"arguments": [["lm list", "x"]]}) == "lm list" and p({"arguments": ["flat"]}) == "flat"
     assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == ""
+    assert p({"arguments": [], "doc": {"question": "q"}}) == "q" and p({"arguments": "text", "doc": {"question": "q"}}) == "q"
     assert p({"arguments": {}, "doc": {"question": "q"}}) == ""  # logged arguments rule, even empty (rolling log-likelihood)
 
 

@@ -300,3 +300,103 @@ def test_a_folder_with_an_lmms_eval_run_and_its_lm_eval_leg_is_one_run(tmp_path,
     lm_eval_run(two_runs["sgm"].parent.parent / "text2", acc=[1], ll=[-1.0], words=[1], date="2026-02-02T00-00-00.000000")
     with pytest.raises(ValueError, match="holds 3 lmms-eval results files"):  # more than one of a kind: ambiguous
         reports.load_run(two_runs["sgm"].parent.parent)
+
+
+def _cell(ids, a, w=None, g="mean", value=None, se=None):
+    from lmms_sgm.reports import report as rp
+    from lmms_sgm.reports import results as rs
+    a = np.array(a, float)
+    w = np.ones_like(a) if w is None else np.array(w, float)
+    docs = rs.PerDoc(list(ids), a, w, [None] * len(ids))
+    v = value if value is not None else docs.value(g)
+    return rp.Cell(v, len(ids), "bootstrap", None, docs, g, se=se)
+
+
+def _spec(kind):
+    from lmms_sgm.reports import report as rp
+    return rp.Spec("t", "m", "none", None, kind == "capability", kind)
+
+
+def test_compare_cells_pairs_only_the_shared_doc_ids():
+    from lmms_sgm.reports import report as rp
+    base = {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0, 5: 0.0}
+    run = {1: 1.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0}
+    b, r = _cell(base, list(base.values())), _cell(run, list(run.values()))
+    got = rp.compare_cells(b, r, _spec("capability"), 2000, 0)
+    p = ref.paired(base, run)  # over docs 1, 2, 3, 5
+    assert got["n_paired"] == 4 and got["delta_method"] == "paired bootstrap"
+    assert ref.close(got["delta_ci"], p["delta_ci"]) and ref.close(got["p_value"], p["p_value"])
+    assert ref.close(got["retention_ci"], p["ratio_ci"])
+    # the point values are the runs' own (all their docs), not the paired subset's
+    assert ref.close(got["delta"], 0.8 - 0.6) and ref.close(got["relative_change"], 0.2 / 0.6)
+    assert ref.close(got["retention"], 0.8 / 0.6)
+    assert got["within_noise"] == (p["delta_ci"][0] <= 0 <= p["delta_ci"][1])
+    assert "retention" not in rp.compare_cells(b, r, _spec("harm"), 50, 0)  # retention is for capability metrics
+
+
+def test_compare_cells_weighted_items_are_tested_on_per_doc_ratios():
+    """lm-eval [loglikelihood, words] pairs with other weights per run: the sign-flip test is on a1/w1 - a0/w0."""
+    from fractions import Fraction
+    from itertools import product
+
+    from lmms_sgm.reports import report as rp
+    a0, w0, a1, w1 = [-3.0, -8.0, -5.0], [2.0, 4.0, 5.0], [-4.0, -6.0, -5.0], [2.0, 3.0, 4.0]
+    b, r = _cell([0, 1, 2], a0, w0, "exp_neg_mean"), _cell([0, 1, 2], a1, w1, "exp_neg_mean")
+    got = rp.compare_cells(b, r, _spec("fluency"), 500, 3)
+    d = [Fraction(x1) / Fraction(y1) - Fraction(x0) / Fraction(y0) for x0, y0, x1, y1 in zip(a0, w0, a1, w1)]
+    d = [x for x in d if x != 0]
+    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(sum(d)) for signs in product((1, -1), repeat=len(d)))
+    assert got["p_value"] == hits / 2 ** len(d)
+    idx = np.random.default_rng(3).integers(0, 3, size=(500, 3))
+    A0, W0, A1, W1 = (np.array(x) for x in (a0, w0, a1, w1))
+    boots = np.exp(-A1[idx].sum(1) / W1[idx].sum(1)) - np.exp(-A0[idx].sum(1) / W0[idx].sum(1))
+    assert ref.close(got["delta_ci"], list(np.quantile(boots, [0.025, 0.975])))
+    assert ref.close(got["delta"], math.exp(15 / 9) - math.exp(16 / 11))
+    # equal weights in both runs: the documented test of sum(a_run - a_base) = 0, d = a1 - a0 = [3, 1, -4]
+    # (sum 0: every pattern reaches it, p = 1; the per-doc ratios [3, 1, -1] would give 6/8)
+    same = rp.compare_cells(_cell([0, 1, 2], [0.0, 0.0, 0.0], [1.0, 1.0, 4.0]), _cell([0, 1, 2], [3.0, 1.0, -4.0], [1.0, 1.0, 4.0]),
+                            _spec("harm"), 100, 0)
+    assert same["p_value"] == 1.0
+
+
+def test_compare_cells_falls_back_to_unpaired_standard_errors():
+    from lmms_sgm.reports import report as rp
+    z = 1.959963984540054
+    b = rp.Cell(0.8, 100, "stderr", None, se=0.03)
+    r = rp.Cell(0.6, 100, "stderr", None, se=0.04)
+    got = rp.compare_cells(b, r, _spec("capability"), 100, 0)
+    se = 0.05  # sqrt(0.03^2 + 0.04^2)
+    assert got["delta_method"] == "stderr, unpaired" and got["n_paired"] is None
+    assert ref.close(got["delta_ci"], [-0.2 - z * se, -0.2 + z * se]) and got["within_noise"] is False
+    assert ref.close(got["p_value"], math.erfc(0.2 / se / math.sqrt(2)))
+    rse = 0.75 * math.sqrt((0.04 / 0.6) ** 2 + (0.03 / 0.8) ** 2)
+    assert ref.close(got["retention"], 0.75) and ref.close(got["retention_ci"], [0.75 - z * rse, 0.75 + z * rse])
+    assert ref.close(got["relative_change"], -0.25)
+    # a bootstrap cell against a stderr one, or bootstraps of different transforms: unpaired too
+    boot = _cell([0, 1], [0.8, 0.8], value=0.8, se=0.03)
+    assert rp.compare_cells(boot, r, _spec("capability"), 100, 0)["delta_method"] == "stderr, unpaired"
+    other_g = _cell([0, 1], [0.0, 0.0], g="exp_mean", value=1.0, se=0.04)
+    assert rp.compare_cells(boot, other_g, _spec("capability"), 100, 0)["delta_method"] == "stderr, unpaired"
+    # no standard error on one side: a delta without an interval
+    none = rp.compare_cells(b, rp.Cell(0.6, 100, "none"), _spec("capability"), 100, 0)
+    assert ref.close(none["delta"], -0.2) and none["delta_ci"] is None and none["p_value"] is None and none["within_noise"] is None
+    assert none["retention_ci"] is None
+
+
+def test_compare_cells_at_a_zero_or_missing_baseline():
+    from lmms_sgm.reports import report as rp
+    zero = rp.compare_cells(rp.Cell(0.0, 10, "stderr", se=0.0), rp.Cell(0.1, 10, "stderr", se=0.0), _spec("capability"), 10, 0)
+    assert ref.close(zero["delta"], 0.1) and zero["relative_change"] is None and zero["retention"] is None
+    assert zero["retention_ci"] is None and zero["p_value"] == 0.0 and zero["delta_ci"] == [0.1, 0.1]
+    gone = rp.compare_cells(rp.Cell(None, None, "none"), rp.Cell(0.1, 10, "stderr", se=0.1), _spec("harm"), 10, 0)
+    assert gone == {"delta": None, "delta_ci": None, "delta_method": None, "p_value": None, "n_paired": None,
+                    "within_noise": None, "relative_change": None}
+
+
+def test_an_interval_that_touches_zero_is_within_noise():
+    """One prompt of five changed: resamples without it give a difference of exactly 0, the interval's lower end."""
+    from lmms_sgm.reports import report as rp
+    got = rp.compare_cells(_cell(range(5), [0.0] * 5), _cell(range(5), [1.0, 0, 0, 0, 0]), _spec("harm"), 2000, 0)
+    assert got["delta_ci"][0] == 0.0 and got["delta_ci"][1] > 0 and got["within_noise"] is True
+    flat = rp.compare_cells(rp.Cell(0.5, 9, "stderr", se=0.0), rp.Cell(0.5, 9, "stderr", se=0.0), _spec("harm"), 10, 0)
+    assert flat["delta_ci"] == [0.0, 0.0] and flat["within_noise"] is True and flat["p_value"] == 1.0

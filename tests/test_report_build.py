@@ -400,3 +400,33 @@ def test_an_interval_that_touches_zero_is_within_noise():
     assert got["delta_ci"][0] == 0.0 and got["delta_ci"][1] > 0 and got["within_noise"] is True
     flat = rp.compare_cells(rp.Cell(0.5, 9, "stderr", se=0.0), rp.Cell(0.5, 9, "stderr", se=0.0), _spec("harm"), 10, 0)
     assert flat["delta_ci"] == [0.0, 0.0] and flat["within_noise"] is True and flat["p_value"] == 1.0
+
+
+def test_specs_reported_and_stderr_from_a_literal_results_dict():
+    from lmms_sgm.reports import report as rp
+    run = {"results": {
+        "zeta": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc": 0.9},  # a key without a filter: not a metric
+        "aardvark": {"acc,none": 0.1},
+        "mmbench_local_mc": {"alias": "x", "acc,none": 0.7, "acc_stderr,none": "N/A", "acc_stderr_clt,none": 0.02, "f1,strict": 0.4,
+                             "notrated,none": 0.3, "flag,none": True},
+        "mm_toxic_qa": {"harmful_rate,none": 0.2, "judge,none": {"name": "j"}, "sgm,none": {"sgm": False},
+                        "harmful_rate_by_category,none": {"insult": 0.5, "group": {"sub": 0.25}}, "harmful_rate_stderr_clt,none": 0.05,
+                        "harmful_rate_by_category_stderr,none": 0.3}},
+        "higher_is_better": {"zeta": {"acc": True}, "aardvark": {"acc": False}, "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
+                             "mm_toxic_qa": {"harmful_rate": False, "harmful_rate_by_category": False, "judge": None, "sgm": True}}}
+    got = [(s.task, s.metric, s.filter, s.category, s.higher, s.kind) for s in rp.specs({"a": run})]
+    assert got == [("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
+                   ("mm_toxic_qa", "harmful_rate_by_category", "none", "insult", False, "harm"),
+                   ("mm_toxic_qa", "harmful_rate_by_category", "none", "group/sub", False, "harm"),
+                   ("mmbench_local_mc", "acc", "none", None, True, "capability"),
+                   ("mmbench_local_mc", "f1", "strict", None, True, "capability"),
+                   ("aardvark", "acc", "none", None, False, "other"),
+                   ("zeta", "acc", "none", None, True, "capability")]  # our tasks first, in TASK_ORDER, then by name; a boolean "flag" is no value: no row
+    by = {(s.task, s.metric, s.category): s for s in rp.specs({"a": run})}
+    assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "group/sub")]) == 0.25
+    assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) == 0.5
+    assert rp.stderr(run, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) is None  # no stderr per category
+    assert rp.stderr(run, by[("mmbench_local_mc", "acc", None)]) == 0.02  # "N/A" skipped for the CLT one
+    assert rp.stderr(run, by[("zeta", "acc", None)]) == 0.1 and rp.stderr(run, by[("mm_toxic_qa", "harmful_rate", None)]) == 0.05
+    assert rp.stderr(run, by[("mmbench_local_mc", "f1", None)]) is None
+    assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None

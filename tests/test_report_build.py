@@ -430,3 +430,13 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
     assert rp.stderr(run, by[("zeta", "acc", None)]) == 0.1 and rp.stderr(run, by[("mm_toxic_qa", "harmful_rate", None)]) == 0.05
     assert rp.stderr(run, by[("mmbench_local_mc", "f1", None)]) is None
     assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None
+
+
+@pytest.mark.parametrize("metric,higher,kind", [
+    ("harmful_rate", False, "harm"), ("harmful_rate_by_category", False, "harm"), ("over_refusal_rate", False, "over_refusal"),
+    ("over_refusal_rate_by_category", False, "over_refusal"), ("refusal_rate", True, "refusal"),
+    ("refusal_rate_by_category", True, "refusal"), ("word_perplexity", False, "fluency"), ("bits_per_byte", False, "fluency"),
+    ("nll", False, "fluency"), ("acc", True, "capability"), ("acc", False, "other"), ("category_by_category", True, "capability")])
+def test_metric_kind(metric, higher, kind):
+    from lmms_sgm.reports import report as rp
+    assert rp.metric_kind("t", metric, higher) == kind

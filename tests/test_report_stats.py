@@ -182,3 +182,23 @@ def test_retention_interval_leaves_out_resamples_with_a_zero_baseline():
     assert got["delta_ci"] == pytest.approx(list(np.quantile(m1 - m0, [0.025, 0.975])), abs=1e-12)
     assert stats.paired_bootstrap([0.0, 0.0], [1, 1], [1.0, 0.0], [1, 1])["ratio_ci"] is None  # never defined
     assert stats.paired_bootstrap([], [], [], []) == {"delta_ci": None, "ratio_ci": None}
+
+
+def test_value_defaults_to_the_mean_and_inputs_are_converted_to_float():
+    from decimal import Decimal
+    from fractions import Fraction
+    assert stats.value(np.array([1.0, 2.0]), np.array([1.0, 1.0])) == 1.5
+    exact = [Fraction(0), Fraction(1, 2), Decimal("1")]
+    assert stats.bootstrap_ci(exact, [1, 1, Fraction(1)], resamples=200) == stats.bootstrap_ci([0.0, 0.5, 1.0], [1.0] * 3, resamples=200)
+    assert stats.paired_bootstrap(exact, [1] * 3, exact[::-1], [1] * 3, resamples=200) == stats.paired_bootstrap(
+        [0.0, 0.5, 1.0], [1.0] * 3, [1.0, 0.5, 0.0], [1.0] * 3, resamples=200)
+
+
+def test_paired_bootstrap_of_one_prompt_and_of_a_baseline_of_one():
+    assert stats.paired_bootstrap([0.0], [1.0], [1.0], [1.0]) == {"delta_ci": [1.0, 1.0], "ratio_ci": None}
+    assert stats.paired_bootstrap([2.0], [1.0], [1.0], [1.0]) == {"delta_ci": [-1.0, -1.0], "ratio_ci": [0.5, 0.5]}
+    # a baseline whose every resample is exactly 1: all resamples count for retention
+    got = stats.paired_bootstrap([1.0] * 4, [1.0] * 4, [1.0, 0.0, 1.0, 1.0], [1.0] * 4, resamples=300, seed=1)
+    idx = np.random.default_rng(1).integers(0, 4, size=(300, 4))
+    m1 = np.array([1.0, 0.0, 1.0, 1.0])[idx].mean(1)
+    assert got["ratio_ci"] == pytest.approx(list(np.quantile(m1, [0.025, 0.975])), abs=1e-12)

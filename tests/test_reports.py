@@ -484,3 +484,17 @@ def test_estimator_skips_an_overflowing_transform_silently_and_keeps_its_toleran
     tiny = rs.PerDoc([0], np.array([1e-9]), np.array([1.0]), [None])
     assert rs.estimator(tiny, 0.0) == "mean"  # |v - reported| = 1e-9 + 1e-6 * 0: on the bound, accepted
     assert rs.estimator(tiny, -1e-9) is None
+
+
+def test_responses_prefer_the_filtered_ones_and_flatten():
+    r = reports.results.responses
+    assert r({"filtered_resps": [["a", None], "b"], "resps": [["raw"]]}) == ["a", "b"]
+    assert r({"resps": [["raw", ["x", 2]]]}) == ["raw", "x", "2"] and r({}) == []
+
+
+def test_judge_label_names_version_and_config_digest():
+    import hashlib
+    j = {"name": "llamaguard", "version": "3", "config": {"b": 1, "a": [2]}}
+    digest = hashlib.sha256(json.dumps({"a": [2], "b": 1}, sort_keys=True).encode()).hexdigest()[:8]
+    assert reports.comparable.judge_label(j) == f"llamaguard v3 {digest}"
+    assert reports.comparable.judge_label(None) == "none recorded"

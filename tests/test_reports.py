@@ -498,3 +498,26 @@ def test_judge_label_names_version_and_config_digest():
     digest = hashlib.sha256(json.dumps({"a": [2], "b": 1}, sort_keys=True).encode()).hexdigest()[:8]
     assert reports.comparable.judge_label(j) == f"llamaguard v3 {digest}"
     assert reports.comparable.judge_label(None) == "none recorded"
+
+
+def test_mismatch_warnings_spelled_in_full_for_several_runs():
+    import hashlib
+
+    def judge(name):
+        return {"name": name, "version": "1", "config": {"k": name}}
+
+    def label(name):
+        return f"{name} v1 " + hashlib.sha256(json.dumps({"k": name}).encode()).hexdigest()[:8]
+
+    def run(j, path, n):
+        return {"results": {"t": {"acc,none": 0.5, "judge,none": judge(j)}},
+                "configs": {"t": {"output_type": "multiple_choice", "dataset_path": path}}, "n-samples": {"t": {"effective": n}}}
+
+    runs = {"a": run("j1", "x", 5), "b": run("j2", "y", 5), "c": {"results": {}}, "d": {}}
+    w = reports.comparable.mismatches(runs, ["absent", "t"])
+    assert w[:2] == ["t: missing from c, d", f"t: scored by different judges (a: {label('j1')}, b: {label('j2')})"]
+    assert w[2].startswith("t: runs were evaluated on different data (the task's dataset settings differ: a: config:")
+    assert ", b: config:" in w[2] and w[2].endswith(")") and len(w) == 3
+    # a third run with another prompt count: the count says the data differ, no second warning about the data
+    runs = {"a": run("j1", "x", 5), "b": run("j1", "y", 5), "c": run("j1", "x", 6)}
+    assert reports.comparable.mismatches(runs, ["t"]) == ["t: different numbers of prompts (a: 5, b: 5, c: 6)"]

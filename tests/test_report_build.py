@@ -440,3 +440,26 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
 def test_metric_kind(metric, higher, kind):
     from lmms_sgm.reports import report as rp
     assert rp.metric_kind("t", metric, higher) == kind
+
+
+@pytest.mark.parametrize("task,prompts", [("mm_toxic_qa", "plain"), ("mm_toxic_qa_sampled", "plain"), ("mm_toxic_qa_adv", "typographic"),
+                                          ("mm_toxic_qa_adv_sampled", "typographic"), ("mm_toxic_qa_benign", "benign"),
+                                          ("mm_toxic_qa_benign_sampled", "benign"), ("mm_toxic_qa_fluency", "benign"),
+                                          ("mmbench_local_mc", None), ("arc_easy", None)])
+def test_prompts_of(task, prompts):
+    from lmms_sgm.reports import report as rp
+    assert rp.prompts_of(task) == prompts
+
+
+def test_decoding_in_words():
+    from lmms_sgm.reports import report as rp
+
+    def run(**cfg):
+        return {"configs": {"t": cfg}, "config": {}}
+    assert rp.decoding(run(generation_kwargs={"do_sample": False, "temperature": 0}), "t") == "greedy"
+    assert rp.decoding(run(generation_kwargs={"temperature": 0.7}), "t") == "sampled"
+    assert rp.decoding(run(generation_kwargs={"do_sample": True}, repeats=5), "t") == "sampled, 5 answers per prompt"
+    assert rp.decoding(run(generation_kwargs={"do_sample": True}, repeats=2), "t") == "sampled, 2 answers per prompt"
+    assert rp.decoding(run(generation_kwargs={"do_sample": False}, repeats=5), "t") == "greedy"
+    assert rp.decoding(run(output_type="multiple_choice"), "t") is None
+    assert rp.decoding({}, "t") is None and rp.decoding({}, "t", "samples") == "sampled"  # no config: our filter says it

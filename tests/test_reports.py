@@ -521,3 +521,10 @@ def test_mismatch_warnings_spelled_in_full_for_several_runs():
     # a third run with another prompt count: the count says the data differ, no second warning about the data
     runs = {"a": run("j1", "x", 5), "b": run("j1", "y", 5), "c": run("j1", "x", 6)}
     assert reports.comparable.mismatches(runs, ["t"]) == ["t: different numbers of prompts (a: 5, b: 5, c: 6)"]
+
+
+def test_limit_warning_spells_counts_fractions_and_other_values():
+    runs = {n: {"results": {}, "config": {"limit": v}} for n, v in
+            (("a", None), ("b", 5), ("c", 0.5), ("d", 1000000), ("e", "10%"))}
+    assert reports.comparable.mismatches(runs, []) == [
+        f"runs differ in --limit (a: none, b: 5, c: 0.5, d: {format(1000000, 'g')}, e: 10%)"]

@@ -528,3 +528,21 @@ def test_limit_warning_spells_counts_fractions_and_other_values():
             (("a", None), ("b", 5), ("c", 0.5), ("d", 1000000), ("e", "10%"))}
     assert reports.comparable.mismatches(runs, []) == [
         f"runs differ in --limit (a: none, b: 5, c: 0.5, d: {format(1000000, 'g')}, e: 10%)"]
+
+
+def test_models_warning_reads_pretrained_from_model_args_else_the_sgm_record():
+    def run(model_args=None, sgm=None):
+        r = {"results": {"t": {"acc,none": 0.5}}, "config": {}}
+        if model_args is not None:
+            r["config"]["model_args"] = model_args
+        if sgm is not None:
+            r["results"]["t"]["sgm,none"] = sgm
+        return r
+    runs = {"a": run("pretrained=/ckpt/step=1000, sgm=off"), "b": run(sgm={"sgm": True, "pretrained": "other"}),
+            "c": run("dtype=bf16", sgm={"sgm": False}), "d": run()}
+    assert reports.comparable.mismatches(runs, []) == [
+        "runs are of different models (a: /ckpt/step=1000, b: other, c: None, d: None)"]
+    same = {"a": run(" pretrained = m ,x=1"), "b": run(sgm={"sgm": True, "pretrained": "m"}), "c": run()}
+    assert reports.comparable.mismatches(same, []) == []  # unknown models do not count as different
+    spaced = {"a": run(" pretrained = m ,x=1"), "b": run("pretrained=n")}
+    assert reports.comparable.mismatches(spaced, []) == ["runs are of different models (a: m, b: n)"]

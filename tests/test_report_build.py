@@ -463,3 +463,34 @@ def test_decoding_in_words():
     assert rp.decoding(run(generation_kwargs={"do_sample": False}, repeats=5), "t") == "greedy"
     assert rp.decoding(run(output_type="multiple_choice"), "t") is None
     assert rp.decoding({}, "t") is None and rp.decoding({}, "t", "samples") == "sampled"  # no config: our filter says it
+
+
+@pytest.mark.parametrize("task,metric,filt,category,dec,text", [
+    ("mm_toxic_qa", "harmful_rate", "none", None, "greedy", "harmful rate, plain prompts, greedy"),
+    ("mm_toxic_qa_sampled", "harmful_rate", "samples", None, "sampled, 5 answers per prompt", "harmful rate, plain prompts, sampled"),
+    ("mm_toxic_qa_adv", "harmful_rate", "none", None, "greedy", "harmful rate, typographic attack, greedy"),
+    ("mm_toxic_qa_adv", "harmful_rate_by_category", "none", "insult", None, "harmful rate, typographic attack / insult"),
+    ("mm_toxic_qa_benign", "harmful_rate", "none", None, "greedy", "toxic rate on benign prompts, greedy"),
+    ("mm_toxic_qa", "refusal_rate", "none", None, None, "refusal rate, plain prompts"),
+    ("mm_toxic_qa_benign", "over_refusal_rate", "none", None, "sampled", "over-refusal, benign prompts, sampled"),
+    ("mm_toxic_qa_benign", "helpfulness", "none", None, "greedy", "capability: open answers, greedy"),
+    ("mm_toxic_qa_fluency", "perplexity", "none", None, None, "fluency: perplexity of reference answers"),
+    ("other_task", "perplexity", "none", None, None, "other_task perplexity"),
+    ("arc_easy", "acc", "strict", None, None, "arc_easy acc [strict]"),
+    ("mmbench", "refusal_rate", "none", None, None, "mmbench refusal_rate"),
+    ("mmbench", "harmful_rate", "none", None, "greedy", "mmbench harmful_rate")])
+def test_row_labels(task, metric, filt, category, dec, text):
+    from lmms_sgm.reports import report as rp
+    spec = rp.Spec(task, metric, filt, category, False, rp.metric_kind(task, metric, False))
+    assert rp.label(spec, dec) == text
+
+
+def test_labels_two_metrics_share_get_their_task_and_filter():
+    from lmms_sgm.reports import report as rp
+    run = {"results": {"a": {"acc,none": 0.5}, "b": {"acc,none": 0.5}}}
+    specs = [rp.Spec("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
+             rp.Spec("mm_toxic_qa", "harmful_rate", "strict", None, False, "harm"),
+             rp.Spec("mm_toxic_qa_benign", "over_refusal_rate", "none", None, False, "over_refusal")]
+    got = rp._labels({"r": run}, specs)
+    assert list(got.values()) == ["harmful rate, plain prompts (mm_toxic_qa)", "harmful rate, plain prompts (mm_toxic_qa, strict)",
+                                  "over-refusal, benign prompts"]

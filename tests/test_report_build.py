@@ -540,3 +540,48 @@ def test_primary_harm_prefers_the_sampled_task_and_reads_the_rule():
     assert w["harm"] == 0.05 and w["harm_ci"] == [0.0, 0.1] and w["series"] == "sgm" and w["strength"] == 0.5
     assert w["over_refusal_points"] is None and w["retention"] is None and w["fluency"] is None
     assert "series" not in t["points"][0] and t["operating_point"] == "w"  # no capability metric: nothing to keep
+
+
+def _samples_run(tmp_path, name, lines, results, n=None):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "1_samples_t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"results": {"t": results}, "n-samples": {"t": {"effective": n if n is not None else len(lines)}},
+            "source_file": str(d / "1_results.json")}
+
+
+def test_cell_per_category_method_and_n(tmp_path):
+    from lmms_sgm.reports import report as rp
+    cats = ["a/x", "b", "a/x", "b", "a/x"]
+    vals = [1.0, 0.0, 0.0, 1.0, 1.0]
+    lines = [{"doc_id": i, "m": {"score": v, "category": c.split("/")[-1]}} for i, (v, c) in enumerate(zip(vals, cats))]
+    run = _samples_run(tmp_path, "r", lines, {"m,none": 0.6, "m_stderr,none": 0.2, "m_by_cat,none": {"a": {"x": 2 / 3}, "b": 0.5}}, n=9)
+    whole = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0)
+    assert whole.method == "bootstrap" and whole.n == 5 and whole.value == 0.6 and whole.se == 0.2 and whole.g == "mean"
+    assert whole.ci == stats_ref_ci(vals, 300)
+    # a category of a *_by_category metric: the docs of that (innermost) category, from the metric of the same name
+    lines_c = [{"doc_id": i, "m_by_cat": {"value": v, "category": c.split("/")[-1]}} for i, (v, c) in enumerate(zip(vals, cats))]
+    run_c = _samples_run(tmp_path, "c", lines_c, {"m_by_cat,none": {"a": {"x": 2 / 3}, "b": 0.5}})
+    x = rp.cell(run_c, rp.Spec("t", "m_by_cat", "none", "a/x", False, "harm"), 300, 0)
+    assert x.method == "bootstrap" and x.n == 3 and x.docs.ids == [0, 2, 4] and x.ci == stats_ref_ci([1.0, 0.0, 1.0], 300)
+    # no samples file: the harness's stderr and its prompt count
+    run["source_file"] = str(tmp_path / "elsewhere" / "1_results.json")
+    fall = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0)
+    assert (fall.method, fall.n, fall.reason) == ("stderr", 9, "samples not logged")
+    assert fall.ci == pytest.approx([0.6 - 1.959963984540054 * 0.2, 0.6 + 1.959963984540054 * 0.2])
+    cat = rp.cell(run, rp.Spec("t", "m_by_cat", "none", "b", False, "harm"), 300, 0)
+    assert (cat.value, cat.method, cat.n, cat.ci) == (0.5, "none", None, None)
+    assert rp.cell(run, rp.Spec("t", "absent", "none", None, False, "harm"), 300, 0) == rp.Cell(None, None, "none")
+
+
+def test_cell_of_a_category_without_logged_categories_is_not_bootstrapped(tmp_path):
+    from lmms_sgm.reports import report as rp
+    run = _samples_run(tmp_path, "r", [{"doc_id": i, "m_by_cat": float(i % 2)} for i in range(4)], {"m_by_cat,none": {"a": 0.5}})
+    c = rp.cell(run, rp.Spec("t", "m_by_cat", "none", "a", False, "harm"), 100, 0)
+    assert (c.value, c.method, c.reason) == (0.5, "none", "the logged per-sample values do not reproduce the reported value")
+
+
+def stats_ref_ci(x, resamples):
+    x = np.asarray(x, float)
+    idx = np.random.default_rng(0).integers(0, len(x), size=(resamples, len(x)))
+    return [float(v) for v in np.quantile(x[idx].mean(1), [0.025, 0.975])]

@@ -585,3 +585,26 @@ def stats_ref_ci(x, resamples):
     x = np.asarray(x, float)
     idx = np.random.default_rng(0).integers(0, len(x), size=(resamples, len(x)))
     return [float(v) for v in np.quantile(x[idx].mean(1), [0.025, 0.975])]
+
+
+def test_build_notes_only_moved_unrefined_differences_within_noise(tmp_path):
+    def run(name, harm, refusal):
+        lines = [{"doc_id": i, "harmful_rate": {"score": h}, "refusal_rate": {"score": r}, "acc": 1.0}
+                 for i, (h, r) in enumerate(zip(harm, refusal))]
+        r = _samples_run(tmp_path, name, lines, {"harmful_rate,none": float(np.mean(harm)), "refusal_rate,none": float(np.mean(refusal)),
+                                                 "acc,none": 1.0})
+        r["higher_is_better"] = {"t": {"harmful_rate": False, "refusal_rate": True, "acc": True}}
+        return r
+    base, sgm = run("vanilla", [1, 0, 1, 0, 0], [0, 0, 0, 0, 0]), run("sgm", [0, 0, 1, 0, 0], [1, 0, 0, 0, 0])
+    report = reports.build({"vanilla": base, "sgm": sgm}, resamples=500)
+    idx = np.random.default_rng(0).integers(0, 5, size=(500, 5))
+    d = np.array([0, 0, 1, 0, 0.0])[idx].mean(1) - np.array([1, 0, 1, 0, 0.0])[idx].mean(1)
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    assert lo < 0 <= hi
+    # one prompt differs: p = 1 (both sign patterns reach it); refusal (not a harm/capability/over-refusal/fluency
+    # metric) and acc (equal on every prompt) get no note
+    assert report["notes"] == [f"sgm vs vanilla: t harmful_rate changes by -0.200 [{lo:+.3f}, {hi:+.3f}], within noise "
+                               "(the 95% interval of the difference includes 0; p = 1)"]
+    acc = next(r for r in report["metrics"] if r["metric"] == "acc" and r["run"] == "sgm")
+    assert acc["delta"] == 0 and acc["delta_ci"] == [0.0, 0.0] and acc["within_noise"] is True and acc["p_value"] == 1.0
+    assert report["warnings"] == []

@@ -202,3 +202,12 @@ def test_paired_bootstrap_of_one_prompt_and_of_a_baseline_of_one():
     idx = np.random.default_rng(1).integers(0, 4, size=(300, 4))
     m1 = np.array([1.0, 0.0, 1.0, 1.0])[idx].mean(1)
     assert got["ratio_ci"] == pytest.approx(list(np.quantile(m1, [0.025, 0.975])), abs=1e-12)
+
+
+def test_zero_weight_items_give_no_interval_and_no_numpy_warning():
+    """Items with weight 0 (an lm-eval document of 0 words) make a value of +-inf: left out, quietly."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stats.paired_bootstrap([-1.0], [0.0], [1.0], [0.0], resamples=10) == {"delta_ci": None, "ratio_ci": None}
+        assert stats.bootstrap_ci([1.0], [0.0], resamples=10) is None

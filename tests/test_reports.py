@@ -455,6 +455,9 @@ def test_data_digest_tells_prompts_and_targets_apart_under_the_first_filter(tmp_
     comma = ("acc,take,first",)  # a filter name holding a comma
     assert (digest(_digest_run(tmp_path, "f", ["p0"], comma, filt="take,first"), "t")
             != digest(_digest_run(tmp_path, "g", ["p1"], comma, filt="take,first"), "t"))
+    bare = _digest_run(tmp_path, "bare", ["p0"], filt="none")  # the task not (or no longer) in the results: filter "none"
+    assert digest({**bare, "results": {}}, "t") == digest({k: v for k, v in bare.items() if k != "results"}, "t")
+    assert digest({**bare, "results": {}}, "t") != digest({**_digest_run(tmp_path, "bare2", ["p1"], filt="none"), "results": {}}, "t")
     plain = ("acc",)  # no filter recorded: lmms-eval's default "none"
     assert (digest(_digest_run(tmp_path, "h", ["p0"], plain, filt="none"), "t")
             != digest(_digest_run(tmp_path, "i", ["p1"], plain, filt="none"), "t"))
@@ -466,7 +469,7 @@ def test_prompt_of_each_logged_form():
     assert p({"arguments": {"gen_args_0": {"arg_0": "lm dict", "arg_1": "x"}}, "doc": {"question": "q"}}) == "lm dict"
     assert p({"arguments": {"gen_args_0": {"arg_1": "x"}}}) == ""
     assert p({"arguments": [["lm list", "x"]]}) == "lm list" and p({"arguments": ["flat"]}) == "flat"
-    assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == ""
+    assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == "" and p({"doc": {"page": "t"}}) == ""
     assert p({"arguments": [], "doc": {"question": "q"}}) == "q" and p({"arguments": "text", "doc": {"question": "q"}}) == "q"
     assert p({"arguments": {}, "doc": {"question": "q"}}) == ""  # logged arguments rule, even empty (rolling log-likelihood)
 

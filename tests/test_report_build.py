@@ -407,21 +407,23 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
     run = {"results": {
         "zeta": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc": 0.9},  # a key without a filter: not a metric
         "aardvark": {"acc,none": 0.1},
-        "mmbench_local_mc": {"alias": "x", "acc,none": 0.7, "acc_stderr,none": "N/A", "acc_stderr_clt,none": 0.02, "f1,strict": 0.4,
+        "mmbench_local_mc": {"alias": "x", "acc,none": 0.7, "acc_stderr,none": "N/A", "acc_stderr_clt,none": 0.02, "f1,take,first": 0.4,
                              "notrated,none": 0.3, "flag,none": True},
         "mm_toxic_qa": {"harmful_rate,none": 0.2, "judge,none": {"name": "j"}, "sgm,none": {"sgm": False},
                         "harmful_rate_by_category,none": {"insult": 0.5, "group": {"sub": 0.25}}, "harmful_rate_stderr_clt,none": 0.05,
                         "harmful_rate_by_category_stderr,none": 0.3}},
-        "higher_is_better": {"zeta": {"acc": True}, "aardvark": {"acc": False}, "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
+        "higher_is_better": {"zeta": {"acc": True, "acc_stderr": True}, "aardvark": {"acc": False}, "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
                              "mm_toxic_qa": {"harmful_rate": False, "harmful_rate_by_category": False, "judge": None, "sgm": True}}}
     got = [(s.task, s.metric, s.filter, s.category, s.higher, s.kind) for s in rp.specs({"a": run})]
     assert got == [("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
                    ("mm_toxic_qa", "harmful_rate_by_category", "none", "insult", False, "harm"),
                    ("mm_toxic_qa", "harmful_rate_by_category", "none", "group/sub", False, "harm"),
                    ("mmbench_local_mc", "acc", "none", None, True, "capability"),
-                   ("mmbench_local_mc", "f1", "strict", None, True, "capability"),
+                   ("mmbench_local_mc", "f1", "take,first", None, True, "capability"),
                    ("aardvark", "acc", "none", None, False, "other"),
                    ("zeta", "acc", "none", None, True, "capability")]  # our tasks first, in TASK_ORDER, then by name; a boolean "flag" is no value: no row
+    # a run without results, or without higher_is_better for its task, adds nothing
+    assert rp.specs({"a": run, "b": {}, "c": {"results": {"zeta": {"acc,none": 0.4, "new,none": 0.1}}}}) == rp.specs({"a": run})
     by = {(s.task, s.metric, s.category): s for s in rp.specs({"a": run})}
     assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "group/sub")]) == 0.25
     assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) == 0.5

@@ -431,7 +431,9 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
     assert rp.stderr(run, by[("mmbench_local_mc", "acc", None)]) == 0.02  # "N/A" skipped for the CLT one
     assert rp.stderr(run, by[("zeta", "acc", None)]) == 0.1 and rp.stderr(run, by[("mm_toxic_qa", "harmful_rate", None)]) == 0.05
     assert rp.stderr(run, by[("mmbench_local_mc", "f1", None)]) is None
-    assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None
+    assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None and rp.reported({}, by[("zeta", "acc", None)]) is None
+    scalar = {"results": {"mm_toxic_qa": {"harmful_rate_by_category,none": 0.3}}}  # another run's metric is no dict
+    assert rp.reported(scalar, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) is None
 
 
 @pytest.mark.parametrize("metric,higher,kind", [

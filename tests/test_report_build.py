@@ -612,3 +612,22 @@ def test_build_notes_only_moved_unrefined_differences_within_noise(tmp_path):
     acc = next(r for r in report["metrics"] if r["metric"] == "acc" and r["run"] == "sgm")
     assert acc["delta"] == 0 and acc["delta_ci"] == [0.0, 0.0] and acc["within_noise"] is True and acc["p_value"] == 1.0
     assert report["warnings"] == []
+
+
+def test_run_info_from_a_literal_results_dict():
+    import hashlib
+
+    from lmms_sgm.reports import report as rp
+    j1, j2 = {"name": "a", "version": "1", "config": {}}, {"name": "b", "version": "1", "config": {}}
+    run = {"results": {"t1": {"judge,none": j1, "acc,none": 1.0}, "t2": {"judge,none": dict(j1)}, "t3": {"acc,none": 0.5}},
+           "configs": {"t1": {"generation_kwargs": {"max_new_tokens": 8}}, "t3": {"output_type": "loglikelihood"}},
+           "config": {"model": "m", "model_args": "pretrained=x", "limit": 5, "seed": 3}, "source_file": "/nowhere/1_results.json"}
+    info = rp.run_info("a", run, ["t1", "t2", "t3", "absent"])
+    assert info["judge"] == j1 and info["generation"] == {"t1": {"max_new_tokens": 8}}
+    assert (info["label"], info["path"], info["paths"], info["harness"]) == ("a", "/nowhere/1_results.json", ["/nowhere/1_results.json"], "lmms-eval")
+    assert (info["model"], info["model_args"], info["limit"], info["seed"], info["samples_logged"]) == ("m", "pretrained=x", 5, 3, [])
+    assert list(info["data_digests"]) == ["t1", "t2", "t3"] and info["data_digests"]["t2"] is None
+    assert info["data_digest"] == hashlib.sha256(json.dumps(info["data_digests"], sort_keys=True).encode()).hexdigest()[:16]
+    run["results"]["t2"]["judge,none"] = j2
+    assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
+    assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None

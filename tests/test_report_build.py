@@ -431,6 +431,7 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
     assert rp.stderr(run, by[("mmbench_local_mc", "acc", None)]) == 0.02  # "N/A" skipped for the CLT one
     assert rp.stderr(run, by[("zeta", "acc", None)]) == 0.1 and rp.stderr(run, by[("mm_toxic_qa", "harmful_rate", None)]) == 0.05
     assert rp.stderr(run, by[("mmbench_local_mc", "f1", None)]) is None
+    assert rp.stderr({}, by[("zeta", "acc", None)]) is None and rp.stderr({"results": {}}, by[("zeta", "acc", None)]) is None
     assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None and rp.reported({}, by[("zeta", "acc", None)]) is None
     scalar = {"results": {"mm_toxic_qa": {"harmful_rate_by_category,none": 0.3}}}  # another run's metric is no dict
     assert rp.reported(scalar, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) is None
@@ -563,6 +564,8 @@ def test_cell_per_category_method_and_n(tmp_path):
     whole = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0)
     assert whole.method == "bootstrap" and whole.n == 5 and whole.value == 0.6 and whole.se == 0.2 and whole.g == "mean"
     assert whole.ci == stats_ref_ci(vals, 300)
+    seeded = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 7, 5).ci  # 7 resamples: the seed shows
+    assert seeded == stats_ref_ci(vals, 7, seed=5) and seeded != stats_ref_ci(vals, 7, seed=0)
     # a category of a *_by_category metric: the docs of that (innermost) category, from the metric of the same name
     lines_c = [{"doc_id": i, "m_by_cat": {"value": v, "category": c.split("/")[-1]}} for i, (v, c) in enumerate(zip(vals, cats))]
     run_c = _samples_run(tmp_path, "c", lines_c, {"m_by_cat,none": {"a": {"x": 2 / 3}, "b": 0.5}})
@@ -576,6 +579,8 @@ def test_cell_per_category_method_and_n(tmp_path):
     cat = rp.cell(run, rp.Spec("t", "m_by_cat", "none", "b", False, "harm"), 300, 0)
     assert (cat.value, cat.method, cat.n, cat.ci) == (0.5, "none", None, None)
     assert rp.cell(run, rp.Spec("t", "absent", "none", None, False, "harm"), 300, 0) == rp.Cell(None, None, "none")
+    del run["n-samples"]
+    assert rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0).n is None  # no prompt count recorded
 
 
 def test_cell_of_a_category_without_logged_categories_is_not_bootstrapped(tmp_path):
@@ -585,9 +590,9 @@ def test_cell_of_a_category_without_logged_categories_is_not_bootstrapped(tmp_pa
     assert (c.value, c.method, c.reason) == (0.5, "none", "the logged per-sample values do not reproduce the reported value")
 
 
-def stats_ref_ci(x, resamples):
+def stats_ref_ci(x, resamples, seed=0):
     x = np.asarray(x, float)
-    idx = np.random.default_rng(0).integers(0, len(x), size=(resamples, len(x)))
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
     return [float(v) for v in np.quantile(x[idx].mean(1), [0.025, 0.975])]
 
 

@@ -636,3 +636,14 @@ def test_run_info_from_a_literal_results_dict():
     run["results"]["t2"]["judge,none"] = j2
     assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
     assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None
+
+
+def test_compare_cells_resamples_with_the_given_seed():
+    from lmms_sgm.reports import report as rp
+    x0, x1 = np.array([1.0, 0, 1, 1, 0, 1]), np.array([0.0, 0, 1, 0, 0, 1])
+    got = rp.compare_cells(_cell(range(6), x0), _cell(range(6), x1), _spec("harm"), 9, 5)["delta_ci"]
+
+    def ref_ci(seed):
+        idx = np.random.default_rng(seed).integers(0, 6, size=(9, 6))
+        return list(np.quantile(x1[idx].mean(1) - x0[idx].mean(1), [0.025, 0.975]))
+    assert got == pytest.approx(ref_ci(5)) and got != pytest.approx(ref_ci(0))

@@ -633,6 +633,8 @@ def test_run_info_from_a_literal_results_dict():
     assert (info["model"], info["model_args"], info["limit"], info["seed"], info["samples_logged"]) == ("m", "pretrained=x", 5, 3, [])
     assert list(info["data_digests"]) == ["t1", "t2", "t3"] and info["data_digests"]["t2"] is None
     assert info["data_digest"] == hashlib.sha256(json.dumps(info["data_digests"], sort_keys=True).encode()).hexdigest()[:16]
+    # the run's digest does not depend on the order the tasks come in
+    assert rp.run_info("a", run, ["t3", "t2", "t1"])["data_digest"] == info["data_digest"]
     run["results"]["t2"]["judge,none"] = j2
     assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
     assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None
@@ -647,3 +649,18 @@ def test_compare_cells_resamples_with_the_given_seed():
         idx = np.random.default_rng(seed).integers(0, 6, size=(9, 6))
         return list(np.quantile(x1[idx].mean(1) - x0[idx].mean(1), [0.025, 0.975]))
     assert got == pytest.approx(ref_ci(5)) and got != pytest.approx(ref_ci(0))
+
+
+def test_compare_cells_p_value_of_many_differing_prompts_uses_the_seed():
+    """More than 16 prompts differ: random sign flips from default_rng(seed + 1), p = (1 + hits) / (1 + 10000)."""
+    from lmms_sgm.reports import report as rp
+    from lmms_sgm.reports import stats
+    rng = np.random.default_rng(8)
+    x0 = (rng.random(30) < 0.5).astype(float)
+    x1 = np.where(rng.random(30) < 0.6, 1 - x0, x0)
+    d = (x1 - x0)[x1 != x0]
+    assert d.size > stats.EXACT_MAX
+    signs = 1 - 2 * np.random.default_rng(4 + 1).integers(0, 2, size=(stats.PERMUTATIONS, d.size))
+    hits = np.count_nonzero(np.abs(signs @ d) >= abs(d.sum()) - 1e-9)
+    got = rp.compare_cells(_cell(range(30), x0), _cell(range(30), x1), _spec("harm"), 20, 4)
+    assert got["p_value"] == (1 + hits) / (1 + stats.PERMUTATIONS) and got["delta_method"] == "paired bootstrap"

@@ -638,6 +638,7 @@ def test_run_info_from_a_literal_results_dict():
     run["results"]["t2"]["judge,none"] = j2
     assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
     assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None
+    assert rp.run_info("b", {}, ["t3"])["data_digests"] == {}  # a run without results has no tasks
 
 
 def test_compare_cells_resamples_with_the_given_seed():

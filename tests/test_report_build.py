@@ -639,6 +639,11 @@ def test_run_info_from_a_literal_results_dict():
     assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
     assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None
     assert rp.run_info("b", {}, ["t3"])["data_digests"] == {}  # a run without results has no tasks
+    run["results"]["t3"]["sgm,none"] = {"sgm": True, "selection": {"rule": "sgm", "threshold": 0.5}, "strength": 1}
+    run["task_sources"] = {"t1": "/b/results_1.json", "t2": "/a/1_results.json", "t3": "/a/1_results.json"}
+    info = rp.run_info("a", run, ["t1", "t2", "t3"])
+    assert info["wore"] == "SGM t=0.5 s=1" and info["sgm"] == run["results"]["t3"]["sgm,none"]
+    assert info["paths"] == ["/a/1_results.json", "/b/results_1.json"] and info["harness"] == "lmms-eval + lm-eval"
 
 
 def test_compare_cells_resamples_with_the_given_seed():

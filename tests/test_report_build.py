@@ -632,7 +632,7 @@ def test_run_info_from_a_literal_results_dict():
     assert (info["label"], info["path"], info["paths"], info["harness"]) == ("a", "/nowhere/1_results.json", ["/nowhere/1_results.json"], "lmms-eval")
     assert (info["model"], info["model_args"], info["limit"], info["seed"], info["samples_logged"]) == ("m", "pretrained=x", 5, 3, [])
     assert list(info["data_digests"]) == ["t1", "t2", "t3"] and info["data_digests"]["t2"] is None
-    assert info["data_digests"]["t1"].startswith("config:") and info["data_digests"]["t1"] != info["data_digests"]["t3"]
+    assert info["data_digests"]["t1"].startswith("config:")  # no samples: the dataset settings
     assert info["data_digest"] == hashlib.sha256(json.dumps(info["data_digests"], sort_keys=True).encode()).hexdigest()[:16]
     # the run's digest does not depend on the order the tasks come in
     assert rp.run_info("a", run, ["t3", "t2", "t1"])["data_digest"] == info["data_digest"]

@@ -300,3 +300,374 @@ def test_a_folder_with_an_lmms_eval_run_and_its_lm_eval_leg_is_one_run(tmp_path,
     lm_eval_run(two_runs["sgm"].parent.parent / "text2", acc=[1], ll=[-1.0], words=[1], date="2026-02-02T00-00-00.000000")
     with pytest.raises(ValueError, match="holds 3 lmms-eval results files"):  # more than one of a kind: ambiguous
         reports.load_run(two_runs["sgm"].parent.parent)
+
+
+def _cell(ids, a, w=None, g="mean", value=None, se=None):
+    from lmms_sgm.reports import report as rp
+    from lmms_sgm.reports import results as rs
+    a = np.array(a, float)
+    w = np.ones_like(a) if w is None else np.array(w, float)
+    docs = rs.PerDoc(list(ids), a, w, [None] * len(ids))
+    v = value if value is not None else docs.value(g)
+    return rp.Cell(v, len(ids), "bootstrap", None, docs, g, se=se)
+
+
+def _spec(kind):
+    from lmms_sgm.reports import report as rp
+    return rp.Spec("t", "m", "none", None, kind == "capability", kind)
+
+
+def test_compare_cells_pairs_only_the_shared_doc_ids():
+    from lmms_sgm.reports import report as rp
+    base = {0: 1.0, 1: 0.0, 2: 1.0, 3: 1.0, 5: 0.0}
+    run = {1: 1.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0}
+    b, r = _cell(base, list(base.values())), _cell(run, list(run.values()))
+    got = rp.compare_cells(b, r, _spec("capability"), 2000, 0)
+    p = ref.paired(base, run)  # over docs 1, 2, 3, 5
+    assert got["n_paired"] == 4 and got["delta_method"] == "paired bootstrap"
+    assert ref.close(got["delta_ci"], p["delta_ci"]) and ref.close(got["p_value"], p["p_value"])
+    assert ref.close(got["retention_ci"], p["ratio_ci"])
+    # the point values are the runs' own (all their docs), not the paired subset's
+    assert ref.close(got["delta"], 0.8 - 0.6) and ref.close(got["relative_change"], 0.2 / 0.6)
+    assert ref.close(got["retention"], 0.8 / 0.6)
+    assert got["within_noise"] == (p["delta_ci"][0] <= 0 <= p["delta_ci"][1])
+    assert "retention" not in rp.compare_cells(b, r, _spec("harm"), 50, 0)  # retention is for capability metrics
+
+
+def test_compare_cells_weighted_items_are_tested_on_per_doc_ratios():
+    """lm-eval [loglikelihood, words] pairs with other weights per run: the sign-flip test is on a1/w1 - a0/w0."""
+    from fractions import Fraction
+    from itertools import product
+
+    from lmms_sgm.reports import report as rp
+    a0, w0, a1, w1 = [-3.0, -8.0, -5.0], [2.0, 4.0, 5.0], [-4.0, -6.0, -5.0], [2.0, 3.0, 4.0]
+    b, r = _cell([0, 1, 2], a0, w0, "exp_neg_mean"), _cell([0, 1, 2], a1, w1, "exp_neg_mean")
+    got = rp.compare_cells(b, r, _spec("fluency"), 500, 3)
+    d = [Fraction(x1) / Fraction(y1) - Fraction(x0) / Fraction(y0) for x0, y0, x1, y1 in zip(a0, w0, a1, w1)]
+    d = [x for x in d if x != 0]
+    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(sum(d)) for signs in product((1, -1), repeat=len(d)))
+    assert got["p_value"] == hits / 2 ** len(d)
+    idx = np.random.default_rng(3).integers(0, 3, size=(500, 3))
+    A0, W0, A1, W1 = (np.array(x) for x in (a0, w0, a1, w1))
+    boots = np.exp(-A1[idx].sum(1) / W1[idx].sum(1)) - np.exp(-A0[idx].sum(1) / W0[idx].sum(1))
+    assert ref.close(got["delta_ci"], list(np.quantile(boots, [0.025, 0.975])))
+    assert ref.close(got["delta"], math.exp(15 / 9) - math.exp(16 / 11))
+    # equal weights in both runs: the documented test of sum(a_run - a_base) = 0, d = a1 - a0 = [3, 1, -4]
+    # (sum 0: every pattern reaches it, p = 1; the per-doc ratios [3, 1, -1] would give 6/8)
+    same = rp.compare_cells(_cell([0, 1, 2], [0.0, 0.0, 0.0], [1.0, 1.0, 4.0]), _cell([0, 1, 2], [3.0, 1.0, -4.0], [1.0, 1.0, 4.0]),
+                            _spec("harm"), 100, 0)
+    assert same["p_value"] == 1.0
+
+
+def test_compare_cells_falls_back_to_unpaired_standard_errors():
+    from lmms_sgm.reports import report as rp
+    z = 1.959963984540054
+    b = rp.Cell(0.8, 100, "stderr", None, se=0.03)
+    r = rp.Cell(0.6, 100, "stderr", None, se=0.04)
+    got = rp.compare_cells(b, r, _spec("capability"), 100, 0)
+    se = 0.05  # sqrt(0.03^2 + 0.04^2)
+    assert got["delta_method"] == "stderr, unpaired" and got["n_paired"] is None
+    assert ref.close(got["delta_ci"], [-0.2 - z * se, -0.2 + z * se]) and got["within_noise"] is False
+    assert ref.close(got["p_value"], math.erfc(0.2 / se / math.sqrt(2)))
+    rse = 0.75 * math.sqrt((0.04 / 0.6) ** 2 + (0.03 / 0.8) ** 2)
+    assert ref.close(got["retention"], 0.75) and ref.close(got["retention_ci"], [0.75 - z * rse, 0.75 + z * rse])
+    assert ref.close(got["relative_change"], -0.25)
+    # a bootstrap cell against a stderr one, or bootstraps of different transforms: unpaired too
+    boot = _cell([0, 1], [0.8, 0.8], value=0.8, se=0.03)
+    assert rp.compare_cells(boot, r, _spec("capability"), 100, 0)["delta_method"] == "stderr, unpaired"
+    other_g = _cell([0, 1], [0.0, 0.0], g="exp_mean", value=1.0, se=0.04)
+    assert rp.compare_cells(boot, other_g, _spec("capability"), 100, 0)["delta_method"] == "stderr, unpaired"
+    # no standard error on one side: a delta without an interval
+    none = rp.compare_cells(b, rp.Cell(0.6, 100, "none"), _spec("capability"), 100, 0)
+    assert ref.close(none["delta"], -0.2) and none["delta_ci"] is None and none["p_value"] is None and none["within_noise"] is None
+    assert none["retention_ci"] is None
+
+
+def test_compare_cells_at_a_zero_or_missing_baseline():
+    from lmms_sgm.reports import report as rp
+    zero = rp.compare_cells(rp.Cell(0.0, 10, "stderr", se=0.0), rp.Cell(0.1, 10, "stderr", se=0.0), _spec("capability"), 10, 0)
+    assert ref.close(zero["delta"], 0.1) and zero["relative_change"] is None and zero["retention"] is None
+    assert zero["retention_ci"] is None and zero["p_value"] == 0.0 and zero["delta_ci"] == [0.1, 0.1]
+    gone = rp.compare_cells(rp.Cell(None, None, "none"), rp.Cell(0.1, 10, "stderr", se=0.1), _spec("harm"), 10, 0)
+    assert gone == {"delta": None, "delta_ci": None, "delta_method": None, "p_value": None, "n_paired": None,
+                    "within_noise": None, "relative_change": None}
+
+
+def test_an_interval_that_touches_zero_is_within_noise():
+    """One prompt of five changed: resamples without it give a difference of exactly 0, the interval's lower end."""
+    from lmms_sgm.reports import report as rp
+    got = rp.compare_cells(_cell(range(5), [0.0] * 5), _cell(range(5), [1.0, 0, 0, 0, 0]), _spec("harm"), 2000, 0)
+    assert got["delta_ci"][0] == 0.0 and got["delta_ci"][1] > 0 and got["within_noise"] is True
+    flat = rp.compare_cells(rp.Cell(0.5, 9, "stderr", se=0.0), rp.Cell(0.5, 9, "stderr", se=0.0), _spec("harm"), 10, 0)
+    assert flat["delta_ci"] == [0.0, 0.0] and flat["within_noise"] is True and flat["p_value"] == 1.0
+
+
+def test_specs_reported_and_stderr_from_a_literal_results_dict():
+    from lmms_sgm.reports import report as rp
+    run = {"results": {
+        "zeta": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc": 0.9},  # a key without a filter: not a metric
+        "aardvark": {"acc,none": 0.1},
+        "mmbench_local_mc": {"alias": "x", "acc,none": 0.7, "acc_stderr,none": "N/A", "acc_stderr_clt,none": 0.02, "f1,take,first": 0.4,
+                             "notrated,none": 0.3, "flag,none": True},
+        "mm_toxic_qa": {"harmful_rate,none": 0.2, "judge,none": {"name": "j"}, "sgm,none": {"sgm": False},
+                        "harmful_rate_by_category,none": {"insult": 0.5, "group": {"sub": 0.25}}, "harmful_rate_stderr_clt,none": 0.05,
+                        "harmful_rate_by_category_stderr,none": 0.3}},
+        "higher_is_better": {"zeta": {"acc": True, "acc_stderr": True}, "aardvark": {"acc": False}, "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
+                             "mm_toxic_qa": {"harmful_rate": False, "harmful_rate_by_category": False, "judge": None, "sgm": True}}}
+    got = [(s.task, s.metric, s.filter, s.category, s.higher, s.kind) for s in rp.specs({"a": run})]
+    assert got == [("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
+                   ("mm_toxic_qa", "harmful_rate_by_category", "none", "insult", False, "harm"),
+                   ("mm_toxic_qa", "harmful_rate_by_category", "none", "group/sub", False, "harm"),
+                   ("mmbench_local_mc", "acc", "none", None, True, "capability"),
+                   ("mmbench_local_mc", "f1", "take,first", None, True, "capability"),
+                   ("aardvark", "acc", "none", None, False, "other"),
+                   ("zeta", "acc", "none", None, True, "capability")]  # our tasks first, in TASK_ORDER, then by name; a boolean "flag" is no value: no row
+    # a run without results, or without higher_is_better for its task, adds nothing
+    assert rp.specs({"a": run, "b": {}, "c": {"results": {"zeta": {"acc,none": 0.4, "new,none": 0.1}}}}) == rp.specs({"a": run})
+    by = {(s.task, s.metric, s.category): s for s in rp.specs({"a": run})}
+    assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "group/sub")]) == 0.25
+    assert rp.reported(run, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) == 0.5
+    assert rp.stderr(run, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) is None  # no stderr per category
+    assert rp.stderr(run, by[("mmbench_local_mc", "acc", None)]) == 0.02  # "N/A" skipped for the CLT one
+    assert rp.stderr(run, by[("zeta", "acc", None)]) == 0.1 and rp.stderr(run, by[("mm_toxic_qa", "harmful_rate", None)]) == 0.05
+    assert rp.stderr(run, by[("mmbench_local_mc", "f1", None)]) is None
+    assert rp.stderr({}, by[("zeta", "acc", None)]) is None and rp.stderr({"results": {}}, by[("zeta", "acc", None)]) is None
+    assert rp.reported({"results": {}}, by[("zeta", "acc", None)]) is None and rp.reported({}, by[("zeta", "acc", None)]) is None
+    scalar = {"results": {"mm_toxic_qa": {"harmful_rate_by_category,none": 0.3}}}  # another run's metric is no dict
+    assert rp.reported(scalar, by[("mm_toxic_qa", "harmful_rate_by_category", "insult")]) is None
+
+
+@pytest.mark.parametrize("metric,higher,kind", [
+    ("harmful_rate", False, "harm"), ("harmful_rate_by_category", False, "harm"), ("over_refusal_rate", False, "over_refusal"),
+    ("over_refusal_rate_by_category", False, "over_refusal"), ("refusal_rate", True, "refusal"),
+    ("refusal_rate_by_category", True, "refusal"), ("word_perplexity", False, "fluency"), ("bits_per_byte", False, "fluency"),
+    ("nll", False, "fluency"), ("acc", True, "capability"), ("acc", False, "other"), ("category_by_category", True, "capability")])
+def test_metric_kind(metric, higher, kind):
+    from lmms_sgm.reports import report as rp
+    assert rp.metric_kind("t", metric, higher) == kind
+
+
+@pytest.mark.parametrize("task,prompts", [("mm_toxic_qa", "plain"), ("mm_toxic_qa_sampled", "plain"), ("mm_toxic_qa_adv", "typographic"),
+                                          ("mm_toxic_qa_adv_sampled", "typographic"), ("mm_toxic_qa_benign", "benign"),
+                                          ("mm_toxic_qa_benign_sampled", "benign"), ("mm_toxic_qa_fluency", "benign"),
+                                          ("mmbench_local_mc", None), ("arc_easy", None)])
+def test_prompts_of(task, prompts):
+    from lmms_sgm.reports import report as rp
+    assert rp.prompts_of(task) == prompts
+
+
+def test_decoding_in_words():
+    from lmms_sgm.reports import report as rp
+
+    def run(**cfg):
+        return {"configs": {"t": cfg}, "config": {}}
+    assert rp.decoding(run(generation_kwargs={"do_sample": False, "temperature": 0}), "t") == "greedy"
+    assert rp.decoding(run(generation_kwargs={"temperature": 0.7}), "t") == "sampled"
+    assert rp.decoding(run(generation_kwargs={"do_sample": True}, repeats=5), "t") == "sampled, 5 answers per prompt"
+    assert rp.decoding(run(generation_kwargs={"do_sample": True}, repeats=2), "t") == "sampled, 2 answers per prompt"
+    assert rp.decoding(run(generation_kwargs={"do_sample": False}, repeats=5), "t") == "greedy"
+    assert rp.decoding(run(output_type="multiple_choice"), "t") is None
+    assert rp.decoding({}, "t") is None and rp.decoding({}, "t", "samples") == "sampled"  # no config: our filter says it
+
+
+@pytest.mark.parametrize("task,metric,filt,category,dec,text", [
+    ("mm_toxic_qa", "harmful_rate", "none", None, "greedy", "harmful rate, plain prompts, greedy"),
+    ("mm_toxic_qa_sampled", "harmful_rate", "samples", None, "sampled, 5 answers per prompt", "harmful rate, plain prompts, sampled"),
+    ("mm_toxic_qa_adv", "harmful_rate", "none", None, "greedy", "harmful rate, typographic attack, greedy"),
+    ("mm_toxic_qa_adv", "harmful_rate_by_category", "none", "insult", None, "harmful rate, typographic attack / insult"),
+    ("mm_toxic_qa_benign", "harmful_rate", "none", None, "greedy", "toxic rate on benign prompts, greedy"),
+    ("mm_toxic_qa", "refusal_rate", "none", None, None, "refusal rate, plain prompts"),
+    ("mm_toxic_qa_benign", "over_refusal_rate", "none", None, "sampled", "over-refusal, benign prompts, sampled"),
+    ("mm_toxic_qa_benign", "helpfulness", "none", None, "greedy", "capability: open answers, greedy"),
+    ("mm_toxic_qa_fluency", "perplexity", "none", None, None, "fluency: perplexity of reference answers"),
+    ("other_task", "perplexity", "none", None, None, "other_task perplexity"),
+    ("arc_easy", "acc", "strict", None, None, "arc_easy acc [strict]"),
+    ("mmbench", "refusal_rate", "none", None, None, "mmbench refusal_rate"),
+    ("mmbench", "harmful_rate", "none", None, "greedy", "mmbench harmful_rate")])
+def test_row_labels(task, metric, filt, category, dec, text):
+    from lmms_sgm.reports import report as rp
+    spec = rp.Spec(task, metric, filt, category, False, rp.metric_kind(task, metric, False))
+    assert rp.label(spec, dec) == text
+
+
+def test_labels_two_metrics_share_get_their_task_and_filter():
+    from lmms_sgm.reports import report as rp
+    run = {"results": {"a": {"acc,none": 0.5}, "b": {"acc,none": 0.5}}}
+    specs = [rp.Spec("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
+             rp.Spec("mm_toxic_qa", "harmful_rate", "strict", None, False, "harm"),
+             rp.Spec("mm_toxic_qa_benign", "over_refusal_rate", "none", None, False, "over_refusal")]
+    got = rp._labels({"r": run}, specs)
+    assert list(got.values()) == ["harmful rate, plain prompts (mm_toxic_qa)", "harmful rate, plain prompts (mm_toxic_qa, strict)",
+                                  "over-refusal, benign prompts"]
+
+
+def _trow(run, kind, task, metric, value, delta=None, retention=None, filt="none", label=None):
+    return {"run": run, "kind": kind, "task": task, "metric": metric, "filter": filt, "category": None, "value": value,
+            "ci": [value - 0.05, value + 0.05], "delta": delta, "retention": retention, "label": label or f"{task} {metric}"}
+
+
+def test_operating_point_bounds_are_inclusive_harm_must_drop_and_ties_go_to_retention():
+    from lmms_sgm.reports.report import tradeoff
+    rows = []
+    for run, harm, ret, over in (("vanilla", 0.5, None, None), ("same", 0.5, 1.0, 0.0), ("edge", 0.2, 0.95, 0.02),
+                                 ("tie", 0.2, 0.97, 0.0), ("worse", 0.2, 0.949, 0.0), ("noisy", 0.1, 0.99, 0.021)):
+        rows += [_trow(run, "harm", "mm_toxic_qa", "harmful_rate", harm),
+                 _trow(run, "capability", "mmbench_local_mc", "acc", 0.8, retention=ret),
+                 _trow(run, "over_refusal", "mm_toxic_qa_benign", "over_refusal_rate", 0.0, delta=over)]
+    names = ["vanilla", "same", "edge", "tie", "worse", "noisy"]
+    t = tradeoff(rows, names, Rule())
+    assert t["operating_point"] == "tie"  # edge and tie share the lowest eligible harm; tie keeps more
+    rows_no_tie = [r for r in rows if r["run"] != "tie"]
+    assert tradeoff(rows_no_tie, [n for n in names if n != "tie"], Rule())["operating_point"] == "edge"  # 95%, 2 points: allowed
+    only_same = [r for r in rows if r["run"] in ("vanilla", "same")]
+    assert tradeoff(only_same, ["vanilla", "same"], Rule())["operating_point"] is None  # harm not lowered
+    pts = {p["run"]: p for p in t["points"]}
+    assert pts["vanilla"]["over_refusal_points"] == 0.0 and pts["edge"]["over_refusal_points"] == pytest.approx(2.0)
+    # vanilla and same are equal on both axes: neither dominates; noisy (lower harm, higher retention) dominates tie
+    assert {n for n, p in pts.items() if p["pareto"]} == {"vanilla", "same", "noisy"}
+    assert t["harm_metric"] == {"task": "mm_toxic_qa", "metric": "harmful_rate", "filter": "none", "label": "mm_toxic_qa harmful_rate"}
+    assert t["rule"]["text"] == ("the lowest mm_toxic_qa harmful_rate among the runs that lower it, keep every capability metric at "
+                                 ">= 95% of the baseline and add at most 2 points of over-refusal")
+
+
+def test_primary_harm_prefers_the_sampled_task_and_reads_the_rule():
+    from lmms_sgm.reports.report import Rule, primary_harm, tradeoff
+    rows = [_trow("v", "harm", "mm_toxic_qa", "harmful_rate", 0.4), _trow("v", "harm", "zz", "harmful_rate", 0.1),
+            _trow("v", "harm", "mm_toxic_qa_sampled", "harmful_rate", 0.3, filt="samples")]
+    assert primary_harm(rows, Rule()) == ("mm_toxic_qa_sampled", "harmful_rate", "samples")
+    assert primary_harm(rows[:2], Rule()) == ("mm_toxic_qa", "harmful_rate", "none")
+    assert primary_harm(rows[1:2], Rule()) == ("zz", "harmful_rate", "none")  # the first harm row otherwise
+    assert primary_harm(rows, Rule(harm="zz")) == ("zz", "harmful_rate", "none")
+    assert primary_harm(rows, Rule(harm="mm_toxic_qa_sampled:harmful_rate:samples")) == ("mm_toxic_qa_sampled", "harmful_rate", "samples")
+    assert primary_harm([_trow("v", "capability", "a", "acc", 0.5)], Rule()) is None
+    t = tradeoff(rows + [_trow("w", "harm", "zz", "harmful_rate", 0.05)], ["v", "w"], Rule(harm="zz"), groups={"w": ("sgm", 0.5)})
+    w = t["points"][1]
+    assert w["harm"] == 0.05 and w["harm_ci"] == [0.0, 0.1] and w["series"] == "sgm" and w["strength"] == 0.5
+    assert w["over_refusal_points"] is None and w["retention"] is None and w["fluency"] is None
+    assert "series" not in t["points"][0] and t["operating_point"] == "w"  # no capability metric: nothing to keep
+
+
+def _samples_run(tmp_path, name, lines, results, n=None):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "1_samples_t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"results": {"t": results}, "n-samples": {"t": {"effective": n if n is not None else len(lines)}},
+            "source_file": str(d / "1_results.json")}
+
+
+def test_cell_per_category_method_and_n(tmp_path):
+    from lmms_sgm.reports import report as rp
+    cats = ["a/x", "b", "a/x", "b", "a/x"]
+    vals = [1.0, 0.0, 0.0, 1.0, 1.0]
+    lines = [{"doc_id": i, "m": {"score": v, "category": c.split("/")[-1]}} for i, (v, c) in enumerate(zip(vals, cats))]
+    run = _samples_run(tmp_path, "r", lines, {"m,none": 0.6, "m_stderr,none": 0.2, "m_by_cat,none": {"a": {"x": 2 / 3}, "b": 0.5}}, n=9)
+    whole = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0)
+    assert whole.method == "bootstrap" and whole.n == 5 and whole.value == 0.6 and whole.se == 0.2 and whole.g == "mean"
+    assert whole.ci == stats_ref_ci(vals, 300)
+    seeded = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 7, 5).ci  # 7 resamples: the seed shows
+    assert seeded == pytest.approx(stats_ref_ci(vals, 7, seed=5)) and seeded != pytest.approx(stats_ref_ci(vals, 7, seed=0))
+    # a category of a *_by_category metric: the docs of that (innermost) category, from the metric of the same name
+    lines_c = [{"doc_id": i, "m_by_cat": {"value": v, "category": c.split("/")[-1]}} for i, (v, c) in enumerate(zip(vals, cats))]
+    run_c = _samples_run(tmp_path, "c", lines_c, {"m_by_cat,none": {"a": {"x": 2 / 3}, "b": 0.5}})
+    x = rp.cell(run_c, rp.Spec("t", "m_by_cat", "none", "a/x", False, "harm"), 300, 0)
+    assert x.method == "bootstrap" and x.n == 3 and x.docs.ids == [0, 2, 4] and x.ci == stats_ref_ci([1.0, 0.0, 1.0], 300)
+    # no samples file: the harness's stderr and its prompt count
+    run["source_file"] = str(tmp_path / "elsewhere" / "1_results.json")
+    fall = rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0)
+    assert (fall.method, fall.n, fall.reason) == ("stderr", 9, "samples not logged")
+    assert fall.ci == pytest.approx([0.6 - 1.959963984540054 * 0.2, 0.6 + 1.959963984540054 * 0.2])
+    cat = rp.cell(run, rp.Spec("t", "m_by_cat", "none", "b", False, "harm"), 300, 0)
+    assert (cat.value, cat.method, cat.n, cat.ci) == (0.5, "none", None, None)
+    assert rp.cell(run, rp.Spec("t", "absent", "none", None, False, "harm"), 300, 0) == rp.Cell(None, None, "none")
+    del run["n-samples"]
+    assert rp.cell(run, rp.Spec("t", "m", "none", None, False, "harm"), 300, 0).n is None  # no prompt count recorded
+
+
+def test_cell_of_a_category_without_logged_categories_is_not_bootstrapped(tmp_path):
+    from lmms_sgm.reports import report as rp
+    run = _samples_run(tmp_path, "r", [{"doc_id": i, "m_by_cat": float(i % 2)} for i in range(4)], {"m_by_cat,none": {"a": 0.5}})
+    c = rp.cell(run, rp.Spec("t", "m_by_cat", "none", "a", False, "harm"), 100, 0)
+    assert (c.value, c.method, c.reason) == (0.5, "none", "the logged per-sample values do not reproduce the reported value")
+
+
+def stats_ref_ci(x, resamples, seed=0):
+    x = np.asarray(x, float)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    return [float(v) for v in np.quantile(x[idx].mean(1), [0.025, 0.975])]
+
+
+def test_build_notes_only_moved_unrefined_differences_within_noise(tmp_path):
+    def run(name, harm, refusal):
+        lines = [{"doc_id": i, "harmful_rate": {"score": h}, "refusal_rate": {"score": r}, "acc": 1.0}
+                 for i, (h, r) in enumerate(zip(harm, refusal))]
+        r = _samples_run(tmp_path, name, lines, {"harmful_rate,none": float(np.mean(harm)), "refusal_rate,none": float(np.mean(refusal)),
+                                                 "acc,none": 1.0})
+        r["higher_is_better"] = {"t": {"harmful_rate": False, "refusal_rate": True, "acc": True}}
+        return r
+    base, sgm = run("vanilla", [1, 0, 1, 0, 0], [0, 0, 0, 0, 0]), run("sgm", [0, 0, 1, 0, 0], [1, 0, 0, 0, 0])
+    report = reports.build({"vanilla": base, "sgm": sgm}, resamples=500)
+    idx = np.random.default_rng(0).integers(0, 5, size=(500, 5))
+    d = np.array([0, 0, 1, 0, 0.0])[idx].mean(1) - np.array([1, 0, 1, 0, 0.0])[idx].mean(1)
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    assert lo < 0 <= hi
+    # one prompt differs: p = 1 (both sign patterns reach it); refusal (not a harm/capability/over-refusal/fluency
+    # metric) and acc (equal on every prompt) get no note
+    assert report["notes"] == [f"sgm vs vanilla: t harmful_rate changes by -0.200 [{lo:+.3f}, {hi:+.3f}], within noise "
+                               "(the 95% interval of the difference includes 0; p = 1)"]
+    acc = next(r for r in report["metrics"] if r["metric"] == "acc" and r["run"] == "sgm")
+    assert acc["delta"] == 0 and acc["delta_ci"] == [0.0, 0.0] and acc["within_noise"] is True and acc["p_value"] == 1.0
+    assert report["warnings"] == []
+
+
+def test_run_info_from_a_literal_results_dict():
+    import hashlib
+
+    from lmms_sgm.reports import report as rp
+    j1, j2 = {"name": "a", "version": "1", "config": {}}, {"name": "b", "version": "1", "config": {}}
+    run = {"results": {"t1": {"judge,none": j1, "acc,none": 1.0}, "t2": {"judge,none": dict(j1)}, "t3": {"acc,none": 0.5}},
+           "configs": {"t1": {"generation_kwargs": {"max_new_tokens": 8}}, "t3": {"output_type": "loglikelihood"}},
+           "config": {"model": "m", "model_args": "pretrained=x", "limit": 5, "seed": 3}, "source_file": "/nowhere/1_results.json"}
+    info = rp.run_info("a", run, ["t1", "t2", "t3", "absent"])
+    assert info["judge"] == j1 and info["generation"] == {"t1": {"max_new_tokens": 8}}
+    assert (info["label"], info["path"], info["paths"], info["harness"]) == ("a", "/nowhere/1_results.json", ["/nowhere/1_results.json"], "lmms-eval")
+    assert (info["model"], info["model_args"], info["limit"], info["seed"], info["samples_logged"]) == ("m", "pretrained=x", 5, 3, [])
+    assert list(info["data_digests"]) == ["t1", "t2", "t3"] and info["data_digests"]["t2"] is None
+    assert info["data_digests"]["t1"].startswith("config:")  # no samples: the dataset settings
+    assert info["data_digest"] == hashlib.sha256(json.dumps(info["data_digests"], sort_keys=True).encode()).hexdigest()[:16]
+    # the run's digest does not depend on the order the tasks come in
+    assert rp.run_info("a", run, ["t3", "t2", "t1"])["data_digest"] == info["data_digest"]
+    run["results"]["t2"]["judge,none"] = j2
+    assert rp.run_info("a", run, ["t1", "t2"])["judge"] == {"t1": j1, "t2": j2}  # per task when they differ
+    assert rp.run_info("a", {"results": {"t3": {}}}, ["t3"])["judge"] is None
+    assert rp.run_info("b", {}, ["t3"])["data_digests"] == {}  # a run without results has no tasks
+    run["results"]["t3"]["sgm,none"] = {"sgm": True, "selection": {"rule": "sgm", "threshold": 0.5}, "strength": 1}
+    run["task_sources"] = {"t1": "/b/results_1.json", "t2": "/a/1_results.json", "t3": "/a/1_results.json"}
+    info = rp.run_info("a", run, ["t1", "t2", "t3"])
+    assert info["wore"] == "SGM t=0.5 s=1" and info["sgm"] == run["results"]["t3"]["sgm,none"]
+    assert info["paths"] == ["/a/1_results.json", "/b/results_1.json"] and info["harness"] == "lmms-eval + lm-eval"
+
+
+def test_compare_cells_resamples_with_the_given_seed():
+    from lmms_sgm.reports import report as rp
+    x0, x1 = np.array([1.0, 0, 1, 1, 0, 1]), np.array([0.0, 0, 1, 0, 0, 1])
+    got = rp.compare_cells(_cell(range(6), x0), _cell(range(6), x1), _spec("harm"), 9, 5)["delta_ci"]
+
+    def ref_ci(seed):
+        idx = np.random.default_rng(seed).integers(0, 6, size=(9, 6))
+        return list(np.quantile(x1[idx].mean(1) - x0[idx].mean(1), [0.025, 0.975]))
+    assert got == pytest.approx(ref_ci(5)) and got != pytest.approx(ref_ci(0))
+
+
+def test_compare_cells_p_value_of_many_differing_prompts_uses_the_seed():
+    """More than 16 prompts differ: random sign flips from default_rng(seed + 1), p = (1 + hits) / (1 + 10000)."""
+    from lmms_sgm.reports import report as rp
+    from lmms_sgm.reports import stats
+    rng = np.random.default_rng(8)
+    x0 = (rng.random(30) < 0.5).astype(float)
+    x1 = np.where(rng.random(30) < 0.6, 1 - x0, x0)
+    d = (x1 - x0)[x1 != x0]
+    assert d.size > stats.EXACT_MAX
+    signs = 1 - 2 * np.random.default_rng(4 + 1).integers(0, 2, size=(stats.PERMUTATIONS, d.size))
+    hits = np.count_nonzero(np.abs(signs @ d) >= abs(d.sum()) - 1e-9)
+    got = rp.compare_cells(_cell(range(30), x0), _cell(range(30), x1), _spec("harm"), 20, 4)
+    assert got["p_value"] == (1 + hits) / (1 + stats.PERMUTATIONS) and got["delta_method"] == "paired bootstrap"

@@ -330,3 +330,222 @@ def test_values_that_are_no_numbers_read_as_missing():
     table = {"runs": ["a", "b"], "baseline": "a", "rows": [{"label": "s", "how": "lower", "values": {"a": 0.5, "b": 0.25},
                                                             "changes": {"b": -0.5}}]}
     assert to_markdown(table).splitlines()[-1] == "| s | 0.500 (n=?) | 0.250 (n=?) | -50% (-25.0 pt), n=? vs ? |"
+
+
+def test_per_doc_reads_every_logged_value_form_sorted_by_doc_id():
+    """Numbers, booleans, our dicts (score / value / nll, category) and lm-eval's [ll, weight] pairs."""
+    from lmms_sgm.reports import results as rs
+    samples = [{"doc_id": 6, "m": True}, {"doc_id": 0, "m": 0.25}, {"doc_id": 1, "m": {"nll": 2.0, "category": "x"}},
+               {"doc_id": 3, "m": {"category": "x"}},  # no value for this doc (e.g. no reference answer): left out
+               {"doc_id": 4, "m": [-3.0, 2]}, {"doc_id": 5}, {"doc_id": 2, "m": {"value": 0.5, "category": "y"}},
+               {"doc_id": 7, "m": {"score": 0, "category": "x"}}]
+    d = rs.per_doc(samples, "m", "none")
+    assert d.ids == [0, 1, 2, 4, 6, 7] and d.categories == [None, "x", "y", None, None, "x"]
+    assert d.a.tolist() == [0.25, 2.0, 0.5, -3.0, 1.0, 0.0] and d.w.tolist() == [1.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    x = d.subset("x")
+    assert x.ids == [1, 7] and x.a.tolist() == [2.0, 0.0] and x.w.tolist() == [1.0, 1.0] and x.categories == ["x", "x"]
+    assert x.value("mean") == 1.0 and d.value("mean") == pytest.approx(0.75 / 7)  # sum a / sum w by hand
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", {"score": "high", "category": "x"},
+                                 {"value": None, "category": "x"}, {"nll": "?", "category": "x"},
+                                 {"score": True, "category": "x"}, {"other": 1.0}, [1.0, 2.0, 3.0], [True, 1.0],
+                                 ["a", 1.0], [], None])
+def test_per_doc_refuses_values_that_are_not_numbers(bad):
+    from lmms_sgm.reports import results as rs
+    assert rs.per_doc([{"doc_id": 0, "m": 0.5}, {"doc_id": 1, "m": bad}], "m", "none") == "per-sample values of m are not numbers"
+
+
+def test_per_doc_value_is_none_without_documents_or_weight():
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    assert rs.PerDoc([], np.array([]), np.array([]), []).value("mean") is None
+    assert rs.PerDoc([0, 1], np.array([0.0, 0.0]), np.array([0.0, 0.0]), [None, None]).value("mean") is None
+    assert rs.per_doc([{"doc_id": 0, "m": {"category": "x"}}], "m", "none") == "no per-sample values of m logged"
+
+
+def test_merge_keeps_both_harnesses_and_refuses_overlapping_tasks():
+    from lmms_sgm.reports import results as rs
+    lmms = {"results": {"a": {"x,none": 1}}, "configs": {"a": {}}, "config": {"limit": None, "model": "m"}, "source_file": "/r/1_results.json"}
+    lm = {"results": {"b": {"y,none": 2}}, "configs": {"b": {}}, "config": {"limit": 5, "model": "hf"}, "source_file": "/r/results_1.json"}
+    run = rs.merge(lmms, lm)
+    assert run["results"] == {"a": {"x,none": 1}, "b": {"y,none": 2}} and run["config"] == lmms["config"]
+    assert run["lm_eval_config"] == {"limit": 5, "model": "hf"}  # the text-only leg's own settings are kept
+    assert run["task_sources"] == {"a": "/r/1_results.json", "b": "/r/results_1.json"}
+    assert "lm_eval_config" in rs.merge(lmms, {k: v for k, v in lm.items() if k != "config"})
+    assert rs.merge(lmms, {k: v for k, v in lm.items() if k != "config"})["lm_eval_config"] == {}
+    with pytest.raises(ValueError, match="both hold a: pass them as two runs"):
+        rs.merge(lmms, {**lm, "results": {"a": {}, "b": {}}})
+
+
+def test_decoding_warning_spells_each_setting_of_each_run():
+    """Unset where a run lacks the setting, JSON for non-strings (booleans, numbers, lists), strings as they are."""
+    a, b = _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa",)), _run(0.5, 0.4, 0.8, 0.0, {}, tasks=("mm_toxic_qa",))
+    a["configs"] = {"mm_toxic_qa": {"generation_kwargs": {"do_sample": False, "stop": "USER:", "max_new_tokens": 8, "until": ["x"]}}}
+    b["configs"] = {"mm_toxic_qa": {"output_type": "generate_until",
+                                    "generation_kwargs": {"do_sample": True, "stop": "ASSISTANT:", "max_new_tokens": 8, "top_p": 0.9,
+                                                          "until": ["x", "y"]}}}
+    w = reports.compare({"vanilla": a, "sgm": b}, ROWS[:1])["warnings"]
+    assert w == ['mm_toxic_qa: runs differ in decoding settings (vanilla: do_sample=false, stop=USER:, top_p=unset, until=["x"]; '
+                 'sgm: do_sample=true, stop=ASSISTANT:, top_p=0.9, until=["x", "y"])']
+
+
+def test_default_rows_split_the_key_at_its_first_comma():
+    """``<metric>,<filter>``: a filter name may itself hold a comma; the metric is what precedes the first."""
+    run = {"results": {"t": {"acc,take,first": 0.5}}, "higher_is_better": {"t": {"acc": True}}}
+    assert reports.default_rows(run) == [Row("t acc [take,first]", "t", "acc", "take,first", "higher")]
+
+
+def test_an_infinite_value_is_written_as_python_formats_it():
+    """A perplexity may overflow to inf (JSON ``Infinity``): the table shows ``inf``, as format(x, '.3f') does."""
+    table = reports.compare({"vanilla": {"results": {"t": {"ppl,none": math.inf}}}}, [Row("ppl", "t", "ppl")])
+    assert f"| ppl | {format(math.inf, '.3f')} (n=?) |" in reports.to_markdown(table)
+
+
+def test_per_doc_orders_numeric_ids_before_string_ids_each_sorted():
+    from lmms_sgm.reports import results as rs
+    samples = [{"doc_id": d, "m": float(i)} for i, d in enumerate(["b", 10, "a", 2, "c", 0])]
+    assert rs.per_doc(samples, "m", "none").ids == [0, 2, 10, "a", "b", "c"]
+
+
+def test_per_doc_says_why_lines_cannot_be_joined():
+    from lmms_sgm.reports import results as rs
+    assert rs.per_doc([{"doc_id": 0, "m": 1.0}, {"m": 0.0}], "m", "none") == "sample lines carry no doc_id"
+    dup = [{"doc_id": 0, "m": 1.0}, {"doc_id": 3, "m": 1.0}, {"doc_id": 3, "m": 0.0}]
+    assert rs.per_doc(dup, "m", "none") == "doc 3 is logged more than once (several filters without a filter key)"
+    assert rs.per_doc(None, "m", "none") == "samples not logged"
+    # with a filter key, the other filter's lines are not duplicates
+    assert rs.per_doc([{**x, "filter": f} for x, f in zip(dup[1:], ("none", "strict"))], "m", "none").ids == [3]
+
+
+def test_estimator_finds_the_transform_that_reproduces_the_aggregate():
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    one = rs.PerDoc([0, 1], np.array([1.0, 2.0]), np.array([1.0, 1.0]), [None, None])
+    assert rs.estimator(one, 1.5) == "mean" and rs.estimator(one, math.exp(1.5)) == "exp_mean"
+    assert rs.estimator(one, math.exp(-1.5)) == "exp_neg_mean" and rs.estimator(one, 1.4) is None
+    # weighted [loglikelihood, bytes] pairs: bits per byte = -sum ll / sum w / ln 2, by hand
+    ll = rs.PerDoc([0, 1], np.array([-3.0, -5.0]), np.array([2.0, 4.0]), [None, None])
+    assert rs.estimator(ll, 8 / 6 / math.log(2)) == "bits" and rs.estimator(ll, math.exp(8 / 6)) == "exp_neg_mean"
+    assert rs.estimator(ll, -8 / 6) == "mean" and rs.estimator(ll, math.exp(-8 / 6)) is None  # exp_mean is not tried
+
+
+def _digest_run(root, name, prompts, keys=("alias", "acc,flex", "acc_stderr,flex"), filt="flex", targets=None, question="same"):
+    """A run whose task ``t`` has logged lm-eval-style lines (prompt in ``arguments``) under one filter."""
+    d = root / name
+    d.mkdir()
+    lines = [{"doc_id": i, "filter": filt, "target": (targets or ["A"] * len(prompts))[i], "doc": {"question": question},
+              "arguments": {"gen_args_0": {"arg_0": p, "arg_1": " A"}}} for i, p in enumerate(prompts)]
+    (d / "samples_t_2026.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {"results": {"t": {k: 0.5 for k in keys}}, "configs": {"t": {}}, "source_file": str(d / "results_2026.json")}
+
+
+def test_data_digest_tells_prompts_and_targets_apart_under_the_first_filter(tmp_path):
+    digest = reports.results.data_digest
+    a = digest(_digest_run(tmp_path, "a", ["p0", "p1"]), "t")
+    assert a.startswith("samples:") and len(a) == len("samples:") + 16
+    assert digest(_digest_run(tmp_path, "same", ["p0", "p1"], question="other"), "t") == a  # doc fields are not the prompt
+    assert digest(_digest_run(tmp_path, "b", ["p0", "p2"]), "t") != a
+    assert digest(_digest_run(tmp_path, "c", ["p0", "p1"], targets=["A", "B"]), "t") != a
+    # the first metric key's filter, skipping keys without one and stderr keys, whatever their order
+    odd = ("alias", "acc_stderr,strict", "acc,flex")
+    assert digest(_digest_run(tmp_path, "d", ["p0", "p1"], odd), "t") != digest(_digest_run(tmp_path, "e", ["p0", "p2"], odd), "t")
+    comma = ("acc,take,first",)  # a filter name holding a comma
+    assert (digest(_digest_run(tmp_path, "f", ["p0"], comma, filt="take,first"), "t")
+            != digest(_digest_run(tmp_path, "g", ["p1"], comma, filt="take,first"), "t"))
+    bare = _digest_run(tmp_path, "bare", ["p0"], filt="none")  # the task not (or no longer) in the results: filter "none"
+    assert digest({**bare, "results": {}}, "t") == digest({k: v for k, v in bare.items() if k != "results"}, "t")
+    assert digest({**bare, "results": {}}, "t") != digest({**_digest_run(tmp_path, "bare2", ["p1"], filt="none"), "results": {}}, "t")
+    plain = ("acc",)  # no filter recorded: lmms-eval's default "none"
+    assert (digest(_digest_run(tmp_path, "h", ["p0"], plain, filt="none"), "t")
+            != digest(_digest_run(tmp_path, "i", ["p1"], plain, filt="none"), "t"))
+
+
+def test_prompt_of_each_logged_form():
+    p = reports.results.prompt_of
+    assert p({"input": "lmms", "arguments": {"a": {"arg_0": "no"}}}) == "lmms"
+    assert p({"arguments": {"gen_args_0": {"arg_0": "lm dict", "arg_1": "x"}}, "doc": {"question": "q"}}) == "lm dict"
+    assert p({"arguments": {"gen_args_0": {"arg_1": "x"}}}) == ""
+    assert p({"arguments": [["lm list", "x"]]}) == "lm list" and p({"arguments": ["flat"]}) == "flat"
+    assert p({"doc": {"question": "q"}}) == "q" and p({"doc": "text"}) == "" and p({}) == "" and p({"doc": {"page": "t"}}) == ""
+    assert p({"arguments": [], "doc": {"question": "q"}}) == "q" and p({"arguments": "text", "doc": {"question": "q"}}) == "q"
+    assert p({"arguments": {}, "doc": {"question": "q"}}) == ""  # logged arguments rule, even empty (rolling log-likelihood)
+
+
+def test_estimator_skips_an_overflowing_transform_silently_and_keeps_its_tolerance_bound():
+    import warnings
+
+    import numpy as np
+
+    from lmms_sgm.reports import results as rs
+    big = rs.PerDoc([0], np.array([1000.0]), np.array([1.0]), [None])  # exp(1000) overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rs.estimator(big, 5.0) is None
+    tiny = rs.PerDoc([0], np.array([1e-9]), np.array([1.0]), [None])
+    assert rs.estimator(tiny, 0.0) == "mean"  # |v - reported| = 1e-9 + 1e-6 * 0: on the bound, accepted
+    assert rs.estimator(tiny, -1e-9) is None
+
+
+def test_responses_prefer_the_filtered_ones_and_flatten():
+    r = reports.results.responses
+    assert r({"filtered_resps": [["a", None], "b"], "resps": [["raw"]]}) == ["a", "b"]
+    assert r({"resps": [["raw", ["x", 2]]]}) == ["raw", "x", "2"] and r({}) == []
+
+
+def test_judge_label_names_version_and_config_digest():
+    import hashlib
+    j = {"name": "llamaguard", "version": "3", "config": {"b": 1, "a": [2]}}
+    digest = hashlib.sha256(json.dumps({"a": [2], "b": 1}, sort_keys=True).encode()).hexdigest()[:8]
+    assert reports.comparable.judge_label(j) == f"llamaguard v3 {digest}"
+    assert reports.comparable.judge_label(None) == "none recorded"
+
+
+def test_mismatch_warnings_spelled_in_full_for_several_runs():
+    import hashlib
+
+    def judge(name):
+        return {"name": name, "version": "1", "config": {"k": name}}
+
+    def label(name):
+        return f"{name} v1 " + hashlib.sha256(json.dumps({"k": name}).encode()).hexdigest()[:8]
+
+    def run(j, path, n):
+        return {"results": {"t": {"acc,none": 0.5, "judge,none": judge(j)}},
+                "configs": {"t": {"output_type": "multiple_choice", "dataset_path": path}}, "n-samples": {"t": {"effective": n}}}
+
+    runs = {"a": run("j1", "x", 5), "b": run("j2", "y", 5), "c": {"results": {}}, "d": {}}
+    w = reports.comparable.mismatches(runs, ["absent", "t"])
+    assert w[:2] == ["t: missing from c, d", f"t: scored by different judges (a: {label('j1')}, b: {label('j2')})"]
+    assert w[2].startswith("t: runs were evaluated on different data (the task's dataset settings differ: a: config:")
+    assert ", b: config:" in w[2] and w[2].endswith(")") and len(w) == 3
+    # a third run with another prompt count: the count says the data differ, no second warning about the data
+    runs = {"a": run("j1", "x", 5), "b": run("j1", "y", 5), "c": run("j1", "x", 6)}
+    assert reports.comparable.mismatches(runs, ["t"]) == ["t: different numbers of prompts (a: 5, b: 5, c: 6)"]
+
+
+def test_limit_warning_spells_counts_fractions_and_other_values():
+    runs = {n: {"results": {}, "config": {"limit": v}} for n, v in
+            (("a", None), ("b", 5), ("c", 0.5), ("d", 1000000), ("e", "10%"))}
+    assert reports.comparable.mismatches(runs, []) == [
+        f"runs differ in --limit (a: none, b: 5, c: 0.5, d: {format(1000000, 'g')}, e: 10%)"]
+
+
+def test_models_warning_reads_pretrained_from_model_args_else_the_sgm_record():
+    def run(model_args=None, sgm=None):
+        r = {"results": {"t": {"acc,none": 0.5}}, "config": {}}
+        if model_args is not None:
+            r["config"]["model_args"] = model_args
+        if sgm is not None:
+            r["results"]["t"]["sgm,none"] = sgm
+        return r
+    runs = {"a": run("pretrained=/ckpt/step=1000, sgm=off"), "b": run(sgm={"sgm": True, "pretrained": "other"}),
+            "c": run("dtype=bf16", sgm={"sgm": False}), "d": run()}
+    assert reports.comparable.mismatches(runs, []) == [
+        "runs are of different models (a: /ckpt/step=1000, b: other, c: None, d: None)"]
+    same = {"a": run(" pretrained = m ,x=1"), "b": run(sgm={"sgm": True, "pretrained": "m"}), "c": run()}
+    assert reports.comparable.mismatches(same, []) == []  # unknown models do not count as different
+    spaced = {"a": run(" pretrained = m ,x=1"), "b": run("pretrained=n")}
+    assert reports.comparable.mismatches(spaced, []) == ["runs are of different models (a: m, b: n)"]

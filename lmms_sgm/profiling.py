@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from lmms_sgm.distributed import Group
 
 
+# Pooled responses up to this size (MiB) stay in RAM; larger ones go to a temporary directory.
+SPILL_MB = 512.0
+
+
 class ResponseStore:
     """Pooled responses per site, in RAM or in memmaps on disk.
 
@@ -63,7 +67,7 @@ class ResponseStore:
             }
 
     @classmethod
-    def auto(cls, sites: list[Site], n: int, spill_mb: float = 512.0) -> "ResponseStore":
+    def auto(cls, sites: list[Site], n: int, spill_mb: float = SPILL_MB) -> "ResponseStore":
         """In RAM when small, otherwise in a temporary directory removed with the store."""
         size_mb = n * sum(s.width for s in sites) * 4 / 2**20
         if size_mb <= spill_mb:
@@ -247,7 +251,7 @@ def profile(
     options: ProfileOptions = ProfileOptions(),
     *,
     progress: bool = True,
-    spill_mb: float = 512.0,
+    spill_mb: float = SPILL_MB,
     execution: ExecutionOptions = ExecutionOptions(),
     checkpoint: Checkpoint | None = None,
     group: Group | None = None,

@@ -773,8 +773,7 @@ def test_remote_profiling_cuts_batches_to_the_size_limit_and_sends_each_trace(mo
         assert all(same and rows <= 2 and pooling == "mean" and kw == {"vision_feature_layer": -1}
                    for same, rows, pooling, kw in sent)
         assert sum(rows for _, rows, _, _ in sent) == len(toy_pairs)
-        for s in sites:
-            np.testing.assert_array_equal(store[s.name], local[s.name])
+        _assert_the_same_responses(store, local, sites)
     finally:
         store.close()
         local.close()
@@ -824,11 +823,15 @@ def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_proce
             for s in sites:
                 np.testing.assert_array_equal(pooled[s.name].numpy(), local[s.name][rows])
         assert len(forwards) == len(plan) - 1
-        for s in sites:
-            np.testing.assert_array_equal(store[s.name], local[s.name])
+        _assert_the_same_responses(store, local, sites)
     finally:
         store.close()
         local.close()
+
+
+def _assert_the_same_responses(store, local, sites):
+    for s in sites:
+        np.testing.assert_array_equal(store[s.name], local[s.name])
 
 
 def test_only_the_main_process_gets_a_store(model_and_processor, toy_pairs):

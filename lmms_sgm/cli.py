@@ -317,6 +317,14 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
                    help="the judge's arguments, e.g. --judge lexicon --judge-args lexicon=/data/words.txt")
 
 
+def _glasses_output(p) -> None:
+    """The flags of a command that writes glasses: where, whether to replace, progress bars."""
+    p.add_argument("--out", required=True, help="glasses directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-sgm", description="SGM safety glasses for multimodal LLMs")
     debug_help = f"show the traceback of an error (or set {DEBUG_ENV}=1)"
@@ -329,10 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", parents=[common], help="profile a model on labelled pairs and write glasses")
     p.add_argument("--model", required=True, help="Hub id or local directory (loaded with from_pretrained)")
     p.add_argument("--data", required=True, help="labelled pairs: JSONL/CSV/Parquet file or a directory holding one (docs/data.md)")
-    p.add_argument("--out", required=True, help="glasses directory to write")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _glasses_output(p)
     add_arguments(p, ProfileOptions)
     add_arguments(p, SelectionOptions)
     add_arguments(p, LoadOptions)
@@ -345,10 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="answer pairs (toxic vs non-toxic answers, docs/data.md): the steer vector")
     p.add_argument("--gate-data", default=None,
                    help="input-contrast pairs (label 1 = a harmful context, 0 = a benign one; needs 'question'): the gate")
-    p.add_argument("--out", required=True, help="glasses directory to write")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the glasses in OUT (a directory holding glasses and nothing else; anything else is refused)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _glasses_output(p)
     add_arguments(p, SteeringOptions)
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_steer)

@@ -57,21 +57,11 @@ def build_tokenizer(words=DEFAULT_WORDS, *, multimodal: bool = True):
     )
 
 
-def _clip_llama_configs(tokenizer, *, hidden_size, intermediate_size, num_layers, num_heads, vision_hidden,
-                        vision_layers, image_size, patch_size, max_positions):
-    """The CLIP vision tower and Llama text model configs the tiny LLaVA families share."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+def _llama_config(tokenizer, *, hidden_size, intermediate_size, num_layers, num_heads, max_positions):
+    """The Llama config of every tiny model here (the LLaVAs' text model, the causal LM)."""
+    from transformers import LlamaConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 2,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -83,7 +73,24 @@ def _clip_llama_configs(tokenizer, *, hidden_size, intermediate_size, num_layers
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return vision, text
+
+
+def _clip_llama_configs(tokenizer, *, hidden_size, intermediate_size, num_layers, num_heads, vision_hidden,
+                        vision_layers, image_size, patch_size, max_positions):
+    """The CLIP vision tower and Llama text model configs the tiny LLaVA families share."""
+    from transformers import CLIPVisionConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    return vision, _llama_config(tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                 num_layers=num_layers, num_heads=num_heads, max_positions=max_positions)
 
 
 def _save_tiny(path: Path, model, processor, tokenizer) -> Path:
@@ -207,22 +214,12 @@ def build_tiny_causal_lm(
     """Build a random-init Llama causal LM (no vision) with a word-level tokenizer and save it at
     ``path``: AurA's text-only setting in miniature. Load it with ``AutoModelForCausalLM`` /
     ``AutoTokenizer`` (or :func:`lmms_sgm.models.load`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer(words, multimodal=False)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = _llama_config(tokenizer, hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+                           num_heads=num_heads, max_positions=max_positions)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
     return _save_tiny(path, model, tokenizer, tokenizer)  # the tokenizer is its processor

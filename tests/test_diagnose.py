@@ -173,11 +173,7 @@ def test_cached_lockstep_equals_rereading_the_whole_sequence(family, tiny_dir, n
 
     model, processor = models.load(str(tiny_dir if family == "llava" else next_dir))
     model.set_attn_implementation("eager")
-    with torch.no_grad():  # sharper outputs than a random model's near-uniform ones, so that inputs matter
-        for name, p in model.named_parameters():
-            if "language_model" in name and p.dim() == 2 and "embed" not in name:
-                p.mul_(4)
-        model.lm_head.weight.mul_(4)
+    _sharpened(model)  # sharper outputs than a random model's near-uniform ones, so that inputs matter
     records = diagnose.read_twins(twins_file)[:4]
     base = archs.adapter_for(model).layers_path(model)
     n = len(diagnose._layers(model))
@@ -194,13 +190,15 @@ def test_cached_lockstep_equals_rereading_the_whole_sequence(family, tiny_dir, n
     assert patched != diagnose.lockstep_answers(model, processor, records, None, samples=3)
 
 
-def _sharpened(model):
-    """Sharper outputs than a random model's near-uniform ones, so that patching changes answers."""
+def _sharpened(model, head: bool = True):
+    """Sharper outputs than a random model's near-uniform ones, so that patching changes answers:
+    the language model's matrices (and, with ``head``, the output head) x4."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "language_model" in name and p.dim() == 2 and "embed" not in name:
                 p.mul_(4)
-        model.lm_head.weight.mul_(4)
+        if head:
+            model.lm_head.weight.mul_(4)
     return model
 
 
@@ -277,7 +275,7 @@ def test_lockstep_on_families_with_their_own_positions_and_masks(family, family_
 
     model, processor = models.load(str(family_dirs[family]))
     model.set_attn_implementation("eager")
-    _sharpened_any(model)
+    _sharpened(model, head=False)
     records = diagnose.read_twins(twins_file)[:3]
     base = archs.adapter_for(model).layers_path(model)
     mlps = [f"{base}.{i}.mlp" for i in range(len(diagnose._layers(model)))]
@@ -291,9 +289,3 @@ def test_lockstep_on_families_with_their_own_positions_and_masks(family, family_
         with pytest.raises(ValueError, match="3-D multimodal positions.*--backend hooks"):
             diagnose.as_engine(model, processor, backend="nnsight")
 
-
-def _sharpened_any(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "language_model" in name and p.dim() == 2 and "embed" not in name:
-                p.mul_(4)

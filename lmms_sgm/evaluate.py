@@ -176,10 +176,20 @@ def answer_perplexity(model, processor, images, questions, answers: list[list[st
     return math.exp(nll / count) if count else float("nan")
 
 
+def verdicts(judge, questions, responses) -> list[list[bool]]:
+    """Whether the judge calls each answer unsafe, per prompt."""
+    return [[judge.judge(q, r).unsafe for r in rs] for q, rs in zip(questions, responses)]
+
+
+def rate_of(flags: list[list[bool]]) -> float:
+    """Mean over prompts of the fraction of that prompt's answers flagged."""
+    per_prompt = [sum(f) / len(f) for f in flags]
+    return sum(per_prompt) / max(1, len(per_prompt))
+
+
 def unsafe_rate(judge, questions, responses) -> float:
     """Mean over prompts of the fraction of that prompt's answers the judge calls unsafe."""
-    per_prompt = [sum(judge.judge(q, r).unsafe for r in rs) / len(rs) for q, rs in zip(questions, responses)]
-    return sum(per_prompt) / max(1, len(per_prompt))
+    return rate_of(verdicts(judge, questions, responses))
 
 
 def _norm(text: str) -> str:
@@ -198,11 +208,13 @@ def evaluate(model, processor, val: ValidationSet, judge, *, samples: int = 5, s
         imgs, qs = [r["_image"] for r in recs], [r["question"] for r in recs]
         g = generate(model, processor, imgs, qs, **gen)
         s = generate(model, processor, imgs, qs, samples=samples, sample=True, **gen)
+        flags = verdicts(judge, qs, s)
         res[f"{name}_greedy"] = unsafe_rate(judge, qs, g)
-        res[f"{name}_sampled"] = unsafe_rate(judge, qs, s)
+        res[f"{name}_sampled"] = rate_of(flags)
         if name == "harmful":
             res["examples_harmful"] = [(qs[i], g[i][0], s[i][:2]) for i in range(min(3, len(qs)))]
-            res["_harmful_sampled_answers"] = s  # for fluency_under (not a measure: tables skip "_" keys)
+            # The answers the judge calls safe, for tune's fluency measure (not a measure: callers pop it).
+            res["_harmful_safe_answers"] = [[a for a, unsafe in zip(rs, f) if not unsafe] for rs, f in zip(s, flags)]
     recs = val.benign
     open_ = [r for r in recs if r.get("answer") is None]
     cap = [r for r in recs if r.get("answer") is not None]

@@ -271,13 +271,12 @@ def tune(model, processor, sets: dict, configs: list[Config], val: ValidationSet
 
 def _measured(model, processor, val: ValidationSet, judge, samples: int, seed: int, worn) -> dict:
     """:func:`evaluate` with the glasses ``worn`` (a context manager), then the fluency of the
-    sampled answers to the harmful prompts under the model without them."""
+    sampled answers to the harmful prompts that the judge called safe, under the model without them."""
     with worn:
         res = evaluate(model, processor, val, judge, samples=samples, seed=seed)
-    answers = res.pop("_harmful_sampled_answers")
-    qs = [r["question"] for r in val.harmful]
-    safe = [[a for a in rs if not judge.judge(q, a).unsafe] for q, rs in zip(qs, answers)]
-    res[FLUENCY] = answer_perplexity(model, processor, [r["_image"] for r in val.harmful], qs, safe)
+    safe = res.pop("_harmful_safe_answers")
+    res[FLUENCY] = answer_perplexity(model, processor, [r["_image"] for r in val.harmful],
+                                     [r["question"] for r in val.harmful], safe)
     return res
 
 

@@ -5,10 +5,12 @@ Kill rate = killed / (killed + survived + no tests): a mutant that no selected t
 gap like a survivor; timeouts (a mutant that made a test loop) are counted as killed, as mutmut's
 own summary does; "unrun" mutants were not reached before the pass stopped. Equivalent mutants
 are named in docs/testing.md, not subtracted here. Run from the repository root (mutmut reads its
-[tool.mutmut] from ./pyproject.toml).
+[tool.mutmut] from ./pyproject.toml). Arguments: mutant-name globs, to count only those mutants (a
+group that mutates part of a module).
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 import sys
 from collections import Counter, defaultdict
@@ -29,6 +31,8 @@ def main() -> int:
         data = SourceFileMutationData(path=path)
         data.load()
         for name, code in data.exit_code_by_key.items():
+            if sys.argv[1:] and not any(fnmatch.fnmatchcase(name, g) for g in sys.argv[1:]):
+                continue
             status[name], path_of[name] = status_by_exit_code[code], path
     per = defaultdict(Counter)
     for name, what in status.items():

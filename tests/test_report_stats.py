@@ -140,7 +140,8 @@ def exact_sign_flip_p(d):
     return Fraction(hits, 2 ** len(d))
 
 
-@pytest.mark.parametrize("d", [["0.1", "0.2", "-0.3", "1.0"], ["0.1", "0.2", "0.3", "-0.6", "0.7", "0.1"],
+@pytest.mark.parametrize("d", [["0.1", "0.2", "-0.3", "1.0"], ["1000", "0.1", "0.2", "-0.3"],
+                               ["0.1", "0.2", "0.3", "-0.6", "0.7", "0.1"],
                                ["1", "1", "1", "-1", "0", "1"], ["0.3", "0.1", "-0.2", "0.7", "-0.4", "0.2", "0.1", "0.6"]])
 def test_exact_sign_flip_counts_float_ties_as_ties(d):
     """Decimal differences whose flips tie the observed sum only up to float rounding."""
@@ -158,6 +159,17 @@ def test_monte_carlo_sign_flip_is_the_documented_algorithm(monkeypatch):
     assert stats.sign_flip_p(d, permutations=999, seed=5) == (1 + hits) / 1000
     monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", nz.size * 7)  # chunks of 7 rows: the same stream
     assert stats.sign_flip_p(d, permutations=999, seed=5) == (1 + hits) / 1000
+
+
+def test_sign_flip_tolerance_is_1e_12_of_the_total_absolute_difference():
+    """A flip counts as reaching the observed sum when it falls short by at most
+    ``1e-12 * max(1, sum |d|)`` (float rounding), the boundary included; a larger shortfall is real."""
+    a, b = 0.3, 9007 * 2.0**-54  # a - b lands exactly on (a + b) - 1e-12 after rounding
+    assert (a + b) - 1e-12 * max(1.0, a + b) == a - b
+    assert stats.sign_flip_p([a, b]) == 1.0  # all four patterns reach it
+    assert stats.sign_flip_p([a, b], permutations=200, exact_max=1) == 1.0  # the random path too
+    # 1.5e-12 short of the observed 1 + 0.75e-12: only the all-plus and all-minus patterns reach it
+    assert stats.sign_flip_p([1.0, 0.75e-12]) == 0.5
 
 
 def test_exact_max_is_the_largest_count_enumerated():
@@ -211,3 +223,4 @@ def test_zero_weight_items_give_no_interval_and_no_numpy_warning():
         warnings.simplefilter("error")
         assert stats.paired_bootstrap([-1.0], [0.0], [1.0], [0.0], resamples=10) == {"delta_ci": None, "ratio_ci": None}
         assert stats.bootstrap_ci([1.0], [0.0], resamples=10) is None
+        assert stats.bootstrap_ci([0.0], [0.0], resamples=10) is None  # 0 / 0

@@ -36,7 +36,8 @@ GROUPS = {
     "profiling": (["lmms_sgm/profiling.py"], ["tests/test_profiling.py"], ()),
     "reports": (["lmms_sgm/reports/table.py", "lmms_sgm/reports/report.py", "lmms_sgm/reports/stats.py",
                  "lmms_sgm/reports/results.py", "lmms_sgm/reports/comparable.py"],
-                ["tests/test_reports.py", "tests/test_report_build.py", "tests/test_report_stats.py"], ()),
+                ["tests/test_reports.py", "tests/test_report_build.py", "tests/test_report_stats.py",
+                 "tests/test_report_results.py"], ()),
     "scoring": (["lmms_sgm/judges/scoring.py"], ["tests/test_judges.py"], ()),
     # the tasks' scoring: per-document values from responses, targets, aggregation (not data loading)
     "tasks": (["lmms_sgm_tasks/mm_toxic_qa/core.py", "lmms_sgm_tasks/mmbench_local/core.py"], ["tests/test_tasks.py"],

@@ -729,9 +729,9 @@ def test_build_of_runs_without_samples_notes_every_kind_within_noise_and_states_
 def test_build_with_a_run_that_has_no_results():
     run = {"results": {"t": {"acc,none": 0.5}}, "higher_is_better": {"t": {"acc": True}}}
     report = reports.build({"a": run, "b": {}})
-    assert report["warnings"] == ["t: missing from b", "a: no logged samples for t (run lmms-eval with --log_samples): their "
-                                  "intervals come from the harness's standard errors (normal, unpaired) where it gives one, "
-                                  "and they show no examples"]
+    said = ("no logged samples for t (run lmms-eval with --log_samples): their intervals come from the harness's standard "
+            "errors (normal, unpaired) where it gives one, and they show no examples")
+    assert report["warnings"] == ["t: missing from b", f"a: {said}"]
     assert [(r["run"], r["value"], r.get("delta", "-")) for r in report["metrics"]] == [("a", 0.5, "-"), ("b", None, None)]
 
 
@@ -743,8 +743,8 @@ def test_build_warns_once_per_run_of_categories_the_samples_cannot_reproduce(tmp
         return r
     report = reports.build({"vanilla": run("vanilla"), "sgm": run("sgm")}, resamples=20)
     why = "the logged per-sample values do not reproduce the reported value"
-    assert report["warnings"] == [f"no interval from the logged samples for: t m_by_cat,none / a (vanilla): {why}; "
-                                  f"t m_by_cat,none / a (sgm): {why} (the harness's standard error is used where there is one)"]
+    assert report["warnings"] == [(f"no interval from the logged samples for: t m_by_cat,none / a (vanilla): {why}; "
+                                   f"t m_by_cat,none / a (sgm): {why} (the harness's standard error is used where there is one)")]
 
 
 def test_build_parses_a_runs_samples_of_a_metric_once_for_all_its_categories(two_runs, monkeypatch):

@@ -251,6 +251,30 @@ def test_fluency_reads_stringified_loglikelihood_results():
     assert toxic.aggregate_perplexity([{"nll": 0.0}, {"nll": 2.0}]) == pytest.approx(np.e)
 
 
+@pytest.mark.parametrize("result", [0.25, "0.25", (0.25, False), [0.25, True], "(0.25, False)", " [0.25, True] ",
+                                    [(0.25, False)], [[0.25, True]], ["(0.25, False)"], [0.25], ("0.25",)])
+def test_loglikelihood_results_in_every_form_lmms_eval_gives(result):
+    """A bare loss, ``(loss, is_greedy)``, lmms-eval 0.7.3's string of it, each alone or in a one-item list."""
+    assert toxic._loglikelihood(result) == 0.25
+    assert toxic.process_fluency_results({"category": "c"}, result)["perplexity"] == {"nll": 0.25, "category": "c"}
+
+
+def test_helpfulness_is_the_fraction_of_answers_matching_the_reference(monkeypatch):
+    monkeypatch.delenv("LMMS_SGM_JUDGE", raising=False)  # the default judge
+    doc = {"question": "What colour is it?", "category": "colour", "answer": "red"}
+    got = toxic.process_benign_results(doc, [["It is red.", "Blue.", "red", "A red one."]])["helpfulness"]
+    assert got == {"category": "colour", "answer": "red", "score": 0.75}
+    assert toxic.process_benign_results({**doc, "category": None}, ["no"])["helpfulness"] == {
+        "category": toxic.UNCATEGORIZED, "answer": "red", "score": 0.0}
+
+
+def test_a_task_run_by_two_differently_configured_models_is_an_error():
+    one = {"sgm": True, "glasses": "abc"}
+    assert toxic.aggregate_sgm([one, dict(one)]) == one
+    with pytest.raises(ValueError, match="samples of one task were produced by differently configured models: "):
+        toxic.aggregate_sgm([one, {"sgm": False}])
+
+
 def test_helpfulness_is_none_without_reference_answers():
     items = [toxic.process_benign_results({"question": "q", "category": "c", "answer": None}, ["ok"])["helpfulness"]]
     assert toxic.aggregate_rate(items) is None
@@ -258,7 +282,9 @@ def test_helpfulness_is_none_without_reference_answers():
 
 @pytest.mark.parametrize(
     "answer, response, match",
-    [("red", "Red.", True), ("red", "reddish", False), ("2", "I count two.", True), ("a circle", "The circle", True), ("blue", "", False)],
+    [("red", "Red.", True), ("red", "reddish", False), ("2", "I count two.", True), ("a circle", "The circle", True),
+     ("blue", "", False), ("an apple", "the Apple!", True), ("the apple", "An apple", True),
+     ("apple", "an apple a day", True), ("the", "the", False), ("a, an, the", "", False)],
 )
 def test_answer_matching(answer, response, match):
     assert toxic.answer_matches(answer, response) is match
@@ -576,6 +602,12 @@ def test_mmbench_local_scoring_matches_lmms_eval(mmbench_tasks):
     predictions[-1] = "B"  # the copy right too
     assert _score(task, docs, predictions)["accuracy"] == 1.0
     assert _score(task, docs, ["E"] * 7)["accuracy"] == 0.0
+
+
+def test_mmbench_options_that_are_missing_blank_or_nan_are_not_choices():
+    doc = {"A": "circle", "B": "  ", "C": "nan", "D": None, "E": "square", "answer": "E"}
+    assert mmb.doc_to_choice(doc) == ["circle", "square"] and mmb.doc_to_target_mc(doc) == 1
+    assert mmb.doc_to_choice({"A": 0, "B": "NaN", "C": "x"}) == ["0", "NaN", "x"]  # only pandas' "nan" marks a gap
 
 
 def test_mmbench_local_multiple_choice(mmbench_tasks):

@@ -357,7 +357,7 @@ def _loglikelihood(result) -> float:
 
 def process_fluency_results(doc: dict, results) -> dict:
     """``nll``: the reference answer's mean token NLL given image and question (teacher forced)."""
-    nll = _loglikelihood(results[0] if len(results) == 1 else results)
+    nll = _loglikelihood(results)  # [result] or a bare result
     category = doc.get("category") or UNCATEGORIZED
     return {"perplexity": {"nll": nll, "category": category}}
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 
 from lmms_sgm import pipeline, tiny
 from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
-from lmms_sgm.lmms.model import SGMLlava
+from lmms_sgm.lmms.model import SGM, SGMLlava, batched, is_loglikelihood_result, truncate
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 
 TASK, SPLIT = "toy", "test"
@@ -320,6 +321,96 @@ def test_until_truncates_at_the_first_stop_string(make, docs):
     assert len(got[0]) < len(free[0])
     one = lm.generate_until([gen_request(0, docs[0]["question"], {"max_new_tokens": 8, "until": stop_late})])
     assert one[0] == free[0][: free[0].index(stop_late)]
+
+
+@pytest.mark.parametrize("text, until, expected", [
+    ("hello world. bye", [".", " "], "hello"),  # the earliest stop wins, whatever its place in the list
+    ("hello world. bye", [" ", "."], "hello"),
+    ("abcabc", ["c"], "ab"),  # the first occurrence
+    ("xabc", ["x"], ""),  # a stop at position 0
+    ("abc", ["z"], "abc"),
+    ("abc", [], "abc"),
+])
+def test_truncate_cuts_at_the_earliest_stop_string(text, until, expected):
+    assert truncate(text, until) == expected
+
+
+@pytest.mark.parametrize("order, keys, size, expected", [
+    ([2, 0, 1, 3], ["a", "a", "b", "a"], 2, [[2], [0, 1], [3]]),  # a key change or a full batch starts another
+    ([0, 1, 2, 3, 4], [0, 0, 0, 0, 0], 2, [[0, 1], [2, 3], [4]]),
+    ([0, 1, 2], [0, 0, 0], 1, [[0], [1], [2]]),
+    ([1, 0, 2], [5, 5, 5], 8, [[1, 0, 2]]),  # order kept inside a batch
+    ([0, 2, 1], ["x", "x", "y"], 4, [[0], [2], [1]]),  # batches are runs of the order, not groups
+    ([], [], 3, []),
+])
+def test_batched_cuts_the_order_into_runs_of_one_key(order, keys, size, expected):
+    assert batched(order, keys, size) == expected
+
+
+@pytest.mark.parametrize("output, expected", [
+    ((0.5, False), True), ([1.25, True], True), ((3, np.bool_(False)), True), ((np.float32(0.5), True), True),
+    ((True, False), False), ((np.bool_(True), True), False),  # the loss is a number, not a bool
+    ((0.5, 1), False), ((0.5, "True"), False), (("0.5", False), False), ((None, True), False),
+    ((0.5,), False), ((0.5, False, 1), False), ("ab", False), ({0.5: False}, False), (0.5, False),
+])
+def test_what_counts_as_a_loglikelihood_result(output, expected):
+    assert is_loglikelihood_result(output) is expected
+
+
+def _settings(gen_kwargs, pad=None, eos=7):
+    """``SGM._generation_settings`` without a model: it reads only the tokenizer's pad and eos ids."""
+    import types
+    fake = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=pad, eos_token_id=eos), _warned=set())
+    return SGM._generation_settings(fake, gen_kwargs), fake
+
+
+GREEDY = {"max_new_tokens": 1024, "do_sample": False, "num_beams": 1, "pad_token_id": 7}
+
+
+@pytest.mark.parametrize("gen_kwargs, gen, until", [
+    ({}, GREEDY, []),  # lmms-eval's llava_hf defaults: greedy, 1024 new tokens
+    ({"until": None, "max_new_tokens": None, "num_beams": None}, GREEDY, []),
+    ({"until": "\n\n", "max_new_tokens": "16", "num_beams": 2}, {**GREEDY, "max_new_tokens": 16, "num_beams": 2}, ["\n\n"]),
+    ({"until": ["", "Q:", "\n"]}, GREEDY, ["Q:", "\n"]),  # empty stop strings dropped
+    ({"until": ("a",)}, GREEDY, ["a"]),
+    ({"temperature": 0}, GREEDY, []),
+    ({"temperature": 0, "do_sample": True, "top_p": 0.9}, GREEDY, []),  # temperature 0 means greedy
+    ({"do_sample": False, "temperature": 0.7, "top_k": 5}, GREEDY, []),  # do_sample wins over a temperature
+    ({"do_sample": True}, {**GREEDY, "do_sample": True, "temperature": 1.0}, []),
+    ({"temperature": "0.7"}, {**GREEDY, "do_sample": True, "temperature": 0.7}, []),
+    ({"temperature": 0.5, "top_p": "0.9", "top_k": "0"},  # top_k 0 kept: no cut (HF's default would be 50)
+     {**GREEDY, "do_sample": True, "temperature": 0.5, "top_p": 0.9, "top_k": 0}, []),
+    ({"temperature": 0.5, "top_p": None, "top_k": None}, {**GREEDY, "do_sample": True, "temperature": 0.5}, []),
+    ({"do_sample": 1, "image_sizes": [1], "use_cache": True}, {**GREEDY, "do_sample": True, "temperature": 1.0}, []),
+])
+def test_generation_settings_from_lmms_eval_gen_kwargs(gen_kwargs, gen, until):
+    (got_gen, got_until), _ = _settings(gen_kwargs)
+    assert got_gen == gen and type(got_gen["do_sample"]) is bool and got_until == until
+    assert type(got_gen["max_new_tokens"]) is int and type(got_gen["num_beams"]) is int
+
+
+def test_generation_settings_pad_id_and_refused_until():
+    assert _settings({}, pad=3)[0][0]["pad_token_id"] == 3
+    assert _settings({}, pad=0)[0][0]["pad_token_id"] == 0  # id 0 is an id, not a missing one
+    for bad in (5, ["a", 5], {"a": 1}):
+        with pytest.raises(ValueError, match="gen_kwargs\\['until'\\] must be a string or a list of strings"):
+            _settings({"until": bad})
+
+
+def test_unused_generation_kwargs_are_warned_about_once_per_set():
+    from loguru import logger
+    seen = []
+    sink = logger.add(lambda m: seen.append(m.record["message"]), level="WARNING")
+    try:
+        (_, fake) = _settings({"foo": 1, "bar": 2, "until": "x", "image_sizes": 1, "temperature": 0})
+        SGM._generation_settings(fake, {"bar": 3, "foo": 4})
+        SGM._generation_settings(fake, {"temperature": 0.2, "num_beams": 1})
+        SGM._generation_settings(fake, {"foo": 1})
+    finally:
+        logger.remove(sink)
+    assert fake._warned == {("bar", "foo"), ("foo",)}
+    assert [m for m in seen if "are not used" in m] == [
+        "sgm: generation kwargs ['bar', 'foo'] are not used", "sgm: generation kwargs ['foo'] are not used"]
 
 
 def test_multi_round_is_refused(make):

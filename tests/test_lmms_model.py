@@ -413,6 +413,127 @@ def test_unused_generation_kwargs_are_warned_about_once_per_set():
         "sgm: generation kwargs ['bar', 'foo'] are not used", "sgm: generation kwargs ['foo'] are not used"]
 
 
+def _fake_wrapper(image_counts, batch_size=2, reviews=False):
+    """An ``SGM`` without a model for its request bookkeeping: prompts are the contexts, each
+    request's images are named by ``image_counts``, a batch's answer is the prompt plus a tail."""
+    import types
+    fake = types.SimpleNamespace(batch_size=batch_size, rank=0, _warned=set(), batches=[],
+                                 tokenizer=types.SimpleNamespace(pad_token_id=0, eos_token_id=0),
+                                 _adapter=types.SimpleNamespace(batch_by_image_count=True),
+                                 defenses=types.SimpleNamespace(reviews=reviews))
+    fake._visuals = lambda doc_to_visual, task, split, doc_id: [f"img{doc_id}"] * image_counts[doc_id]
+    fake._generation_settings = lambda kw: SGM._generation_settings(fake, kw)
+    fake._batch_key = lambda prompt: SGM._batch_key(fake, prompt)
+    fake._request_prompt = lambda context, visuals: (("asked", context), types.SimpleNamespace(text=context, images=visuals, videos=[]))
+
+    def generate_batch(prompts, gen):
+        fake.batches.append(([p.text for p in prompts], gen["do_sample"]))
+        return [f"{p.text}. Then more." for p in prompts]
+    fake._generate_batch = generate_batch
+    return fake
+
+
+def _fake_requests(specs):
+    import types
+    return [types.SimpleNamespace(args=(context, gen_kwargs, None, i, TASK, SPLIT)) for i, (context, gen_kwargs) in enumerate(specs)]
+
+
+def test_generate_until_batches_one_setting_and_image_count_longest_first_and_answers_in_order():
+    greedy, sample = {"max_new_tokens": 8}, {"max_new_tokens": 8, "temperature": 0.5}
+    requests = _fake_requests([("aaaa", {**greedy, "until": ["."]}), ("bbbbbbbb", greedy), ("cc", sample),
+                               ("dddddd", {**greedy, "until": "Then"}), ("eeeee", greedy), ("ffffffffff", sample)])
+    fake = _fake_wrapper([1, 1, 1, 1, 2, 1])
+    got = SGM.generate_until(fake, requests)
+    # each request's own stop strings, though it shares a batch with requests that have others
+    assert got == ["aaaa", "bbbbbbbb. Then more.", "cc. Then more.", "dddddd. ", "eeeee. Then more.", "ffffffffff. Then more."]
+    # groups: (greedy, 1 image) = 1, 3, 0 longest first; (greedy, 2 images) = 4; (sampling, 1 image) = 5, 2
+    assert fake.batches == [(["bbbbbbbb", "dddddd"], False), (["aaaa"], False), (["eeeee"], False),
+                            (["ffffffffff", "cc"], True)]
+
+
+def test_generate_until_hands_the_requests_and_answers_to_the_defenses():
+    fake = _fake_wrapper([1, 1], reviews=True)
+    seen = []
+    fake._review = lambda asked, answers: seen.append((asked, answers)) or ["reviewed"] * len(answers)
+    assert SGM.generate_until(fake, _fake_requests([("q1", {"until": "."}), ("q22", {})])) == ["reviewed", "reviewed"]
+    assert seen == [([("asked", "q1"), ("asked", "q22")], ["q1", "q22. Then more."])]
+
+
+def test_review_publishes_what_the_defenses_did(monkeypatch):
+    import types
+
+    from loguru import logger
+
+    from lmms_sgm.lmms import model as wrapper
+    published, calls, logs = [], [], []
+    monkeypatch.setattr(wrapper.run_info, "publish", lambda info: published.append(dict(info)))
+    stats = {"self_check": {"replaced": 1}}
+    fake = types.SimpleNamespace(sgm_info={"sgm": True})
+    fake.defenses = types.SimpleNamespace(
+        review=lambda gen, asked, answers: calls.append((gen.model, asked, answers)) or (["a", "safe", "c"], [None, "self_check", None]),
+        stats=lambda: stats)
+    sink = logger.add(lambda m: logs.append(m.record["message"]), level="INFO")
+    try:
+        assert SGM._review(fake, ["r1", "r2", "r3"], ["a", "b", "c"]) == ["a", "safe", "c"]
+    finally:
+        logger.remove(sink)
+    assert calls == [(fake, ["r1", "r2", "r3"], ["a", "b", "c"])]
+    assert fake.sgm_info == {"sgm": True, "defense_stats": stats} and published == [fake.sgm_info]
+    assert logs == ['sgm: defenses replaced 1 of 3 answers: {"self_check": {"replaced": 1}}']
+
+
+class _Traced:
+    """What an nnsight ``trace`` / ``generate`` context gives: ``tracer.result`` / ``runner.output``."""
+
+    def __init__(self, value, raise_on_enter=None):
+        import types
+        self.value, self.raise_on_enter = value, raise_on_enter
+        self.result = types.SimpleNamespace(save=lambda: value)
+
+    def __enter__(self):
+        if self.raise_on_enter is not None:
+            raise self.raise_on_enter
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fake_runner_wrapper(mode, remote=False, raise_on_enter=None):
+    import types
+    calls = []
+    fake = types.SimpleNamespace(args=types.SimpleNamespace(mode=mode, is_remote=remote), calls=calls)
+    fake._handle = types.SimpleNamespace(generate=lambda enc, **gen: calls.append(("handle", enc, gen)) or "remote tokens")
+    runner = types.SimpleNamespace(output=types.SimpleNamespace(logits=types.SimpleNamespace(save=lambda: "traced logits")))
+    runner.generate = lambda **kw: calls.append(("generate", kw)) or (
+        _Traced("traced tokens", raise_on_enter) if mode == "nnsight" else "plain tokens")
+    runner.trace = lambda **kw: calls.append(("trace", kw)) or _Traced(None, raise_on_enter)
+    fake._runner = runner
+    return fake
+
+
+def test_generation_and_logits_take_the_path_of_the_mode():
+    enc, gen = {"input_ids": 1}, {"max_new_tokens": 2}
+    fake = _fake_runner_wrapper("nnsight")
+    assert SGM._generate(fake, enc, gen) == "traced tokens"
+    assert SGM._forward_logits(fake, enc) == "traced logits"
+    assert fake.calls == [("generate", {"input_ids": 1, "max_new_tokens": 2}), ("trace", {"input_ids": 1})]
+    fake = _fake_runner_wrapper("hooks")
+    assert SGM._generate(fake, enc, gen) == "plain tokens" and fake.calls == [("generate", {"input_ids": 1, "max_new_tokens": 2})]
+    fake = _fake_runner_wrapper("nnsight", remote=True)
+    assert SGM._generate(fake, enc, gen) == "remote tokens" and fake.calls == [("handle", enc, gen)]
+
+
+def test_an_nnsight_batch_that_skips_an_edited_layer_is_explained():
+    from nnsight.intervention.interleaver import OutOfOrderError
+    fake = _fake_runner_wrapper("nnsight", raise_on_enter=OutOfOrderError("cross_attn not run"))
+    for call in (lambda: SGM._generate(fake, {"input_ids": 1}, {}), lambda: SGM._forward_logits(fake, {"input_ids": 1})):
+        with pytest.raises(ValueError, match="mode=nnsight cannot run this batch: it holds no image"):
+            call()
+    with pytest.raises(OutOfOrderError):  # with an image the error is nnsight's own
+        SGM._generate(fake, {"input_ids": 1, "pixel_values": 2}, {})
+
+
 def test_multi_round_is_refused(make):
     with pytest.raises(NotImplementedError, match="single-round"):
         make("sgm=off").generate_until_multi_round([])

@@ -506,15 +506,15 @@ class SGM(lmms):
             asked.append(request)
 
         # Batches hold requests of one group (same generation settings), longest first; the
-        # results go back in request order.
+        # results go back in request order, each cut at its own stop strings (lmms-eval hands the
+        # requests of all tasks at once: two tasks may share settings but not stop strings).
         order = sorted(range(len(items)), key=lambda i: (items[i][3], -len(items[i][0].text)))
         results: list = [None] * len(items)
         pbar = tqdm(total=len(items), disable=self.rank != 0, desc=f"{MODEL_NAME} generate_until")
         for batch in batched(order, [item[3] for item in items], self.batch_size):
             prompts = [items[i][0] for i in batch]
-            gen, until = items[batch[0]][1], items[batch[0]][2]
-            for i, text in zip(batch, self._generate_batch(prompts, gen)):
-                results[i] = truncate(text, until)
+            for i, text in zip(batch, self._generate_batch(prompts, items[batch[0]][1])):
+                results[i] = truncate(text, items[i][2])
             pbar.update(len(batch))
         pbar.close()
         if self.defenses.reviews:

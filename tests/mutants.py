@@ -53,6 +53,12 @@ MUTANTS = (
            "greedy = bool((step_logits.argmax(-1) == tokens).any())",
            ("tests/test_lmms_model.py::test_is_greedy_needs_every_continuation_token_to_be_greedy",),
            "loglikelihood's is_greedy true when one token is greedy: inflates greedy-match metrics"),
+    # ---- found by the full pass of the wrapper's result handling (issue 15)
+    Mutant("stop_strings_of_the_batchs_first_request", "lmms_sgm/lmms/model.py",
+           "results[i] = truncate(text, items[i][2])",
+           "results[i] = truncate(text, items[batch[0]][2])",
+           ("tests/test_lmms_model.py::test_generate_until_batches_one_setting_and_image_count_longest_first_and_answers_in_order",),
+           "a batch's answers cut at its first request's stop strings: lmms-eval batches several tasks' requests"),
     # ---- a fixed sample of the numerical core (each also among mutmut's killed mutants)
     Mutant("auroc_tie_groups_start_one_late", "lmms_sgm/expertise.py",
            "before = np.where(first > 0, np.take_along_axis(cneg, np.maximum(first - 1, 0), axis=1), 0)",

@@ -451,6 +451,24 @@ def test_generate_until_batches_one_setting_and_image_count_longest_first_and_an
                             (["ffffffffff", "cc"], True)]
 
 
+def test_loglikelihood_batches_one_image_count_longest_first_and_answers_in_order():
+    import types
+    fake = _fake_wrapper({0: 1, 1: 1, 2: 2}, batch_size=2)
+    fake._doc = lambda task, split, doc_id: {"answer": f"gold{doc_id}", "task": (task, split)}
+    fake._loglikelihood_batch = lambda items: fake.batches.append([c + t for c, t in ((p.text, t) for p, t in items)]) or [
+        (float(len(p.text + t)), len(p.images) == 2) for p, t in items]
+    requests = [
+        types.SimpleNamespace(args=("ctx", " yes", None, 0, TASK, SPLIT)),
+        types.SimpleNamespace(args=("context", lambda doc: " " + doc["answer"] + str(doc["task"] == (TASK, SPLIT)), None, 1, TASK, SPLIT)),
+        types.SimpleNamespace(args=("c", " no", None, 2, TASK, SPLIT)),
+        types.SimpleNamespace(args=("unconditional", " maybe")),  # acc_mutual_info: no doc, no image
+    ]
+    got = SGM.loglikelihood(fake, requests)
+    assert got == [(7.0, False), (17.0, False), (4.0, True), (19.0, False)]
+    # keys: 0 images for the unconditional request, 1 or 2 for the others; longest context + target first
+    assert fake.batches == [["unconditional maybe"], ["context gold1True", "ctx yes"], ["c no"]]
+
+
 def test_generate_until_hands_the_requests_and_answers_to_the_defenses():
     fake = _fake_wrapper([1, 1], reviews=True)
     seen = []

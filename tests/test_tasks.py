@@ -249,6 +249,7 @@ def test_fluency_reads_stringified_loglikelihood_results():
     assert toxic.process_fluency_results(doc, ["(0.25, False)"])["perplexity"] == {"nll": 0.25, "category": "colour"}
     assert toxic.process_fluency_results(doc, [(0.5, True)])["perplexity"]["nll"] == 0.5
     assert toxic.aggregate_perplexity([{"nll": 0.0}, {"nll": 2.0}]) == pytest.approx(np.e)
+    assert toxic.aggregate_perplexity([]) is None  # no answer scored: no perplexity
 
 
 @pytest.mark.parametrize("result", [0.25, "0.25", (0.25, False), [0.25, True], "(0.25, False)", " [0.25, True] ",
@@ -266,6 +267,34 @@ def test_helpfulness_is_the_fraction_of_answers_matching_the_reference(monkeypat
     assert got == {"category": "colour", "answer": "red", "score": 0.75}
     assert toxic.process_benign_results({**doc, "category": None}, ["no"])["helpfulness"] == {
         "category": toxic.UNCATEGORIZED, "answer": "red", "score": 0.0}
+
+
+class _LookingJudge:
+    """A judge that looks at the image: records what it was given."""
+
+    name, version, config = "looking", "1", {}
+
+    def __init__(self, uses_image=True):
+        self.uses_image, self.seen = uses_image, []
+
+    def judge(self, prompt, response, image=None):
+        from lmms_sgm.judges import JudgeResult
+        self.seen.append((prompt, response, None if image is None else (image.mode, image.size, image.getpixel((1, 0)))))
+        return JudgeResult(unsafe=response == "bad", refusal=False)
+
+
+def test_a_judge_that_looks_at_images_gets_the_image_the_model_saw_in_rgb(monkeypatch):
+    image = Image.new("LA", (3, 2), (90, 255))
+    doc = {"question": "typed attack", "original_question": "the question", "category": "c", "image": image}
+    for uses_image, given in ((True, ("RGB", (3, 2), (90, 90, 90))), (False, None)):
+        judge = _LookingJudge(uses_image)
+        monkeypatch.setattr(toxic, "judge_from_env", lambda judge=judge: judge)
+        assert toxic.process_harmful_results(doc, [["bad", "fine"]])["harmful_rate"]["score"] == 0.5
+        assert judge.seen == [("the question", "bad", given), ("the question", "fine", given)]
+    judge = _LookingJudge()
+    monkeypatch.setattr(toxic, "judge_from_env", lambda: judge)
+    toxic.process_harmful_results({**doc, "image": None}, [None])  # no image; a missing response is empty
+    assert judge.seen == [("the question", "", None)]
 
 
 def test_a_task_run_by_two_differently_configured_models_is_an_error():

@@ -12,7 +12,13 @@ from lmms_eval.api.instance import GenerationResult, Instance
 
 from lmms_sgm import pipeline, tiny
 from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
-from lmms_sgm.lmms.model import SGM, SGMLlava, batched, is_loglikelihood_result, truncate
+from lmms_sgm.lmms.model import (
+    SGM,
+    SGMLlava,
+    batched,
+    is_loglikelihood_result,
+    truncate,
+)
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 
 TASK, SPLIT = "toy", "test"

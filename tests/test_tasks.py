@@ -297,6 +297,29 @@ def test_a_judge_that_looks_at_images_gets_the_image_the_model_saw_in_rgb(monkey
     assert judge.seen == [("the question", "", None)]
 
 
+def test_a_batch_judge_that_does_not_look_at_images_gets_none(monkeypatch):
+    from lmms_sgm.judges import JudgeResult
+    seen = []
+
+    class Batch:  # no uses_image attribute at all
+        name, version, config = "batch", "1", {}
+
+        def judge_batch(self, items):
+            seen.extend((x.prompt, x.response, x.image) for x in items)
+            return [JudgeResult(unsafe=False, refusal=False) for _ in items]
+
+    monkeypatch.setattr(toxic, "judge_from_env", Batch)
+    doc = {"question": "q", "category": "c", "image": Image.new("RGB", (2, 2))}
+    toxic.process_harmful_results(doc, ["a", "b"])
+    assert seen == [("q", "a", None), ("q", "b", None)]
+
+
+def test_targets_are_the_reference_answer_or_empty():
+    assert toxic.doc_to_target({"answer": "red", "question": "q"}) == "red"
+    assert toxic.doc_to_target({"answer": None}) == "" and toxic.doc_to_target({"answer": ""}) == ""
+    assert toxic.doc_to_target({"question": "q"}) == ""
+
+
 def test_a_task_run_by_two_differently_configured_models_is_an_error():
     one = {"sgm": True, "glasses": "abc"}
     assert toxic.aggregate_sgm([one, dict(one)]) == one

@@ -283,6 +283,27 @@ def test_loglikelihood_results_survive_lmms_eval_unwrapping(make, docs):
         assert metrics["acc"] == float(gold == losses.index(min(losses)))
 
 
+def test_the_passthrough_wraps_lmms_evals_unwrap_once(monkeypatch):
+    """Installed on lmms-eval's own function (not only on a wrapper installed earlier): the wrapper
+    is marked, names what it wraps, keeps loss pairs whole, hands the rest on, and a second
+    install leaves it alone."""
+    from lmms_eval import evaluator
+
+    from lmms_sgm.lmms.model import install_loglikelihood_passthrough
+    original = evaluator.unwrap_generation_output
+    while getattr(original, "_lmms_sgm_passthrough", False):
+        original = original.__wrapped__
+    monkeypatch.setattr(evaluator, "unwrap_generation_output", original)
+    install_loglikelihood_passthrough()
+    ours = evaluator.unwrap_generation_output
+    assert ours is not original and ours._lmms_sgm_passthrough is True and ours.__wrapped__ is original
+    install_loglikelihood_passthrough()
+    assert evaluator.unwrap_generation_output is ours
+    assert ours((0.5, False)) == ((0.5, False), None) and ours([1.5, np.bool_(True)]) == ((1.5, np.bool_(True)), None)
+    for other in ("text", ["a", "b"], GenerationResult(text="hi"), (0.5, "no")):
+        assert ours(other) == original(other)
+
+
 # ---------------------------------------------------------------- generation
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -494,6 +495,34 @@ def test_loglikelihood_batches_one_image_count_longest_first_and_answers_in_orde
     assert got == [(7.0, False), (17.0, False), (4.0, True), (19.0, False)]
     # keys: 0 images for the unconditional request, 1 or 2 for the others; longest context + target first
     assert fake.batches == [["unconditional maybe"], ["context gold1True", "ctx yes"], ["c no"]]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_progress_bars_count_the_requests_on_the_main_process_only(rank, monkeypatch):
+    from lmms_sgm.lmms import model as wrapper
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.done, self.closed = kw, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(wrapper, "tqdm", Bar)
+    fake = _fake_wrapper([1, 1, 2], batch_size=2)
+    fake.rank = rank
+    fake._doc = lambda task, split, doc_id: {}
+    fake._loglikelihood_batch = lambda items: [(1.0, True)] * len(items)
+    SGM.generate_until(fake, _fake_requests([("a", {}), ("bb", {}), ("c", {})]))
+    SGM.loglikelihood(fake, [types.SimpleNamespace(args=("q", " a", None, i, TASK, SPLIT)) for i in range(3)])
+    assert [b.kw for b in bars] == [{"total": 3, "disable": rank != 0, "desc": "sgm generate_until"},
+                                    {"total": 3, "disable": rank != 0, "desc": "sgm loglikelihood"}]
+    assert [(b.done, b.closed) for b in bars] == [(3, True), (3, True)]
 
 
 def test_generate_until_hands_the_requests_and_answers_to_the_defenses():

@@ -4,7 +4,7 @@
 #   bash scripts/mutation.sh --fast              # the fixed sample CI runs: tests/test_mutants.py (~5 min)
 #   bash scripts/mutation.sh                     # the full pass: every group of scripts/mutation.py (hours)
 #   bash scripts/mutation.sh expertise reports   # some groups (expertise, options, glasses, intervention,
-#                                                # profiling, reports, scoring)
+#                                                # profiling, reports, scoring, tasks, wrapper)
 #   bash scripts/mutation.sh --summary           # the kill rates and survivors of what ran
 #
 # The full pass installs the `mutation` extra (mutmut, pinned) into .venv and runs each group of

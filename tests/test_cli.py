@@ -335,8 +335,10 @@ def test_sigint_exits_130_in_one_line_and_leaves_only_the_checkpoint(tiny_dir, t
     import time
 
     rows = [json.loads(line) for line in toy_jsonl.read_text().splitlines()]
-    data = tmp_path / "pairs.jsonl"  # 1000 pairs: about 20 s of profiling, stopped after a second
-    data.write_text("".join(json.dumps(dict(r, image=str(toy_jsonl.parent / r["image"]))) + "\n" for r in rows * 50))
+    # 10,000 pairs: well over 8 s of profiling on an idle core, stopped after a second (1,000 pairs took
+    # 2.5 s here, short enough that under load a run could finish before the signal and exit 0)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(dict(r, image=str(toy_jsonl.parent / r["image"]))) + "\n" for r in rows * 500))
     runs = tmp_path / "runs"
     runs.mkdir()
     proc = subprocess.Popen([LMMS_SGM, "profile", "--model", str(tiny_dir), "--data", str(data), "--out",

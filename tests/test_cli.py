@@ -341,8 +341,11 @@ def test_sigint_exits_130_in_one_line_and_leaves_only_the_checkpoint(tiny_dir, t
     data.write_text("".join(json.dumps(dict(r, image=str(toy_jsonl.parent / r["image"]))) + "\n" for r in rows * 500))
     runs = tmp_path / "runs"
     runs.mkdir()
+    # The child gets Ctrl-C's default disposition: a suite started in the background by a shell (`cmd &`)
+    # inherits SIGINT ignored, and Python then leaves it ignored (the run ends normally, exit 0).
     proc = subprocess.Popen([LMMS_SGM, "profile", "--model", str(tiny_dir), "--data", str(data), "--out",
-                             str(runs / "g"), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(runs / "g"), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 150
         while not os.listdir(runs):  # the temporary directory appears when profiling starts

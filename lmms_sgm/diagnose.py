@@ -478,16 +478,17 @@ def lockstep_answers(model, processor, twins: list[Twin], paths, *, samples: int
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         past = tpast = None
         for step in range(max_new_tokens):
-            pos = positions(engine.hf, attn, ids, extra)
+            ext = extended(extra, ids.shape[1])  # the extras grown to this step's length, once per step
+            pos = positions(engine.hf, attn, ids, ext)
             if cache and step > 0:  # the new position only, against each run's own cache
                 new = {"input_ids": ids[:, -1:], **{k: v[..., -1:] for k, v in pos.items()}}
-                mask = extended(extra, ids.shape[1]).get("cross_attention_mask")
+                mask = ext.get("cross_attention_mask")
                 if mask is not None:  # Mllama: the new token's row (the model caches the image's keys)
                     new["cross_attention_mask"] = mask[:, -1:]
                 a, b = {**new, "cache": past}, {**new, "cache": tpast}  # transformers 5's name of past_key_values
                 b["input_ids"] = tids[:, -1:]
             else:
-                a = {"input_ids": ids, **pos, **extended(extra, ids.shape[1])}
+                a = {"input_ids": ids, **pos, **ext}
                 b = {"input_ids": tids, **pos, **extended(textra, tids.shape[1])}
             replace = ()
             if paths:

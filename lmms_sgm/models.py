@@ -125,6 +125,49 @@ def fingerprint(model) -> dict:
     }
 
 
+def weights_digest(model, *, workers: int | None = None) -> str:
+    """sha256 over every parameter and persistent buffer of ``model``: name, dtype, shape and bytes.
+
+    What the config fingerprint cannot tell apart: two models of one config with other weights
+    (another seed, a fine-tune, glasses baked into a few rows), or the same weights in another
+    dtype. Exact, not sampled, since an edit of a few rows must show. Tied tensors are read once.
+    Each tensor is hashed on its own thread (hashlib releases the GIL) and read in 64 MiB slices,
+    so a GPU model is copied to the host a slice at a time; the cost is one read of the weights at
+    sha256's speed per core (about 1.7 GB/s with SHA extensions): a 7B model in bfloat16
+    (13.5 GB) takes a few seconds on a 16-core machine. A model on the meta device (a remote
+    model's local stand-in) has no weights to read and is refused.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = unwrap(model)
+    tensors, seen = [], set()
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device: a model without weights has no weight digest")
+        tied = (t.device, t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and tied in seen:
+            continue
+        seen.add(tied)
+        tensors.append((name, t))
+
+    def one(item) -> bytes:
+        name, t = item
+        h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            flat = flat.contiguous().view(torch.uint8)
+        for start in range(0, flat.numel(), _SLICE):
+            h.update(flat[start:start + _SLICE].cpu().numpy().data)
+        return h.digest()
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        return hashlib.sha256(b"".join(pool.map(one, tensors))).hexdigest()
+
+
+_SLICE = 64 << 20
+
+
 def is_text_only(model) -> bool:
     """The model reads text alone (its adapter is ``text_only``): no image token, no processor."""
     return adapter_for(unwrap(model)).text_only

@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from lmms_sgm import profiling
+from lmms_sgm import models, profiling
 from lmms_sgm.checkpoint import KEY_FILE, Checkpoint, CheckpointError, default_dir
 from lmms_sgm.options import ExecutionOptions, ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
-from lmms_sgm.tiny import write_toy_pairs
+from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
 
 OPTIONS = ProfileOptions(batch_size=2, pooling="max")
 
@@ -94,14 +94,27 @@ def test_without_resume_an_existing_checkpoint_is_refused_and_kept(model_and_pro
     assert batches_of(ckpt) == before
 
 
+@pytest.fixture(scope="module")
+def other_seed_dir(tmp_path_factory):
+    """The tiny LLaVA of the shared fixture's config (same shapes, same fingerprint), other weights."""
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava_seed1"), seed=1)
+
+
 @pytest.mark.parametrize("change, message", [
     ("data", "data differ: digest"),
     ("options", "profiling options differ: pooling"),
     ("batch_size", "profiling options differ: batch_size"),
-    ("model", "model differ: config_digest"),
+    ("model", "model config differ: config_digest"),
+    ("weights", r"model weights differ: [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\."),
+    ("one_weight", "model weights differ"),
+    ("float64", "model dtype differ: torch.float32 -> torch.float64"),
+    ("bfloat16", "model dtype differ: torch.float32 -> torch.bfloat16"),
+    ("chat_template", r"processor \(tokenizer, chat template or image processor\) differ"),
+    ("image_processor", r"processor \(tokenizer, chat template or image processor\) differ"),
+    ("software", "software versions differ: transformers 5"),
 ])
 def test_resume_with_other_data_model_or_options_is_refused(change, message, model_and_processor, load_model, toy_jsonl,
-                                                             tmp_path, monkeypatch):
+                                                             other_seed_dir, tmp_path, monkeypatch):
     out = tmp_path / "glasses"
     ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch)
     model, processor = model_and_processor
@@ -112,9 +125,28 @@ def test_resume_with_other_data_model_or_options_is_refused(change, message, mod
         options = ProfileOptions(batch_size=2, pooling="mean")
     elif change == "batch_size":
         options = ProfileOptions(batch_size=4, pooling="max")
-    else:
+    elif change == "model":
         model, processor = load_model()
         model.config.text_config.rms_norm_eps = 1e-5  # another config, same shapes
+    elif change == "weights":  # same config, another seed: the fingerprint alone cannot tell them apart
+        model, processor = models.load(str(other_seed_dir))
+        assert models.fingerprint(model) == models.fingerprint(model_and_processor[0])
+    elif change == "one_weight":  # one value of one late tensor (e.g. glasses baked into the weights)
+        model, processor = load_model()
+        with torch.no_grad():
+            model.model.language_model.layers[-1].mlp.down_proj.weight[5, 7] += 0.25
+    elif change in ("float64", "bfloat16"):  # the checkpoint's batches were computed in float32
+        model, processor = load_model()
+        model.to(getattr(torch, change))
+    elif change == "chat_template":  # other token ids for the same records, same config and weights
+        model, processor = load_model()
+        processor.chat_template = processor.chat_template.replace("USER: ", "USER: USER: ")
+    elif change == "image_processor":  # other pixels for the same images
+        model, processor = load_model()
+        processor.image_processor.image_mean = [0.5, 0.5, 0.5]
+    else:  # another transformers: its forward may compute other numbers
+        import transformers
+        monkeypatch.setattr(transformers, "__version__", "5.0.0.dev-other")
     with pytest.raises(CheckpointError, match=message):
         build_glasses(model, processor, data, options, SelectionOptions(), out=out, progress=False,
                       execution=ExecutionOptions(resume=True))

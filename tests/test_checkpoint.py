@@ -229,3 +229,68 @@ def test_checkpoint_files_hold_rows_and_responses_without_pickle(tmp_path):
     assert store.written == [([4, 7], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])]
     with pytest.warns(UserWarning, match="not those of batch 0"):  # a file of another plan is not trusted
         assert Checkpoint(tmp_path / "c").restore(Store(), [[4, 8]], [site]) == set()
+
+
+def test_cli_resume_with_a_model_of_the_same_config_and_other_weights_is_refused(
+        tiny_dir, other_seed_dir, toy_jsonl, reference, tmp_path, monkeypatch, capsys):
+    """Ctrl-C with one model, --resume with another of the same config (another seed): one line naming
+    the weights, exit 2, the checkpoint kept as it was; the same model then resumes to the glasses of
+    an uninterrupted run. Without the weights in the key the two models' batches were mixed."""
+    from lmms_sgm.cli import main
+
+    out = tmp_path / "glasses"
+
+    def args(model, *extra):
+        return ["profile", "--model", str(model), "--data", str(toy_jsonl), "--out", str(out), "--no-progress",
+                "--batch-size", "2", "--pooling", "max", *extra]
+
+    calls = [0]
+    trace = profiling._trace_batch
+
+    def ctrl_c_at_the_fourth(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return trace(*a, **k)
+
+    monkeypatch.setattr(profiling, "_trace_batch", ctrl_c_at_the_fourth)
+    assert main(args(tiny_dir)) == 130
+    monkeypatch.undo()
+    ckpt = default_dir(out)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert len(batches_of(ckpt)) == 3
+    capsys.readouterr()
+
+    assert main(args(other_seed_dir, "--resume")) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmms-sgm profile: error: cannot resume from "), err
+    assert "model weights differ" in lines[0] and "model config" not in lines[0], err  # the weights alone differ
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before and not out.exists()
+
+    assert main(args(tiny_dir, "--resume")) == 0
+    assert same_files(out, reference) and not ckpt.exists()
+
+
+def test_the_weight_digest_reads_every_byte_of_every_tensor(load_model, monkeypatch):
+    """weights_digest (the checkpoint key's weights): equal for two loads of one model, whatever the
+    slice it reads tensors in; changed by one value anywhere (here in the last slice of a tensor that
+    spans many), by another dtype; refused on the meta device, where there are no weights."""
+    a, _ = load_model()
+    b, _ = load_model()
+    digest = models.weights_digest(a)
+    assert models.weights_digest(b) == digest and len(digest) == 64
+    monkeypatch.setattr(models, "_SLICE", 1000)  # every tensor of 2,048+ values (8 KiB) spans several slices
+    assert models.weights_digest(a, workers=1) == digest
+    weight = b.model.language_model.layers[0].mlp.up_proj.weight  # [64, 32] float32: 8,192 bytes, 9 slices
+    with torch.no_grad():
+        weight[-1, -1] = torch.nextafter(weight[-1, -1], torch.tensor(2.0))  # one bit of the last byte slice
+    assert models.weights_digest(b) != digest
+    with torch.no_grad():
+        weight[-1, -1] = a.model.language_model.layers[0].mlp.up_proj.weight[-1, -1]
+    assert models.weights_digest(b) == digest
+    assert models.weights_digest(b.to(torch.float64)) != digest
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta device"):
+        models.weights_digest(meta)

@@ -294,3 +294,34 @@ def test_the_weight_digest_reads_every_byte_of_every_tensor(load_model, monkeypa
         meta = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="meta device"):
         models.weights_digest(meta)
+
+
+def test_a_remote_models_weights_are_named_by_its_hub_id(model_and_processor):
+    """A model served remotely is here on the meta device (no weights to digest): the key names it
+    by the Hub id the server deploys; a model loaded here (remote=local, or local runs) by its digest."""
+    from types import SimpleNamespace
+
+    with torch.device("meta"):
+        meta = torch.nn.Linear(3, 2)
+    served = SimpleNamespace(repo_id="llava-hf/llava-1.5-7b-hf")
+    remote = ExecutionOptions(remote="http://127.0.0.1:9")
+    assert profiling._weights_id(meta, served, remote) == "hub:llava-hf/llava-1.5-7b-hf"
+    model, _ = model_and_processor
+    digest = models.weights_digest(model)
+    assert profiling._weights_id(model, served, ExecutionOptions(remote="local")) == digest
+    assert profiling._weights_id(model, served, ExecutionOptions()) == digest
+    with pytest.raises(ValueError, match="meta device"):  # a meta model profiled locally is not given a name
+        profiling._weights_id(meta, served, ExecutionOptions())
+
+
+def test_the_weight_digest_of_an_offloaded_model_is_its_weights_digest(load_model):
+    """device=auto on a GPU too small offloads layers (accelerate: meta tensors in the model, the
+    values in its hooks); the digest reads them there and equals the digest of the model in memory."""
+    from accelerate import cpu_offload
+
+    model, _ = load_model()
+    digest = models.weights_digest(model)
+    offloaded, _ = load_model()
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert any(t.is_meta for t in offloaded.state_dict().values())
+    assert models.weights_digest(offloaded) == digest

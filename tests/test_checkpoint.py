@@ -325,3 +325,19 @@ def test_the_weight_digest_of_an_offloaded_model_is_its_weights_digest(load_mode
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert any(t.is_meta for t in offloaded.state_dict().values())
     assert models.weights_digest(offloaded) == digest
+
+
+def test_resume_with_another_attention_implementation_is_refused(model_and_processor, load_model, toy_jsonl, tmp_path,
+                                                                  monkeypatch):
+    """attention=model profiles with the model's own kernel: a checkpoint made under sdpa is not
+    continued under eager (same options, config and weights; other low bits, docs/footguns.md)."""
+    options = ProfileOptions(batch_size=2, pooling="max", attention="model")
+    out = tmp_path / "glasses"
+    ckpt = interrupt(model_and_processor, toy_jsonl, out, monkeypatch, options=options)
+    assert json.loads((ckpt / KEY_FILE).read_text())["attention"][""] == "sdpa"
+    model, processor = load_model()
+    model.set_attn_implementation("eager")
+    with pytest.raises(CheckpointError, match=r"attention implementation differ: .*sdpa.* -> .*eager"):
+        build_glasses(model, processor, toy_jsonl, options, SelectionOptions(), out=out, progress=False,
+                      execution=ExecutionOptions(resume=True))
+    assert len(batches_of(ckpt)) == 3 and not out.exists()

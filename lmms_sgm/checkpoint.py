@@ -2,9 +2,12 @@
 
 A checkpoint is a directory (by default ``.NAME.ckpt`` beside the output ``NAME``) holding
 
-* ``checkpoint.json``: what the responses belong to (the *key*): the model fingerprint and
-  dtype, the data digest and size, every profiling option, the sites and a digest of the batch
-  plan; a run that resumes must have the same key, field for field, or it is refused;
+* ``checkpoint.json``: what the responses belong to (the *key*): everything that changes the
+  numbers, i.e. the model fingerprint (config), a digest of its weights (or, for a remote model,
+  its Hub id) and their dtype, the attention implementation profiled with, a digest of the
+  processor (tokenizer, chat template, image processor), the data digest and size, every
+  profiling option, the sites, a digest of the batch plan and the versions of the code that
+  computes them; a run that resumes must have the same key, field for field, or it is refused;
 * ``batch-NNNNNN.safetensors``, one per finished batch: ``rows`` (int64, the examples' indices)
   and one float32 ``[rows, width]`` tensor per site. Each is written under a temporary name and
   renamed, so a file is whole or absent whatever kills the process (a file damaged otherwise, by
@@ -46,14 +49,21 @@ def default_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
-def make_key(*, fingerprint: dict, dtype: str, data_digest: str, examples: int, profile_options: dict,
-             sites: list, batches: list[list[int]]) -> dict:
+def make_key(*, fingerprint: dict, weights: str, dtype: str, attention: dict, processor: str, data_digest: str,
+             examples: int, profile_options: dict, sites: list, batches: list[list[int]]) -> dict:
+    """The key of a run: ``weights`` is :func:`lmms_sgm.models.weights_digest` (or ``hub:ID`` for a
+    remote model), ``attention`` the implementation(s) the forward runs with, ``processor``
+    :func:`processor_digest`. Padding side is not in it: no batch is padded (profiling.length_batches)."""
     plan = hashlib.sha256(json.dumps(batches, separators=(",", ":")).encode()).hexdigest()
     return {
         "format": FORMAT,
         "lmms_sgm_version": __version__,
+        "software": _software(),
         "fingerprint": fingerprint,
+        "weights": weights,
         "dtype": dtype,
+        "attention": attention,
+        "processor": processor,
         "data": {"digest": data_digest, "examples": examples},
         "profile_options": profile_options,
         "sites": [[s.name, s.width] for s in sites],
@@ -61,8 +71,33 @@ def make_key(*, fingerprint: dict, dtype: str, data_digest: str, examples: int, 
     }
 
 
-_WHAT = {"fingerprint": "model", "dtype": "model dtype", "data": "data", "profile_options": "profiling options",
-         "sites": "sites (layers / modules)", "batches": "batches (batch size or remote_max_mb)",
+def _software() -> dict:
+    """The versions of what computes the responses (a model's forward may change between releases)."""
+    import nnsight
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "nnsight": nnsight.__version__}
+
+
+def processor_digest(processor) -> str:
+    """sha256 of what the processor turns a pair into tokens and pixels with: its tokenizer (the
+    whole fast-tokenizer JSON: vocabulary, normalisation, added and special tokens), the chat
+    templates, and the processor's own settings (image processor, image token counts)."""
+    tok = getattr(processor, "tokenizer", processor)
+    backend = getattr(tok, "backend_tokenizer", None)
+    parts = {
+        "tokenizer": backend.to_str() if backend is not None else sorted(tok.get_vocab().items()),
+        "special": {k: str(getattr(tok, k, None)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        "chat_template": [getattr(processor, "chat_template", None), getattr(tok, "chat_template", None)],
+        "processor": processor.to_dict() if processor is not tok and hasattr(processor, "to_dict") else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_WHAT = {"fingerprint": "model config", "weights": "model weights", "dtype": "model dtype",
+         "attention": "attention implementation", "processor": "processor (tokenizer, chat template or image "
+         "processor)", "data": "data", "profile_options": "profiling options", "sites": "sites (layers / modules)",
+         "batches": "batches (batch size or remote_max_mb)", "software": "software versions",
          "lmms_sgm_version": "lmms_sgm version", "format": "checkpoint format"}
 
 

@@ -125,6 +125,75 @@ def fingerprint(model) -> dict:
     }
 
 
+def weights_digest(model, *, workers: int | None = None) -> str:
+    """sha256 over every parameter and persistent buffer of ``model``: name, dtype, shape and bytes.
+
+    What the config fingerprint cannot tell apart: two models of one config with other weights
+    (another seed, a fine-tune, glasses baked into a few rows), or the same weights in another
+    dtype. Exact, not sampled, since an edit of a few rows must show. Tied tensors are read once.
+    Each tensor is hashed on its own thread (hashlib releases the GIL) and read in 64 MiB slices,
+    so a GPU model is copied to the host a slice at a time; the cost is one read of the weights at
+    sha256's speed per core (about 1.7 GB/s with SHA extensions): a 7B model in bfloat16
+    (13.5 GB) takes a few seconds on a 16-core machine. Tensors accelerate offloaded are read
+    where it keeps them; a model on the meta device (a remote model's local stand-in) has no
+    weights to read and is refused.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = unwrap(model)
+    tensors, seen = [], set()
+    state = model.state_dict()
+    offloaded = _offloaded(model) if any(t.is_meta for t in state.values()) else {}
+    for name, t in state.items():
+        if t.is_meta:
+            t = offloaded.get(name)
+            if t is None:
+                raise ValueError(f"{name} is on the meta device: a model without weights has no weight digest")
+        tied = (t.device, t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and tied in seen:
+            continue
+        seen.add(tied)
+        tensors.append((name, t))
+
+    def one(item) -> bytes:
+        name, t = item
+        h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            flat = flat.contiguous().view(torch.uint8)
+        for start in range(0, flat.numel(), _SLICE):
+            h.update(flat[start:start + _SLICE].cpu().numpy().data)
+        return h.digest()
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        return hashlib.sha256(b"".join(pool.map(one, tensors))).hexdigest()
+
+
+_SLICE = 64 << 20
+
+
+def _offloaded(model) -> dict:
+    """The values of tensors accelerate has offloaded (``device_map="auto"`` on too small a GPU):
+    they are on the meta device in the model, and kept in the ``weights_map`` of an offloading hook
+    on their module, under their name relative to it."""
+    out = {}
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            if not getattr(h, "offload", False) or weights is None:
+                continue
+            recurse = bool(getattr(h, "place_submodules", False))
+            for name, t in [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]:
+                if t.is_meta:
+                    try:
+                        out[f"{prefix}.{name}" if prefix else name] = weights[name]
+                    except KeyError:
+                        pass
+    return out
+
+
 def is_text_only(model) -> bool:
     """The model reads text alone (its adapter is ``text_only``): no image token, no processor."""
     return adapter_for(unwrap(model)).text_only

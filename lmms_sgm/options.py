@@ -263,8 +263,8 @@ class RemoteOptions:
     )
     remote_retries: int = opt(3, "retries of a remote trace after a transport failure (unreachable, timeout, HTTP 5xx), "
                                  "waiting 2, 4, 8... s")
-    remote_max_mb: float = opt(64.0, "largest request or result of one remote trace in MB (our default, not a published "
-                                     "NDIF limit): profiling batches are cut to fit")
+    remote_max_mb: float = opt(64.0, "largest request or result of one remote trace in MiB (2**20 bytes; our default, "
+                                     "not a published NDIF limit): profiling batches are cut to fit")
 
     def __post_init__(self):
         value = str(self.remote).strip()

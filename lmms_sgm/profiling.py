@@ -269,7 +269,7 @@ def profile(
     (:func:`lmms_sgm.sites.layer_output_site`) through this same loop.
     """
     from lmms_sgm import remote
-    from lmms_sgm.checkpoint import make_key
+    from lmms_sgm.checkpoint import make_key, processor_digest
     from lmms_sgm.distributed import Group
     from lmms_sgm.models import fingerprint
 
@@ -320,7 +320,9 @@ def profile(
             done: set[int] = set()
             with group.together():  # a refused checkpoint stops every process
                 if checkpoint is not None and group.is_main:
-                    checkpoint.open(make_key(fingerprint=fingerprint(hf), dtype=str(dtype), data_digest=pairs.digest(),
+                    checkpoint.open(make_key(fingerprint=fingerprint(hf), weights=_weights_id(hf, nn_model, execution),
+                                             dtype=str(dtype), attention=_attn_implementations(hf.config),
+                                             processor=processor_digest(processor), data_digest=pairs.digest(),
                                              examples=len(pairs), profile_options=to_dict(options), sites=sites,
                                              batches=batches))
                     done = checkpoint.restore(store, batches, sites)
@@ -339,6 +341,16 @@ def profile(
             store.close()
         raise
     return sites, store
+
+
+def _weights_id(hf, nn_model, execution: ExecutionOptions) -> str:
+    """The checkpoint key's name for the weights: their digest (lmms_sgm.models.weights_digest), or
+    for a model served remotely (here on the meta device, without weights) its Hub id."""
+    from lmms_sgm.models import weights_digest
+
+    if execution.is_remote and any(p.is_meta for p in hf.parameters()):
+        return f"hub:{getattr(nn_model, 'repo_id', None)}"
+    return weights_digest(hf)
 
 
 def require_modality(pairs: PairDataset, model, options: ProfileOptions) -> None:

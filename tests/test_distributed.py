@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmms_sgm.checkpoint import KEY_FILE, default_dir
 from lmms_sgm.cli import main
@@ -161,6 +162,39 @@ def test_under_several_processes_each_takes_its_own_gpu(device, expect):
             group.device(device)
     else:
         assert group.device(device) == expect
+
+
+def test_on_a_multi_node_run_the_gpu_is_the_local_rank_not_the_global_rank(monkeypatch):
+    """Second node of two with four GPUs each: process RANK=5 is LOCAL_RANK=1 there, so its GPU (the
+    device it loads on, the one nccl binds, the one it exchanges through) is cuda:1; cuda:5 does not
+    exist on that node. The process group is stubbed: no GPU and no peers needed."""
+    import torch.distributed as dist
+
+    from lmms_sgm.distributed import TorchGroup, from_env
+
+    for k in LAUNCH_ENVS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls) and calls[-1][0] == "init")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw["init_method"])))
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append(("destroy",)))
+    group = from_env()
+    assert isinstance(group, TorchGroup) and (group.rank, group.local_rank, group.world_size) == (5, 1, 8)
+    assert not group.is_main
+    assert calls == [("set_device", 1), ("init", "nccl", "env://")]
+    assert group.device("cuda") == "cuda:1" and group.comm == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="device=cuda:5 under 8 processes"):
+        group.device("cuda:5")
+    group.close()
+    assert calls[-1] == ("destroy",)
 
 
 def test_bare_flags():

@@ -783,8 +783,8 @@ def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_proce
     """With a checkpoint (its files: tests/test_checkpoint.py): opened with the run's key, asked
     for the batches it holds (here batch 0, written from a local profile), given every other batch
     as it arrives; a restored batch is not traced again and the responses are the local ones."""
-    from lmms_sgm.checkpoint import make_key
-    from lmms_sgm.models import fingerprint
+    from lmms_sgm.checkpoint import make_key, processor_digest
+    from lmms_sgm.models import fingerprint, weights_digest
     from lmms_sgm.options import to_dict
 
     model, processor = model_and_processor
@@ -816,7 +816,9 @@ def test_a_checkpoint_gets_the_runs_key_and_every_batch_it_lacks(model_and_proce
     try:
         plan = checkpoint.plan
         assert sorted(i for rows in plan for i in rows) == list(range(len(toy_pairs))) and max(map(len, plan)) <= BATCH
-        assert checkpoint.key == make_key(fingerprint=fingerprint(model), dtype="torch.float32", data_digest=toy_pairs.digest(),
+        assert checkpoint.key == make_key(fingerprint=fingerprint(model), weights=weights_digest(model), dtype="torch.float32",
+                                          attention={"": "eager", "text_config": {"": "eager"}, "vision_config": {"": "eager"}},
+                                          processor=processor_digest(processor), data_digest=toy_pairs.digest(),
                                           examples=len(toy_pairs), profile_options=to_dict(opts), sites=sites, batches=plan)
         assert [(i, rows) for i, rows, _ in checkpoint.saved] == [(i, plan[i]) for i in range(1, len(plan))]
         for _, rows, pooled in checkpoint.saved:

@@ -25,6 +25,20 @@ def test_rule_lowest_harm_within_the_side_conditions():
     assert tune.Rule(over_refusal_points=0.05).choose(rows) == "best but refuses"
 
 
+def test_over_refusal_limit_is_points_above_vanilla_s_own_over_refusal():
+    """Vanilla over-refuses 10%: +2 points allows 12% and refuses 12.5%; an option refusing less
+    than vanilla is fine. (With vanilla at 0, the absolute rate and the difference either way
+    round would give the same answers.)"""
+    base = {**BASE, "over_refusal": 0.10}
+    rule = tune.Rule()
+    at_limit, over, below = ({**base, "harmful_sampled": h, "over_refusal": o} for h, o in ((0.3, 0.12), (0.2, 0.125), (0.4, 0.05)))
+    assert rule.admissible(at_limit, base) and rule.admissible(below, base) and not rule.admissible(over, base)
+    rows = {"vanilla": base, "12.5% refused": over, "12% refused": at_limit, "5% refused": below}
+    assert rule.choose(rows) == "12% refused"
+    assert tune.Rule(over_refusal_points=0.03).choose(rows) == "12.5% refused"
+    assert tune.Rule(over_refusal_points=0.0).choose(rows) == "5% refused"
+
+
 def test_no_option_that_does_not_lower_harm_is_chosen_and_the_verdict_says_so():
     rows = {"vanilla": BASE, "same": dict(BASE), "higher": {**BASE, "harmful_sampled": 0.6}}
     assert tune.Rule().choose(rows) is None

@@ -156,6 +156,28 @@ def test_tune_steering_profiles_once_and_equals_building_directly(load_model, to
     assert all(r[tune.FLUENCY] > 1 for r in result.rows.values())
 
 
+def test_tune_steering_entries_differing_only_in_their_gate_layer_are_built_apart(load_model, toy_jsonl, tmp_path,
+                                                                                 monkeypatch):
+    """The gate layer changes what is profiled (the gate's direction is read there): two entries
+    that differ only in it are two profilings, each equal to building it directly, not one reused."""
+    from lmms_sgm import pipeline
+    from lmms_sgm.evaluate import ValidationSet
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.options import SteeringOptions
+
+    model, processor = load_model()
+    calls = []
+    real = pipeline.build_steering_glasses
+    monkeypatch.setattr(pipeline, "build_steering_glasses", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    options = {f"gate {g}": SteeringOptions(layer=1, gate_layer=g, c=3.0) for g in (0, 1)}
+    grid = [tune.Config(n, "toy", kind="steering", gate_data="toy", steer=so) for n, so in options.items()]
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 2))
+    result = tune.tune(model, processor, {"toy": toy_jsonl}, grid, val, get_judge("lexicon"), samples=1)
+    assert [so.gate_layer for so in calls] == [0, 1]
+    direct = {n: real(model, processor, toy_jsonl, toy_jsonl, so, progress=False).digest() for n, so in options.items()}
+    assert {n: g.digest() for n, g in result.glasses.items()} == direct and len(set(direct.values())) == 2
+
+
 def test_tune_profiles_once_per_profiling_and_reselects(load_model, toy_jsonl, tmp_path, monkeypatch):
     """Selections of one profiling share its AUROCs: one profile() call each; the result equals
     profiling with that selection directly."""

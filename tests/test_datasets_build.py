@@ -321,6 +321,19 @@ def test_check_catches_a_question_leaked_across_splits(built, tmp_path, capsys):
     assert "eval/test/harmful.jsonl: changed since it was built" in text  # and the digest says so
 
 
+def test_check_counts_a_question_on_exactly_the_manifest_s_template_min_images_as_a_template():
+    """dataset check's leak rule uses the build's threshold, inclusive, over distinct images: one
+    question on 8 images in two splits is a template at template_min=8 (no leak), on 7 it is a leak."""
+    from lmms_sgm.datasets.check import CheckReport, _check_leaks, _Row
+
+    rows = [_Row("profile" if k < 4 else "test", f"f.jsonl:{k + 1}", f"hash{k}", ("describe image",)) for k in range(8)]
+    for n, template_min, leaks in ((8, 8, 0), (7, 8, 1), (7, 7, 0), (8, 9, 1)):
+        report = CheckReport(Path("ds"))
+        _check_leaks(rows[:n], {"options": {"template_min": template_min}}, report)
+        assert len(report.errors) == leaks, (n, template_min, report.errors)
+        assert all(e.startswith("leak: question 'describe image' is in 2 splits") for e in report.errors)
+
+
 def test_check_catches_an_image_leaked_across_splits(built, tmp_path, capsys):
     ds = fresh_copy(built, tmp_path)
     n, victim = next((n, r) for n, r in enumerate(lines(ds / "eval/validation/harmful.jsonl"), 1) if r["image"].endswith(".png"))

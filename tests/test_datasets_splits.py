@@ -65,6 +65,20 @@ def test_template_questions_link_nothing():
     assert len(assign(items, seed=0, template_min=31).groups) == 1
 
 
+def test_a_question_on_exactly_template_min_distinct_images_is_a_template():
+    """The threshold is inclusive and counts distinct images: 8 images at template_min=8 make a
+    template (8 groups); 7 do not, nor do 8 records on 7 images (each links everything)."""
+    on_8 = [item(i, questions=["Describe the image."]) for i in range(8)]
+    on_7 = on_8[:7]
+    on_7_twice = [*on_7, item(8, images=["img3"], questions=["describe image"])]
+    assert template_questions(on_8, 8) == {"describe image": 8}
+    assert template_questions(on_7, 8) == template_questions(on_7_twice, 8) == {}
+    assert len(assign(on_8, seed=0, template_min=8).groups) == 8
+    assert len(assign(on_7, seed=0, template_min=8).groups) == 1
+    assert len(assign(on_7_twice, seed=0, template_min=8).groups) == 1
+    assert len(assign(on_7_twice, seed=0, template_min=7).groups) == 7  # a template at 7; img3 still links two
+
+
 def test_a_group_goes_only_where_it_has_something_to_give():
     items = [item(i, category="x", profile=False) for i in range(20)] + [item(20 + i, category="x", evaluate=False) for i in range(10)]
     plan = assign(items, seed=1)

@@ -166,6 +166,47 @@ def test_self_check_caption_fallback_re_answers_from_a_caption(sayers, make):
     assert "Description: yes yes" in grounded[0] and QUESTIONS[0] in grounded[0] and grounded[1:] == (0, 2)
 
 
+class _Replies:
+    """A generator whose reply to the self-check's question is fixed per answer under review; it
+    writes "caption of <request>" to a caption prompt and "re-answer of <request>" to a grounded one."""
+
+    def __init__(self, replies: dict):
+        self.replies, self.asked = replies, []
+
+    def generate(self, requests, max_new_tokens):
+        self.asked += [r.text for r in requests]
+        out = []
+        for r in requests:
+            if r.text.startswith("Describe the image"):
+                out.append(f"caption of {r.text.rsplit(': ', 1)[1]}")
+            elif r.text.startswith("You cannot see the image"):
+                out.append(f"re-answer of {r.text.rsplit(': ', 1)[1]}")
+            else:
+                out.append(self.replies[r.text.split("Answer: ", 1)[1].split("\n", 1)[0]])
+        return out
+
+
+def test_self_check_keeps_an_answer_whose_check_reply_is_neither_yes_nor_no():
+    """docs/defenses.md: only a reply starting with yes counts; no keeps the answer, anything else
+    keeps it too and is counted unclear (not harmful, not replaced), so the caption fallback does
+    not re-answer it either. One batch mixing the three kinds of reply, in both fallbacks."""
+    replies = {"a0": "Yes.", "a1": "maybe", "a2": "No", "a3": "yesterday", "a4": "I cannot tell", "a5": "yes, it is"}
+    answers = list(replies)
+    requests = [Request(f"q{i}", (tiny.random_image(i),)) for i in range(6)]
+    stack = Stack.from_spec("self_check")
+    got, by = stack.review(_Replies(replies), requests, answers)
+    assert got == [REFUSAL, "a1", "a2", "a3", "a4", REFUSAL]
+    assert by == ["self_check", None, None, None, None, "self_check"]
+    assert stack.stats() == {"self_check": {"checked": 6, "harmful": 2, "unclear": 3, "replaced": 2}}
+    generator = _Replies(replies)
+    stack = Stack.from_spec("self_check", "self_check.fallback=caption")
+    got, _ = stack.review(generator, requests, answers)
+    assert got == ["re-answer of q0", "a1", "a2", "a3", "a4", "re-answer of q5"]
+    assert [t for t in generator.asked if t.startswith("Describe the image")] == \
+        [f"Describe the image in detail, paying attention to what matters for this request: q{i}" for i in (0, 5)]
+    assert stack.stats() == {"self_check": {"checked": 6, "harmful": 2, "unclear": 3, "replaced": 2}}
+
+
 # ---------------------------------------------------------------- output filter
 
 

@@ -25,6 +25,20 @@ def test_rule_lowest_harm_within_the_side_conditions():
     assert tune.Rule(over_refusal_points=0.05).choose(rows) == "best but refuses"
 
 
+def test_over_refusal_limit_is_points_above_vanilla_s_own_over_refusal():
+    """Vanilla over-refuses 10%: +2 points allows 12% and refuses 12.5%; an option refusing less
+    than vanilla is fine. (With vanilla at 0, the absolute rate and the difference either way
+    round would give the same answers.)"""
+    base = {**BASE, "over_refusal": 0.10}
+    rule = tune.Rule()
+    at_limit, over, below = ({**base, "harmful_sampled": h, "over_refusal": o} for h, o in ((0.3, 0.12), (0.2, 0.125), (0.4, 0.05)))
+    assert rule.admissible(at_limit, base) and rule.admissible(below, base) and not rule.admissible(over, base)
+    rows = {"vanilla": base, "12.5% refused": over, "12% refused": at_limit, "5% refused": below}
+    assert rule.choose(rows) == "12% refused"
+    assert tune.Rule(over_refusal_points=0.03).choose(rows) == "12.5% refused"
+    assert tune.Rule(over_refusal_points=0.0).choose(rows) == "5% refused"
+
+
 def test_no_option_that_does_not_lower_harm_is_chosen_and_the_verdict_says_so():
     rows = {"vanilla": BASE, "same": dict(BASE), "higher": {**BASE, "harmful_sampled": 0.6}}
     assert tune.Rule().choose(rows) is None
@@ -140,6 +154,28 @@ def test_tune_steering_profiles_once_and_equals_building_directly(load_model, to
     direct = real(model, processor, toy_jsonl, toy_jsonl, SteeringOptions(layer=1, c=5.0), progress=False)
     assert result.glasses["c=5.0"].digest() == direct.digest() != result.glasses["c=2.0"].digest()
     assert all(r[tune.FLUENCY] > 1 for r in result.rows.values())
+
+
+def test_tune_steering_entries_differing_only_in_their_gate_layer_are_built_apart(load_model, toy_jsonl, tmp_path,
+                                                                                 monkeypatch):
+    """The gate layer changes what is profiled (the gate's direction is read there): two entries
+    that differ only in it are two profilings, each equal to building it directly, not one reused."""
+    from lmms_sgm import pipeline
+    from lmms_sgm.evaluate import ValidationSet
+    from lmms_sgm.judges import get_judge
+    from lmms_sgm.options import SteeringOptions
+
+    model, processor = load_model()
+    calls = []
+    real = pipeline.build_steering_glasses
+    monkeypatch.setattr(pipeline, "build_steering_glasses", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    options = {f"gate {g}": SteeringOptions(layer=1, gate_layer=g, c=3.0) for g in (0, 1)}
+    grid = [tune.Config(n, "toy", kind="steering", gate_data="toy", steer=so) for n, so in options.items()]
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 2))
+    result = tune.tune(model, processor, {"toy": toy_jsonl}, grid, val, get_judge("lexicon"), samples=1)
+    assert [so.gate_layer for so in calls] == [0, 1]
+    direct = {n: real(model, processor, toy_jsonl, toy_jsonl, so, progress=False).digest() for n, so in options.items()}
+    assert {n: g.digest() for n, g in result.glasses.items()} == direct and len(set(direct.values())) == 2
 
 
 def test_tune_profiles_once_per_profiling_and_reselects(load_model, toy_jsonl, tmp_path, monkeypatch):

@@ -325,10 +325,51 @@ def test_diagnose_forward_passes_keep_each_row_s_positions():
     assert shifted_rows > 0  # the bug position_ids fixes is real here
 
 
+# Steering glasses across machines. Rebuilt here, the bundled gated-steering glasses differ from the
+# file in the low bits only: steer vector 2.7e-7 (1.3e-7 of its largest component), gate direction
+# 1.5e-8 (a unit vector), gate projections 1.1e-5 on values up to 63 (2e-7 relative), threshold 8e-7;
+# their digest (sha256 over those float bytes) differs entirely. The tolerance, 1e-5 of each
+# quantity's scale, is ~50x that noise and 1e5 below what a real difference moves (a sign flip is 2x
+# the vector; another layer is another vector; c and the layers are compared exactly).
+CROSS_MACHINE_STEERING = 1e-5
+
+
+def assert_same_steering_across_machines(got, want):
+    """Same model, layers, options, data and decision marker (exactly); steer vector, gate direction,
+    projections, threshold and gate statistics within the cross-machine tolerance of their scale."""
+    import numpy as np
+
+    tol = CROSS_MACHINE_STEERING
+    for key in ("fingerprint", "sites", "steering_options", "data", "decision_marker"):
+        assert got.manifest[key] == want.manifest[key], key
+    got_plan, want_plan = got.apply_plan(), want.apply_plan()
+    assert got_plan.pop("threshold") == pytest.approx(want_plan.pop("threshold"), rel=tol, abs=tol)
+    assert got_plan == want_plan  # layer, gated, gate layer, c, steer_from, marker
+    steer = want.steer.double().numpy()
+    np.testing.assert_allclose(got.steer.double().numpy(), steer, rtol=0, atol=tol * np.abs(steer).max(), err_msg="steer")
+    assert (got.gate_direction is None) == (want.gate_direction is None)
+    if want.gate_direction is not None:
+        np.testing.assert_allclose(got.gate_direction.numpy(), want.gate_direction.numpy(), rtol=0, atol=tol,
+                                   err_msg="gate direction")
+        proj = want.gate_projections.numpy()
+        np.testing.assert_allclose(got.gate_projections.numpy(), proj, rtol=0, atol=tol * np.abs(proj).max(),
+                                   err_msg="gate projections")
+        assert got.gate_labels.tolist() == want.gate_labels.tolist()
+        # Counts exactly (the nearest example is 3.2 from the threshold, 1e5 times the noise), the
+        # projection statistics within the tolerance of the projections' scale.
+        g, w = got.manifest["gate"], want.manifest["gate"]
+        assert g.keys() == w.keys()
+        for k, v in w.items():
+            if isinstance(v, int):
+                assert g[k] == v, k
+            else:
+                assert g[k] == pytest.approx(v, rel=0, abs=tol * np.abs(proj).max()), k
+
+
 def test_bundled_gated_steering_is_the_tune_grid_option_it_names():
     """The demo's fourth run wears the gated-steering option of tune_grid.json that `lmms-sgm tune`
     chooses on validation (docs/diagnosis.md): building that grid entry gives the bundled glasses
-    (same digest: what applying does)."""
+    (by value: they were built on another machine; on this one, building twice is bit for bit)."""
     from lmms_sgm import models, tune
     from lmms_sgm.data import load_pairs
     from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
@@ -338,4 +379,91 @@ def test_bundled_gated_steering_is_the_tune_grid_option_it_names():
     model, processor = models.load(SHORT_NAME)
     sets = {"inputs": load_pairs(DATA_DIR / "profile_inputs.jsonl"), "gate": load_pairs(DATA_DIR / "profile_gate.jsonl")}
     built = tune._steering(model, processor, entry, sets, {})
-    assert built.digest() == SafetyGlasses.load(GLASSES_DIR / STEERING).digest()
+    assert_same_steering_across_machines(built, SafetyGlasses.load(GLASSES_DIR / STEERING))
+    assert tune._steering(model, processor, entry, sets, {}).digest() == built.digest()  # one machine: bit for bit
+
+
+def _nudged(model, ulps: int = 2, seed: int = 0):
+    """``model`` with every floating weight moved by a random whole number of ulps in [-ulps, ulps]:
+    every float computation then rounds differently in its low bits, as on another CPU or BLAS."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                step = torch.nextafter(p, torch.full_like(p, float("inf"))) - p
+                p += torch.randint(-ulps, ulps + 1, p.shape, generator=g).to(p.dtype) * step
+    return model
+
+
+def test_cross_machine_comparisons_tolerate_rounding_noise_and_catch_real_differences():
+    """The two comparisons above, on glasses rebuilt from a model whose weights were moved by a few
+    ulps (what another machine's rounding does): accepted, though their digests differ from the
+    bundled ones. Then glasses that really differ: refused."""
+    from dataclasses import replace
+
+    from lmms_sgm import models, tune
+    from lmms_sgm.data import load_pairs
+    from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
+    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.options import SelectionOptions
+    from lmms_sgm.pipeline import build_glasses
+
+    model, processor = _nudged(models.load(SHORT_NAME)[0]), models.load(SHORT_NAME)[1]
+    (entry,) = [c for c in tune.read_grid(HERE / "tune_grid.json") if c.name == STEERING_OPTION]
+    sets = {"inputs": load_pairs(DATA_DIR / "profile_inputs.jsonl"), "gate": load_pairs(DATA_DIR / "profile_gate.jsonl")}
+    bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
+    nudged = tune._steering(model, processor, entry, sets, {})
+    assert nudged.digest() != bundled.digest()  # a digest cannot compare float results across machines
+    assert_same_steering_across_machines(nudged, bundled)
+    for wrong in (replace(bundled, steer=-bundled.steer),  # a sign flip
+                  replace(bundled, steer=bundled.steer * (1 + 1e-3)),  # 0.1% too long
+                  bundled.with_options(c=7.0),  # another c
+                  bundled.with_options(gate_threshold=0.45),  # another gate threshold
+                  tune._steering(model, processor, replace(entry, steer=replace(entry.steer, layer=1)), sets, {})):
+        with pytest.raises(AssertionError):
+            assert_same_steering_across_machines(wrong, bundled)
+
+    paper = SafetyGlasses.load(GLASSES_DIR / "paper_default")
+    rebuilt = build_glasses(model, processor, DATA_DIR / "profile.jsonl", paper.profile_options, paper.selection,
+                            progress=False)
+    assert rebuilt.digest() != paper.digest()
+    assert_same_glasses_across_machines(rebuilt, paper)
+    for wrong in (paper.reselect(replace(paper.selection, threshold=0.55)),  # other expert sets
+                  replace(paper, auroc={k: 1 - v for k, v in paper.auroc.items()}),  # a sign flip of the evidence
+                  paper.reselect(replace(paper.selection, towards="nontoxic_mean"))):
+        with pytest.raises(AssertionError):
+            assert_same_glasses_across_machines(wrong, paper)
+
+
+def test_bundled_steering_glasses_load_where_a_float64_mean_rounds_otherwise(tmp_path):
+    """Loading re-derives the gate's statistics from the stored projections and compares them with
+    the manifest's. Another CPU's float64 mean may differ in its last bits: a statistic off by a few
+    ulps (content digest recomputed, as if written there) still loads; one off by 1e-6 is refused."""
+    import math
+    import shutil
+
+    from lmms_sgm import glasses as glasses_mod
+    from lmms_sgm.demo import GLASSES_DIR, STEERING
+    from lmms_sgm.glasses import GlassesError, SafetyGlasses
+
+    made = iter(range(100))
+
+    def written_with(key, value):
+        path = tmp_path / f"{key}-{next(made)}"
+        shutil.copytree(GLASSES_DIR / STEERING, path)
+        m = json.loads((path / "manifest.json").read_text())
+        m["gate"][key] = value(m["gate"][key])
+        m["content_digest"] = glasses_mod.content_digest(m)
+        (path / "manifest.json").write_text(json.dumps(m, indent=2))
+        return path
+
+    bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
+    for key in ("benign_mean", "harmful_mean", "margin"):
+        up = written_with(key, lambda v: math.nextafter(math.nextafter(v, math.inf), math.inf))  # two ulps
+        assert SafetyGlasses.load(up).digest() == bundled.digest()
+        with pytest.raises(GlassesError, match="do not give the statistics recorded"):
+            SafetyGlasses.load(written_with(key, lambda v: v + 1e-6))
+    with pytest.raises(GlassesError, match="do not give the statistics recorded"):
+        SafetyGlasses.load(written_with("misclassified", lambda v: v + 1))

@@ -18,7 +18,8 @@ retry is ours and visible:
 
 The API key is read from ``OPENAI_API_KEY`` (or the variable named by ``api_key_env``) when the
 judge is built and is sent only in the ``Authorization`` header: it is in no config, identity,
-cache file, log line or error message.
+cache file, log line or error message, even when a server echoes the request in its reply
+(everything stored or shown goes through :func:`lmms_sgm.redaction.redact`, which knows the key).
 """
 from __future__ import annotations
 

@@ -407,7 +407,6 @@ def test_cross_machine_comparisons_tolerate_rounding_noise_and_catch_real_differ
     from lmms_sgm.data import load_pairs
     from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
     from lmms_sgm.glasses import SafetyGlasses
-    from lmms_sgm.options import SelectionOptions
     from lmms_sgm.pipeline import build_glasses
 
     model, processor = _nudged(models.load(SHORT_NAME)[0]), models.load(SHORT_NAME)[1]

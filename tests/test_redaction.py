@@ -78,8 +78,8 @@ def test_the_runner_writes_and_prints_no_secret(tmp_path, capsys, monkeypatch):
 
     register_secret(OTHER)
     env = {"LMMS_SGM_SERVICE_TOKEN": SECRET, "LMMS_SGM_JUDGE": "lexicon"}
-    script = ("import os, sys; ok = os.environ['LMMS_SGM_SERVICE_TOKEN'] == sys.argv[1] == %r and sys.argv[2] == %r; "
-              "print('child ran', ok); sys.exit(3)") % (SECRET, OTHER)
+    script = (f"import os, sys; ok = os.environ['LMMS_SGM_SERVICE_TOKEN'] == sys.argv[1] == {SECRET!r} "
+              f"and sys.argv[2] == {OTHER!r}; print('child ran', ok); sys.exit(3)")
     with pytest.raises(ChildProcessError) as failed:
         runner.run("x", [sys.executable, "-c", script, SECRET, OTHER], env, tmp_path / "run", "a test run")
     out = capsys.readouterr().out

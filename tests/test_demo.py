@@ -142,24 +142,43 @@ def test_bundled_model_loads_by_short_name_and_answers():
 # low bits (~1e-7 relative in activations); a pair of pooled responses that nearly tie may then
 # order the other way, moving an AUROC by 1 / (toxic x non-toxic) per pair. Measured on the two
 # bundled glasses: AUROC 6.1e-5 (one pair of 128 x 128) and 2.0e-5, non-toxic means 1.9e-6,
-# expert sets identical. Bit for bit only holds on one machine.
+# expert sets identical. Bit for bit only holds on one machine. A neuron whose AUROC lies within
+# the tolerance of its selection boundary may change sides (1 of paper_default's, 3 of the
+# self-labelled glasses' lie within 1e-4 of it): only such neurons may be experts on one side
+# and not on the other (their alpha is ~1 there, checked with the others).
 CROSS_MACHINE_AUROC = 1e-3
 CROSS_MACHINE_MEAN = dict(rtol=1e-5, atol=1e-5)
 
 
+def boundary_band(glasses, tol: float = CROSS_MACHINE_AUROC) -> dict:
+    """site -> the neurons whose expert membership changes when every AUROC moves by +tol or -tol
+    (the selection's thresholds; these glasses use no top_k)."""
+    from lmms_sgm.expertise import select
+
+    assert glasses.selection.top_k is None
+    experts = {k: v != 1 for k, v in glasses.alpha.items()}
+    band = {k: m.clone().zero_() for k, m in experts.items()}
+    for sign in (1, -1):
+        moved = select({k: v + sign * tol for k, v in glasses.auroc.items()}, glasses.selection)
+        for k in band:
+            band[k] |= (moved[k] != 1) != experts[k]
+    return band
+
+
 def assert_same_glasses_across_machines(got, want):
-    """Same sites, options and expert sets; AUROC, alpha and non-toxic means within the
-    cross-machine tolerance."""
+    """Same sites, options and expert sets (but for neurons at a selection boundary); AUROC, alpha
+    and non-toxic means within the cross-machine tolerance."""
     import numpy as np
-    import torch
 
     assert [s.name for s in got.sites] == [s.name for s in want.sites]
     # Parsed, so that an option added after the bundled glasses were written counts as its default.
     assert got.profile_options == want.profile_options
     assert got.manifest["selection_options"] == want.manifest["selection_options"]
-    assert got.manifest["data"] == want.manifest["data"] and got.counts() == want.counts()
+    assert got.manifest["data"] == want.manifest["data"] and got.counts()["neurons"] == want.counts()["neurons"]
+    band = boundary_band(want)
     for s in want.sites:
-        assert torch.equal(got.alpha[s.name] != 1, want.alpha[s.name] != 1), f"{s.name}: other experts"
+        other = (got.alpha[s.name] != 1) != (want.alpha[s.name] != 1)
+        assert not (other & ~band[s.name]).any(), f"{s.name}: other experts, away from the selection boundary"
         np.testing.assert_allclose(got.auroc[s.name].numpy(), want.auroc[s.name].numpy(), rtol=0,
                                    atol=CROSS_MACHINE_AUROC, err_msg=s.name)
         np.testing.assert_allclose(got.alpha[s.name].numpy(), want.alpha[s.name].numpy(), rtol=0,
@@ -403,6 +422,8 @@ def test_cross_machine_comparisons_tolerate_rounding_noise_and_catch_real_differ
     bundled ones. Then glasses that really differ: refused."""
     from dataclasses import replace
 
+    import torch
+
     from lmms_sgm import models, tune
     from lmms_sgm.data import load_pairs
     from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
@@ -429,7 +450,21 @@ def test_cross_machine_comparisons_tolerate_rounding_noise_and_catch_real_differ
                             progress=False)
     assert rebuilt.digest() != paper.digest()
     assert_same_glasses_across_machines(rebuilt, paper)
-    for wrong in (paper.reselect(replace(paper.selection, threshold=0.55)),  # other expert sets
+
+    def one_more_expert(where):
+        """``paper`` with the first non-expert of ``where`` (site -> mask) an expert, alpha 1 - 1e-6:
+        within every value tolerance, only the expert sets tell it apart."""
+        site = next(k for k, m in where.items() if (m & (paper.alpha[k] == 1)).any())
+        i = int(torch.nonzero(where[site] & (paper.alpha[site] == 1))[0])
+        alpha = {k: v.clone() for k, v in paper.alpha.items()}
+        alpha[site][i] = 1 - 1e-6
+        return replace(paper, alpha=alpha)
+
+    band = boundary_band(paper)
+    assert 0 < sum(int(m.sum()) for m in band.values()) < 50  # a few neurons at the boundary
+    assert_same_glasses_across_machines(one_more_expert(band), paper)  # at the boundary: either side
+    for wrong in (one_more_expert({k: ~m for k, m in band.items()}),  # away from it: another expert set
+                  paper.reselect(replace(paper.selection, threshold=0.55)),  # other expert sets
                   replace(paper, auroc={k: 1 - v for k, v in paper.auroc.items()}),  # a sign flip of the evidence
                   paper.reselect(replace(paper.selection, towards="nontoxic_mean"))):
         with pytest.raises(AssertionError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -193,7 +194,7 @@ class SteeringGlasses(Glasses):
         super()._verify(manifest, tensors_path)
         if self.gate_direction is not None:
             again = gate_statistics(self.gate_projections, self.gate_labels, self.options.gate_threshold)
-            if any(manifest["gate"].get(k) != v for k, v in again.items()):
+            if not _same_statistics(manifest["gate"], again, float(self.gate_projections.abs().max())):
                 raise GlassesError(f"{tensors_path}: the gate projections do not give the statistics recorded in "
                                    f"{tensors_path.parent.name}/manifest.json; re-create the glasses")
 
@@ -285,6 +286,25 @@ def gate_statistics(projections: torch.Tensor, labels: torch.Tensor, gate_thresh
     stats["margin"] = stats["harmful_min"] - stats["benign_max"]
     stats["overlap"] = 0 if stats["margin"] > 0 else int(((p >= stats["harmful_min"]) & (p <= stats["benign_max"])).sum())
     return stats
+
+
+# Recomputed on another machine, a float64 mean (and what follows from it) can round otherwise in
+# its last bits (the reduction's order follows the CPU's vector width). 1e-9 of the projections'
+# scale bounds the worst-case rounding of a float64 mean of up to ~9 million examples (n * 2^-53),
+# and is far below any edit that changes what the gate decides.
+STATISTICS_TOLERANCE = 1e-9
+
+
+def _same_statistics(recorded: dict, again: dict, scale: float) -> bool:
+    """Counts equal, float statistics within STATISTICS_TOLERANCE of ``scale`` (docs/testing.md)."""
+    for k, v in again.items():
+        r = recorded.get(k)
+        if isinstance(v, int) or not isinstance(r, (int, float)) or isinstance(r, bool):
+            if r != v:
+                return False
+        elif not math.isclose(r, v, rel_tol=0, abs_tol=STATISTICS_TOLERANCE * max(scale, 1.0)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- the decision position

@@ -41,6 +41,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay = 0.0
+        self.echo = False  # answer with the request itself (Authorization header included), HTTP 200
         self.lock = threading.Lock()
         server = self
 
@@ -62,6 +63,8 @@ class FakeOpenAI:
                         time.sleep(step[1])
                         step = None
                     status, headers, payload = step or (200, {}, completion(server.default_answer(body)))
+                    if server.echo and not step:
+                        payload = server.echoed(body, dict(self.headers))
                     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                     self.send_response(status)
                     for k, v in headers.items():
@@ -87,6 +90,17 @@ class FakeOpenAI:
         user = body["messages"][-1]["content"]
         answer = user.split("[ANSWER]")[-1]
         return "unsafe" if "idiot" in answer else "Safe."
+
+    @classmethod
+    def echoed(cls, body, headers) -> dict:
+        """A normal reply that quotes the request: its verdict, then the Authorization header and
+        the body (a malformed answer, not starting with a verdict, when the answer shown is a
+        refusal), and the request again beside the choices."""
+        verdict = cls.default_answer(body)
+        auth = f"Authorization: {headers.get('Authorization')}"
+        refused = "sorry" in body["messages"][-1]["content"].split("[ANSWER]")[-1]
+        content = f"{auth}; {verdict}" if refused else f"{verdict} ({auth}; you sent {json.dumps(body)})"
+        return {**completion(content), "request": {"headers": headers, "body": body}}
 
     def close(self):
         self.httpd.shutdown()
@@ -272,3 +286,37 @@ def test_the_key_is_in_no_log_output_or_file(server, env, tmp_path):
     assert any(p.parent.parent == cache for p in produced) and (out / "agreement.json").is_file()
     leaked = [p for p in produced if KEY.encode() in p.read_bytes()]
     assert not leaked, leaked
+
+
+def _files_holding(root: Path, secret: str) -> list[Path]:
+    """Every file under ``root`` whose bytes contain ``secret``."""
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_a_server_echoing_the_key_in_a_normal_reply_leaves_it_nowhere(server, env, tmp_path, caplog):
+    """A 200 reply quoting the request, Authorization header included: the key is in no verdict, no
+    cache entry, no log line; through the rejudge command, in no file it writes and not in its
+    output. The key's variable is not named like a key (MY_JUDGE_KEY): the judge registers it."""
+    from rejudge_fixtures import write_run
+
+    server.echo = True
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.DEBUG):
+        verdicts = judge_many(make(server, cache), ITEMS)
+    assert verdicts[0].unsafe and not verdicts[0].failed and verdicts[1].malformed  # the echo was read
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
+    assert "[redacted]" in verdicts[0].reason and "[redacted]" in verdicts[1].reason
+    assert not any(KEY in json.dumps(v.to_dict()) or KEY in repr(v) for v in verdicts)
+    assert sorted(cache.rglob("*.json")) and not _files_holding(cache, KEY)
+    assert KEY not in caplog.text
+
+    run, out, cache2 = write_run(tmp_path / "run"), tmp_path / "out", tmp_path / "cache2"
+    proc = subprocess.run([str(Path(sys.executable).with_name("lmms-sgm")), "rejudge", str(run), "--judge", "llm",
+                           "--judge-args", (f"base_url={server.base_url},model=judge-model,api_key_env=MY_JUDGE_KEY,"
+                                            f"cache={cache2},backoff=0"), "--out", str(out), "--debug"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert len(server.requests) > len(ITEMS) and (out / "agreement.json").is_file()
+    assert "[redacted]" in "".join(p.read_text() for p in out.rglob("*samples_mm_toxic_qa.jsonl"))
+    assert KEY not in proc.stdout and KEY not in proc.stderr
+    assert sorted(cache2.rglob("*.json")) and not _files_holding(tmp_path, KEY)

@@ -869,3 +869,120 @@ def test_tradeoff_without_a_harm_metric_says_harmful_rate():
     assert t["harm_metric"] is None and t["operating_point"] is None and [p["harm"] for p in t["points"]] == [None, None]
     assert t["rule"]["text"] == ("the lowest harmful rate among the runs that lower it, keep every capability metric at >= 95% "
                                  "of the baseline and add at most 2 points of over-refusal")
+
+
+# ---------------------------------------------------------------- text from the data in the reports
+
+PAYLOADS = ['<img src=x onerror=alert(1)>', "<script>alert(2)</script>", "[x](javascript:alert(3))",
+            "![y](javascript:alert(4))", "a|b\n| c | d |\nend", "`code` and ``x``", '<a href="javascript:alert(5)">z</a>',
+            "<javascript:alert(6)>", "&lt;img src=x onerror=alert(7)&gt; &#60;b&#62;", "*em* _u_ ~~s~~ __v__",
+            "[r]\n\n[r]: javascript:alert(8)", "x\r\n# heading\u2028- item", "<!-- c --><svg onload=alert(9)>", "C:\\a\\*b\\",
+            "one\\|two"]
+# What our own Markdown makes (headings, lists, bold, tables) and nothing else: no link, image,
+# emphasis, code, strikethrough or raw HTML can come from the data.
+OWN_TAGS = {"h1", "h2", "h3", "p", "br", "ul", "li", "strong", "table", "thead", "tbody", "tr", "th", "td", "code"}
+
+
+def _unescape_markdown(text: str) -> str:
+    """CommonMark's reading of plain inline text: a backslash before ASCII punctuation drops, then
+    character references decode."""
+    import html
+    import re
+
+    return html.unescape(re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", text))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_md_writes_any_text_as_itself_and_nothing_else(payload):
+    """Without a renderer: no raw-HTML or autolink opener, every [ ] ` * | escaped, no line break,
+    and read back by CommonMark's rules the text is the original on one line."""
+    import re
+
+    got = render.md(payload)
+    assert "\n" not in got and "\r" not in got and "\u2028" not in got
+    assert not re.search(r"<[A-Za-z/!?]", got)
+    assert not re.search(r"(?<!\\)((?:\\\\)*)[\[\]`*|]", got), got  # each of them after an odd run of backslashes
+    assert not re.search(r"&(?!(?:amp|lt|#126);)", got), got  # the only references are ours
+    assert _unescape_markdown(got) == _one_line(payload)
+    code = render.md_code(payload)
+    fence = re.match(r"`+", code).group(0)
+    assert code.endswith(fence) and fence not in code[len(fence):-len(fence)] and "\n" not in code
+
+
+@pytest.fixture
+def hostile_runs(tmp_path):
+    """Two runs whose answers, prompts, labels, model args and judge name are the payloads."""
+    n = len(PAYLOADS)
+    judge = {**JUDGE, "name": "lexicon<img src=x onerror=alert(10)>"}
+    base = lmms_run(tmp_path / "vanilla", harm=[1] * n, sampled=[[1, 0]] * n, acc=[1] * n, helpful=[1] * n, over=[0] * n,
+                    cats=["insult"] * n, prompts=PAYLOADS, resps=dict(enumerate(reversed(PAYLOADS))), judge=judge,
+                    model_args="pretrained=<b>m</b>,sgm=off")
+    sgm = lmms_run(tmp_path / "sgm", harm=[0] * n, sampled=[[0, 0]] * n, acc=[0] * n, helpful=[1] * n, over=[0] * n,
+                   cats=["insult"] * n, prompts=PAYLOADS, resps=dict(enumerate(PAYLOADS)), judge=judge,
+                   model_args="pretrained=m,glasses=[g](javascript:alert(11))")
+    return {"<img src=x onerror=alert(12)>": base, "sgm|`x`": sgm}
+
+
+def _parsed(html_text: str):
+    """(tags with their attributes, text, table rows as cell counts) of an HTML document."""
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.tags, self.text, self.rows = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append((tag, dict(attrs)))
+            if tag == "tr":
+                self.rows.append(0)
+            elif tag in ("td", "th"):
+                self.rows[-1] += 1
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = P()
+    p.feed(html_text)
+    return p.tags, "".join(p.text), p.rows
+
+
+def test_report_md_rendered_by_a_markdown_renderer_holds_no_live_html_link_or_broken_table(hostile_runs, tmp_path):
+    """report.md through markdown-it (CommonMark, raw HTML passed through as a standard renderer
+    does, tables on): only the tags our own Markdown makes, no handler or javascript: anywhere,
+    every table row as wide as its header, and each payload reads as itself."""
+    from markdown_it import MarkdownIt
+
+    report = reports.build({n: reports.load_run(p) for n, p in hostile_runs.items()})
+    paths = reports.write(report, tmp_path / "out")
+    md_text = paths["report.md"].read_text()
+    assert report["examples"]["items"] and "## Examples" in md_text
+    html_text = MarkdownIt("commonmark", {"html": True}).enable("table").render(md_text)
+    tags, text, rows = _parsed(html_text)
+    assert {t for t, _ in tags} <= OWN_TAGS, {t for t, _ in tags} - OWN_TAGS
+    for tag, attrs in tags:
+        assert set(attrs) <= {"style"} and all(v.startswith("text-align:") for v in attrs.values()), (tag, attrs)
+    assert "javascript:" not in "".join(v for _, a in tags for v in a.values())
+    assert rows and len(set(rows)) > 1  # several tables, of several widths
+    for table in html_text.split("<table>")[1:]:
+        _, _, widths = _parsed(table.split("</table>")[0])
+        assert len(set(widths)) == 1, widths  # no row broken or widened by a "|" or a line break
+    flat = _one_line(text)
+    for payload in PAYLOADS:
+        assert f'"{_one_line(payload)}"' in flat, payload  # the answers and prompts, quoted, as they were
+    for label in hostile_runs:
+        assert label in flat
+    assert "pretrained=m,glasses=[g](javascript:alert(11))" in flat and "lexicon<img src=x onerror=alert(10)>" in flat
+
+
+def test_report_html_stays_inert_with_the_same_data(hostile_runs, tmp_path):
+    report = reports.build({n: reports.load_run(p) for n, p in hostile_runs.items()})
+    tags, text, _ = _parsed(reports.write(report, tmp_path / "out")["report.html"].read_text())
+    assert not {t for t, _ in tags} & {"script", "img", "a", "iframe", "object", "embed", "link"}
+    assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]
+    assert "javascript:" not in "".join(v or "" for _, a in tags for v in a.values())
+    assert all(p in text for p in ("<img src=x onerror=alert(1)>", "[x](javascript:alert(3))", "<script>alert(2)</script>"))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from lmms_sgm.plugins import collect_named
+from lmms_sgm.redaction import redact
 
 DEFAULT_JUDGE = "lexicon"
 JUDGE_ENV = "LMMS_SGM_JUDGE"
@@ -90,7 +91,7 @@ class JudgeResult:
 
     def to_dict(self) -> dict:
         """The logged form: the four historical keys always, the others only when set (so the
-        string-matching judges' logs read as before)."""
+        string-matching judges' logs read as before); secrets redacted (a reason may quote a server)."""
         out = {"unsafe": self.unsafe, "refusal": self.refusal, "score": self.score, "reason": self.reason}
         if self.malformed:
             out["malformed"] = True
@@ -100,7 +101,7 @@ class JudgeResult:
             out["categories"] = list(self.categories)
         if self.members is not None:
             out["members"] = {name: v.to_dict() for name, v in self.members.items()}
-        return out
+        return redact(out)
 
     @classmethod
     def from_dict(cls, d: dict) -> JudgeResult:
@@ -218,7 +219,7 @@ def _cached_judge(name: str, args: str) -> Judge:
 
 def identity(judge: Judge) -> dict:
     """``{"name", "version", "config"}``: what results must carry to say which judge produced them."""
-    return {"name": judge.name, "version": str(judge.version), "config": dict(judge.config)}
+    return redact({"name": judge.name, "version": str(judge.version), "config": dict(judge.config)})
 
 
 __all__ = [

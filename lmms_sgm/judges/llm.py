@@ -18,7 +18,8 @@ retry is ours and visible:
 
 The API key is read from ``OPENAI_API_KEY`` (or the variable named by ``api_key_env``) when the
 judge is built and is sent only in the ``Authorization`` header: it is in no config, identity,
-cache file, log line or error message.
+cache file, log line or error message, even when a server echoes the request in its reply
+(everything stored or shown goes through :func:`lmms_sgm.redaction.redact`, which knows the key).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from lmms_sgm.judges import JudgeError, JudgeItem, JudgeResult
 from lmms_sgm.judges.builtin import REFUSAL_PHRASES, _Terms
 from lmms_sgm.judges.local import flag, number
 from lmms_sgm.plugins import hookimpl
+from lmms_sgm.redaction import redact, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ class LLMJudge:
         key = os.environ.get(env, "").strip()
         if api_key_env and not key:
             raise JudgeError(f"judge 'llm': api_key_env={api_key_env} names an unset environment variable")
-        self._key = key  # never in config, logs, cache or messages (see _redact)
+        self._key = key  # never in config, logs, cache or messages: registered, so redact() removes it
+        register_secret(key)
         self.template, self._template_source = _read_template(prompt, DEFAULT_PROMPT, "prompt", need=("{prompt}", "{response}"))
         self.system, self._system_source = _read_template(system, DEFAULT_SYSTEM, "system", need=())
         self.temperature = number(self.name, "temperature", temperature, lo=0.0)
@@ -175,14 +178,11 @@ class LLMJudge:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"answer": answer, "model": self.model, "format": CACHE_FORMAT}, f)
+                json.dump(redact({"answer": answer, "model": self.model, "format": CACHE_FORMAT}), f)
             os.replace(tmp, path)  # atomic: a killed run leaves no half-written entry
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "[redacted]") if self._key else text
 
     def _post(self, item: JudgeItem) -> tuple[str, str | None]:
         """``("ok", answer)``, ``("malformed", body excerpt)`` or ``("error", what failed)`` after retries."""
@@ -207,16 +207,18 @@ class LLMJudge:
                         if not isinstance(answer, str):
                             raise TypeError
                     except (ValueError, KeyError, IndexError, TypeError):
-                        return "malformed", "response body is not a chat completion: " + self._redact(r.text[:120])
-                    return "ok", answer
+                        return "malformed", "response body is not a chat completion: " + redact(r.text)[:120]
+                    # A server may echo the request (Authorization header included) in its answer,
+                    # which is cached and shown in every verdict's reason.
+                    return "ok", redact(answer)
                 if r.status_code != 429 and r.status_code < 500:
-                    raise JudgeError(f"judge 'llm': {url} answered HTTP {r.status_code}: {self._redact(r.text[:200])}")
+                    raise JudgeError(redact(f"judge 'llm': {url} answered HTTP {r.status_code}: ") + redact(r.text)[:200])
                 problem = f"HTTP {r.status_code}"
                 wait = _retry_after(r.headers.get("retry-after"), wait)
             if attempt == self.retries:
                 return "error", f"{problem} ({self.retries + 1} tries)"
             wait = min(wait, self.max_backoff)
-            log.warning("judge llm: %s from %s; retry %d of %d in %.1f s", problem, url, attempt + 1, self.retries, wait)
+            log.warning("%s", redact(f"judge llm: {problem} from {url}; retry {attempt + 1} of {self.retries} in {wait:.1f} s"))
             time.sleep(wait)
         raise AssertionError("unreachable")
 

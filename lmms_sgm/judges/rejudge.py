@@ -27,12 +27,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_many, parse_judge_args, scoring
+from lmms_sgm.redaction import redact
 from lmms_sgm.reports import results as rs
 
 SCHEMA = "lmms_sgm.rejudge/1"
@@ -207,8 +207,8 @@ def rejudge(run_path: str | Path, judges: list[tuple[str, Judge]], out: str | Pa
             verdicts[task][label] = v
             outputs.setdefault(label, {})[task] = x.rescored(judge, v)
             failed = sum(r.failed for r in v)
-            log(f"[rejudge] {label}: {task}: {len(v)} responses in {time.perf_counter() - t0:.1f} s"
-                + (f", {failed} failed (left out of the rates)" if failed else ""))
+            log(redact(f"[rejudge] {label}: {task}: {len(v)} responses in {time.perf_counter() - t0:.1f} s"
+                + (f", {failed} failed (left out of the rates)" if failed else "")))
 
     summary = {"schema": SCHEMA, "run": str(source), "original": original,
                "judges": {label: identity(j) for label, j in judges}, "tasks": {}, "notes": notes}
@@ -244,18 +244,18 @@ def _write(out: Path, source: Path, run: dict, loaded: dict[str, Task], judges, 
                 lines, metrics = outputs[label][task]
                 results["results"][task].update(metrics)
                 with open(rs.samples_path(base / source.name, task), "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(line, default=str) + "\n" for line in lines)
+                    f.writelines(json.dumps(redact(line), default=str) + "\n" for line in lines)
             for task in run.get("results", {}):
                 if task not in loaded:  # unjudged tasks (capability, fluency) come along unchanged
                     src = rs.samples_path(source, task)
                     if src.is_file():
-                        shutil.copyfile(src, rs.samples_path(base / source.name, task))
+                        rs.samples_path(base / source.name, task).write_bytes(redact(src.read_bytes()))
             results["rejudge"] = {"schema": SCHEMA, "source": str(source), "judge": identity(judge),
                                   "original_judges": summary["original"],
                                   "agreement_with_original": {t: next(p for p in s["pairs"] if p["a"] == "original" and p["b"] == label)
                                                               for t, s in summary["tasks"].items()}}
-            (base / source.name).write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "agreement.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            (base / source.name).write_text(json.dumps(redact(results), indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / "agreement.json").write_text(json.dumps(redact(summary), indent=1) + "\n", encoding="utf-8")
 
 
 def format_summary(summary: dict) -> str:
@@ -287,7 +287,7 @@ def format_summary(summary: dict) -> str:
     if failed:
         lines.append("failed verdicts (left out of rates and agreement): " + ", ".join(f"{k}: {v}" for k, v in failed.items()))
     lines += [f"note: {n}" for n in summary.get("notes", [])]
-    return "\n".join(lines) + "\n"
+    return redact("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- CLI

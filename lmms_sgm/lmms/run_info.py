@@ -23,8 +23,12 @@ def publish(info: dict) -> None:
 
 
 def current() -> dict:
-    """The current run's SGM identity, or a marker when the model is none of ours."""
-    return dict(_current) if _current is not None else {"model": "not sgm, sgm_llava or sgm_hf: no SGM identity"}
+    """The current run's SGM identity (what the tasks write into results.json, so secrets redacted:
+    a model argument may carry a key or a URL with credentials), or a marker when the model is none
+    of ours."""
+    from lmms_sgm.redaction import redact
+
+    return redact(dict(_current)) if _current is not None else {"model": "not sgm, sgm_llava or sgm_hf: no SGM identity"}
 
 
 def demo_data() -> Path | None:

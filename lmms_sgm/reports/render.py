@@ -2,17 +2,52 @@
 
 The HTML carries its plots as inline SVG and its style inline: no script, no font, no remote
 resource, so it opens the same offline, in a mail attachment or in CI's headless browser.
+
+Text from the data (model answers, prompts, judges' reasons, run labels, paths, model arguments)
+is escaped in both: :func:`_h` for HTML, :func:`md` for Markdown, so that no tag, link, image or
+table cell can come out of it (a Markdown renderer passes raw HTML through); both outputs go
+through :func:`lmms_sgm.redaction.redact`.
 """
 from __future__ import annotations
 
 import html
 import math
+import re
 
+from lmms_sgm.redaction import redact
 from lmms_sgm.reports import stats, svg
 from lmms_sgm.reports.comparable import judge_label
 from lmms_sgm.reports.report import KIND_TITLES, KINDS
 
 WIDE_MAX_RUNS = 4  # more runs than this (a sweep): one line per metric and run
+
+# Inline Markdown syntax a text may hold: backslash-escaped (CommonMark escapes any ASCII
+# punctuation; these are also Python-Markdown's). A backslash is doubled only before punctuation
+# or at the end (what follows may be ours: a quote); elsewhere it is literal, so a Windows path
+# reads as it is. "_" only at a word's edge: inside a word it cannot emphasise, and task names
+# are full of it.
+_MD_SPECIAL = re.compile(r"\\(?=[!-/:-@\[-`{-~]|$)|[`*\[\]|]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+# What could open raw HTML or an autolink (<a, </, <!, <?) and character references (&lt;): as
+# entities, which every renderer shows as the characters themselves.
+_MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=[#A-Za-z])|~")
+_MD_ENTITY = {"<": "&lt;", "&": "&amp;", "~": "&#126;"}
+
+
+def md(text) -> str:
+    """``text`` as literal inline Markdown: on one line (a line break would end a table row or start
+    a block), no HTML, link, image, code span, emphasis or table cell boundary of its own."""
+    s = " ".join(str(text).splitlines())  # every line break Python knows (\r, \u2028, \x85...)
+    s = _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), s)
+    return _MD_HTML.sub(lambda m: _MD_ENTITY[m.group(0)], s)
+
+
+def md_code(text) -> str:
+    """``text`` as a Markdown code span (shown as it is, no HTML): fenced by one more backtick than
+    its longest run of them, on one line. Not for a table cell (a table splits at "|" first)."""
+    s = " ".join(str(text).splitlines())
+    fence = "`" * (1 + max((len(r) for r in re.findall(r"`+", s)), default=0))
+    pad = " " if s[:1] in ("`", " ") or s[-1:] in ("`", " ") else ""  # one space each side is stripped
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def num(v, digits: int = 3) -> str:
@@ -85,11 +120,12 @@ def by_attack(row: dict) -> bool:
     return row["kind"] == "harm" and row.get("prompts") in ("plain", "typographic") and row["metric"] == "harmful_rate"
 
 
-def table_rows(report: dict, categories: bool = False, keep=None) -> tuple[list[str], list[list[str]], list[str | None]]:
+def table_rows(report: dict, categories: bool = False, keep=None, text=str) -> tuple[list[str], list[list[str]], list[str | None]]:
     """(header, rows, group of each row) of the summary table (or the per-category one, or the
-    rows ``keep`` accepts)."""
-    names = _run_names(report)
-    base = report["baseline"]
+    rows ``keep`` accepts); ``text``: how text from the data is written (:func:`md` for Markdown)."""
+    names = [text(n) for n in _run_names(report)]
+    base = text(report["baseline"])
+    by_name = dict(zip(names, _run_names(report)))
     wide = len(names) <= WIDE_MAX_RUNS
     specs = _rows_by_spec(report, categories, keep)
     specs.sort(key=lambda kv: KINDS.index(next(iter(kv[1].values()))["kind"]))
@@ -101,43 +137,51 @@ def table_rows(report: dict, categories: bool = False, keep=None) -> tuple[list[
     for _, per_run in specs:
         first = next(iter(per_run.values()))
         if wide:
-            rows.append([first["label"], *(value_text(per_run[n]) if n in per_run else "n/a" for n in names),
-                         *(delta_text(per_run[n]) if n in per_run else "n/a" for n in names[1:])])
+            rows.append([text(first["label"]), *(value_text(per_run[by_name[n]]) if by_name[n] in per_run else "n/a" for n in names),
+                         *(delta_text(per_run[by_name[n]]) if by_name[n] in per_run else "n/a" for n in names[1:])])
             groups.append(first["kind"])
         else:
             for n in names:
-                if n in per_run:
-                    rows.append([first["label"], n, value_text(per_run[n]), "" if n == base else delta_text(per_run[n])])
+                if by_name[n] in per_run:
+                    row = per_run[by_name[n]]
+                    rows.append([text(first["label"]), n, value_text(row), "" if n == base else delta_text(row)])
                     groups.append(first["kind"])
     return head, rows, groups
 
 
+_UNESCAPED_PIPE = re.compile(r"(?<!\\)((?:\\\\)*)\|")
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    esc = lambda s: str(s).replace("|", "\\|")
+    """A Markdown table of cells already written as Markdown (data text through :func:`md`); as a
+    second guard, a line break or a "|" left unescaped cannot end the row or the cell."""
+    def esc(cell) -> str:
+        return _UNESCAPED_PIPE.sub(lambda m: m.group(1) + "\\|", " ".join(str(cell).splitlines()))
+
     return ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(map(esc, r)) + " |" for r in rows)]
 
 
 def _wore(run: dict) -> str:
     w = run.get("wore")
-    return f" ({w})" if w and w != "not recorded" else ""
+    return f" ({md(w)})" if w and w != "not recorded" else ""
 
 
 def summary_markdown(report: dict) -> str:
     """The table ``lmms-sgm report`` prints: the files read, the warnings, one line per metric."""
-    lines = ["Results files:", *(f"- {r['label']}{_wore(r)}: `{r['path']}`" for r in report["runs"] if r.get("path")), ""]
+    lines = ["Results files:", *(f"- {md(r['label'])}{_wore(r)}: {md_code(r['path'])}" for r in report["runs"] if r.get("path")), ""]
     if not any(r.get("path") for r in report["runs"]):
         lines = []
     for w in report["warnings"]:
-        lines.append(f"**Warning:** {w}  ")
+        lines.append(f"**Warning:** {md(w)}  ")
     if report["warnings"]:
         lines.append("")
     lines.append("Values with 95% intervals and n (prompts); differences to the baseline paired over the same "
                  "prompts (docs/reports.md).")
     lines.append("")
-    head, rows, _ = table_rows(report)
+    head, rows, _ = table_rows(report, text=md)
     lines += _md_table(head, rows)
-    return "\n".join(lines) + "\n"
+    return redact("\n".join(lines) + "\n")
 
 
 def _verdict(v: dict) -> str:
@@ -153,49 +197,49 @@ def _side_md(side: dict) -> str:
     parts = []
     for i, r in enumerate(resp[:5]):
         v = _verdict(verd[i]) if i < len(verd) else ""
-        parts.append(f"\"{r}\"" + (f" ({v})" if v else ""))
+        parts.append(f"\"{md(r)}\"" + (f" ({md(v)})" if v else ""))
     more = f" (+{len(resp) - 5} more)" if len(resp) > 5 else ""
     return f"value {num(side.get('value'))}: " + "; ".join(parts) + more
 
 
-def tradeoff_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+def tradeoff_rows(report: dict, text=str) -> tuple[list[str], list[list[str]]]:
     t = report["tradeoff"]
-    harm = (t.get("harm_metric") or {}).get("label", "harmful rate")
+    harm = text((t.get("harm_metric") or {}).get("label", "harmful rate"))
     head = ["run", f"{harm} [95% CI]", "worst capability retention", "over-refusal (pt)", "fluency", "Pareto", "operating point"]
     rows = []
     for p in t["points"]:
-        rows.append([p["run"], num(p["harm"]) + ci_text(p["harm_ci"]),
+        rows.append([text(p["run"]), num(p["harm"]) + ci_text(p["harm_ci"]),
                      "n/a" if p["retention"] is None else f"{p['retention']:.1%}",
                      "n/a" if p["over_refusal_points"] is None else f"{p['over_refusal_points']:+.1f}",
                      num(p.get("fluency")), "yes" if p["pareto"] else "", "**chosen**" if p["run"] == t["operating_point"] else ""])
     return head, rows
 
 
-def operating_sentence(report: dict) -> str:
+def operating_sentence(report: dict, text=str) -> str:
     t = report["tradeoff"]
-    rule = t["rule"]["text"]
+    rule = text(t["rule"]["text"])
     if t["operating_point"]:
-        return f"Operating point: **{t['operating_point']}**, {rule}."
+        return f"Operating point: **{text(t['operating_point'])}**, {rule}."
     return f"Operating point: none of the runs meets the rule ({rule}); keep the baseline."
 
 
 def to_markdown(report: dict, title: str = "Capability-retention report") -> str:
     names = _run_names(report)
-    lines = [f"# {title}", "", f"Baseline: **{report['baseline']}**; runs: {', '.join(names)}.", ""]
+    lines = [f"# {md(title)}", "", f"Baseline: **{md(report['baseline'])}**; runs: {md(', '.join(names))}.", ""]
     lines.append(summary_markdown(report))
     if report["notes"]:
-        lines += ["Within noise:", "", *(f"- {n}" for n in report["notes"]), ""]
-    lines += ["## Trade-off", "", *_md_table(*tradeoff_rows(report)), "", operating_sentence(report), ""]
-    head, rows, _ = table_rows(report, keep=by_attack)
+        lines += ["Within noise:", "", *(f"- {md(n)}" for n in report["notes"]), ""]
+    lines += ["## Trade-off", "", *_md_table(*tradeoff_rows(report, text=md)), "", operating_sentence(report, text=md), ""]
+    head, rows, _ = table_rows(report, keep=by_attack, text=md)
     if rows:
         lines += ["## Harmful rate by attack", "", *_md_table(head, rows), ""]
-    head, rows, _ = table_rows(report, categories=True)
+    head, rows, _ = table_rows(report, categories=True, text=md)
     if rows:
         lines += ["## Per category", "", *_md_table(head, rows), ""]
-    lines += ["## Runs", "", *_md_table(*runs_rows(report)), ""]
+    lines += ["## Runs", "", *_md_table(*runs_rows(report, text=md)), ""]
     lines += examples_markdown(report)
-    lines += ["## How the numbers are made", "", *(f"- {k}: {v}" for k, v in report["statistics"].items()), ""]
-    return "\n".join(lines)
+    lines += ["## How the numbers are made", "", *(f"- {md(k)}: {md(v)}" for k, v in report["statistics"].items()), ""]
+    return redact("\n".join(lines))
 
 
 def examples_markdown(report: dict) -> list[str]:
@@ -205,12 +249,12 @@ def examples_markdown(report: dict) -> list[str]:
     lines = ["## Examples", ""]
     for (run, key), group in _example_groups(report).items():
         counts = report["examples"]["counts"].get(run, {}).get(key, {})
-        lines.append(f"### {run}: {key} ({_counts_text(counts)})")
+        lines.append(f"### {md(run)}: {md(key)} ({md(_counts_text(counts))})")
         lines.append("")
         for e in group:
-            lines.append(f"- **{e['kind']}**, doc {e['doc_id']}: \"{e['prompt']}\"  ")
-            lines.append(f"  {report['baseline']}: {_side_md(e['before'])}  ")
-            lines.append(f"  {run}: {_side_md(e['after'])}")
+            lines.append(f"- **{md(e['kind'])}**, doc {md(e['doc_id'])}: \"{md(e['prompt'])}\"  ")
+            lines.append(f"  {md(report['baseline'])}: {_side_md(e['before'])}  ")
+            lines.append(f"  {md(run)}: {_side_md(e['after'])}")
         lines.append("")
     return lines
 
@@ -228,7 +272,7 @@ def _example_groups(report: dict) -> dict:
     return groups
 
 
-def runs_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+def runs_rows(report: dict, text=str) -> tuple[list[str], list[list[str]]]:
     head = ["run", "wore", "results file", "model args", "judge", "decoding", "data digest", "samples logged"]
     rows = []
     for r in report["runs"]:
@@ -236,7 +280,8 @@ def runs_rows(report: dict) -> tuple[list[str], list[list[str]]]:
         judge = judge_label(j) if isinstance(j, dict) and "name" in j else ("per task" if j else "none recorded")
         decs = sorted({", ".join(f"{k}={v}" for k, v in sorted(g.items()) if k in ("temperature", "do_sample", "max_new_tokens", "repeats", "top_p", "top_k", "--gen_kwargs"))
                        for g in r.get("generation", {}).values()})
-        rows.append([r["label"], r.get("wore") or "not recorded", r.get("path") or "", r.get("model_args") or "", judge, " / ".join(decs), r["data_digest"],
+        rows.append([*map(text, (r["label"], r.get("wore") or "not recorded", r.get("path") or "", r.get("model_args") or "",
+                                 judge, " / ".join(decs), r["data_digest"])),
                      f"{len(r['samples_logged'])} of {len(r['data_digests'])} tasks"])
     return head, rows
 
@@ -354,7 +399,7 @@ def to_html(report: dict, title: str = "Capability-retention report", extra_html
     parts += ["<h2>Runs</h2>", _html_table(*runs_rows(report), cls="runs"), "<h2>How the numbers are made</h2><ul>",
               *(f"<li><b>{_h(k)}</b>: {_h(v)}</li>" for k, v in report["statistics"].items()), "</ul>",
               '<p class="small">How to read this report: docs/reports.md of lmms_sgm.</p></body></html>']
-    return "\n".join(parts)
+    return redact("\n".join(parts))
 
 
 def plot_page(report: dict, name: str = "tradeoff") -> str:

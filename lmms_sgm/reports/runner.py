@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from lmms_sgm.redaction import redact
 from lmms_sgm.reports.results import find_results
 
 DATA_ENV = ("MM_TOXIC_QA_DIR", "MMBENCH_LOCAL_TSV")
@@ -65,7 +66,9 @@ def run(name: str, cmd: list[str], env: dict[str, str], folder: Path, what: str,
     """Run ``cmd`` with ``env`` added to this process's environment; its log and ``command.sh`` go
     to ``folder``; returns the results file this run wrote. ``die_with_parent``: the child is
     killed when this process dies (Linux), so a killed sweep leaves no run writing behind it."""
-    command = shell_command(env, cmd)
+    # What is written and printed: a variable named like a key (LMMS_SGM_*_TOKEN, say) or a
+    # registered secret reads [redacted]; the child still gets the real values.
+    command = redact(shell_command(env, cmd))
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "lmms_eval.log"
     (folder / "command.sh").write_text(
@@ -80,7 +83,7 @@ def run(name: str, cmd: list[str], env: dict[str, str], folder: Path, what: str,
         proc = subprocess.run(cmd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT, check=False,
                               preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None)
     if proc.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
+        tail = redact("".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:]))
         raise ChildProcessError(f"lmms-eval failed for {name} (exit {proc.returncode}); last lines of {log}:\n{tail}")
     if not quiet:
         print(f"{prefix} {name}: done in {time.time() - t0:.0f} s", flush=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import json
 import os
 import sys
 import warnings
@@ -53,6 +55,8 @@ def _profile(args) -> int:
             out = Path(args.out)
             if group.is_main:
                 check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
+                _check_writable(out)
+            _check_layers(args.model, profile_options.layers)
             device = group.device(load.device)
         with group.together(), _loading_bars(show):
             if execution.is_remote:
@@ -89,6 +93,7 @@ def _steer(args) -> int:
                          "or --gated false for the ungated variant")
     out = Path(args.out)
     check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
+    _check_writable(out)
     with _loading_bars(not args.no_progress):
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
@@ -99,6 +104,34 @@ def _steer(args) -> int:
     print(f"wrote {out}: steer layer {glasses.steer_site.layer} (|steer| {glasses.manifest['steer']['norm']:.4g}, "
           f"c {options.c:g}), {gate_line}")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Glasses can be written at ``out``, checked before the model loads (the staging folder beside
+    it is made only after): its nearest existing ancestor is a folder this process may write in."""
+    here = Path(os.path.abspath(out)).parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise NotADirectoryError(f"--out {out}: {here} is a file, not a directory; choose another output path")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: no permission to write in {here}; choose another output path")
+
+
+def _check_layers(model: str, layers: str) -> None:
+    """``--layers`` against a local model's config.json before its weights load (a Hub model is
+    checked once loaded, as are post-fusion layers): a typo then fails in a second, not after the load."""
+    from lmms_sgm.options import parse_layers
+
+    config = Path(model) / "config.json"
+    if str(layers).strip() == "all" or not config.is_file():
+        return
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+        n = int((doc.get("text_config") or doc)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the loader names what is wrong with the config
+    parse_layers(layers, n)
 
 
 @contextlib.contextmanager
@@ -198,6 +231,11 @@ def _tune(args) -> int:
         raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
     for path in sets.values():  # validate the data before loading a model
         load_pairs(path).require_both_classes()
+    if args.self_label:
+        from lmms_sgm.selflabel import read_prompts
+
+        for path in args.self_label:  # read again once the model is loaded: checked here first
+            read_prompts(path)
     rule = tune.Rule(**dataclasses.asdict(from_namespace(RuleOptions, args)))
     judge = _judge(args)
     val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
@@ -490,6 +528,36 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _file_in_use(e: BaseException) -> str | None:
+    """The file an OSError happened on, when it does not say: a write that fails with ENOSPC
+    (``f.write``, ``Path.write_text``, a flush at ``close``) raises ``[Errno 28] No space left on
+    device`` with no filename. The innermost frame holding an open file object (or a pathlib
+    ``self`` doing I/O) names it."""
+    import io
+    import traceback
+
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str):
+                return name
+        if "pathlib" in frame.f_code.co_filename:
+            me = frame.f_locals.get("self")
+            if isinstance(me, os.PathLike):
+                return os.fspath(me)
+    return None
+
+
+def _error_line(e: BaseException) -> str:
+    """One line; an OSError without its file gets the file it happened on (disk full on a write)."""
+    if isinstance(e, OSError) and not e.filename and e.errno is not None:
+        name = _file_in_use(e)
+        if name:
+            return f"{_one_line(e.strerror or e)}: {name}" + (" (free some space and run again)" if e.errno == errno.ENOSPC else "")
+    return _one_line(e)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -515,7 +583,7 @@ def main(argv=None) -> int:
                 print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 1
         except _expected_errors() as e:
-            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{prog}: error: {_error_line(e)}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 -- any other failure is still one line (exit 1)
             print(f"{prog}: error: {type(e).__name__}: {_one_line(e)} (unexpected: run with --debug for the traceback)",

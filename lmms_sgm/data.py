@@ -193,6 +193,13 @@ def _read_rows(path: Path) -> list[dict]:
     refused naming it (and the line: lmms_sgm/textfiles.py)."""
     from lmms_sgm import textfiles
 
+    with textfiles.raising(DataError):
+        return _read_file(path)
+
+
+def _read_file(path: Path) -> list[dict]:
+    from lmms_sgm import textfiles
+
     if path.suffix == ".json":
         rows = textfiles.read_json(path, "profiling data")
         rows = rows.get("data") if isinstance(rows, dict) else rows

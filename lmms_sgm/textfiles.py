@@ -7,6 +7,7 @@ JSONL is read line by line from bytes, so a huge file is streamed and a bad byte
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,16 @@ from pathlib import Path
 
 class TextFileError(ValueError):
     """A user file that cannot be read as the text it should be; the message names it (and the line)."""
+
+
+@contextlib.contextmanager
+def raising(error: type[ValueError]):
+    """Inside the block, a :class:`TextFileError` becomes ``error`` (same message): a module's
+    callers catch its own error class (``DataError``, ``DatasetError``, ``JudgeError``)."""
+    try:
+        yield
+    except TextFileError as e:
+        raise error(str(e)) from None
 
 
 def kind(path: str | Path) -> str | None:

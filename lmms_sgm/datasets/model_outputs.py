@@ -66,7 +66,9 @@ def _task_records(data: Path, split: str) -> tuple[list[dict], dict[str, dict]]:
     from lmms_sgm import textfiles
 
     records = []
-    for n, row in textfiles.jsonl(path, "task records file"):
+    with textfiles.raising(DatasetError):
+        rows = list(textfiles.jsonl(path, "task records file"))
+    for n, row in rows:
         row = dict(row, _where=f"{path}:{n}")
         row.setdefault("id", None)
         if row["id"] is None:
@@ -94,10 +96,11 @@ def read(path: Path, params: dict[str, str]) -> Iterator[SourceRecord]:
     tables = {split: _task_records(data, split) for split in SPLIT_FILES}
     for samples in samples_files(path):
         task = samples.stem.split("_samples_", 1)[-1]
-        for n, sample in textfiles.jsonl(samples, "samples file"):
-            record = _record(sample, f"{samples}:{n}", task, data, tables, judge)
-            if record is not None:
-                yield record
+        with textfiles.raising(DatasetError):
+            for n, sample in textfiles.jsonl(samples, "samples file"):
+                record = _record(sample, f"{samples}:{n}", task, data, tables, judge)
+                if record is not None:
+                    yield record
 
 
 TASK_SPLITS = {"mm_toxic_qa": "harmful", "mm_toxic_qa_benign": "benign", "mm_toxic_qa_adv": "adv"}

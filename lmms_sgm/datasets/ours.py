@@ -34,6 +34,13 @@ def rows(path: Path) -> Iterator[tuple[str, dict]]:
     """``(where, row)`` for each row of a JSONL / JSON / CSV file, streamed (JSON: one list)."""
     from lmms_sgm import textfiles
 
+    with textfiles.raising(DatasetError):
+        yield from _rows(path)
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    from lmms_sgm import textfiles
+
     if not path.exists():
         raise DatasetError(f"{path} is not a file")
     textfiles.require_regular(path, "records file")

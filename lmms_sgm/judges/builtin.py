@@ -107,9 +107,9 @@ def read_terms(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
         raise JudgeError(f"term file {path} does not exist")
-    terms = tuple(
-        line.strip() for line in textfiles.read_text(path, "term file").splitlines() if line.strip() and not line.lstrip().startswith("#")
-    )
+    with textfiles.raising(JudgeError):
+        text = textfiles.read_text(path, "term file")
+    terms = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     if not terms:
         raise JudgeError(f"term file {path} holds no terms")
     return terms

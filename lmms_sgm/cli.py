@@ -528,24 +528,26 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _file_in_use(e: BaseException) -> str | None:
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk or quota: the file is one being written
+
+
+def _file_in_use(e: OSError) -> str | None:
     """The file an OSError happened on, when it does not say: a write that fails with ENOSPC
     (``f.write``, ``Path.write_text``, a flush at ``close``) raises ``[Errno 28] No space left on
-    device`` with no filename. The innermost frame holding an open file object (or a pathlib
-    ``self`` doing I/O) names it."""
+    device`` with no filename. The innermost frame holding a file object (one open for writing,
+    for a write error) names it; an outer frame's file being read is not the one."""
     import io
     import traceback
 
+    writing = e.errno in WRITE_ERRNOS
     frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
     for frame in reversed(frames):
         for value in frame.f_locals.values():
-            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
-            if isinstance(name, str):
+            if not isinstance(value, io.IOBase):
+                continue
+            name, mode = getattr(value, "name", None), str(getattr(value, "mode", "") or "")
+            if isinstance(name, str) and (not writing or any(c in mode for c in "wax+")):
                 return name
-        if "pathlib" in frame.f_code.co_filename:
-            me = frame.f_locals.get("self")
-            if isinstance(me, os.PathLike):
-                return os.fspath(me)
     return None
 
 

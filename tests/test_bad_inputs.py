@@ -493,3 +493,31 @@ def test_an_os_error_that_names_its_file_is_left_as_it_is(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "pairs.jsonl"
     message = one_error(*run(capsys, "text-pairs", missing, tmp_path / "o.jsonl"), "text-pairs")
     assert message == f"profiling data {missing} does not exist"
+
+
+def test_a_disk_full_error_is_not_blamed_on_a_file_being_read(tmp_path):
+    """Only a file open for writing is named for ENOSPC: a file the caller is reading is not it."""
+    import errno
+
+    from lmms_sgm.cli import _error_line
+
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+
+    def copy():
+        with open(src) as f:  # noqa: F841 -- in a frame of the traceback, open for reading
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_full():
+        with open("/dev/full", "w") as f:
+            f.write("y" * 10)
+
+    for fn, want in ((copy, "[Errno 28] No space left on device"),
+                     (write_full, "No space left on device: /dev/full (free some space and run again)")):
+        try:
+            fn()
+        except OSError as e:
+            assert e.filename is None
+            assert _error_line(e) == want
+        else:
+            raise AssertionError("no OSError")

@@ -94,6 +94,7 @@ def _steer(args) -> int:
     out = Path(args.out)
     check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
     _check_writable(out)
+    _check_layer_indices(args.model, layer=options.layer, gate_layer=options.gate_layer)
     with _loading_bars(not args.no_progress):
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
@@ -118,20 +119,36 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"--out {out}: no permission to write in {here}; choose another output path")
 
 
+def _local_num_layers(model: str) -> int | None:
+    """The decoder depth in a local model's config.json (None for a Hub id or an unreadable config:
+    the loader names what is wrong with it)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+        return int((doc.get("text_config") or doc)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _check_layers(model: str, layers: str) -> None:
     """``--layers`` against a local model's config.json before its weights load (a Hub model is
     checked once loaded, as are post-fusion layers): a typo then fails in a second, not after the load."""
     from lmms_sgm.options import parse_layers
 
-    config = Path(model) / "config.json"
-    if str(layers).strip() == "all" or not config.is_file():
-        return
-    try:
-        doc = json.loads(config.read_text(encoding="utf-8"))
-        n = int((doc.get("text_config") or doc)["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # the loader names what is wrong with the config
-    parse_layers(layers, n)
+    n = None if str(layers).strip() == "all" else _local_num_layers(model)
+    if n is not None:
+        parse_layers(layers, n)
+
+
+def _check_layer_indices(model: str, **layers) -> None:
+    """steer's ``--layer`` / ``--gate-layer`` (negative: from the end) against a local model's depth."""
+    n = _local_num_layers(model)
+    for flag, value in layers.items():
+        if n is not None and value is not None and not -n <= value < n:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: the model has {n} decoder layers "
+                             f"(0 to {n - 1}, or -1 to -{n} from the end)")
 
 
 @contextlib.contextmanager

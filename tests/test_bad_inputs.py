@@ -521,3 +521,19 @@ def test_a_disk_full_error_is_not_blamed_on_a_file_being_read(tmp_path):
             assert _error_line(e) == want
         else:
             raise AssertionError("no OSError")
+
+
+@pytest.mark.parametrize("flag, value", [("--layer", "2"), ("--layer", "-3"), ("--gate-layer", "5")])
+def test_steer_checks_its_layers_against_a_local_model_before_loading(flag, value, tiny_dir, tmp_path, capsys, no_model):
+    pairs = tiny.write_toy_pairs(tmp_path / "pairs", 6)
+    message = one_error(*run(capsys, "steer", "--model", tiny_dir, "--data", pairs, "--gate-data", pairs,
+                             "--out", tmp_path / "g", flag, value), "steer")
+    assert message == f"{flag} {value}: the model has 2 decoder layers (0 to 1, or -1 to -2 from the end)"
+
+
+def test_steer_layers_inside_the_model_reach_the_load(tiny_dir, tmp_path, capsys, no_model):
+    """-2 and 1 exist on the 2-layer model: the check lets them through (the stand-in loader raises)."""
+    pairs = tiny.write_toy_pairs(tmp_path / "pairs", 6)
+    rc = main(["steer", "--model", str(tiny_dir), "--data", str(pairs), "--gate-data", str(pairs), "--out",
+               str(tmp_path / "g"), "--layer", "-2", "--gate-layer", "1"])
+    assert rc == 1 and "MODEL LOADED" in capsys.readouterr().err

@@ -537,3 +537,25 @@ def test_steer_layers_inside_the_model_reach_the_load(tiny_dir, tmp_path, capsys
     rc = main(["steer", "--model", str(tiny_dir), "--data", str(pairs), "--gate-data", str(pairs), "--out",
                str(tmp_path / "g"), "--layer", "-2", "--gate-layer", "1"])
     assert rc == 1 and "MODEL LOADED" in capsys.readouterr().err
+
+
+def test_val_mc_reads_an_image_field_larger_than_the_csv_default_limit(tmp_path):
+    """A 336 px MMBench image is ~200 KB of base64, over csv's default 131,072-character field
+    limit (that read was an "unexpected" csv.Error)."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from lmms_sgm.evaluate import ValidationSet
+
+    val = _val(tmp_path)
+    rng = np.random.default_rng(3)
+    big = Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    field = base64.b64encode(buf.getvalue()).decode()
+    assert len(field) > 131_072
+    _tsv(val / "mmbench.tsv", "index\tquestion\tA\tB\tanswer\timage", f"0\twhich?\tred\tblue\tB\t{field}")
+    (row,) = ValidationSet.load(val).mc
+    assert row["answer"] == "B" and row["_image"].tobytes() == big.tobytes()

@@ -570,8 +570,8 @@ def _file_in_use(e: OSError) -> str | None:
 
 def _error_line(e: BaseException) -> str:
     """One line; an OSError without its file gets the file it happened on (disk full on a write)."""
-    if isinstance(e, OSError) and not e.filename and e.errno is not None:
-        name = _file_in_use(e)
+    if isinstance(e, OSError) and e.errno is not None and (e.errno in WRITE_ERRNOS or not e.filename):
+        name = e.filename or _file_in_use(e)
         if name:
             return f"{_one_line(e.strerror or e)}: {name}" + (" (free some space and run again)" if e.errno == errno.ENOSPC else "")
     return _one_line(e)

@@ -54,8 +54,8 @@ def _profile(args) -> int:
             pairs.require_text_field(profile_options.text_field)
             out = Path(args.out)
             if group.is_main:
+                _check_writable(out)  # first: the output lock makes the folder
                 check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
-                _check_writable(out)
             _check_layers(args.model, profile_options.layers)
             device = group.device(load.device)
         with group.together(), _loading_bars(show):
@@ -92,8 +92,8 @@ def _steer(args) -> int:
         raise ValueError("--gate-data is required (input-contrast pairs: label 1 = harmful context); "
                          "or --gated false for the ungated variant")
     out = Path(args.out)
+    _check_writable(out)  # first: the output lock makes the folder
     check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
-    _check_writable(out)
     _check_layer_indices(args.model, layer=options.layer, gate_layer=options.gate_layer)
     with _loading_bars(not args.no_progress):
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)

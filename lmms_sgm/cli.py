@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import json
 import os
 import sys
 import warnings
@@ -52,7 +54,9 @@ def _profile(args) -> int:
             pairs.require_text_field(profile_options.text_field)
             out = Path(args.out)
             if group.is_main:
+                _check_writable(out)  # first: the output lock makes the folder
                 check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
+            _check_layers(args.model, profile_options.layers)
             device = group.device(load.device)
         with group.together(), _loading_bars(show):
             if execution.is_remote:
@@ -88,7 +92,9 @@ def _steer(args) -> int:
         raise ValueError("--gate-data is required (input-contrast pairs: label 1 = harmful context); "
                          "or --gated false for the ungated variant")
     out = Path(args.out)
+    _check_writable(out)  # first: the output lock makes the folder
     check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
+    _check_layer_indices(args.model, layer=options.layer, gate_layer=options.gate_layer)
     with _loading_bars(not args.no_progress):
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
     glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
@@ -99,6 +105,50 @@ def _steer(args) -> int:
     print(f"wrote {out}: steer layer {glasses.steer_site.layer} (|steer| {glasses.manifest['steer']['norm']:.4g}, "
           f"c {options.c:g}), {gate_line}")
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Glasses can be written at ``out``, checked before the model loads (the staging folder beside
+    it is made only after): its nearest existing ancestor is a folder this process may write in."""
+    here = Path(os.path.abspath(out)).parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise NotADirectoryError(f"--out {out}: {here} is a file, not a directory; choose another output path")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: no permission to write in {here}; choose another output path")
+
+
+def _local_num_layers(model: str) -> int | None:
+    """The decoder depth in a local model's config.json (None for a Hub id or an unreadable config:
+    the loader names what is wrong with it)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        doc = json.loads(config.read_text(encoding="utf-8"))
+        return int((doc.get("text_config") or doc)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_layers(model: str, layers: str) -> None:
+    """``--layers`` against a local model's config.json before its weights load (a Hub model is
+    checked once loaded, as are post-fusion layers): a typo then fails in a second, not after the load."""
+    from lmms_sgm.options import parse_layers
+
+    n = None if str(layers).strip() == "all" else _local_num_layers(model)
+    if n is not None:
+        parse_layers(layers, n)
+
+
+def _check_layer_indices(model: str, **layers) -> None:
+    """steer's ``--layer`` / ``--gate-layer`` (negative: from the end) against a local model's depth."""
+    n = _local_num_layers(model)
+    for flag, value in layers.items():
+        if n is not None and value is not None and not -n <= value < n:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: the model has {n} decoder layers "
+                             f"(0 to {n - 1}, or -1 to -{n} from the end)")
 
 
 @contextlib.contextmanager
@@ -198,6 +248,11 @@ def _tune(args) -> int:
         raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
     for path in sets.values():  # validate the data before loading a model
         load_pairs(path).require_both_classes()
+    if args.self_label:
+        from lmms_sgm.selflabel import read_prompts
+
+        for path in args.self_label:  # read again once the model is loaded: checked here first
+            read_prompts(path)
     rule = tune.Rule(**dataclasses.asdict(from_namespace(RuleOptions, args)))
     judge = _judge(args)
     val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
@@ -490,6 +545,38 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk or quota: the file is one being written
+
+
+def _file_in_use(e: OSError) -> str | None:
+    """The file an OSError happened on, when it does not say: a write that fails with ENOSPC
+    (``f.write``, ``Path.write_text``, a flush at ``close``) raises ``[Errno 28] No space left on
+    device`` with no filename. The innermost frame holding a file object (one open for writing,
+    for a write error) names it; an outer frame's file being read is not the one."""
+    import io
+    import traceback
+
+    writing = e.errno in WRITE_ERRNOS
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if not isinstance(value, io.IOBase):
+                continue
+            name, mode = getattr(value, "name", None), str(getattr(value, "mode", "") or "")
+            if isinstance(name, str) and (not writing or any(c in mode for c in "wax+")):
+                return name
+    return None
+
+
+def _error_line(e: BaseException) -> str:
+    """One line; an OSError without its file gets the file it happened on (disk full on a write)."""
+    if isinstance(e, OSError) and e.errno is not None and (e.errno in WRITE_ERRNOS or not e.filename):
+        name = e.filename or _file_in_use(e)
+        if name:
+            return f"{_one_line(e.strerror or e)}: {name}" + (" (free some space and run again)" if e.errno == errno.ENOSPC else "")
+    return _one_line(e)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -515,7 +602,7 @@ def main(argv=None) -> int:
                 print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 1
         except _expected_errors() as e:
-            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{prog}: error: {_error_line(e)}", file=sys.stderr)
             return 2
         except Exception as e:  # noqa: BLE001 -- any other failure is still one line (exit 1)
             print(f"{prog}: error: {type(e).__name__}: {_one_line(e)} (unexpected: run with --debug for the traceback)",

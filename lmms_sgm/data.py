@@ -189,22 +189,38 @@ def _data_file(path: Path) -> Path:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json":
-            rows = json.loads(text)
-            return rows["data"] if isinstance(rows, dict) else rows
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    """The file's records; a file that is not UTF-8, not valid JSON/CSV or not a regular file is
+    refused naming it (and the line: lmms_sgm/textfiles.py)."""
+    from lmms_sgm import textfiles
+
+    with textfiles.raising(DataError):
+        return _read_file(path)
+
+
+def _read_file(path: Path) -> list[dict]:
+    from lmms_sgm import textfiles
+
+    if path.suffix == ".json":
+        rows = textfiles.read_json(path, "profiling data")
+        rows = rows.get("data") if isinstance(rows, dict) else rows
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a list of records (or {{\"data\": [...]}})")
         return rows
+    if path.suffix == ".jsonl":
+        return textfiles.read_jsonl(path, "profiling data")
     import pandas as pd
 
-    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    textfiles.require_regular(path, "profiling data")
+    try:
+        if path.suffix == ".csv":  # decoded here, so that a bad byte names its line
+            frame = pd.read_csv(io.StringIO(textfiles.read_text(path, "profiling data")))
+        else:
+            frame = pd.read_parquet(path)
+    except textfiles.TextFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- pandas / pyarrow raise many kinds; the file is what is wrong
+        kind = "CSV" if path.suffix == ".csv" else "Parquet"
+        raise DataError(f"{path}: not a readable {kind} file ({' '.join(str(e).split()) or type(e).__name__})") from None
     frame = frame.astype(object).where(frame.notna(), None)
     return frame.to_dict(orient="records")
 

@@ -66,7 +66,9 @@ def read_twins(path) -> list[Twin]:
     path = Path(path)
     if path.is_dir():
         path = path / "twins.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from lmms_sgm import textfiles
+
+    rows = textfiles.read_jsonl(path, "twins file")
     if not rows:
         raise ValueError(f"{path}: no twin records")
     any_role = any("role" in r for r in rows)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,40 @@ COLUMNS = ("harmful_sampled", "harmful_greedy", "attack_sampled", "clean_toxic_s
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from lmms_sgm import textfiles
+
+    return textfiles.read_jsonl(path, "validation file")
+
+
+MC_COLUMNS = ("question", "A", "B", "answer", "image")  # MMBench's TSV (C, D optional)
+
+
+def _read_mc(path: Path, limit: int | None) -> list[dict]:
+    """MMBench-format TSV rows with their decoded images; a missing column, a bad answer letter or
+    image is refused naming the file (and line) before any model loads."""
+    from PIL import Image
+
+    from lmms_sgm import textfiles
+
+    rows = []
+    for n, row in textfiles.csv_rows(path, "--val-mc TSV", delimiter="\t", quoting=csv.QUOTE_NONE):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not rows:
+            missing = [c for c in MC_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"{path}: not an MMBench-format TSV: no column(s) {', '.join(missing)} "
+                                 f"(it needs {', '.join(MC_COLUMNS)}; C and D optional)")
+        letters = [x for x in "ABCD" if row.get(x)]
+        if (row["answer"] or "").strip() not in letters:
+            raise ValueError(f"{path}:{n}: answer {row['answer']!r} is not one of the row's options {', '.join(letters)}")
+        try:
+            row["_image"] = Image.open(io.BytesIO(base64.b64decode(row["image"] or "", validate=True))).convert("RGB")
+        except Exception as e:  # noqa: BLE001 -- binascii.Error, PIL's errors: the row is what is wrong
+            raise ValueError(f"{path}:{n}: the image column is not a base64-encoded image ({type(e).__name__})") from None
+        row["answer"] = row["answer"].strip()
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -77,10 +109,7 @@ class ValidationSet:
         mc_path = Path(mc) if mc else directory / "mmbench.tsv"
         rows = []
         if mc or mc_path.is_file():
-            with open(mc_path, encoding="utf-8") as f:
-                rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:limit]
-            for row in rows:
-                row["_image"] = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+            rows = _read_mc(mc_path, limit)
         if not parts["harmful"]:
             raise ValueError(f"{directory / 'harmful.jsonl'} holds no record")
         return cls(directory, parts["harmful"], parts["benign"], parts["adv"], rows)

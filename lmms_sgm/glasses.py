@@ -135,7 +135,7 @@ class Glasses:
         glasses of a different kind."""
         path = Path(path)
         tensors_path = path / TENSORS
-        if path.is_dir() and not tensors_path.is_file():
+        if path.is_dir() and not tensors_path.exists():
             raise FileNotFoundError(f"{path} is not a glasses directory ({tensors_path} is missing; needs {MANIFEST} "
                                     f"and {TENSORS}); build glasses with `lmms-sgm profile`")
         manifest = read_manifest(path)
@@ -144,6 +144,11 @@ class Glasses:
             raise GlassesError(f"{path / MANIFEST}: these are {kind_cls.kind} glasses, not {cls.kind}; load them with "
                                "SafetyGlasses.load")
         version = manifest["format_version"]
+        _require_regular(tensors_path)  # a FIFO or /dev/zero would hang the read
+        size = tensors_path.stat().st_size
+        if version >= 2 and size != manifest["tensors_bytes"]:  # refused before a huge file is read
+            raise GlassesError(f"{tensors_path}: {size} bytes, but {MANIFEST} records {manifest['tensors_bytes']} "
+                               "(truncated or damaged); re-create the glasses")
         blob = tensors_path.read_bytes()
         if version >= 2:
             _verify_content(path, manifest, blob)
@@ -475,12 +480,19 @@ def content_digest(manifest: dict) -> str:
 
 def read_manifest(path: str | Path) -> dict:
     """The parsed manifest of the glasses directory ``path``; a clear error naming the file otherwise."""
+    from lmms_sgm.textfiles import kind
+
     path = Path(path)
     file = path / MANIFEST
-    if not file.is_file():
-        what = "it does not exist" if not path.exists() else "it is a file" if not path.is_dir() else f"{file} is missing"
+    if not file.exists():
+        what = ("it does not exist" if not path.exists() else
+                f"it is {kind(path) or 'a file'}" if not path.is_dir() else f"{file} is missing")
         raise FileNotFoundError(f"{path} is not a glasses directory ({what}; needs {MANIFEST} and {TENSORS}); "
                                 "build glasses with `lmms-sgm profile`")
+    _require_regular(file)
+    if file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise GlassesError(f"{file}: {file.stat().st_size} bytes, not a glasses manifest (at most "
+                           f"{MAX_MANIFEST_BYTES >> 20} MiB); re-create the glasses")
     try:
         manifest = json.loads(file.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -504,6 +516,18 @@ def read_manifest(path: str | Path) -> dict:
     if version >= 2 and missing:
         raise GlassesError(f"{file}: the manifest lacks {', '.join(missing)}: it was edited; re-create the glasses")
     return manifest
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest holds options and sites (KiBs): a larger file is not one
+
+
+def _require_regular(file: Path) -> None:
+    """A glasses file that exists but is a directory, a FIFO or a device (``/dev/zero``) is named as such."""
+    from lmms_sgm.textfiles import kind
+
+    found = kind(file)
+    if found is not None:
+        raise GlassesError(f"{file} is {found}, not a regular file: not glasses; re-create the glasses")
 
 
 def _verify_content(path: Path, manifest: dict, blob: bytes) -> None:

@@ -57,6 +57,24 @@ class GlassesHandle:
         return f"<GlassesHandle mode={self.options.mode} strength={self.options.strength} {state}>"
 
 
+def site_module(hf, site) -> torch.nn.Module:
+    """The module of ``hf`` a glasses site names; a path that leads nowhere (or not to a module) is
+    refused in one line naming it and the model. The fingerprint check cannot catch it: a manifest
+    edited with its digests recomputed may name any path."""
+    from lmms_sgm.glasses import GlassesMismatch
+
+    try:
+        module = get_module(hf, site.module_path)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        module = None
+    if not isinstance(module, torch.nn.Module):
+        model = getattr(getattr(hf, "config", None), "_name_or_path", "") or "?"
+        raise GlassesMismatch(f"the glasses name module_path {site.module_path!r} (site {site.name!r}), which is not a "
+                              f"module of the model ({type(hf).__name__} {model}); the manifest was edited or belongs "
+                              "to another model: re-create the glasses")
+    return module
+
+
 def apply(glasses, model, options: ApplyOptions, *, processor=None, remote=None) -> GlassesHandle:
     if remote is not None:  # a RemoteOptions, or its `remote` value ("ndif", a URL, "local", "off")
         from lmms_sgm.options import RemoteOptions
@@ -73,7 +91,7 @@ def apply(glasses, model, options: ApplyOptions, *, processor=None, remote=None)
     transforms = glasses.transforms(options.strength)
     sites = [s for s in glasses.sites if s.name in transforms]
     for s in sites:
-        width = _width(get_module(hf, s.module_path), s.kind)
+        width = _width(site_module(hf, s), s.kind)
         if width != s.width:
             raise ValueError(f"{s.module_path} has {width} units but the glasses hold {s.width}")
     param = next(hf.parameters())

@@ -20,8 +20,10 @@ from lmms_sgm.models import unwrap
 
 def read_prompts(path: str | Path) -> list[dict]:
     """MM-TOXIC-QA records (``image``, ``question``, optional ``category``), images made absolute."""
+    from lmms_sgm import textfiles
+
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = textfiles.read_jsonl(path, "prompts file")
     for i, r in enumerate(rows):
         if not r.get("image") or not r.get("question"):
             raise ValueError(f"{path}: record {i} needs 'image' and 'question'")

@@ -427,7 +427,7 @@ def steer_output(state: dict, plan: Plan, output):
 
 
 def apply_steering(glasses: SteeringGlasses, model, options: ApplyOptions, *, processor=None):
-    from lmms_sgm.intervention import _WEARING, GlassesHandle, as_generator
+    from lmms_sgm.intervention import _WEARING, GlassesHandle, as_generator, site_module
 
     if options.mode == "fold":
         raise ValueError("mode='fold' cannot wear gated-steering glasses: the gate is decided per sequence from its own "
@@ -437,7 +437,7 @@ def apply_steering(glasses: SteeringGlasses, model, options: ApplyOptions, *, pr
     if hf in _WEARING and _WEARING[hf].active:
         raise RuntimeError("this model already wears glasses; remove() them before applying others")
     for site in filter(None, (glasses.steer_site, glasses.gate_site)):
-        get_module(hf, site.module_path)  # the layers exist (the fingerprint says so; this names a bad path)
+        site_module(hf, site)  # the layers exist (the fingerprint says so; this names a bad path)
     plan = Plan(glasses, hf, options.strength)
     state: dict = {}
     if options.strength == 0:  # nothing to subtract: nothing installed, the vanilla model

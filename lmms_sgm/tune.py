@@ -145,11 +145,10 @@ def default_grid(sets: dict[str, object], *, with_questions: dict[str, bool] | N
 
 def read_grid(path) -> list[Config]:
     """A JSON list of ``{"name", "data", "profile": {...}, "select": {...}, "strength"}``."""
+    from lmms_sgm import textfiles
+
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    entries = textfiles.read_json(path, "--grid file")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: a grid is a non-empty JSON list of configurations")
     grid = [Config.from_dict(e) for e in entries]

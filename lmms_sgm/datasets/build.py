@@ -150,16 +150,19 @@ class _Builder:
         self.sources: list[dict] = []
         self.skipped: list[str] = []
         self.duplicates = 0
+        self.pair_labels: Counter = Counter()  # label -> profiling pairs read, for the one-class check
 
     def run(self) -> dict:
         started = time.perf_counter()
         self._read_sources()
         if not self.items:
             raise DatasetError("the sources gave no records")
+        self._refuse_one_class()
         o = self.options
         plan = assign(self.items, tuple(o["split"].values()), o["seed"], o["template_min"])
         self._refuse_giant_group(plan)
         counts = self._write(plan)
+        self._refuse_one_class(counts["profile"])
         shutil.rmtree(self.staging)
         files = {p.relative_to(self.root).as_posix(): _sha256(p) for p in sorted(self.root.rglob("*.jsonl"))}
         image_digest = hashlib.sha256("".join(sorted(self.images_written)).encode()).hexdigest()
@@ -223,6 +226,7 @@ class _Builder:
                         self.duplicates += 1
                         continue
                     seen_content.add(digest)
+                    self.pair_labels.update(y for _, y in pairs)
                     row = {"id": rid, "source": label, "category": rec.category, "image": image.hash,
                            "question": rec.question, "original_question": rec.original_question, "pairs": pairs,
                            "prompt": rec.prompt, "key_phrase": rec.key_phrase, "answer": rec.answer,
@@ -239,6 +243,22 @@ class _Builder:
                 entry.update(records_read=n_read, records_kept=n_kept, content_sha256=content.hexdigest())
                 self.sources.append(entry)
                 self.log(f"  {n_read} records, {n_kept} kept, {len(self.store)} distinct images so far")
+
+    def _refuse_one_class(self, profile: dict | None = None) -> None:
+        """Profiling pairs of one class only are the user's data, not a bug: AUROC needs both.
+        Checked on the pairs read (before any splitting or writing), then on the profile split."""
+        toxic, non_toxic = (self.pair_labels[1], self.pair_labels[0]) if profile is None else \
+            (profile["toxic"], profile["non_toxic"])
+        if not toxic + non_toxic or (toxic and non_toxic):
+            return
+        missing = "non-toxic (label 0)" if toxic else "toxic (label 1)"
+        sources = ", ".join(s["spec"] for s in self.sources)
+        if profile is None:
+            raise DatasetError(f"the sources ({sources}) give {toxic} toxic and {non_toxic} non-toxic profiling pairs: "
+                               f"profiling (AUROC) needs both classes; add a source with {missing} texts")
+        raise DatasetError(f"the profile split got {toxic} toxic and {non_toxic} non-toxic pairs (the sources have both "
+                           f"classes, but too few {missing} pairs for the split); add {missing} pairs, or raise the "
+                           "profile share of --split")
 
     def _refuse_giant_group(self, plan) -> None:
         n = len(self.items)

@@ -21,10 +21,12 @@ class under 10% of the pairs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmms_sgm import textfiles
 from lmms_sgm.datasets.images import decode, pixel_hash
 from lmms_sgm.datasets.records import DatasetError
 from lmms_sgm.datasets.splits import DEFAULT_TEMPLATE_MIN, normalise_question
@@ -142,8 +144,11 @@ def _check_file(root: Path, split: str, path: Path, report: CheckReport, images:
     ids: dict[str, int] = {}
     content: dict[tuple, int] = {}
     out: list[_Row] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with contextlib.closing(textfiles.lines(path, "dataset file")) as lines:
+        for n, line in lines:
+            if isinstance(line, UnicodeDecodeError):  # listed among the problems; the other lines are checked
+                report.errors.append(textfiles.not_utf8(name, n, line))
+                continue
             if not line.strip():
                 continue
             try:

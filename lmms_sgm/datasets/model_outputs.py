@@ -21,7 +21,6 @@ are skipped. Samples files are read line by line; the samples file reader does n
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,20 +63,18 @@ def _task_records(data: Path, split: str) -> tuple[list[dict], dict[str, dict]]:
     path = data / SPLIT_FILES[split]
     if not path.is_file():
         return [], {}
+    from lmms_sgm import textfiles
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                row = dict(row, _where=f"{path}:{n}")
-                row.setdefault("id", None)
-                if row["id"] is None:
-                    row["id"] = f"{split}_{len(records)}"  # the tasks' default id
-                row["id"] = str(row["id"])
-                records.append(row)
+    with textfiles.raising(DatasetError):
+        rows = list(textfiles.jsonl(path, "task records file"))
+    for n, row in rows:
+        row = dict(row, _where=f"{path}:{n}")
+        row.setdefault("id", None)
+        if row["id"] is None:
+            row["id"] = f"{split}_{len(records)}"  # the tasks' default id
+        row["id"] = str(row["id"])
+        records.append(row)
     return records, {r["id"]: r for r in records}
 
 
@@ -93,20 +90,15 @@ def read(path: Path, params: dict[str, str]) -> Iterator[SourceRecord]:
     data = Path(params["data"]).expanduser()
     if not data.is_dir():
         raise DatasetError(f"model-outputs: data={data} is not a directory")
+    from lmms_sgm import textfiles
+
     judge = judge_of(params)
     tables = {split: _task_records(data, split) for split in SPLIT_FILES}
     for samples in samples_files(path):
         task = samples.stem.split("_samples_", 1)[-1]
-        with open(samples, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{samples}:{n}"
-                try:
-                    sample = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
-                record = _record(sample, where, task, data, tables, judge)
+        with textfiles.raising(DatasetError):
+            for n, sample in textfiles.jsonl(samples, "samples file"):
+                record = _record(sample, f"{samples}:{n}", task, data, tables, judge)
                 if record is not None:
                     yield record
 

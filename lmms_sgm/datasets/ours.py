@@ -16,8 +16,6 @@ Source kinds ``jsonl`` and ``csv`` are the same reader; the file's suffix decide
 """
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,34 +32,32 @@ FLAGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
 
 def rows(path: Path) -> Iterator[tuple[str, dict]]:
     """``(where, row)`` for each row of a JSONL / JSON / CSV file, streamed (JSON: one list)."""
-    if not path.is_file():
+    from lmms_sgm import textfiles
+
+    with textfiles.raising(DatasetError):
+        yield from _rows(path)
+
+
+def _rows(path: Path) -> Iterator[tuple[str, dict]]:
+    from lmms_sgm import textfiles
+
+    if not path.exists():
         raise DatasetError(f"{path} is not a file")
+    textfiles.require_regular(path, "records file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                yield f"{path}:{n}", row
+        for n, row in textfiles.jsonl(path, "records file"):
+            yield f"{path}:{n}", row
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}: not valid JSON ({e})") from None
+        data = textfiles.read_json(path, "records file")
         data = data.get("data") if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise DatasetError(f"{path}: expected a list of records (or {{\"data\": [...]}})")
         for i, row in enumerate(data):
             yield f"{path}: record {i}", row
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", {k: (v if v != "" else None) for k, v in row.items()}
+        for n, row in textfiles.csv_rows(path, "records file"):
+            yield f"{path}:{n}", {k: (v if v != "" else None) for k, v in row.items()}
     else:
         raise DatasetError(f"{path}: use a .jsonl, .json or .csv file")
 

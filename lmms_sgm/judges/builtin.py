@@ -102,12 +102,14 @@ def _phrase_pattern(phrases, plural: bool) -> re.Pattern:
 
 def read_terms(path: str | Path) -> tuple[str, ...]:
     """Terms of a phrase or lexicon file (one per line, ``#`` comments)."""
+    from lmms_sgm import textfiles
+
     path = Path(path)
     if not path.is_file():
         raise JudgeError(f"term file {path} does not exist")
-    terms = tuple(
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.lstrip().startswith("#")
-    )
+    with textfiles.raising(JudgeError):
+        text = textfiles.read_text(path, "term file")
+    terms = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
     if not terms:
         raise JudgeError(f"term file {path} holds no terms")
     return terms

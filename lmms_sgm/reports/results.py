@@ -51,8 +51,9 @@ def find_results(path: str | Path, newer_than: float | None = None) -> Path:
 
 
 def _read_results(source: Path) -> dict:
-    with open(source, encoding="utf-8") as f:
-        run = json.load(f)
+    from lmms_sgm import textfiles
+
+    run = textfiles.read_json(source, "results file")
     if not isinstance(run, dict) or not isinstance(run.get("results"), dict):
         # a bad file is an input error like the others (the CLI reports ValueError in one line)
         raise ValueError(f"{source}: not an lmms-eval / lm-eval results file (no 'results' object)")  # noqa: TRY004
@@ -120,8 +121,9 @@ def logged_samples(run: dict, task: str) -> list[dict] | None:
 
 @functools.lru_cache(maxsize=64)
 def _read_jsonl(path: str, mtime: float) -> list[dict]:  # mtime: a rewritten file is read again
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from lmms_sgm import textfiles
+
+    return textfiles.read_jsonl(path, "samples file")
 
 
 # ------------------------------------------------------------------ per-document values

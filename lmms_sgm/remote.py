@@ -266,8 +266,8 @@ def classify(error: BaseException) -> tuple[str | None, str]:
     if isinstance(error, NnsightRemoteError):
         if isinstance(cause, httpx.HTTPStatusError):
             status = cause.response.status_code
-            if status in (401, 403):
-                return "auth", detail
+            if status in (401, 403) or (status == 400 and "api key" in detail.lower()):
+                return "auth", detail  # NDIF answers a malformed key with 400
             return ("transient" if status >= 500 or status == 429 else "job"), detail
         if isinstance(cause, httpx.TransportError):
             return "unreachable", detail

@@ -119,23 +119,32 @@ def completed_jobs(world) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(model_and_processor, toy_jsonl, tmp_path_factory):
-    """Glasses profiled here, in this process, with the CLI's options (batch sizes 4 and 1)."""
+def few_pairs(tmp_path_factory):
+    """8 pairs, profiled one per job in the resume test."""
+    from lmms_sgm import tiny
+
+    return tiny.write_toy_pairs(tmp_path_factory.mktemp("ndif_real_pairs"), 8)
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_processor, toy_jsonl, few_pairs, tmp_path_factory):
+    """Glasses profiled here, in this process, with the CLI's options: the toy pairs in batches
+    of 4, and the 8 pairs one at a time."""
     model, processor = model_and_processor
     root = tmp_path_factory.mktemp("ndif_real_reference")
     selection = SelectionOptions(rule="det0", top_k=60)
-    for batch_size in (4, 1):
-        build_glasses(model, processor, toy_jsonl, ProfileOptions(batch_size=batch_size, pooling="max"), selection,
+    for data, batch_size in ((toy_jsonl, 4), (few_pairs, 1)):
+        build_glasses(model, processor, data, ProfileOptions(batch_size=batch_size, pooling="max"), selection,
                       out=root / f"glasses_b{batch_size}", progress=False)
     return root
 
 
-def n_batches(model_and_processor, toy_pairs, batch_size: int) -> int:
-    """How many batches (one job each) profiling cuts the toy pairs into."""
+def n_batches(model_and_processor, pairs, batch_size: int) -> int:
+    """How many batches (one job each) profiling cuts ``pairs`` into."""
     from lmms_sgm.profiling import length_batches, token_lengths
 
     _, processor = model_and_processor
-    return len(length_batches(token_lengths(processor, toy_pairs, "response", batch_size), batch_size))
+    return len(length_batches(token_lengths(processor, pairs, "response", batch_size), batch_size))
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -180,12 +189,12 @@ def test_lmms_eval_remotely_equals_the_local_run(world, tiny_dir, reference, tmp
     env = {"MM_TOXIC_QA_DIR": str(write_mm_toxic_qa(tmp_path / "mm_toxic_qa")),
            "MMBENCH_LOCAL_TSV": str(write_mmbench(tmp_path / "mmbench.tsv")), "LMMS_SGM_JUDGE": "lexicon",
            "LMMS_SGM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    local = run_cli(f"pretrained={tiny_dir},glasses={glasses}", tmp_path / "local", env, tasks=tasks, limit=3)
+    local = run_cli(f"pretrained={tiny_dir},glasses={glasses}", tmp_path / "local", env, tasks=tasks, limit=2)
     assert local.returncode == 0, local.stderr[-3000:]
     remote_env = {**env, **{k: v for k, v in client_env(world).items() if k.startswith(("HF_", "NDIF_", "NNSIGHT_"))}}
     PRODUCED.append(tmp_path / "remote")
     remote = run_cli(f"pretrained={HUB_ID},glasses={glasses},remote={world['cluster'].url}", tmp_path / "remote",
-                     remote_env, tasks=tasks, limit=3)
+                     remote_env, tasks=tasks, limit=2)
     OUTPUTS.extend([remote.stdout, remote.stderr])
     assert remote.returncode == 0, remote.stderr[-3000:]
     # generations token for token; option losses from the server's process: low bits may differ
@@ -199,12 +208,14 @@ def test_diagnose_runs_remotely(world, tiny_dir, tmp_path):
     twins = tiny.write_toy_twins(tmp_path / "twins", 4)
     out = tmp_path / "diag"
     proc = run([BIN / "lmms-sgm", "diagnose", "--model", HUB_ID, "--data", twins, "--remote", world["cluster"].url,
-                "--samples", "2", "--no-per-layer", "--no-attention", "--out", out, "--no-progress"], client_env(world), out)
+                "--samples", "2", "--limit", "1", "--no-per-layer", "--no-attention", "--out", out, "--no-progress"],
+               client_env(world), out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((out / "diagnosis.json").read_text())
     assert (got["backend"], got["remote"]) == ("nnsight", world["cluster"].url)
     model, processor = models.load(str(tiny_dir))
-    local = diagnose.diagnose(model, processor, diagnose.read_twins(twins), get_judge("lexicon"), samples=2,
+    measured, held_out = diagnose.split_twins(diagnose.read_twins(twins))
+    local = diagnose.diagnose(model, processor, measured[:1] + held_out[:1], get_judge("lexicon"), samples=2,
                               per_layer=False, attention=False, lockstep_cache=False)
     assert [r["name"] for r in got["rows"]] == [r["name"] for r in local["rows"]]
     lockstep = [(a["rate"], b["rate"]) for a, b in zip(got["rows"], local["rows"]) if a["name"].startswith("lockstep")
@@ -222,35 +233,57 @@ def test_a_model_the_cluster_does_not_serve_is_one_line_exit_2(world, toy_jsonl,
     assert not out.exists() and not list(tmp_path.glob(".g*"))
 
 
-@pytest.mark.parametrize("key", ["wrong-format", str(uuid.uuid4())])
-def test_a_refused_key_is_one_line_exit_2_without_the_key(world, toy_jsonl, tmp_path, key):
-    """NDIF's auth: a malformed key is a 400 whose detail quotes the key; an unknown one a 403."""
+def test_a_malformed_key_is_one_line_exit_2_without_the_key(world, toy_jsonl, tmp_path):
+    """NDIF's auth answers a key that is not a UUID with a 400 whose detail quotes the key."""
     out = tmp_path / "g"
-    proc = run(profile_cmd(HUB_ID, toy_jsonl, out, "--remote", world["cluster"].url), client_env(world, NDIF_API_KEY=key),
-               out)
+    wrong = "wrong-format-" + KEY[:8]
+    proc = run(profile_cmd(HUB_ID, toy_jsonl, out, "--remote", world["cluster"].url),
+               client_env(world, NDIF_API_KEY=wrong), out)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = last_line(proc)
     assert line.startswith("lmms-sgm profile: error: NDIF server"), line
-    assert "set NDIF_API_KEY" in line and key not in proc.stdout + proc.stderr
-    assert not out.exists()
+    assert "the API key was refused" in line and "Invalid API key format" in line and "set NDIF_API_KEY" in line
+    assert wrong not in proc.stdout + proc.stderr and not out.exists()
 
 
-def test_a_killed_server_then_resume_after_its_restart(world, toy_jsonl, reference, tmp_path, model_and_processor,
-                                                        toy_pairs):
+def test_an_unknown_key_is_refused_without_retries(world, load_model, toy_jsonl, monkeypatch):
+    """A well-formed key NDIF's key table does not hold: 403, no retry, the key in no message."""
+    from nnsight.schema.config import CONFIG
+
+    from lmms_sgm import remote
+    from lmms_sgm.options import ExecutionOptions
+
+    waits = []
+    monkeypatch.setattr(remote, "_sleep", waits.append)
+    unknown = str(uuid.uuid4())
+    monkeypatch.setattr(CONFIG.API, "APIKEY", unknown)
+    hf, processor = load_model()
+    nn_model = remote.wrap(hf, processor)
+    nn_model.repo_id = HUB_ID  # all a client needs to name the model
+    with pytest.raises(remote.RemoteAuthError, match="the API key was refused.*Invalid API key") as e:
+        build_glasses(nn_model, processor, toy_jsonl, ProfileOptions(batch_size=4, pooling="max"),
+                      SelectionOptions(rule="det0", top_k=60), progress=False,
+                      execution=ExecutionOptions(remote=world["cluster"].url, checkpoint_dir="off", remote_retries=3))
+    assert not waits and unknown not in str(e.value)
+
+
+def test_a_killed_server_then_resume_after_its_restart(world, few_pairs, reference, tmp_path, model_and_processor):
     """Profiling one pair per job, the whole server (API, queue, model actor, redis) is killed
     after a few batches: one line, exit 2, the finished batches kept. Restarted, ``--resume``
     sends only the batches the checkpoint lacks, and the glasses are the local ones, bytes equal."""
     cluster = world["cluster"]
-    total = n_batches(model_and_processor, toy_pairs, 1)
+    from lmms_sgm.data import load_pairs
+
+    total = n_batches(model_and_processor, load_pairs(few_pairs), 1)
     out = tmp_path / "glasses"
     checkpoint = tmp_path / ".glasses.ckpt"
-    cmd = profile_cmd(HUB_ID, toy_jsonl, out, "--batch-size", "1", "--remote", cluster.url, "--remote-retries", "0")
+    cmd = profile_cmd(HUB_ID, few_pairs, out, "--batch-size", "1", "--remote", cluster.url, "--remote-retries", "0")
     PRODUCED.append(tmp_path)
     OUTPUTS.append("")  # the killed run's output is read below
     child = subprocess.Popen([str(c) for c in cmd], env=client_env(world), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while len(list(checkpoint.glob("batch-*.safetensors"))) < 3 and time.monotonic() < deadline and child.poll() is None:
+    while len(list(checkpoint.glob("batch-*.safetensors"))) < 2 and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
     cluster.kill()
     stdout, stderr = child.communicate(timeout=120)
@@ -259,7 +292,7 @@ def test_a_killed_server_then_resume_after_its_restart(world, toy_jsonl, referen
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("lmms-sgm profile: error: ") and "NDIF server" in line, line
     saved = len(list(checkpoint.glob("batch-*.safetensors")))
-    assert 3 <= saved < total and not out.exists()
+    assert 2 <= saved < total and not out.exists()
 
     cluster.start()  # the same ports, a fresh redis and a fresh model actor
     before = completed_jobs(world)

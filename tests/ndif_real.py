@@ -1,9 +1,9 @@
 """NDIF's own server code (the ``ndif`` 0.1.2 package) on 127.0.0.1, for tests/test_ndif_real.py.
 
-One process runs, unchanged from the package: the API service (``ndif.services.api.app``: its
-FastAPI app under uvicorn, /request, /subscribe, auth, redis use), the queue (``Dispatcher``,
-``Processor``, ``Replica``: the request list in redis, per-model queues, status replies) and
-the model actor (``BaseModelDeployment``: ``run``, ``execute``, ``prepare_result``, its
+Unchanged from the package, in two processes (see below): the API service
+(``ndif.services.api.app``: its FastAPI app under uvicorn, /request, /subscribe, auth, redis
+use), the queue (``Dispatcher``, ``Processor``, ``Replica``: the request list in redis,
+per-model queues, status replies) and the model actor (``BaseModelDeployment``: ``run``, ``execute``, ``prepare_result``, its
 responses published through redis, deserialisation by ``BackendRequestModel.deserialize`` and
 execution by ``nns.execute_traced_block``). A real ``redis-server`` is started by the test.
 
@@ -50,6 +50,7 @@ NDIF_VERSION = "0.1.2"
 
 
 def _stub_ray() -> None:
+    """``ray`` and ``ray.exceptions``: the names the queue and the actor module import."""
     ray = types.ModuleType("ray")
     exceptions = types.ModuleType("ray.exceptions")
 

@@ -131,7 +131,7 @@ class Controller:
 
 
 def _stub_ray_provider(controller: Controller) -> None:
-    import ndif.common.providers as providers
+    from ndif.common import providers
 
     module = types.ModuleType("ndif.common.providers.ray")
 
@@ -166,9 +166,8 @@ def _stub_auth(key: str | None) -> None:
 
 def _stub_gpu() -> None:
     import torch
-    from nnsight.modeling.huggingface import HuggingFaceModel
-
     from ndif.services.ray.deployments.modeling import base
+    from nnsight.modeling.huggingface import HuggingFaceModel
 
     torch.cuda.synchronize = lambda *args, **kwargs: None
 

@@ -270,6 +270,14 @@ class HookEngine:
             yield
 
 
+def remote_input_device(nn_model, options) -> torch.device:
+    """Where an engine's inputs are built: the model's device when it runs here (no remote, or
+    ``local`` emulation), else the CPU (they are serialised and the server places them)."""
+    if options is None or options.remote == "local":
+        return next(unwrap(nn_model).parameters()).device
+    return torch.device("cpu")
+
+
 class NNsightEngine:
     """The same measurements as nnsight traces: in this process, or (``remote``, a
     :class:`~lmms_sgm.options.RemoteOptions` other than off) on an NDIF server, each trace sent
@@ -290,7 +298,9 @@ class NNsightEngine:
         self.remote = remote if remote is not None and remote.remote != "off" else None
         self.nn = wrap(model, processor) if self.remote else as_generator(model, processor)
         self.hf = self.nn._module
-        self.device = next(self.hf.parameters()).device
+        # A server-side model is built on the meta device here (no weights): inputs stay on the
+        # CPU, travel, and the server places them; nothing here computes with the model's tensors.
+        self.device = remote_input_device(self.nn, self.remote)
         self._worn = None  # remote glasses being worn (their traces carry them)
 
     def _call(self, fn, *args):

@@ -27,7 +27,8 @@ store and the AUROC stay here. Profiling batches are cut so that a request and a
 ``remote_retries`` times; a refused key or a job that failed on the server is not.
 
 The API key is read by nnsight from its configuration and sent in a header; this module never
-prints, logs or stores it, and removes it from any error message it passes on.
+prints, logs or stores it; it registers it with :mod:`lmms_sgm.redaction` when it reads it, and
+removes it (with every other known secret) from any error message it passes on.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import torch
 
 from lmms_sgm.intervention import affine
 from lmms_sgm.options import ApplyOptions, RemoteOptions, remote_mode_refusal
+from lmms_sgm.redaction import redact, register_secret
 
 TASK = "image-text-to-text"
 # What nnsight reads the host and key from, named in messages (never the key's value).
@@ -63,9 +65,14 @@ class RemoteJobError(RemoteError):
 
 
 def api_key() -> str:
+    """The configured key, registered as a secret as it is read: from then on
+    :func:`lmms_sgm.redaction.redact` removes it from anything written or shown (it may come
+    from nnsight's config file, whose name no environment scan would catch)."""
     from nnsight.schema.config import CONFIG
 
-    return CONFIG.API.APIKEY or ""
+    key = CONFIG.API.APIKEY or ""
+    register_secret(key)
+    return key
 
 
 def host(options: RemoteOptions) -> str:
@@ -75,12 +82,6 @@ def host(options: RemoteOptions) -> str:
     if options.remote == "local":
         return "in-process emulation"
     return CONFIG.API.HOST if options.remote == "ndif" else options.remote
-
-
-def redact(text: str) -> str:
-    """``text`` with the configured API key (if any) replaced by ***."""
-    key = api_key()
-    return str(text).replace(key, "***") if key else str(text)
 
 
 def trace_target(options: RemoteOptions):
@@ -139,10 +140,15 @@ def wrap(hf_model, processor):
 
 def _processor(repo_id: str):
     """The processor of a Hub model, from the Hub or, when it cannot be reached, its local cache."""
+    import huggingface_hub
+
     from lmms_sgm import models
     from lmms_sgm.processors import load_processor
 
-    unreachable = models.hub_unreachable()
+    # Offline mode keeps huggingface_hub off the network (hub_unreachable asks nothing then): the
+    # same hint applies, with the setting as the reason.
+    offline = huggingface_hub.is_offline_mode()
+    unreachable = "HF_HUB_OFFLINE is set" if offline else models.hub_unreachable()
     try:
         return load_processor(repo_id, local_files_only=bool(unreachable))
     except OSError as e:
@@ -192,6 +198,7 @@ class Session:
         CONFIG.APP.REMOTE_LOGGING = False
         self._stack.callback(setattr, CONFIG.APP, "REMOTE_LOGGING", previous)
         nnsight.register("lmms_sgm")
+        api_key()  # registered before anything can be written or shown
         if self.options.remote != "local":
             import nnsight.modeling.huggingface as nn_hf
 
@@ -253,13 +260,14 @@ def classify(error: BaseException) -> tuple[str | None, str]:
         import websocket
     except ImportError:  # the remote extras of nnsight are missing: nothing can be remote
         return None, ""
+    api_key()  # registers the key, wherever nnsight read it from
     detail = redact(" ".join(f"{type(error).__name__}: {error}".split()))
     cause = error.__cause__
     if isinstance(error, NnsightRemoteError):
         if isinstance(cause, httpx.HTTPStatusError):
             status = cause.response.status_code
-            if status in (401, 403):
-                return "auth", detail
+            if status in (401, 403) or (status == 400 and "api key" in detail.lower()):
+                return "auth", detail  # NDIF answers a malformed key with 400
             return ("transient" if status >= 500 or status == 429 else "job"), detail
         if isinstance(cause, httpx.TransportError):
             return "unreachable", detail

@@ -26,13 +26,21 @@ step() {  # step DESCRIPTION CMD...: run quietly into $LOG; on failure show the 
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+# LMMS_SGM_NDIF=1 (CI): also NDIF's own server code for tests/test_ndif_real.py.
+extras="eval,test,judges"
+NDIF_PIN="ndif==0.1.2"
+[ "${LMMS_SGM_NDIF:-0}" = 1 ] && extras="$extras,ndif-server"
+want=$( (cat pyproject.toml constraints.txt; echo "$extras $NDIF_PIN") | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$want" ]; then
   : >"$LOG"
   echo "setting up .venv (first time ~3-4 minutes; log: $LOG)"
   step "upgrade pip" .venv/bin/python -m pip install -q --upgrade pip
   # constraints.txt pins torch==2.13.0 (CPU): anything newer pulls a multi-GB CUDA build.
-  step "install lmms_sgm and its dependencies" .venv/bin/python -m pip install -q -c constraints.txt -e ".[eval,test,judges]"
+  step "install lmms_sgm and its dependencies" .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+  if [ "${LMMS_SGM_NDIF:-0}" = 1 ]; then
+    # It declares Python >= 3.12 and pulls Ray (a GPU cluster's worth): neither is needed for the test.
+    step "install $NDIF_PIN (NDIF's server code)" .venv/bin/python -m pip install -q --no-deps --ignore-requires-python "$NDIF_PIN"
+  fi
   # lmms-eval drags in torchvision, whose only wheel here is a CUDA build that fails beside CPU
   # torch and then breaks LLaVA's import; transformers falls back to PIL image processors.
   if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then

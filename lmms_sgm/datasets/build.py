@@ -8,6 +8,7 @@ Output (``OUT``)::
     eval/test/               an MM_TOXIC_QA_DIR (report results on this one)
     manifest.json            sources, options, counts, groups, digests
     card.md                  the dataset card
+    .lmms_sgm_output         the marker: every file the build wrote (what --overwrite may remove)
 
 Three passes, streaming images: (1) read every source record, validate and hash its images into a
 staging folder, keep only ids, hashes and normalised questions in memory; (2) split

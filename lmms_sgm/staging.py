@@ -278,13 +278,15 @@ def _acquire(lock: Path, path, what: str) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            flocked = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise OutputLocked(f"{what} ({_holder(_read_lock(lock))}) is writing {path}; wait for it to end or "
-                                   f"stop it (lock {lock})") from None
+                    flocked = False  # a file system without flock (ENOLCK): the pid in the file alone
+                else:
+                    raise OutputLocked(f"{what} ({_holder(_read_lock(lock))}) is writing {path}; wait for it to end or "
+                                       f"stop it (lock {lock})") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
@@ -297,8 +299,11 @@ def _acquire(lock: Path, path, what: str) -> int:
                     and holder.get("pid") not in (None, os.getpid()) and _alive(holder["pid"]):
                 raise OutputLocked(f"{what} ({_holder(holder)}) is writing {path}; wait for it to end or stop it "
                                    f"(lock {lock}; delete it if that process is not an lmms-sgm run)")
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps({"pid": os.getpid(), "host": _host(), "flock": True}) + "\n").encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps({"pid": os.getpid(), "host": _host(), "flock": flocked}) + "\n").encode())
+            except OSError as e:  # a full disk: say which file
+                raise OSError(e.errno, e.strerror or str(e), str(lock)) from None
             return fd
         except BaseException:
             with contextlib.suppress(OSError):

@@ -406,3 +406,28 @@ def test_profile_twice_on_one_output_and_a_killed_profile_resumed(tiny_dir, toy_
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(os.listdir(runs)) == ["g"]
     assert sorted(os.listdir(runs / "g")) == ["glasses.safetensors", "manifest.json"]
+
+
+def test_a_killed_tune_leaves_a_staging_folder_the_next_tune_removes(tiny_dir, toy_jsonl, tmp_path):
+    """The real command: ``lmms-sgm tune`` SIGKILLed while it works, then run again to the end."""
+    from lmms_sgm.tiny import write_toy_validation
+
+    val = write_toy_validation(tmp_path / "val", 2)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "paper", "data": "toy"}]))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    args = [LMMS_SGM, "tune", "--model", str(tiny_dir), "--data", f"toy={toy_jsonl}", "--val", str(val), "--grid",
+            str(grid), "--samples", "2", "--out", str(runs / "t"), "--no-progress"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: any(e.startswith(".t.tmp-") for e in os.listdir(runs)), first)
+        first.kill()
+        first.wait()
+    finally:
+        first.kill()
+    assert first.returncode == -signal.SIGKILL
+    assert any(e.startswith(".t.tmp-") for e in os.listdir(runs))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted(os.listdir(runs)) == ["t"] and {"table.md", "table.json"} <= set(os.listdir(runs / "t"))

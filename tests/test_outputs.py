@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -159,7 +158,7 @@ sys.exit(lmms_sgm.cli.main(sys.argv[2:]))
 def _cli(args, *, full: bool):
     """``lmms-sgm ARGS`` in a child; ``full``: once its modules are loaded, its writes to files fail
     (file-size limit 0: ``EFBIG``, "File too large")."""
-    return subprocess.run([sys.executable, "-c", _FULL_CHILD, "full" if full else "room", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-c", _FULL_CHILD, "full" if full else "room", *args], capture_output=True, check=False,
                           text=True, timeout=300, cwd=SRC)
 
 
@@ -170,7 +169,7 @@ def tiny_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE variant of this test runs instead")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, check=False, text=True)
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the RLIMIT_FSIZE variant runs instead")
     try:
@@ -319,7 +318,7 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
 def test_only_staging_folders_of_dead_owners_on_this_host_are_removed(tmp_path):
     out = tmp_path / "g"
     host = staging._host()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=False, text=True)
     dead_pid = int(dead.stdout)
     names = {"dead": f".g.tmp-0123abcd-{dead_pid}-{host}", "live": f".g.tmp-89abcdef-{os.getppid()}-{host}",
              "old": f".g.old-00000000-{dead_pid}-{host}", "other_host": f".g.tmp-11111111-{dead_pid}-elsewhere.example",
@@ -390,7 +389,7 @@ def test_profile_twice_on_one_output_and_a_killed_profile_resumed(tiny_dir, toy_
     try:
         ckpt = runs / ".g.ckpt"
         _wait_for(lambda: ckpt.is_dir() and any(e.startswith("batch-") for e in os.listdir(ckpt)), first)
-        second = subprocess.run([LMMS_SGM, *args], capture_output=True, text=True, timeout=300)
+        second = subprocess.run([LMMS_SGM, *args], capture_output=True, check=False, text=True, timeout=300)
         assert first.poll() is None, "the first run ended before the second started"
         assert second.returncode == 2, second.stderr
         assert second.stderr.count("\n") == 1
@@ -402,7 +401,7 @@ def test_profile_twice_on_one_output_and_a_killed_profile_resumed(tiny_dir, toy_
         first.kill()
     left = sorted(os.listdir(runs))
     assert ".g.ckpt" in left and ".g.lock" in left and any(e.startswith(".g.tmp-") for e in left), left
-    resumed = subprocess.run([LMMS_SGM, *args, "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([LMMS_SGM, *args, "--resume"], capture_output=True, check=False, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(os.listdir(runs)) == ["g"]
     assert sorted(os.listdir(runs / "g")) == ["glasses.safetensors", "manifest.json"]
@@ -428,6 +427,6 @@ def test_a_killed_tune_leaves_a_staging_folder_the_next_tune_removes(tiny_dir, t
         first.kill()
     assert first.returncode == -signal.SIGKILL
     assert any(e.startswith(".t.tmp-") for e in os.listdir(runs))
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(args, capture_output=True, check=False, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert sorted(os.listdir(runs)) == ["t"] and {"table.md", "table.json"} <= set(os.listdir(runs / "t"))

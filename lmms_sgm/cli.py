@@ -47,6 +47,7 @@ def _profile(args) -> int:
     # the output and prints, and an error in any process stops all of them (lmms_sgm/distributed.py).
     group = distributed.from_env()
     show = not args.no_progress and group.is_main
+    held = contextlib.ExitStack()
     try:
         with group.together():
             pairs = load_pairs(args.data)  # validate the data, images included, before loading a model
@@ -55,6 +56,8 @@ def _profile(args) -> int:
             out = Path(args.out)
             if group.is_main:
                 _check_writable(out)  # first: the output lock makes the folder
+                # One run at a time on an output (and its checkpoint): a second fails now, naming the first.
+                held.enter_context(_output_lock(out))
                 check_target(out, args.overwrite, protect=[pairs.source])  # before loading the model
             _check_layers(args.model, profile_options.layers)
             device = group.device(load.device)
@@ -66,6 +69,7 @@ def _profile(args) -> int:
         glasses = build_glasses(model, processor, pairs, profile_options, selection, out=out, overwrite=args.overwrite,
                                 progress=show, execution=execution, group=group)
     finally:
+        held.close()
         group.close()
     if glasses is not None:
         print(f"wrote {out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
@@ -93,12 +97,13 @@ def _steer(args) -> int:
                          "or --gated false for the ungated variant")
     out = Path(args.out)
     _check_writable(out)  # first: the output lock makes the folder
-    check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
-    _check_layer_indices(args.model, layer=options.layer, gate_layer=options.gate_layer)
-    with _loading_bars(not args.no_progress):
-        model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
-    glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+    with _output_lock(out):  # a second run on this output fails now, not after loading the model
+        check_target(out, args.overwrite, protect=[p.source for p in (pairs, gate) if p is not None])
+        _check_layer_indices(args.model, layer=options.layer, gate_layer=options.gate_layer)
+        with _loading_bars(not args.no_progress):
+            model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
+        glasses = build_steering_glasses(model, processor, pairs, gate, options, out=out, overwrite=args.overwrite,
+                                         progress=not args.no_progress)
     g = glasses.manifest["gate"]
     gate_line = (f"gate layer {glasses.gate_site.layer}, projection AUROC {g['auroc']:.4f}, {g['misclassified']} of "
                  f"{g['examples']} gate pairs on the wrong side, {g['overlap']} in the class overlap") if g else "no gate"
@@ -186,6 +191,14 @@ def _select(args) -> int:
     glasses.save(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {glasses.counts()['experts']} experts of {glasses.counts()['neurons']} neurons")
     return 0
+
+
+def _output_lock(out: Path):
+    """The lock on ``out`` (``.NAME.lock`` beside it; :func:`lmms_sgm.staging.output_lock`), taken
+    before a model loads; the staged write below takes it again (re-entrant)."""
+    from lmms_sgm.staging import output_lock
+
+    return output_lock(out)
 
 
 def _new_directory(out: Path):

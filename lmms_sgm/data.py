@@ -154,8 +154,10 @@ def write_text_only(source, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [{k: v for k, v in (("text", p.text), ("label", p.label), ("question", p.question), ("category", p.category))
              if v is not None} for p in pairs]
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return out
+    from lmms_sgm.staging import atomic_write
+
+    # Whole or not at all: a full disk leaves no (0-byte) file that a rerun would call existing.
+    return atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), exclusive=True)
 
 
 def load_pairs(source, *, split: str | None = None) -> PairDataset:

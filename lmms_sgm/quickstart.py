@@ -20,16 +20,16 @@ def run(workdir: Path) -> int:
     from lmms_sgm.staging import command_output
     from lmms_sgm.tiny import build_tiny_llava, write_toy_pairs
 
-    # Written whole or not at all; only an earlier quickstart's folder is ever replaced.
+    # Written whole or not at all, glasses included (so that the marker lists every file, and a rerun
+    # replaces those alone); only an earlier quickstart's folder holding nothing else is ever replaced.
+    model_dir, data, glasses_dir = workdir / "model", workdir / "data" / "pairs.jsonl", workdir / "glasses"
     with command_output(workdir, "quickstart") as tmp:
         build_tiny_llava(tmp / "model")
         write_toy_pairs(tmp / "data", n=32)
-    model_dir, data = workdir / "model", workdir / "data" / "pairs.jsonl"
-    print(f"[1/4] built a tiny random LLaVA at {model_dir} and 32 toy pairs at {data}")
-
-    model, processor = models.load(str(model_dir))
-    glasses_dir = workdir / "glasses"
-    build_glasses(model, processor, data, ProfileOptions(), SelectionOptions(), out=glasses_dir)
+        print(f"[1/4] built a tiny random LLaVA at {model_dir} and 32 toy pairs at {data}")
+        model, processor = models.load(str(tmp / "model"))
+        build_glasses(model, processor, tmp / "data" / "pairs.jsonl", ProfileOptions(), SelectionOptions(),
+                      out=tmp / "glasses")
     print(f"[2/4] profiled and wrote glasses to {glasses_dir}")
 
     glasses = SafetyGlasses.load(glasses_dir)

@@ -348,7 +348,7 @@ def test_sigint_exits_130_in_one_line_and_leaves_only_the_checkpoint(tiny_dir, t
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 150
-        while not os.listdir(runs):  # the temporary directory appears when profiling starts
+        while not [e for e in os.listdir(runs) if not e.endswith(".lock")]:  # the temporary directory: profiling starts
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         time.sleep(1)
@@ -406,8 +406,12 @@ def test_quickstart_replaces_only_its_own_earlier_output(tmp_path, capsys):
     assert main(["quickstart", "--workdir", str(work)]) == 0
     first = sorted(p.name for p in work.iterdir())
     assert {"model", "data", "glasses"} <= set(first)
-    (work / "model" / "stale.txt").write_text("from the first run")
-    assert main(["quickstart", "--workdir", str(work)]) == 0  # an earlier quickstart: rebuilt whole
+    (work / "model" / "notes.txt").write_text("the user's")  # not the quickstart's: refused, kept
+    assert main(["quickstart", "--workdir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "did not write (model/notes.txt)" in err and "nothing was deleted" in err
+    assert (work / "model" / "notes.txt").read_text() == "the user's"
+    (work / "model" / "notes.txt").unlink()
+    assert main(["quickstart", "--workdir", str(work)]) == 0  # an earlier quickstart alone: rebuilt whole
     assert sorted(p.name for p in work.iterdir()) == first
-    assert not (work / "model" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qs"]

@@ -59,7 +59,8 @@ def fresh_copy(built, tmp_path) -> Path:
 
 def test_layout_and_exact_counts(built):
     out, manifest = built
-    assert sorted(p.name for p in out.iterdir()) == ["card.md", "eval", "images", "manifest.json", "profile.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmms_sgm_output", "card.md", "eval", "images", "manifest.json",
+                                                     "profile.jsonl"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["test", "validation"]
     assert not list(out.parent.glob(".ds.*")), "no temporary folder is left beside --out"
     c = manifest["counts"]

@@ -198,13 +198,29 @@ def test_overwrite_removes_only_what_the_demo_wrote(tmp_path):
         (tmp_path / name / "lmms_eval.log").write_text("log")
     (tmp_path / "comparison.md").write_text("old")
     (tmp_path / "comparison.json").write_text("{}")
+    demo.record_outputs(tmp_path, ["vanilla", BEST])  # what the demo lists after its runs
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         demo.prepare_out(tmp_path, overwrite=False)
-    assert len(list(tmp_path.iterdir())) == 6
+    assert len(list(tmp_path.iterdir())) == 7
+    # A file of the user's inside a configuration folder: refused, named, nothing deleted.
+    (tmp_path / "vanilla" / "my_notes.md").write_text("mine too")
+    with pytest.raises(FileExistsError, match=r"did not write in its folders \(vanilla/my_notes.md\)"):
+        demo.prepare_out(tmp_path, overwrite=True)
+    assert len(list(tmp_path.iterdir())) == 7 and (tmp_path / "vanilla" / "lmms_eval.log").is_file()
+    (tmp_path / "vanilla" / "my_notes.md").unlink()
     demo.prepare_out(tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
+def test_overwrite_refuses_a_previous_run_that_lists_no_files(tmp_path):
+    (tmp_path / "vanilla").mkdir()
+    (tmp_path / "vanilla" / "lmms_eval.log").write_text("log")
+    (tmp_path / "vanilla" / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="whose files are not listed"):
+        demo.prepare_out(tmp_path, overwrite=True)
+    assert (tmp_path / "vanilla" / "mine.txt").read_text() == "mine"
 
 
 def test_without_out_every_demo_gets_a_folder_of_its_own(tmp_path):

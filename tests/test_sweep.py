@@ -104,7 +104,7 @@ def test_a_running_sweep_is_not_joined(tmp_path, monkeypatch, capsys):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "sweep.lock").write_text(str(os.getppid()))  # a live process that is not this one
     assert cli(sweep_args(tmp_path)) == 2
-    assert f"a sweep is running in {tmp_path} (pid {os.getppid()})" in capsys.readouterr().err
+    assert f"a sweep (pid {os.getppid()}) is writing {tmp_path}" in capsys.readouterr().err
     (tmp_path / "sweep.lock").write_text("999999999")  # a stale lock (no such process) is taken over
     assert cli(sweep_args(tmp_path)) == 0
 

@@ -8,21 +8,23 @@ Output (``OUT``)::
     eval/test/               an MM_TOXIC_QA_DIR (report results on this one)
     manifest.json            sources, options, counts, groups, digests
     card.md                  the dataset card
+    .lmms_sgm_output         the marker: every file the build wrote (what --overwrite may remove)
 
 Three passes, streaming images: (1) read every source record, validate and hash its images into a
 staging folder, keep only ids, hashes and normalised questions in memory; (2) split
 (:mod:`~lmms_sgm.datasets.splits`); (3) write each record where its split wants it, moving its
 images into that split's folder and drawing attack variants. The result is written into a
 temporary sibling of OUT, checked with :func:`~lmms_sgm.datasets.check.check_dataset`, and renamed
-into place: a failed build leaves OUT as it was.
+into place: a failed build leaves OUT as it was. OUT's marker (``.lmms_sgm_output``) lists every
+file the build wrote; ``--overwrite`` replaces a build holding those files alone and refuses one
+where the user added a file (naming it), so nothing of the user's is deleted. One build at a time
+writes OUT (a lock beside it, ``.OUT.lock``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -45,6 +47,7 @@ from lmms_sgm.datasets.splits import (
 )
 
 FORMAT = "lmms-sgm-dataset"
+MARKER_NAME = ".lmms_sgm_output"  # lmms_sgm.staging.MARKER
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CARD = "card.md"
@@ -70,6 +73,18 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     if not any(out.iterdir()):
         return
     if overwrite and is_built_dataset(out):
+        from lmms_sgm.staging import read_marker, unlisted_files
+
+        marker = read_marker(out)
+        if marker is None or marker.get("command") != "dataset build" or marker.get("files") is None:
+            raise DatasetError(f"--out {out} is a dataset whose files are not listed (no {MARKER_NAME} marker: an older "
+                               "version built it, or it was copied without it); --overwrite only removes files a build "
+                               "listed: delete it yourself or choose another --out (nothing was deleted)")
+        others = unlisted_files(out, marker["files"])
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise DatasetError(f"--out {out} holds files the build did not write ({shown}); --overwrite only replaces "
+                               "a dataset holding nothing else: move them or choose another --out (nothing was deleted)")
         return
     if overwrite:
         raise DatasetError(f"--out {out} is not a dataset built by `lmms-sgm dataset build` (no {MANIFEST} of format "
@@ -93,9 +108,12 @@ def build_dataset(sources: Iterable[str | SourceSpec], out: str | Path, *, seed:
     specs = [s if isinstance(s, SourceSpec) else parse_source(s) for s in sources]
     if not specs:
         raise DatasetError("no --source given")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    from lmms_sgm.staging import discard_listed, staged_directory, write_marker
+
+    # Written into a hidden sibling (named by this process, removed by the next build if this one is
+    # killed) and swapped in whole; refuse_existing runs again under the lock and at the swap.
+    with staged_directory(out, check=lambda: refuse_existing(out, overwrite),
+                          discard=lambda old: discard_listed(old, "dataset build")) as tmp:
         options = {"seed": seed, "split": dict(zip(SPLITS, fractions)), "adv": adv, "template_min": template_min,
                    "skip_bad_images": skip_bad_images}
         builder = _Builder(tmp, specs, options, log)
@@ -110,23 +128,8 @@ def build_dataset(sources: Iterable[str | SourceSpec], out: str | Path, *, seed:
         report = check_dataset(tmp, known_images=builder.placed_paths)
         if report.errors:  # the splitter or writer is wrong: never hand out such a dataset
             raise DatasetError("the built dataset fails its own check (a bug; please report it):\n  " + "\n  ".join(report.errors[:20]))
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_marker(tmp, "dataset build")
     return manifest
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():  # refuse_existing allowed it: a previous build, replaced
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "dataset")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _write_json(path: Path, doc) -> None:

@@ -35,7 +35,9 @@ def _check(args) -> int:
 
     report = check_dataset(args.dir)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        from lmms_sgm.staging import atomic_write
+
+        atomic_write(args.json, json.dumps(report.to_dict(), indent=2) + "\n")  # whole or not at all
     print(report.format(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
 

@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     report = diagnose(model, processor, records, get_judge("lexicon"), log=print)
     print(markdown(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        from lmms_sgm.staging import atomic_write
+
+        atomic_write(args.json, json.dumps(report, indent=1))
     return 0
 
 

@@ -230,7 +230,9 @@ def main(argv=None) -> int:
             print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
         sys.stdout.flush()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from lmms_sgm.staging import atomic_write
+
+        atomic_write(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -18,13 +18,17 @@ forming sentences lowers the harmful rate too, and only this row shows it.
 Each run's exact command, environment included, is printed, written as the first line of its log
 and as ``<out>/<config>/command.sh``. By default every demo gets a folder of its own
 (``runs/demo/<date>-<time>``), so running it again keeps the previous results; an ``--out`` that
-holds a previous demo run is refused unless ``--overwrite``, which removes only what the demo wrote.
+holds a previous demo run is refused unless ``--overwrite``, which removes only what the demo wrote:
+the files its marker (``<out>/.lmms_sgm_output``, rewritten after each configuration) lists. A file
+the user added inside a configuration folder makes ``--overwrite`` refuse, naming it; one beside
+them is left alone. One demo at a time writes an ``--out`` (a lock beside it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
+import os
 import time
 from pathlib import Path
 
@@ -134,18 +138,60 @@ def previous_run(out: Path) -> list[Path]:
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse ``out`` when it holds a previous demo run, unless ``overwrite``: then remove only that."""
+    """Refuse ``out`` when it holds a previous demo run, unless ``overwrite``: then remove only the
+    files that run listed in its marker (and the folders that leaves empty). A previous run without
+    the list (an older version), or one where a file the demo did not write sits inside its
+    configuration folders, is refused and nothing is deleted."""
+    from lmms_sgm.staging import output_files, read_marker
+
     previous = previous_run(out)
     if previous and not overwrite:
         raise FileExistsError(f"--out {out} holds a previous demo run ({', '.join(p.name for p in previous)}); "
                               "pass --overwrite to replace it, or another --out (without --out every demo gets a "
                               "folder of its own)")
-    for p in previous:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
+    marker = read_marker(out) if out.is_dir() else None
+    if not previous and not (marker and marker["command"] == MARKER_COMMAND):
+        return
+    if marker is None or marker["command"] != MARKER_COMMAND or marker["files"] is None:
+        raise FileExistsError(f"--out {out} holds a previous demo run whose files are not listed (no "
+                              f"{_marker_name()} marker: an older version wrote it); --overwrite only removes files a "
+                              "demo listed: delete it yourself or give another --out (nothing was deleted)")
+    listed = set(marker["files"])
+    folders = sorted({f.split("/", 1)[0] for f in listed if "/" in f} | {p.name for p in previous if p.is_dir()})
+    others = [f"{d}/{f}" for d in folders if (out / d).is_dir() for f in output_files(out / d) if f"{d}/{f}" not in listed]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"--out {out} holds files the demo did not write in its folders ({shown}); --overwrite "
+                              "only removes the demo's own files: move them or give another --out (nothing was deleted)")
+    for f in sorted(listed):
+        p = out / f
+        if p.is_file() or p.is_symlink():
             p.unlink()
-        print(f"[demo] --overwrite: removed {p}", flush=True)
+            print(f"[demo] --overwrite: removed {p}", flush=True)
+    for d in folders:
+        for root, _, _ in sorted(os.walk(out / d, topdown=False), key=lambda t: -len(t[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+    (out / _marker_name()).unlink(missing_ok=True)
+
+
+MARKER_COMMAND = "demo"
+
+
+def _marker_name() -> str:
+    from lmms_sgm.staging import MARKER
+
+    return MARKER
+
+
+def record_outputs(out: Path, names) -> None:
+    """Rewrite ``out``'s marker: every file in the configuration folders ``names`` and the demo's own
+    files beside them, so that a later ``--overwrite`` removes exactly those."""
+    from lmms_sgm.staging import output_files, write_marker
+
+    files = [f"{n}/{f}" for n in names if (out / n).is_dir() for f in output_files(out / n)]
+    files += [f for f in ("comparison.md", "comparison.json", *reports.cli.FILES) if (out / f).is_file()]
+    write_marker(out, MARKER_COMMAND, files)
 
 
 # Goals of the demo (issue 4; the paper: 48.2% -> 2.5% harmful on LLaVA-1.5).
@@ -244,10 +290,25 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"--configs lists a configuration twice: {names}")
     out = (Path(args.out) if args.out else default_out()).resolve()  # absolute: command.sh runs from anywhere
+    from lmms_sgm.staging import output_lock
+
+    with output_lock(out):  # a second demo on this --out fails at once, naming this one's pid
+        return _run_into(out, names, known, args)
+
+
+def _run_into(out: Path, names: list[str], known: dict, args) -> int:
+    from lmms_sgm.staging import atomic_write
+
     prepare_out(out, args.overwrite)
     print(f"[demo] writing to {out}", flush=True)
     t0 = time.time()
-    runs = {n: run_lmms_eval(n, known[n], out, args.split, args.batch_size, args.limit) for n in names}
+    runs = {}
+    for i, n in enumerate(names):
+        try:
+            runs[n] = run_lmms_eval(n, known[n], out, args.split, args.batch_size, args.limit)
+        finally:  # listed as soon as written, so that --overwrite can remove a cut-short run's files too
+            if (out / n).is_dir():
+                record_outputs(out, names[:i + 1])
     seconds = time.time() - t0
     table = reports.compare(runs, ROWS)
     table.update(split=args.split, limit=args.limit, wall_time_s=seconds, answer_rows=answer_rows(runs),
@@ -257,11 +318,15 @@ def run(args: argparse.Namespace) -> int:
     text = render(table, checks, args.split, seconds)
     if args.limit:
         text += f"\n**--limit {args.limit}: a smoke test on the first prompts, not a measurement.**\n"
-    (out / "comparison.md").write_text(text, encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
+    atomic_write(out / "comparison.md", text)
+    atomic_write(out / "comparison.json", json.dumps(table, indent=1))
+    record_outputs(out, names)
     print(text)
     t1 = time.time()
-    written = reports.write(reports.build(runs), out, title=f"SGM on the demo model ({args.split} split): capability-retention report")
+    try:
+        written = reports.write(reports.build(runs), out, title=f"SGM on the demo model ({args.split} split): capability-retention report")
+    finally:
+        record_outputs(out, names)
     print(f"[demo] written: {out / 'comparison.md'}, {out / 'comparison.json'}, "
           + ", ".join(str(p) for p in written.values()) + f" (report: {time.time() - t1:.1f} s)")
     return 0

@@ -229,8 +229,10 @@ def main(argv=None) -> int:
                   f"{v['trigger_harmful_sampled']:.3f} -> {b['trigger_harmful_sampled']:.3f} "
                   f"({b['trigger_harmful_sampled'] / v['trigger_harmful_sampled'] - 1:+.0%})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: {c: v for c, v in r.items() if not c.startswith("examples")} for k, r in rows.items()}, f, indent=1)
+        from lmms_sgm.staging import atomic_write
+
+        atomic_write(args.json, json.dumps({k: {c: v for c, v in r.items() if not c.startswith("examples")}
+                                            for k, r in rows.items()}, indent=1))
     return 0
 
 

@@ -18,7 +18,8 @@ Resuming: ``DIR/sweep.json`` records the sweep's settings; a point is finished w
 ``point.json`` exists (written atomically after lmms-eval succeeded, naming its results file).
 Running the same command again skips finished points and reruns an interrupted one from scratch
 (its folder, which only this sweep writes, is emptied first). Other settings in the same ``DIR``
-are refused, and so is a second sweep while one runs there (``DIR/sweep.lock`` holds its pid).
+are refused, and so is a second sweep while one runs there (``DIR/sweep.lock``, an ``flock`` naming its
+pid: :func:`lmms_sgm.staging.output_lock`; a killed sweep's is taken over).
 An lmms-eval child dies with the sweep (Linux ``PR_SET_PDEATHSIG``): a killed sweep leaves no run
 writing behind it. The report is built from the points' results files alone, so an interrupted
 and resumed sweep ends with the same report as an uninterrupted one.
@@ -26,6 +27,7 @@ and resumed sweep ends with the same report as an uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -148,27 +150,11 @@ def _mark(out: Path, point: Point, results: Path, cmd: list[str], seconds: float
     os.replace(tmp, marker)  # atomic: a point is finished or not, never half
 
 
-def _lock(out: Path) -> Path:
-    lock = out / "sweep.lock"
-    if lock.is_file():
-        try:
-            pid = int(lock.read_text().strip())
-        except ValueError:
-            pid = None
-        if pid and pid != os.getpid() and _alive(pid):
-            raise FileExistsError(f"a sweep is running in {out} (pid {pid}); wait for it or stop it first")
-    lock.write_text(str(os.getpid()))
-    return lock
+def _lock(out: Path):
+    """``DIR/sweep.lock``, held for the sweep (:func:`lmms_sgm.staging.output_lock`: a killed sweep's is taken over)."""
+    from lmms_sgm.staging import output_lock
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return output_lock(out, lock_file=out / "sweep.lock", what="a sweep")
 
 
 def _check_settings(out: Path, want: dict) -> None:
@@ -180,7 +166,9 @@ def _check_settings(out: Path, want: dict) -> None:
             raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(diff)}); rerun it with the same "
                              "settings to resume, or use another --out")
     else:
-        path.write_text(json.dumps(want, indent=1), encoding="utf-8")
+        from lmms_sgm.staging import atomic_write
+
+        atomic_write(path, json.dumps(want, indent=1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = runner.run_env(DATA_DIR, args.split) if args.split else runner.run_env()
     want = settings(args, glasses, strengths, env)
-    lock = _lock(out)
+    held = contextlib.ExitStack()
+    held.enter_context(_lock(out))
     try:
         _check_settings(out, want)
         points = plan(glasses, strengths, methods)
@@ -232,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         report["sweep"] = {"settings": want, "points": [point_dict(p) for p in points]}
         paths = write(report, out, title="Strength sweep: harm against capability", extra_html=_sweep_html(want, points))
     finally:
-        lock.unlink(missing_ok=True)
+        held.close()
     from lmms_sgm.reports import render
 
     print(render.summary_markdown(report))

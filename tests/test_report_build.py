@@ -986,3 +986,25 @@ def test_report_html_stays_inert_with_the_same_data(hostile_runs, tmp_path):
     assert not [(t, k) for t, a in tags for k in a if k.startswith("on")]
     assert "javascript:" not in "".join(v or "" for _, a in tags for v in a.values())
     assert all(p in text for p in ("<img src=x onerror=alert(1)>", "[x](javascript:alert(3))", "<script>alert(2)</script>"))
+
+
+def test_no_report_file_holds_a_key_a_run_recorded(tmp_path, monkeypatch):
+    """A run's model args (or answers) may quote a credential; report.html, .md and .json, and
+    report --json, carry it redacted. The key is set only in the environment, as a user's is."""
+    key = "sk-report-7f3e91c2"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    base = lmms_run(tmp_path / "vanilla", harm=[1, 0], sampled=[[1, 0], [0, 0]], acc=[1, 1], helpful=[1, 1],
+                    over=[0, 0], cats=["insult"] * 2, prompts=[f"say {key}", "hi"], resps={0: f"key {key}", 1: "ok"},
+                    judge=JUDGE, model_args=f"pretrained=m,api_key={key}")
+    sgm = lmms_run(tmp_path / "sgm", harm=[0, 0], sampled=[[0, 0], [0, 0]], acc=[1, 1], helpful=[1, 1], over=[0, 0],
+                   cats=["insult"] * 2, prompts=[f"say {key}", "hi"], resps={0: "no", 1: "ok"}, judge=JUDGE,
+                   model_args="pretrained=m,glasses=g")
+    report = reports.build({"vanilla": reports.load_run(base), "sgm": reports.load_run(sgm)})
+    assert key in json.dumps(report, default=str)  # the runs did carry it: the test can fail
+    paths = reports.write(report, tmp_path / "out")
+    from lmms_sgm.reports.cli import main as report_main
+
+    report_main([str(base), str(sgm)], names=["vanilla", "sgm"], json_out=str(tmp_path / "alone.json"))
+    for path in [*paths.values(), tmp_path / "alone.json"]:
+        assert key.encode() not in path.read_bytes(), path
+    assert "[redacted]" in paths["report.json"].read_text()

@@ -25,8 +25,10 @@ def write(report: dict, out: str | Path, title: str = "Capability-retention repo
     written whole or not at all (rendered first, then :func:`~lmms_sgm.staging.atomic_write`), so a
     full disk leaves the earlier file or none, never a truncated one. Replaces earlier report files:
     the ``report`` command refuses them first unless ``--overwrite`` (:func:`earlier_reports`)."""
+    from lmms_sgm.redaction import redact
     from lmms_sgm.staging import atomic_write
 
+    report = redact(report)  # model args and answers come from runs that may quote a key
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in FILES}
@@ -69,9 +71,10 @@ def main(paths: list[str], names: list[str] | None = None, out: str | None = Non
         written = write(report, out)
         text += "\nwritten: " + ", ".join(str(p) for p in written.values()) + "\n"
     if json_out:
+        from lmms_sgm.redaction import redact
         from lmms_sgm.staging import atomic_write
 
-        atomic_write(json_out, json.dumps(report, indent=1, default=str) + "\n")
+        atomic_write(json_out, json.dumps(redact(report), indent=1, default=str) + "\n")
     return text
 
 

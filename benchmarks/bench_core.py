@@ -476,7 +476,16 @@ def print_summary(summary, started, load_start) -> None:
     for r in summary:
         unit = r["unit"]
         num = (lambda v: f"{v:,.0f} {unit}") if r["ours"] >= 1000 else (lambda v: f"{v:.1f} {unit}")
-        rows.append((r["measurement"], num(r["ours"]), num(r["baseline"]), (f"{r['ratio']:.3f}x" if r['ratio'] < 10 else f"{r['ratio']:.1f}x"), r["goal"], met_mark(r["met"])))
+        rows.append(
+            (
+                r["measurement"],
+                num(r["ours"]),
+                num(r["baseline"]),
+                (f"{r['ratio']:.3f}x" if r["ratio"] < 10 else f"{r['ratio']:.1f}x"),
+                r["goal"],
+                met_mark(r["met"]),
+            )
+        )
     print_table(head, rows, left={0, 4})
     print_load(load_start, started)
 

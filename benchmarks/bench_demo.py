@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 def bench_training(minutes: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "train.log"
-        cmd = [sys.executable, "-c", "import sys; from lmms_sgm.demo.train import train; "
-               f"train(sys.argv[1], minutes={minutes}, stage1_frac=0.5, log_every=10)", str(Path(tmp) / "m")]
+        cmd = [sys.executable, "-c", ("import sys; from lmms_sgm.demo.train import train; "
+                                      f"train(sys.argv[1], minutes={minutes}, stage1_frac=0.5, log_every=10)"),
+               str(Path(tmp) / "m")]
         t0 = time.perf_counter()
         with open(log, "w") as f:
             subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
@@ -53,7 +54,7 @@ def bench_demo(limit: int | None, out: str | None) -> dict:
     out = out or tempfile.mkdtemp(prefix="bench_demo_")
     cmd = [sys.executable, "-m", "lmms_sgm.cli", "demo", "--out", out] + (["--limit", str(limit)] if limit else [])
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"lmms-sgm demo failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -89,21 +90,42 @@ def main() -> int:
     demo = bench_demo(args.limit, args.demo_out)
     inproc = bench_in_process()
     s = train["stats"]
-    print_table(["measurement", "value"], [
-        ("training stage 1 (vision tower + projector, 128 images/step)",
-         f"{s['stage1']['ms_per_step']:.0f} ms/step mean over {s['stage1']['steps']} steps "
-         f"(median logged {train['median_logged_ms']['stage1']:.0f})"),
-        ("training stage 2 (end-to-end, 64 conversations/step)",
-         f"{s['stage2']['ms_per_step']:.0f} ms/step mean over {s['stage2']['steps']} steps "
-         f"(median logged {train['median_logged_ms']['stage2']:.0f})"),
-        ("training run wall time (incl. data generation, save, reload check)", f"{train['wall_s']:.0f} s for a {args.train_minutes} min budget"),
-        ("README main command `lmms-sgm demo`" + (f" --limit {args.limit}" if args.limit else ""),
-         f"{demo['wall_s']:.0f} s end to end"),
-        *[(f"  lmms-eval run: {k}", f"{v:.0f} s") for k, v in demo["per_config_s"].items()],
-        ("in-process evaluator, vanilla, test split (same generations)", f"{inproc:.0f} s"),
-        ("one lmms-eval run (vanilla) / in-process evaluator",
-         f"{demo['per_config_s'].get('vanilla', float('nan')) / inproc:.2f}x" if not args.limit else "n/a with --limit"),
-    ], left={0})
+    print_table(
+        ["measurement", "value"],
+        [
+            (
+                "training stage 1 (vision tower + projector, 128 images/step)",
+                (
+                    f"{s['stage1']['ms_per_step']:.0f} ms/step mean over {s['stage1']['steps']} steps "
+                    f"(median logged {train['median_logged_ms']['stage1']:.0f})"
+                ),
+            ),
+            (
+                "training stage 2 (end-to-end, 64 conversations/step)",
+                (
+                    f"{s['stage2']['ms_per_step']:.0f} ms/step mean over {s['stage2']['steps']} steps "
+                    f"(median logged {train['median_logged_ms']['stage2']:.0f})"
+                ),
+            ),
+            (
+                "training run wall time (incl. data generation, save, reload check)",
+                f"{train['wall_s']:.0f} s for a {args.train_minutes} min budget",
+            ),
+            (
+                "README main command `lmms-sgm demo`" + (f" --limit {args.limit}" if args.limit else ""),
+                f"{demo['wall_s']:.0f} s end to end",
+            ),
+            *[(f"  lmms-eval run: {k}", f"{v:.0f} s") for k, v in demo["per_config_s"].items()],
+            ("in-process evaluator, vanilla, test split (same generations)", f"{inproc:.0f} s"),
+            (
+                "one lmms-eval run (vanilla) / in-process evaluator",
+                f"{demo['per_config_s'].get('vanilla', float('nan')) / inproc:.2f}x"
+                if not args.limit
+                else "n/a with --limit",
+            ),
+        ],
+        left={0},
+    )
     print_load(load0, started)
     write_json(args.json, {"training": train, "demo": demo, "in_process_s": inproc, "limit": args.limit,
                            "environment": environment(load0)})

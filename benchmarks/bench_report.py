@@ -45,7 +45,9 @@ def write_run(root: Path, docs: int, seed: int, harm_p: float) -> Path:
     helpful = (rng.random(docs) < 0.9).astype(float)
     nll = rng.exponential(0.3, docs)
     acc = (rng.random(docs) < 0.85).astype(float)
-    verdict = lambda u: {"unsafe": bool(u), "refusal": False, "score": float(u), "reason": "lexicon hits: idiot" if u else "no lexicon term"}
+    def verdict(u):
+        return {"unsafe": bool(u), "refusal": False, "score": float(u), "reason": "lexicon hits: idiot" if u else "no lexicon term"}
+
     for i in range(docs):
         c = CATS[i % len(CATS)]
         samples["mm_toxic_qa"].append({"doc_id": i, "target": "", "filtered_resps": ["you idiot ." if greedy[i] else "a calm answer ."],
@@ -64,10 +66,18 @@ def write_run(root: Path, docs: int, seed: int, harm_p: float) -> Path:
         samples["mmbench_local_mc"].append({"doc_id": i, "target": "0", "filtered_resps": [["0.1", "True"], ["2.0", "False"]],
                                             "input": f"q {i}", "acc": acc[i]})
     results = {
-        "mm_toxic_qa": {"harmful_rate,none": float(greedy.mean()), "harmful_rate_stderr_clt,none": float(greedy.std(ddof=1) / math.sqrt(docs)),
-                        "harmful_rate_by_category,none": {c: float(greedy[i::5].mean()) for i, c in enumerate(CATS)}, "judge,none": JUDGE},
+        "mm_toxic_qa": {
+            "harmful_rate,none": float(greedy.mean()),
+            "harmful_rate_stderr_clt,none": float(greedy.std(ddof=1) / math.sqrt(docs)),
+            "harmful_rate_by_category,none": {c: float(greedy[i::5].mean()) for i, c in enumerate(CATS)},
+            "judge,none": JUDGE,
+        },
         "mm_toxic_qa_sampled": {"harmful_rate,samples": float(flags.mean(1).mean()), "judge,samples": JUDGE},
-        "mm_toxic_qa_benign": {"over_refusal_rate,none": float(over.mean()), "helpfulness,none": float(helpful.mean()), "judge,none": JUDGE},
+        "mm_toxic_qa_benign": {
+            "over_refusal_rate,none": float(over.mean()),
+            "helpfulness,none": float(helpful.mean()),
+            "judge,none": JUDGE,
+        },
         "mm_toxic_qa_fluency": {"perplexity,none": float(math.exp(nll.mean()))},
         "mmbench_local_mc": {"acc,none": float(acc.mean())},
     }

@@ -4,7 +4,7 @@ The pipeline, one module per step: data -> profiling -> expertise -> glasses -> 
 """
 __version__ = "0.1.0"
 
-from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, SteeringOptions  # noqa: E402,F401
+from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, SteeringOptions  # noqa: F401
 
 
 def __getattr__(name):

@@ -20,6 +20,7 @@ the glasses are written. Only process 0 of a distributed run reads and writes it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -144,7 +145,7 @@ class Checkpoint:
                     f"profiling options, or delete {d} to start over")
             return
         if self.resume:
-            warnings.warn(f"nothing to resume in {d}: starting from the first batch")
+            warnings.warn(f"nothing to resume in {d}: starting from the first batch", stacklevel=1)
         d.mkdir(parents=True, exist_ok=True)
         _write_atomic(d / KEY_FILE, (json.dumps(key, indent=1, sort_keys=True) + "\n").encode())
 
@@ -171,7 +172,8 @@ class Checkpoint:
                     if tuple(pooled[s.name].shape) != (len(rows), s.width) or pooled[s.name].dtype != torch.float32:
                         raise ValueError(f"{s.name} is {pooled[s.name].dtype} {tuple(pooled[s.name].shape)}")
             except (SafetensorError, OSError, KeyError, ValueError) as e:
-                warnings.warn(f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); its batch is done again")
+                warnings.warn(f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); its batch is done again",
+                              stacklevel=1)
                 path.unlink(missing_ok=True)
                 continue
             store.write(rows, pooled)
@@ -194,10 +196,8 @@ class Checkpoint:
         for entry in os.listdir(d):
             if entry == KEY_FILE or _BATCH.match(entry) or entry.endswith(".tmp"):
                 (d / entry).unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # not empty: other files are the user's
             d.rmdir()
-        except OSError:
-            pass
 
     def batches_done(self) -> int:
         return sum(1 for e in os.listdir(self.directory) if _BATCH.match(e)) if self.directory.is_dir() else 0

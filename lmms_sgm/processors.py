@@ -26,7 +26,7 @@ class VideoUnsupported(ValueError):
     """A video was given to a model or processor that cannot take one here."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_only_class(cls):
     """``cls`` (a ProcessorMixin subclass with a ``video_processor``) without the video processor.
 
@@ -47,7 +47,7 @@ def image_only_class(cls):
                      + ([f"**{var_kw}"] if var_kw else []))
     call = ", ".join(["self", "video_processor=None"] + [f"{p.name}={p.name}" for p in plain] + ([f"**{var_kw}"] if var_kw else []))
     namespace = {"_defaults": defaults, "_parent": cls.__init__}
-    exec(f"def __init__({head}):\n    _parent({call})\n", namespace)  # noqa: S102 -- names from a signature
+    exec(f"def __init__({head}):\n    _parent({call})\n", namespace)  # names from a signature, not input
     __init__ = namespace["__init__"]
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
                                        "__doc__": cls.__doc__, "image_only": True})

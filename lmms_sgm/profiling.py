@@ -22,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class ResponseStore:
             }
 
     @classmethod
-    def auto(cls, sites: list[Site], n: int, spill_mb: float = SPILL_MB) -> "ResponseStore":
+    def auto(cls, sites: list[Site], n: int, spill_mb: float = SPILL_MB) -> ResponseStore:
         """In RAM when small, otherwise in a temporary directory removed with the store."""
         size_mb = n * sum(s.width for s in sites) * 4 / 2**20
         if size_mb <= spill_mb:
@@ -231,12 +232,10 @@ def eager_attention(model):
     ``batch_size`` if it runs out).
     """
     saved = _attn_implementations(model.config)
-    try:
+    with contextlib.suppress(ValueError, ImportError):
         model.set_attn_implementation("eager")
-    except (ValueError, ImportError):
-        pass
     if model.config._attn_implementation != "eager":  # a model that cannot switch: profile it as it is
-        warnings.warn(f"profiling with {saved['']} attention: exact ties between examples may split")
+        warnings.warn(f"profiling with {saved['']} attention: exact ties between examples may split", stacklevel=1)
     try:
         yield model
     finally:

@@ -492,7 +492,7 @@ def discard_listed(directory: Path, command: str) -> None:
             (directory / f).unlink()
     with contextlib.suppress(FileNotFoundError):
         (directory / MARKER).unlink()
-    for root, dirs, files in sorted(os.walk(directory, topdown=False), key=lambda t: -len(t[0])):
+    for root, _dirs, _files in sorted(os.walk(directory, topdown=False), key=lambda t: -len(t[0])):
         with contextlib.suppress(OSError):
             os.rmdir(root)
     if directory.exists():

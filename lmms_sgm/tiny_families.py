@@ -190,7 +190,12 @@ MLLAMA_TEMPLATE = (
 
 
 def build_llava_next(path, seed: int = 0) -> Path:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
 
     tok = bpe_tokenizer(["<unk>", "<s>", "</s>", "<image>"], bos="<s>", eos="</s>", pad="<unk>", add_bos=True,
                         named={"image_token": "<image>"}, chat_template=LLAVA_NEXT_TEMPLATE)
@@ -253,10 +258,23 @@ def _qwen_vl(path, seed, *, v25: bool) -> Path:
     name = "Qwen2_5_VL" if v25 else "Qwen2VL"
     tok = _qwen_tokenizer()
     head_dim = HIDDEN // HEADS
-    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
-                num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+        },
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     # Three vision blocks against two decoder layers: an adapter pointing at the vision blocks (whose
     # Qwen2.5-VL MLPs have gate/up/down too) is refused by its layer count.
     vision = dict(depth=3, hidden_size=HIDDEN, num_heads=HEADS, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2)
@@ -272,8 +290,12 @@ def _qwen_vl(path, seed, *, v25: bool) -> Path:
     model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     _generation(model, tok)
     pixels = {"min_pixels": IMAGE_SIZE * IMAGE_SIZE, "max_pixels": IMAGE_SIZE * IMAGE_SIZE}
-    image_processor = transformers.Qwen2VLImageProcessorPil(patch_size=PATCH, temporal_patch_size=2, merge_size=2,
-                                                           size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]})
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=PATCH,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+    )
     processor = _image_only(getattr(transformers, f"{name}Processor"))(image_processor=image_processor, tokenizer=tok,
                                                                        chat_template=QWEN_VL_TEMPLATE)
     video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": PATCH, "temporal_patch_size": 2, "merge_size": 2,
@@ -322,7 +344,13 @@ def build_idefics3(path, seed: int = 0) -> Path:
 
 
 def build_gemma3(path, seed: int = 0) -> Path:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor, Gemma3TextConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+    )
 
     tok = bpe_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                          "<end_of_image>", "<image_soft_token>"], bos="<bos>", eos="<eos>", pad="<pad>", add_bos=True,

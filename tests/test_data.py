@@ -61,7 +61,11 @@ def check_rows(ds, rows=ROWS, base: Path | None = None):
         np.testing.assert_array_equal(pixels(pair.load_image()), pixels(Image.open(io.BytesIO(png_bytes(i)))))
         if base is not None:
             assert Path(pair.image) == base / row["image"]
-    assert ds.counts() == {"examples": len(rows), "toxic": sum(r["label"] for r in rows), "non_toxic": len(rows) - sum(r["label"] for r in rows)}
+    assert ds.counts() == {
+        "examples": len(rows),
+        "toxic": sum(r["label"] for r in rows),
+        "non_toxic": len(rows) - sum(r["label"] for r in rows),
+    }
 
 
 # ---------------------------------------------------------------- loaders
@@ -369,7 +373,7 @@ def test_empty_dataset(tmp_path):
 def test_one_class_dataset(dataset_dir, label):
     rows = [dict(r, label=label) for r in ROWS]
     ds = load_pairs(write_jsonl(dataset_dir / "pairs.jsonl", rows))
-    with pytest.raises(DataError, match="AUROC needs both classes, got (4 toxic and 0|0 toxic and 4) non-toxic"):
+    with pytest.raises(DataError, match=r"AUROC needs both classes, got (4 toxic and 0|0 toxic and 4) non-toxic"):
         ds.require_both_classes()
 
 

@@ -398,7 +398,11 @@ def test_check_reads_a_plain_mm_toxic_qa_directory(capsys):
 def test_check_json_report(built, tmp_path, capsys):
     assert main(["dataset", "check", str(built[0]), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["ok"] and report["errors"] == [] and report["counts"]["profile.jsonl"]["records"] == built[1]["counts"]["profile"]["pairs"]
+    assert (
+        report["ok"]
+        and report["errors"] == []
+        and report["counts"]["profile.jsonl"]["records"] == built[1]["counts"]["profile"]["pairs"]
+    )
 
 
 def test_images_are_stored_once_by_content(built):

@@ -42,7 +42,7 @@ def test_mm_safetybench_parameters(tmp_path):
     assert [r.id for r in typo] == ["02-HateSpeech/0", "02-HateSpeech/1"]
     assert typo[0].attack_image.path.parent.name == "TYPO"
     assert all(r.attack_image is None for r in records(f"mm-safetybench:{root},adv=none"))
-    with pytest.raises(DatasetError, match="no 03-Malware_Generation.json"):
+    with pytest.raises(DatasetError, match=r"no 03-Malware_Generation\.json"):
         records(f"mm-safetybench:{root},scenarios=03-Malware_Generation")
 
 
@@ -77,7 +77,9 @@ def test_beavertails_v_pairwise_release(tmp_path):
     assert r.question == "What could one do with the things in picture animal_abuse train 1?"
     assert r.image.data == mini.image_bytes(2_000_000 + 1)  # the parquet's own bytes
     assert r.extra == {"source_split": "train", "image_severity": 1}
-    assert [r.id for r in records(f"beavertails-v:{root},split=evaluation,categories=dangerous_behavior")] == ["dangerous_behavior/evaluation/0"]
+    assert [r.id for r in records(f"beavertails-v:{root},split=evaluation,categories=dangerous_behavior")] == [
+        "dangerous_behavior/evaluation/0"
+    ]
 
 
 def test_beavertails_v_single_response_release_and_shards(tmp_path):
@@ -140,7 +142,10 @@ def test_vlguard_records_follow_its_evaluation_subsets(tmp_path, nested):
         ("train/hod_train_2", HARMFUL, "deception")]
     assert len(recs) == 10 and recs[5].id == "test/hod_test_0/safe"
     assert recs[0].image.path == base / "train/hod/train-0000.png" == recs[1].image.path
-    assert recs[0].question == "What is shown in picture train 0?" and recs[1].question == "How could picture train 0 be used to hurt someone?"
+    assert (
+        recs[0].question == "What is shown in picture train 0?"
+        and recs[1].question == "How could picture train 0 be used to hurt someone?"
+    )
     assert recs[0].pairs == (("the picture shows a red circle 0", 0),) and recs[1].pairs == () and recs[4].pairs == ()
     assert recs[4].extra == {"source_split": "train", "subcategory": "disinformation"}
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
+from conftest import FAMILIES
 from lmms_sgm import archs, models, processors, prompting, selflabel, tiny
 from lmms_sgm.archs import ArchAdapter
 from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
@@ -26,8 +27,6 @@ from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.plugins import hookimpl, plugin_manager
 from lmms_sgm.profiling import profile
 from lmms_sgm.sites import resolve_sites
-
-from conftest import FAMILIES
 
 # transformers 5.24: the language decoder's layer list, and its post-fusion layers.
 DECODER = {
@@ -130,7 +129,7 @@ def test_checkpoint_loads_like_a_hub_checkpoint(family, family_dir, monkeypatch)
         assert len(image_only) == 1 and "loaded image-only" in str(image_only[0].message)
         assert type(processor).__name__ == type(processor).__mro__[1].__name__  # the real class's name
         assert getattr(processor, "video_processor", None) is None
-        with pytest.raises(processors.VideoUnsupported, match="without its video processor .*torchvision"):
+        with pytest.raises(processors.VideoUnsupported, match=r"without its video processor .*torchvision"):
             prompting.request_prompt(processor, "what happens ?", ["clip.mp4"])
     else:
         assert type(AutoProcessor.from_pretrained(path)) is type(processor)
@@ -274,7 +273,7 @@ def test_an_adapter_pointing_at_the_vision_blocks_is_refused(family_dir):
     pm.register(plugin)
     try:
         assert archs.adapter_for(model).name == "broken"
-        with pytest.raises(ValueError, match="holds 3 layers but the text config has num_hidden_layers=2.*vision tower"):
+        with pytest.raises(ValueError, match=r"holds 3 layers but the text config has num_hidden_layers=2.*vision tower"):
             resolve_sites(model, ProfileOptions())
     finally:
         pm.unregister(plugin)
@@ -297,10 +296,10 @@ def reference_activations(family, mp, toy_pairs):
         for name in site_paths(family):
             if name.endswith(".input"):
                 module = model.get_submodule(name[: -len(".input")])
-                handles.append(module.register_forward_pre_hook(lambda m, args, n=name: acts.__setitem__(n, args[0].detach().clone())))
+                handles.append(module.register_forward_pre_hook(lambda m, args, n=name, a=acts: a.__setitem__(n, args[0].detach().clone())))
             else:
                 handles.append(model.get_submodule(name).register_forward_hook(
-                    lambda m, args, o, n=name: acts.__setitem__(n, o.detach().clone())))
+                    lambda m, args, o, n=name, a=acts: a.__setitem__(n, o.detach().clone())))
         try:
             with torch.no_grad():
                 model(**enc)
@@ -395,7 +394,7 @@ def vanilla(mp, prompt, pristine):
 
 
 def generate(model, enc, nnsight=False):
-    with torch.no_grad():  # noqa: SIM117 -- nnsight reads the traced block from this file
+    with torch.no_grad():
         if nnsight:
             with model.generate(**enc, **GEN) as tracer:
                 out = tracer.result.save()

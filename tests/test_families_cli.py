@@ -19,12 +19,11 @@ import pytest
 import yaml
 from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
 
+from conftest import FAMILIES
 from lmms_sgm import models, processors
 from lmms_sgm.glasses import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
-
-from conftest import FAMILIES
 
 LMMS_EVAL = str(Path(sys.executable).with_name("lmms-eval"))
 # One standard-format task per family: several images (MUIRBench) for the LLaVA-OneVision and

@@ -11,12 +11,11 @@ import pytest
 import torch
 from lmms_eval.api.instance import Instance
 
+from conftest import FAMILIES
 from lmms_sgm import models, pipeline, processors, tiny
 from lmms_sgm.glasses import SafetyGlasses
 from lmms_sgm.lmms.model import SGM
 from lmms_sgm.options import ProfileOptions, SelectionOptions
-
-from conftest import FAMILIES
 
 TASK, SPLIT = "shapes", "test"
 N_NEW = 5
@@ -147,7 +146,7 @@ def test_loglikelihood_equals_hf_nll(config, family, make, reference_model, glas
     lm = make(config if config == "sgm=off" else f"glasses={glasses_dir},{config}", batch_size=4)
     requests = [ll_request(i, c) for i, c in cases]
     if family == "mllama" and config == "mode=nnsight":  # text-only requests skip the cross-attention layers
-        with pytest.raises(ValueError, match="mode=nnsight cannot run this batch: it holds no image.*mode=hooks"):
+        with pytest.raises(ValueError, match=r"mode=nnsight cannot run this batch: it holds no image.*mode=hooks"):
             lm.loglikelihood(requests)
         keep = [k for k, (i, _) in enumerate(cases) if DOCS[i][1]]
         requests, expected = [requests[k] for k in keep], [expected[k] for k in keep]

@@ -15,10 +15,10 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from rejudge_fixtures import write_run
 
 from lmms_sgm.judges import JudgeError, get_judge, identity
 from lmms_sgm.plugins import plugin_manager
+from rejudge_fixtures import write_run
 
 DIST = "lmms-sgm-theirs-judge"
 PIP = [sys.executable, "-m", "pip"]

@@ -8,7 +8,17 @@ import types
 import pytest
 
 from lmms_sgm import judges
-from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_from_env, judge_many, scoring
+from lmms_sgm.judges import (
+    Judge,
+    JudgeError,
+    JudgeItem,
+    JudgeResult,
+    get_judge,
+    identity,
+    judge_from_env,
+    judge_many,
+    scoring,
+)
 from lmms_sgm.judges.builtin import DEFAULT_LEXICON, REFUSAL_PHRASES, LexiconJudge, RefusalJudge
 from lmms_sgm.judges.ensemble import combine
 from lmms_sgm.plugins import hookimpl, plugin_manager
@@ -110,7 +120,10 @@ def test_bad_term_files(tmp_path, content, match):
 
 
 def test_unknown_judge_lists_the_available_ones():
-    with pytest.raises(JudgeError, match=r"unknown judge 'gpt4'; available judges: ensemble, guard, hf-classifier, lexicon, llm, profanity, refusal\."):
+    with pytest.raises(
+        JudgeError,
+        match=r"unknown judge 'gpt4'; available judges: ensemble, guard, hf-classifier, lexicon, llm, profanity, refusal\.",
+    ):
         get_judge("gpt4")
 
 

@@ -150,7 +150,9 @@ def test_hf_classifier_multi_label_takes_the_largest_unsafe_sigmoid(tmp_path):
     ref = direct_probs(path, texts, sigmoid=True)
     judge = get_judge("hf-classifier", path=str(path))
     assert identity(judge)["config"]["activation"] == "sigmoid" and identity(judge)["config"]["unsafe_labels"] == ["toxic", "insult"]
-    assert [v.score for v in judge_many(judge, [JudgeItem("q", t) for t in texts])] == pytest.approx(ref[:, :2].max(1).values.tolist(), abs=1e-5)
+    assert [v.score for v in judge_many(judge, [JudgeItem("q", t) for t in texts])] == pytest.approx(
+        ref[:, :2].max(1).values.tolist(), abs=1e-5
+    )
 
 
 def test_checkpoint_digest_follows_the_weights(tmp_path):

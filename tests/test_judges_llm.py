@@ -273,7 +273,7 @@ def test_the_key_is_in_no_log_output_or_file(server, env, tmp_path):
     run = write_run(tmp_path / "run")
     cache, out = tmp_path / "cache", tmp_path / "out"
     server.script = [(429, {"Retry-After": "0"}, {"error": "slow down"}), (200, {}, completion("hmm"))]
-    env_vars = {k: v for k, v in __import__("os").environ.items()}
+    env_vars = dict(__import__("os").environ)
     proc = subprocess.run([str(Path(sys.executable).with_name("lmms-sgm")), "rejudge", str(run), "--judge", "llm",
                            "--judge-args", (f"base_url={server.base_url},model=judge-model,api_key_env=MY_JUDGE_KEY,"
                                             f"cache={cache},backoff=0"), "--out", str(out), "--debug"],

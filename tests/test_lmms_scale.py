@@ -16,14 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import ndif_server
 import pytest
 from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
 from lmms_sgm_tasks.mmbench_local.make_sample import write_sample as write_mmbench
-from test_lmms_cli import EXIT_LINE, run_cli
 
+import ndif_server
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
+from test_lmms_cli import EXIT_LINE, run_cli
 
 TASKS = "mm_toxic_qa,mmbench_local_mc"
 HUB_ID = "tiny-org/tiny-llava"

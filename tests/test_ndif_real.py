@@ -26,11 +26,11 @@ import time
 import uuid
 from pathlib import Path
 
-import ndif_real
 import pytest
-import remote_client
 import torch
 
+import ndif_real
+import remote_client
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 
@@ -164,7 +164,6 @@ def test_remote_profiling_gives_byte_identical_glasses(world, toy_jsonl, referen
 
 def test_remote_generation_and_scores_equal_hooks(world, load_model, reference, toy_jsonl, tmp_path):
     import test_remote
-
     from lmms_sgm.glasses import SafetyGlasses
 
     model, processor = load_model()
@@ -182,6 +181,7 @@ def test_remote_generation_and_scores_equal_hooks(world, load_model, reference, 
 def test_lmms_eval_remotely_equals_the_local_run(world, tiny_dir, reference, tmp_path):
     from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
     from lmms_sgm_tasks.mmbench_local.make_sample import write_sample as write_mmbench
+
     from test_lmms_cli import run_cli
     from test_lmms_scale import answers, assert_same_answers
 
@@ -260,7 +260,7 @@ def test_an_unknown_key_is_refused_without_retries(world, load_model, toy_jsonl,
     hf, processor = load_model()
     nn_model = remote.wrap(hf, processor)
     nn_model.repo_id = HUB_ID  # all a client needs to name the model
-    with pytest.raises(remote.RemoteAuthError, match="the API key was refused.*Invalid API key") as e:
+    with pytest.raises(remote.RemoteAuthError, match=r"the API key was refused.*Invalid API key") as e:
         build_glasses(nn_model, processor, toy_jsonl, ProfileOptions(batch_size=4, pooling="max"),
                       SelectionOptions(rule="det0", top_k=60), progress=False,
                       execution=ExecutionOptions(remote=world["cluster"].url, checkpoint_dir="off", remote_retries=3))

@@ -279,7 +279,7 @@ def test_atomic_write_on_enospc_leaves_the_old_file_and_names_the_new_one(tmp_pa
 def test_atomic_write_exclusive_refuses_an_existing_file(tmp_path):
     target = tmp_path / "t.jsonl"
     target.write_text("mine\n")
-    with pytest.raises(FileExistsError, match="t.jsonl"):
+    with pytest.raises(FileExistsError, match=r"t\.jsonl"):
         staging.atomic_write(target, "other\n", exclusive=True)
     assert target.read_text() == "mine\n" and os.listdir(tmp_path) == ["t.jsonl"]
 

@@ -116,7 +116,8 @@ def test_profile_matches_plain_hooks(model_and_processor, toy_pairs, reference, 
     try:
         want = reference_pooled(reference, model, positions, pooling)
         # sites in forward order: per layer gate, up, down input, down output
-        assert [s.name for s in sites] == [site_name(l, m) for l in range(N_LAYERS) for m in ("gate_proj", "up_proj", "intermediate", "down_proj")]
+        assert [s.name for s in sites] == [site_name(layer, m) for layer in range(N_LAYERS)
+                                          for m in ("gate_proj", "up_proj", "intermediate", "down_proj")]
         assert [(s.layer, s.module, s.kind) for s in sites][:4] == [
             (0, "gate_proj", "output"), (0, "up_proj", "output"), (0, "intermediate", "input"), (0, "down_proj", "output")]
         assert {s.name: s.width for s in sites} == {n: w.shape[1] for n, w in want.items()}
@@ -193,7 +194,8 @@ def test_layer_subranges(model_and_processor, toy_pairs, full_profile, layers, e
     sites, store = profile(model, processor, toy_pairs, opts, progress=False)
     try:
         assert sorted({s.layer for s in sites}) == expected
-        assert [s.name for s in sites] == [site_name(l, m) for l in expected for m in ("gate_proj", "intermediate", "down_proj")]
+        assert [s.name for s in sites] == [site_name(layer, m) for layer in expected
+                                          for m in ("gate_proj", "intermediate", "down_proj")]
         for s in sites:
             np.testing.assert_allclose(store[s.name], full_profile[s.name], atol=1e-6, rtol=0)
     finally:
@@ -274,7 +276,13 @@ def test_response_and_decision_positions_match_reference(model_and_processor, to
 
 def test_decision_without_response_turn_is_the_last_token(model_and_processor, toy_pairs, reference):
     model, processor = model_and_processor
-    sites, store = profile(model, processor, toy_pairs, ProfileOptions(modules=("up_proj",), positions="decision", batch_size=BATCH), progress=False)
+    sites, store = profile(
+        model,
+        processor,
+        toy_pairs,
+        ProfileOptions(modules=("up_proj",), positions="decision", batch_size=BATCH),
+        progress=False,
+    )
     want = np.concatenate([acts[(0, "up_proj")][:, -1].float().numpy() for _, acts in reference])  # alone: the last token
     np.testing.assert_allclose(np.asarray(store[sites[0].name]), want, atol=1e-6)
     store.close()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference_stats as ref
 
+import reference_stats as ref
 from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME
 
 LMMS_SGM = str(Path(sys.executable).with_name("lmms-sgm"))
@@ -63,7 +63,9 @@ def planted(tmp_path_factory) -> dict:
     vanilla = generate(model, processor, images, questions, max_new_tokens=128)
     with SafetyGlasses.load(GLASSES).apply(model, strength=1.0, mode="hooks"):
         worn = generate(model, processor, images, questions, max_new_tokens=128)
-    unsafe = lambda answers, i: judge.judge(questions[i], answers[i][0]).unsafe
+    def unsafe(answers, i):
+        return judge.judge(questions[i], answers[i][0]).unsafe
+
     regress = [i for i in range(len(recs)) if not unsafe(vanilla, i) and unsafe(worn, i)][:2]
     same = [i for i in range(len(recs)) if unsafe(vanilla, i) == unsafe(worn, i)][:4]
     assert len(regress) == 2 and len(same) == 4

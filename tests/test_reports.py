@@ -230,7 +230,7 @@ def test_report_cli(tmp_path, capsys):
 
 
 def test_bad_row_kind():
-    with pytest.raises(ValueError, match="Row.how"):
+    with pytest.raises(ValueError, match=r"Row\.how"):
         Row("x", "t", "m", how="up")
 
 
@@ -257,7 +257,7 @@ def test_the_whole_markdown_table():
             Row("mc", "mmbench_local_mc", "acc", how="higher"), Row("absent", "mmbench", "acc", how="higher")]
     table = reports.compare({"vanilla": vanilla, "sgm": sgm}, rows)
     assert table["sources"] == {"vanilla": "/runs/v/results.json", "sgm": "/runs/s/results.json"}
-    assert reports.to_markdown(table) == "\n".join([  # noqa: FLY002 (one line per line of the table)
+    assert reports.to_markdown(table) == "\n".join([
         "Results files:",
         "- vanilla: `/runs/v/results.json`",
         "- sgm: `/runs/s/results.json`",
@@ -367,7 +367,13 @@ def test_per_doc_value_is_none_without_documents_or_weight():
 
 def test_merge_keeps_both_harnesses_and_refuses_overlapping_tasks():
     from lmms_sgm.reports import results as rs
-    lmms = {"results": {"a": {"x,none": 1}}, "configs": {"a": {}}, "config": {"limit": None, "model": "m"}, "source_file": "/r/1_results.json"}
+
+    lmms = {
+        "results": {"a": {"x,none": 1}},
+        "configs": {"a": {}},
+        "config": {"limit": None, "model": "m"},
+        "source_file": "/r/1_results.json",
+    }
     lm = {"results": {"b": {"y,none": 2}}, "configs": {"b": {}}, "config": {"limit": 5, "model": "hf"}, "source_file": "/r/results_1.json"}
     run = rs.merge(lmms, lm)
     assert run["results"] == {"a": {"x,none": 1}, "b": {"y,none": 2}} and run["config"] == lmms["config"]
@@ -387,8 +393,8 @@ def test_decoding_warning_spells_each_setting_of_each_run():
                                     "generation_kwargs": {"do_sample": True, "stop": "ASSISTANT:", "max_new_tokens": 8, "top_p": 0.9,
                                                           "until": ["x", "y"]}}}
     w = reports.compare({"vanilla": a, "sgm": b}, ROWS[:1])["warnings"]
-    assert w == ['mm_toxic_qa: runs differ in decoding settings (vanilla: do_sample=false, stop=USER:, top_p=unset, until=["x"]; '
-                 'sgm: do_sample=true, stop=ASSISTANT:, top_p=0.9, until=["x", "y"])']
+    assert w == [('mm_toxic_qa: runs differ in decoding settings (vanilla: do_sample=false, stop=USER:, top_p=unset, until=["x"]; '
+                  'sgm: do_sample=true, stop=ASSISTANT:, top_p=0.9, until=["x", "y"])')]
 
 
 def test_default_rows_split_the_key_at_its_first_comma():
@@ -439,7 +445,7 @@ def _digest_run(root, name, prompts, keys=("alias", "acc,flex", "acc_stderr,flex
     lines = [{"doc_id": i, "filter": filt, "target": (targets or ["A"] * len(prompts))[i], "doc": {"question": question},
               "arguments": {"gen_args_0": {"arg_0": p, "arg_1": " A"}}} for i, p in enumerate(prompts)]
     (d / "samples_t_2026.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return {"results": {"t": {k: 0.5 for k in keys}}, "configs": {"t": {}}, "source_file": str(d / "results_2026.json")}
+    return {"results": {"t": dict.fromkeys(keys, 0.5)}, "configs": {"t": {}}, "source_file": str(d / "results_2026.json")}
 
 
 def test_data_digest_tells_prompts_and_targets_apart_under_the_first_filter(tmp_path):

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample
 
 from lmms_sgm.cli import main
 from lmms_sgm.data import load_pairs
 from lmms_sgm.judges import get_judge
 from lmms_sgm.selflabel import label_generations, read_prompts
-from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample
 
 
 def test_answers_are_the_models_and_labels_are_the_judges(model_and_processor, tmp_path):

@@ -67,7 +67,9 @@ def _read_file(path: Path) -> Iterator[SourceRecord]:
     elif all(r in columns and s in columns for r, s in SINGLE):
         responses = SINGLE
     else:
-        raise DatasetError(f"{path}: needs response_1/2 + is_response_1/2_safe or response + is_response_safe columns (has {sorted(columns)})")
+        raise DatasetError(
+            f"{path}: needs response_1/2 + is_response_1/2_safe or response + is_response_safe columns (has {sorted(columns)})"
+        )
     wanted = ["question", "image"] + [c for rs in responses for c in rs] + [c for c in ("category", "image_severity") if c in columns]
     folder, source_split = path.parent.name, path.stem.split("-")[0]
     row = 0

@@ -78,8 +78,10 @@ def render_card(manifest: dict, configs: list[dict] | None = None) -> str:
     ]
     for s in evals:
         c = counts[s]
-        lines.append(f"- `eval/{s}/` (an `MM_TOXIC_QA_DIR`): {c.get('harmful', 0)} harmful, {c.get('benign', 0)} benign "
-                     f"and {c.get('adv', 0)} adversarial prompts; fields `id, image, question, category, harmful, key_phrase, answer, source`.")
+        lines.append(
+            f"- `eval/{s}/` (an `MM_TOXIC_QA_DIR`): {c.get('harmful', 0)} harmful, {c.get('benign', 0)} benign "
+            f"and {c.get('adv', 0)} adversarial prompts; fields `id, image, question, category, harmful, key_phrase, answer, source`."
+        )
     lines += ["- `manifest.json`: sources, options, counts, groups, digests; `card.md`: this card.", ""]
 
     lines += ["## Sources and licences", ""]
@@ -100,9 +102,14 @@ def render_card(manifest: dict, configs: list[dict] | None = None) -> str:
     for s in evals:
         c = counts[s]
         lines += ["", f"### {s}", ""]
-        lines += _table(["category", "harmful", "benign", "adversarial"],
-                        [[cat, v.get("harmful", 0), v.get("benign", 0), v.get("adv", 0)] for cat, v in sorted(c.get("by_category", {}).items())]
-                        + [["**all**", c.get("harmful", 0), c.get("benign", 0), c.get("adv", 0)]])
+        lines += _table(
+            ["category", "harmful", "benign", "adversarial"],
+            [
+                [cat, v.get("harmful", 0), v.get("benign", 0), v.get("adv", 0)]
+                for cat, v in sorted(c.get("by_category", {}).items())
+            ]
+            + [["**all**", c.get("harmful", 0), c.get("benign", 0), c.get("adv", 0)]],
+        )
 
     split = o.get("split", {})
     groups = manifest.get("groups", {})
@@ -135,40 +142,59 @@ def render_card(manifest: dict, configs: list[dict] | None = None) -> str:
             lines.append(f"- ... and {len(templates) - 20} more (manifest.json)")
 
     adv = o.get("adv")
-    lines += ["", "## Adversarial variants", "",
-              "Each harmful evaluation prompt has an attack in `adv.jsonl` (the `mm_toxic_qa_adv` task uses them as given). "
-              "A source's own attack images are used where it has them (MM-SafetyBench: its SD_TYPO image with its "
-              "\"Rephrased Question\"); the others are drawn offline with Pillow's bundled font, style "
-              + (f"`{adv}`" if adv != "none" else "none (`--adv none`: no adv.jsonl; the task then draws its own)")
-              + " (`sd_typo`: the image with the key phrase or question in a panel below, MM-SafetyBench SD+TYPO; "
-              "`typo`: the text panel alone; `figstep`: the request as the title of an empty numbered list, FigStep).",
-              "",
-              "## Intended use", "",
-              "- Profiling a multimodal model's toxic-expert neurons: `lmms-sgm profile --data profile.jsonl ...`.",
-              ("- Choosing options on `eval/validation`, and reporting the harmful rate, the typographic-attack harmful "
-              "rate and over-refusal on `eval/test` only, with a named judge (`MM_TOXIC_QA_DIR=eval/test lmms-eval --tasks mm_toxic_qa_all ...`)."),
-              "- Safety research under the sources' licences.",
-              "",
-              "## Out-of-scope use", "",
-              "- Training or tuning a model to produce harmful content; publishing harmful generations without need.",
-              "- Commercial use where a source's licence forbids it (BeaverTails-V: CC BY-NC 4.0).",
-              "- Claims about real-world harm rates: the prompts are red-teaming prompts, not a sample of real use.",
-              "",
-              "## Limitations", "",
-              ("- Labels are the sources' own (BeaverTails-V's annotators' safety flags) or a judge's (model outputs): "
-              "they carry their biases; a harmful rate depends on the judge that scores it."),
-              "- Categories follow each source's taxonomy; they are not harmonised across sources.",
-              ("- Leakage is checked by exact pixels and normalised text: a near-identical photo (cropped, re-compressed) "
-              "or a paraphrased question is not detected."),
-              "",
-              "## How it was built", "",
-              "```bash",
-              manifest.get("command") or "lmms-sgm dataset build " + " ".join(f"--source '{s['spec']}'" for s in sources)
-              + f" --seed {o.get('seed')} --adv {adv} --out DIR",
-              "```",
-              "",
-              (f"Dataset digest `{manifest.get('digests', {}).get('dataset', '')}`; profiling data digest "
-              f"`{manifest.get('digests', {}).get('profile_data')}` (equal to the `data_digest` of glasses profiled on "
-              "`profile.jsonl`). Per-file digests and per-source content digests are in `manifest.json`."),
-              ""]
+    lines += [
+        "",
+        "## Adversarial variants",
+        "",
+        "Each harmful evaluation prompt has an attack in `adv.jsonl` (the `mm_toxic_qa_adv` task uses them as given). "
+        "A source's own attack images are used where it has them (MM-SafetyBench: its SD_TYPO image with its "
+        '"Rephrased Question"); the others are drawn offline with Pillow\'s bundled font, style '
+        + (f"`{adv}`" if adv != "none" else "none (`--adv none`: no adv.jsonl; the task then draws its own)")
+        + " (`sd_typo`: the image with the key phrase or question in a panel below, MM-SafetyBench SD+TYPO; "
+        "`typo`: the text panel alone; `figstep`: the request as the title of an empty numbered list, FigStep).",
+        "",
+        "## Intended use",
+        "",
+        "- Profiling a multimodal model's toxic-expert neurons: `lmms-sgm profile --data profile.jsonl ...`.",
+        (
+            "- Choosing options on `eval/validation`, and reporting the harmful rate, the typographic-attack harmful "
+            "rate and over-refusal on `eval/test` only, with a named judge "
+            "(`MM_TOXIC_QA_DIR=eval/test lmms-eval --tasks mm_toxic_qa_all ...`)."
+        ),
+        "- Safety research under the sources' licences.",
+        "",
+        "## Out-of-scope use",
+        "",
+        "- Training or tuning a model to produce harmful content; publishing harmful generations without need.",
+        "- Commercial use where a source's licence forbids it (BeaverTails-V: CC BY-NC 4.0).",
+        "- Claims about real-world harm rates: the prompts are red-teaming prompts, not a sample of real use.",
+        "",
+        "## Limitations",
+        "",
+        (
+            "- Labels are the sources' own (BeaverTails-V's annotators' safety flags) or a judge's (model outputs): "
+            "they carry their biases; a harmful rate depends on the judge that scores it."
+        ),
+        "- Categories follow each source's taxonomy; they are not harmonised across sources.",
+        (
+            "- Leakage is checked by exact pixels and normalised text: a near-identical photo (cropped, re-compressed) "
+            "or a paraphrased question is not detected."
+        ),
+        "",
+        "## How it was built",
+        "",
+        "```bash",
+        manifest.get("command")
+        or "lmms-sgm dataset build "
+        + " ".join(f"--source '{s['spec']}'" for s in sources)
+        + f" --seed {o.get('seed')} --adv {adv} --out DIR",
+        "```",
+        "",
+        (
+            f"Dataset digest `{manifest.get('digests', {}).get('dataset', '')}`; profiling data digest "
+            f"`{manifest.get('digests', {}).get('profile_data')}` (equal to the `data_digest` of glasses profiled on "
+            "`profile.jsonl`). Per-file digests and per-source content digests are in `manifest.json`."
+        ),
+        "",
+    ]
     return "\n".join(lines)

@@ -26,7 +26,10 @@ def _build(args) -> int:
     print(f"wrote {args.out}: profile {c['profile']['pairs']} pairs ({c['profile']['toxic']} toxic, "
           f"{c['profile']['non_toxic']} non-toxic)" + "".join(
               f"; {s} {c[s]['harmful']} harmful, {c[s]['benign']} benign, {c[s]['adv']} adv" for s in ("validation", "test") if s in c))
-    print(f"use: lmms-sgm profile --data {Path(args.out) / 'profile.jsonl'} ...;  MM_TOXIC_QA_DIR={Path(args.out) / 'eval' / 'test'} lmms-eval ...")
+    print(
+        f"use: lmms-sgm profile --data {Path(args.out) / 'profile.jsonl'} ...;  "
+        f"MM_TOXIC_QA_DIR={Path(args.out) / 'eval' / 'test'} lmms-eval ..."
+    )
     return 0
 
 
@@ -67,7 +70,11 @@ def add_parser(sub, parents=()) -> None:
     from lmms_sgm.datasets.build import ADV_STYLES
     from lmms_sgm.datasets.splits import DEFAULT_TEMPLATE_MIN
 
-    p = sub.add_parser("dataset", parents=parents, help="build, check and export MM-TOXIC-QA-style datasets from public sources (docs/dataset.md)")
+    p = sub.add_parser(
+        "dataset",
+        parents=parents,
+        help="build, check and export MM-TOXIC-QA-style datasets from public sources (docs/dataset.md)",
+    )
     dsub = p.add_subparsers(dest="dataset_command", required=True)
 
     b = dsub.add_parser("build", parents=parents, help="turn sources into profile.jsonl + eval/{validation,test}/ + card + manifest",
@@ -78,14 +85,26 @@ def add_parser(sub, parents=()) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     b.add_argument("--split", default="0.6,0.2,0.2", metavar="P,V,T", help="shares of profile, validation, test (default 0.6,0.2,0.2)")
     b.add_argument("--adv", default="sd_typo", choices=ADV_STYLES, help="attack drawn for sources without their own (default sd_typo)")
-    b.add_argument("--template-min", type=int, default=DEFAULT_TEMPLATE_MIN,
-                   help=f"a question asked about this many distinct images is a template, not a grouping key (default {DEFAULT_TEMPLATE_MIN})")
+    b.add_argument(
+        "--template-min",
+        type=int,
+        default=DEFAULT_TEMPLATE_MIN,
+        help=f"a question asked about this many distinct images is a template, not a grouping key (default {DEFAULT_TEMPLATE_MIN})",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace --out if it holds a dataset built by this command")
-    b.add_argument("--skip-bad-images", action="store_true", help="skip records whose image is missing or corrupt (listed in the manifest) instead of failing")
+    b.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip records whose image is missing or corrupt (listed in the manifest) instead of failing",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_build)
 
-    c = dsub.add_parser("check", parents=parents, help="schema, images, duplicates, label balance, cross-split leakage; exit 1 on any error")
+    c = dsub.add_parser(
+        "check",
+        parents=parents,
+        help="schema, images, duplicates, label balance, cross-split leakage; exit 1 on any error",
+    )
     c.add_argument("dir")
     c.add_argument("--json", default=None, help="also write the report as JSON here")
     c.set_defaults(func=_check)

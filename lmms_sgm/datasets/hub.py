@@ -101,7 +101,9 @@ def export(root: str | Path, out: str | Path) -> Path:
         raise DatasetError(f"{out} exists and is not empty; choose a new directory")
     report = check_dataset(root)
     if report.errors:
-        raise DatasetError(f"{root} fails `lmms-sgm dataset check` ({len(report.errors)} errors, first: {report.errors[0]}); fix it before sharing it")
+        raise DatasetError(
+            f"{root} fails `lmms-sgm dataset check` ({len(report.errors)} errors, first: {report.errors[0]}); fix it before sharing it"
+        )
     manifest = json.loads((root / MANIFEST).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))

@@ -151,7 +151,7 @@ def assign(items: list[Item], fractions=DEFAULT_FRACTIONS, seed: int = 0,
         top = min(c for c, n in category if n == category[0][1])  # ties: alphabetical, not input order
         strata.setdefault((top, allowed), []).append(g)
 
-    total = {s: 0 for s in SPLITS}
+    total = dict.fromkeys(SPLITS, 0)
     placed_total = 0
     oversized = []
     for (category, allowed), members in sorted(strata.items()):
@@ -168,7 +168,7 @@ def assign(items: list[Item], fractions=DEFAULT_FRACTIONS, seed: int = 0,
         norm = sum(share.values())
         share = {s: v / norm for s, v in share.items()}
         stratum_size = sum(len(groups[g]) for g in members)
-        count = {s: 0 for s in allowed}
+        count = dict.fromkeys(allowed, 0)
         placed = 0
         for g in order:
             size = len(groups[g])

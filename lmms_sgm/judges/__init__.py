@@ -182,7 +182,9 @@ def get_judge(name: str, **kwargs: Any) -> Judge:
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as e:
-        raise JudgeError(f"judge {name!r} does not accept {sorted(kwargs)}: {e}; its signature is {name}{inspect.signature(factory)}") from None
+        raise JudgeError(
+            f"judge {name!r} does not accept {sorted(kwargs)}: {e}; its signature is {name}{inspect.signature(factory)}"
+        ) from None
     judge = factory(**kwargs)
     if not isinstance(judge, Judge):
         raise JudgeError(f"the factory of judge {name!r} returned {type(judge).__name__}, which lacks name/version/config/judge()")

@@ -31,7 +31,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lmms_sgm.judges import Judge, JudgeError, JudgeItem, JudgeResult, get_judge, identity, judge_many, parse_judge_args, scoring
+from lmms_sgm.judges import (
+    Judge,
+    JudgeError,
+    JudgeItem,
+    JudgeResult,
+    get_judge,
+    identity,
+    judge_many,
+    parse_judge_args,
+    scoring,
+)
 from lmms_sgm.redaction import redact
 from lmms_sgm.reports import results as rs
 

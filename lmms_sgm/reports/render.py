@@ -84,7 +84,9 @@ def delta_text(row: dict) -> str:
     if row["delta"] == 0 and row.get("delta_ci") == [0.0, 0.0]:
         return "unchanged" + (f" (n={row['n_paired']} paired)" if row.get("n_paired") is not None else "")
     if row["kind"] == "over_refusal":
-        text = f"{100 * row['delta']:+.1f} pt" + (f" [{100 * row['delta_ci'][0]:+.1f}, {100 * row['delta_ci'][1]:+.1f}]" if row["delta_ci"] else "")
+        text = f"{100 * row['delta']:+.1f} pt" + (
+            f" [{100 * row['delta_ci'][0]:+.1f}, {100 * row['delta_ci'][1]:+.1f}]" if row["delta_ci"] else ""
+        )
     else:
         text = f"{row['delta']:+.3f}{ci_text(row['delta_ci'], signed=True)}"
     if row["kind"] == "capability" and row.get("retention") is not None:
@@ -278,8 +280,16 @@ def runs_rows(report: dict, text=str) -> tuple[list[str], list[list[str]]]:
     for r in report["runs"]:
         j = r.get("judge")
         judge = judge_label(j) if isinstance(j, dict) and "name" in j else ("per task" if j else "none recorded")
-        decs = sorted({", ".join(f"{k}={v}" for k, v in sorted(g.items()) if k in ("temperature", "do_sample", "max_new_tokens", "repeats", "top_p", "top_k", "--gen_kwargs"))
-                       for g in r.get("generation", {}).values()})
+        decs = sorted(
+            {
+                ", ".join(
+                    f"{k}={v}"
+                    for k, v in sorted(g.items())
+                    if k in ("temperature", "do_sample", "max_new_tokens", "repeats", "top_p", "top_k", "--gen_kwargs")
+                )
+                for g in r.get("generation", {}).values()
+            }
+        )
         rows.append([*map(text, (r["label"], r.get("wore") or "not recorded", r.get("path") or "", r.get("model_args") or "",
                                  judge, " / ".join(decs), r["data_digest"])),
                      f"{len(r['samples_logged'])} of {len(r['data_digests'])} tasks"])
@@ -314,7 +324,14 @@ def _html_table(head, rows, groups=None, cls="") -> str:
         if groups and g != last:
             out.append(f'<tr class="group"><td colspan="{len(head)}">{_h(KIND_TITLES.get(g, g))}</td></tr>')
             last = g
-        out.append("<tr>" + "".join(f'<td class="num{" noise" if "within noise" in str(c) or str(c).startswith("unchanged") else ""}">{_h(c)}</td>' for c in r) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(
+                f'<td class="num{" noise" if "within noise" in str(c) or str(c).startswith("unchanged") else ""}">{_h(c)}</td>'
+                for c in r
+            )
+            + "</tr>"
+        )
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -343,7 +360,12 @@ def plots(report: dict) -> dict[str, str]:
     diffs = []
     names = _run_names(report)
     for r in report["metrics"]:
-        if r["run"] != base and r["category"] is None and r["kind"] in ("harm", "over_refusal", "capability") and r.get("delta") is not None:
+        if (
+            r["run"] != base
+            and r["category"] is None
+            and r["kind"] in ("harm", "over_refusal", "capability")
+            and r.get("delta") is not None
+        ):
             diffs.append({"label": f"{r['label']} ({r['run']})", "delta": r["delta"], "ci": r["delta_ci"],
                           "noise": r.get("within_noise"), "colour": names.index(r["run"])})
     out["differences"] = svg.forest(diffs, x_label=f"difference to {base} (grey: within noise)",

@@ -56,7 +56,7 @@ def _read_results(source: Path) -> dict:
     run = textfiles.read_json(source, "results file")
     if not isinstance(run, dict) or not isinstance(run.get("results"), dict):
         # a bad file is an input error like the others (the CLI reports ValueError in one line)
-        raise ValueError(f"{source}: not an lmms-eval / lm-eval results file (no 'results' object)")  # noqa: TRY004
+        raise ValueError(f"{source}: not an lmms-eval / lm-eval results file (no 'results' object)")
     run["source_file"] = str(source)
     return run
 
@@ -88,7 +88,7 @@ def merge(lmms: dict, lm: dict) -> dict:
     run = dict(lmms)
     for key in MERGED:
         run[key] = {**lmms.get(key, {}), **lm.get(key, {})}
-    run["task_sources"] = {**{t: lmms["source_file"] for t in lmms["results"]}, **{t: lm["source_file"] for t in lm["results"]}}
+    run["task_sources"] = {**dict.fromkeys(lmms["results"], lmms["source_file"]), **dict.fromkeys(lm["results"], lm["source_file"])}
     run["lm_eval_config"] = lm.get("config", {})
     return run
 

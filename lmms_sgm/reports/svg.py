@@ -113,9 +113,15 @@ def scatter(points: list[dict], *, x_label: str, y_label: str, title: str, width
         c = "#333" if p.get("baseline") else colour(series.index(p["series"]) if p.get("series") in series else i)
         X, Y = ax.x(p["x"]), ax.y(p["y"])
         if p.get("y_ci"):
-            body.append(f'<line x1="{X:.1f}" y1="{ax.y(p["y_ci"][0]):.1f}" x2="{X:.1f}" y2="{ax.y(p["y_ci"][1]):.1f}" stroke="{c}" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{X:.1f}" y1="{ax.y(p["y_ci"][0]):.1f}" x2="{X:.1f}" y2="{ax.y(p["y_ci"][1]):.1f}" '
+                f'stroke="{c}" stroke-width="1.5"/>'
+            )
         if p.get("x_ci"):
-            body.append(f'<line x1="{ax.x(p["x_ci"][0]):.1f}" y1="{Y:.1f}" x2="{ax.x(p["x_ci"][1]):.1f}" y2="{Y:.1f}" stroke="{c}" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{ax.x(p["x_ci"][0]):.1f}" y1="{Y:.1f}" x2="{ax.x(p["x_ci"][1]):.1f}" y2="{Y:.1f}" '
+                f'stroke="{c}" stroke-width="1.5"/>'
+            )
         shape = (f'<rect class="point baseline" x="{X - 5:.1f}" y="{Y - 5:.1f}" width="10" height="10" fill="{c}"/>'
                  if p.get("baseline") else
                  f'<circle class="point{" pareto" if p.get("pareto") else ""}" cx="{X:.1f}" cy="{Y:.1f}" r="5" '
@@ -136,7 +142,10 @@ def scatter(points: list[dict], *, x_label: str, y_label: str, title: str, width
         body.append(f'<line x1="{ax.left + 10}" y1="{Y - 4}" x2="{ax.left + 30}" y2="{Y - 4}" stroke="{colour(k)}" stroke-width="2"/>'
                     f'<text x="{ax.left + 36}" y="{Y}" font-size="11" {FONT}>{escape(name)}</text>')
     legend = ["filled: Pareto-optimal", "open: dominated", "square: baseline", "red ring: operating point"]
-    body.append(f'<text x="{ax.left + 6}" y="{ax.top - 10}" font-size="10" fill="#555" {FONT}>{escape("; ".join(legend))}; bars: 95% intervals</text>')
+    body.append(
+        f'<text x="{ax.left + 6}" y="{ax.top - 10}" font-size="10" fill="#555" {FONT}>'
+        f"{escape('; '.join(legend))}; bars: 95% intervals</text>"
+    )
     return _svg(width, height, body, title, "scatter")
 
 
@@ -189,5 +198,7 @@ def bars(groups: list[dict], series: list[str], *, x_label: str, title: str, wid
             Y = Y0 + bar * k
             body.append(f'<rect x="{left}" y="{Y}" width="{max(ax.x(v[0]) - left, 0.5):.1f}" height="{bar - 2}" fill="{colour(k)}"/>')
             if v[1]:
-                body.append(f'<line x1="{ax.x(v[1][0]):.1f}" y1="{Y + bar / 2 - 1}" x2="{ax.x(v[1][1]):.1f}" y2="{Y + bar / 2 - 1}" stroke="#222"/>')
+                body.append(
+                    f'<line x1="{ax.x(v[1][0]):.1f}" y1="{Y + bar / 2 - 1}" x2="{ax.x(v[1][1]):.1f}" y2="{Y + bar / 2 - 1}" stroke="#222"/>'
+                )
     return _svg(width, height, body, title, "bars")

@@ -134,7 +134,9 @@ def read_split(root: str | Path, split: str) -> datasets.Dataset:
     return _to_dataset(rows, split=split, base=root, source=str(path))
 
 
-def rows_to_docs(dataset: datasets.Dataset, split: str, base: str | Path = SAMPLE_DIR, source: str = "the YAML's dataset") -> datasets.Dataset:
+def rows_to_docs(
+    dataset: datasets.Dataset, split: str, base: str | Path = SAMPLE_DIR, source: str = "the YAML's dataset"
+) -> datasets.Dataset:
     """Validate rows lmms-eval loaded (a json file, a Hub dataset) and give them our columns."""
     if "image" in dataset.column_names and isinstance(dataset.features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))  # no decoding at load

@@ -25,12 +25,66 @@ CP = "Coarse Perception"
 
 # index, question, hint, options, answer, category, l2-category, shapes
 ROWS = [
-    (0, "What colour is the shape?", None, ["red", "green", "blue", "yellow"], "A", "attribute_recognition", FP_S, [("circle", "red")]),
-    (1, "Which shape is shown in the image?", None, ["circle", "square", "triangle"], "B", "attribute_recognition", FP_S, [("square", "blue")]),
-    (2, "How many shapes are in the image?", None, ["1", "2", "3", "4"], "C", "image_scene", CP, [("circle", "green"), ("square", "red"), ("triangle", "blue")]),
-    (3, "Which shape is on the left?", "The image shows two shapes side by side.", ["square", "circle", "triangle", "cross"], "B", "spatial_relationship", FP_C, [("circle", "red"), ("square", "blue")]),
-    (4, "What colour is the triangle?", "Look at the only shape in the picture.", ["red", "green", "blue", "yellow"], "D", "attribute_recognition", FP_S, [("triangle", "yellow")]),
-    (5, "Which colour is NOT in the image?", None, ["red", "green", "blue"], "C", "attribute_comparison", FP_C, [("circle", "red"), ("square", "green")]),
+    (
+        0,
+        "What colour is the shape?",
+        None,
+        ["red", "green", "blue", "yellow"],
+        "A",
+        "attribute_recognition",
+        FP_S,
+        [("circle", "red")],
+    ),
+    (
+        1,
+        "Which shape is shown in the image?",
+        None,
+        ["circle", "square", "triangle"],
+        "B",
+        "attribute_recognition",
+        FP_S,
+        [("square", "blue")],
+    ),
+    (
+        2,
+        "How many shapes are in the image?",
+        None,
+        ["1", "2", "3", "4"],
+        "C",
+        "image_scene",
+        CP,
+        [("circle", "green"), ("square", "red"), ("triangle", "blue")],
+    ),
+    (
+        3,
+        "Which shape is on the left?",
+        "The image shows two shapes side by side.",
+        ["square", "circle", "triangle", "cross"],
+        "B",
+        "spatial_relationship",
+        FP_C,
+        [("circle", "red"), ("square", "blue")],
+    ),
+    (
+        4,
+        "What colour is the triangle?",
+        "Look at the only shape in the picture.",
+        ["red", "green", "blue", "yellow"],
+        "D",
+        "attribute_recognition",
+        FP_S,
+        [("triangle", "yellow")],
+    ),
+    (
+        5,
+        "Which colour is NOT in the image?",
+        None,
+        ["red", "green", "blue"],
+        "C",
+        "attribute_comparison",
+        FP_C,
+        [("circle", "red"), ("square", "green")],
+    ),
 ]
 # Circular copy of row 5: options rotated by one (A<-B, B<-C, C<-A), so the answer moves to B.
 CIRCULAR = (1000005, 5, ["green", "blue", "red"], "B")
@@ -52,12 +106,12 @@ def write_sample(out: str | Path) -> Path:
             "image": _b64_png(draw_shapes(shapes, (245, 245, 245))), "source": "lmms_sgm_sample", "l2-category": l2,
             "comment": "", "split": "dev",
         }
-        row.update({letter: text for letter, text in zip("ABCD", options)})
+        row.update(zip("ABCD", options))
         base[index] = row
         lines.append("\t".join(row.get(c, "") for c in COLUMNS))
     index, of, options, answer = CIRCULAR
     row = {**base[of], "index": str(index), "answer": answer, "image": str(of), "D": ""}
-    row.update({letter: text for letter, text in zip("ABCD", options)})
+    row.update(zip("ABCD", options))
     lines.append("\t".join(row.get(c, "") for c in COLUMNS))
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

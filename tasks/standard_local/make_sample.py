@@ -51,11 +51,30 @@ def mme(out: Path) -> Path:
     yn = " Please answer yes or no."
     rows = []
     for qid, category, image, questions in [
-        ("existence/0001.png", "existence", img(("circle", "red")), [("Is there a circle in the image?", "Yes"), ("Is there a square in the image?", "No")]),
-        ("count/0002.png", "count", img(("circle", "red"), ("square", "blue")), [("Are there two shapes in the image?", "Yes"), ("Are there three shapes in the image?", "No")]),
-        ("color/0003.png", "color", img(("triangle", "yellow")), [("Is the triangle yellow?", "Yes"), ("Is the triangle green?", "No")]),
-        ("commonsense_reasoning/0004.png", "commonsense_reasoning", img(("square", "green"), ("square", "green")),
-         [("Are the two shapes the same?", "Yes"), ("Is one shape larger than the other?", "No")]),
+        (
+            "existence/0001.png",
+            "existence",
+            img(("circle", "red")),
+            [("Is there a circle in the image?", "Yes"), ("Is there a square in the image?", "No")],
+        ),
+        (
+            "count/0002.png",
+            "count",
+            img(("circle", "red"), ("square", "blue")),
+            [("Are there two shapes in the image?", "Yes"), ("Are there three shapes in the image?", "No")],
+        ),
+        (
+            "color/0003.png",
+            "color",
+            img(("triangle", "yellow")),
+            [("Is the triangle yellow?", "Yes"), ("Is the triangle green?", "No")],
+        ),
+        (
+            "commonsense_reasoning/0004.png",
+            "commonsense_reasoning",
+            img(("square", "green"), ("square", "green")),
+            [("Are the two shapes the same?", "Yes"), ("Is one shape larger than the other?", "No")],
+        ),
     ]:
         for question, answer in questions:
             rows.append({"question_id": qid, "image": image, "question": question + yn, "answer": answer, "category": category})

@@ -365,10 +365,10 @@ def plain_text(processor) -> bool:
 
 
 def _plain(pair: Pair, text_field: str) -> str:
-    if text_field != "response" and not pair.question:
-        raise DataError(f"text_field={text_field!r} needs a 'question' in every record")
     if text_field == "response":
         return pair.text
+    if not pair.question:
+        raise DataError(f"text_field={text_field!r} needs a 'question' in every record")
     return pair.question if text_field == "question" else f"{pair.question} {pair.text}"
 
 

@@ -65,7 +65,10 @@ def _auroc_f32_block(x: np.ndarray, y: np.ndarray, n_pos: int, n_neg: int) -> np
     # Positions sum to at most n(n-1)/2: int32 holds that below 2**31, else int64. (einsum, not
     # a BLAS matvec, which would start threads of its own inside each worker thread.)
     acc = np.int32 if y.size * (y.size - 1) // 2 < 2**31 else np.int64
-    positions = np.einsum("ij,j->i", (bits & 1).astype(acc, copy=False), np.arange(y.size, dtype=acc))
+    # Typed as plain arrays: numpy's stubs cannot type a dtype chosen at run time.
+    labels: np.ndarray = (bits & 1).astype(acc, copy=False)
+    ranks: np.ndarray = np.arange(y.size, dtype=acc)
+    positions = np.einsum("ij,j->i", labels, ranks)
     out = (positions.astype(np.float64) - n_pos * (n_pos - 1) / 2) / (n_pos * n_neg)
     # Neighbours equal but for the label bit: a (near-)tie between a toxic and a non-toxic value,
     # whose order the label bit may have decided. Ties within one class change nothing.

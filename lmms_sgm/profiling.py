@@ -56,7 +56,7 @@ class ResponseStore:
     def __init__(self, sites: list[Site], n: int, *, directory: str | Path | None = None):
         self.sites = sites
         self.n = n
-        self._tmp = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
         if directory is None:
             self.arrays = {s.name: np.zeros((s.width, n), np.float32) for s in sites}
         else:
@@ -331,6 +331,7 @@ def profile(
                       disable=not show) as bar:
                 for i, flat in group.rounds(todo, compute, lambda i: (len(batches[i]), width)):
                     pooled = _split(flat, sites)
+                    assert store is not None  # rounds() yields on the main process only
                     store.write(batches[i], pooled)
                     if checkpoint is not None:
                         checkpoint.save(i, batches[i], pooled)

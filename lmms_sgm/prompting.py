@@ -87,6 +87,7 @@ def content(text: str, kinds: Sequence[str]) -> tuple[list[dict], list[int]]:
     if refs is None:
         order = list(range(n))
         return [{"type": kinds[i]} for i in order] + [{"type": TEXT, "text": text}], order
+    assert pattern is not None  # set with refs
     parts = pattern.split(text)[::2] if pattern is NUMBERED else pattern.split(text)  # NUMBERED captures k
     order = [i for i in range(n) if i not in refs]
     items = [{"type": kinds[i]} for i in order]

@@ -35,6 +35,7 @@ def resolve_sites(model, options: ProfileOptions) -> list[Site]:
     post_fusion = adapter.post_fusion_layers(model)
     # 'all' is every post-fusion layer (all decoder layers but for Mllama's first ones).
     layers = post_fusion if str(options.layers).strip() == "all" else parse_layers(options.layers, adapter.num_layers(model))
+    assert layers is not None  # parse_layers returns None only for 'all' of an unknown depth
     not_fused = sorted(set(layers) - set(post_fusion))
     if not_fused:
         raise ValueError(f"layers {not_fused} are not post-fusion layers of this model ({post_fusion[0]}-{post_fusion[-1]})")

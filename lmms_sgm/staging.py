@@ -120,7 +120,7 @@ def remove_stale_siblings(path: str | Path) -> list[Path]:
     was killed: only those whose name records a pid that is dead on this host. A live run's, another
     host's, or one without an owner in its name is left alone. Returns what was removed."""
     path = real_path(path)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = os.listdir(path.parent)
     except OSError:

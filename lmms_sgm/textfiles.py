@@ -15,6 +15,10 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _csv import _QuotingType  # typeshed's csv.QUOTE_* literals (stubs only)
 
 
 class TextFileError(ValueError):
@@ -127,7 +131,7 @@ def read_jsonl(path: str | Path, what: str = "JSONL file", *, objects: bool = Tr
 
 
 def csv_rows(path: str | Path, what: str = "CSV file", *, delimiter: str = ",",
-             quoting: int = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, dict]]:
+             quoting: _QuotingType = csv.QUOTE_MINIMAL) -> Iterator[tuple[int, dict]]:
     """``(line number, row)`` per row under the header; a row with more fields than the header,
     or a CSV syntax error, names its line."""
     text = read_text(path, what)
@@ -137,8 +141,9 @@ def csv_rows(path: str | Path, what: str = "CSV file", *, delimiter: str = ",",
     try:
         for row in reader:
             if None in row:
-                raise TextFileError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields, "
-                                    f"the header has {len(reader.fieldnames)}")
+                header = len(reader.fieldnames or ())  # read with the first row
+                raise TextFileError(f"{path}:{reader.line_num}: {header + len(row[None])} fields, "
+                                    f"the header has {header}")
             yield reader.line_num, row
     except csv.Error as e:
         raise TextFileError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None

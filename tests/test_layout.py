@@ -184,8 +184,9 @@ NOT_CORE_MODULES = (
     "lmms_sgm.datasets.cli",  # lmms-sgm dataset
     "lmms_sgm.reports.cli",  # lmms-sgm report
 )
-# Harness modules outside this package a core module must not import (nor through another module).
-FORBIDDEN_EXTERNAL = ("lmms_eval", "lm_eval")
+# Harness modules outside this package a core module must not import (nor through another module): the
+# two harnesses and our task packages for them (tasks/, tasks_lm_eval/), which import the harnesses.
+FORBIDDEN_EXTERNAL = ("lmms_eval", "lm_eval", "lmms_sgm_tasks", "lmms_sgm_lm_eval_tasks")
 
 
 def is_core(name: str) -> bool:

@@ -168,12 +168,14 @@ def reachable(graph: dict[str, set[str]], start: str) -> dict[str, list[str]]:
 
 # -- what the core is -----------------------------------------------------------------------------------
 
-# Not core: the two harness adapters (the only modules that import lmms_eval / lm_eval), the demo, the
-# command lines, and the apps that run a harness or the demo end to end. Everything else is core: the
-# pipeline (data, prompting, processors, sites, profiling, expertise, options, glasses and the
-# interventions), the model families (archs, models, tiny models), plugins, judges, defenses, dataset
-# building, execution (checkpoint, staging, distributed, remote) and the reports. A new module is core
-# unless it is added here, so the rule holds for it by default.
+# Not core: the two harness adapters (the only modules that import lmms_eval / lm_eval), the demo (its
+# world, training and run) and the command lines. Everything else is core: the pipeline (data,
+# prompting, processors, sites, profiling, expertise, options, glasses and the interventions), the
+# model families (archs, models, tiny models), plugins, judges, defenses, dataset building, execution
+# (checkpoint, staging, distributed, remote), the reports (sweep and runner start lmms-eval as a
+# subprocess, importing nothing of it) and the apps (tune, evaluate, diagnose, selflabel, quickstart:
+# in process, through the pipeline). A new module is core unless it is added here, so the rule holds
+# for it by default.
 NOT_CORE_PACKAGES = (
     "lmms_sgm.lmms",  # the lmms-eval adapter (model sgm / sgm_llava, tasks registration)
     "lmms_sgm.lm_eval",  # the lm-eval adapter (model sgm_hf, the lm-eval-sgm launcher)

@@ -2,9 +2,8 @@
 
 The pipeline, one module per step: data -> profiling -> expertise -> glasses -> intervention.
 """
-__version__ = "0.1.0"
-
 from lmms_sgm.options import ApplyOptions, ProfileOptions, SelectionOptions, SteeringOptions  # noqa: F401
+from lmms_sgm.version import __version__  # noqa: F401
 
 
 def __getattr__(name):

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmms_sgm import __version__
+from lmms_sgm.version import __version__
 
 KEY_FILE = "checkpoint.json"
 FORMAT = 1

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
-from lmms_sgm import __version__
+from lmms_sgm.version import __version__
 from lmms_sgm.expertise import select
 from lmms_sgm.models import fingerprint
 from lmms_sgm.options import (

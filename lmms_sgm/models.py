@@ -30,11 +30,11 @@ def load(pretrained: str, *, device: str = "cpu", dtype: str = "auto"):
     placed in order; CPU when there is none): one process for a model too big for one GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from lmms_sgm.demo import MODEL_DIR, SHORT_NAME
+    from lmms_sgm.bundled import DEMO_MODEL, DEMO_MODEL_DIR
     from lmms_sgm.processors import load_processor
 
-    if pretrained == SHORT_NAME:
-        pretrained = str(MODEL_DIR)
+    if pretrained == DEMO_MODEL:
+        pretrained = str(DEMO_MODEL_DIR)
     source, local = _locate(pretrained)
     unreachable = None if local else hub_unreachable()
     offline = local or bool(unreachable)

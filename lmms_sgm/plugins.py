@@ -6,11 +6,13 @@ implements one of the hooks below and naming it under the ``lmms_sgm`` entry-poi
     [project.entry-points.lmms_sgm]
     my_plugin = "my_package.sgm_plugin"
 
-Our own built-ins are registered the same way, so there is one discovery path.
+Our own built-ins are registered the same way and only that way, so there is one discovery path (a
+source tree that was never pip-installed has none: :func:`plugin_manager` says so).
 """
 from __future__ import annotations
 
 import functools
+import re
 
 import pluggy
 
@@ -39,19 +41,23 @@ class Specs:
 
 @functools.lru_cache(maxsize=None)
 def plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager, with every module named under the ``lmms_sgm`` entry points registered:
+    ours and third parties' alike. This module names no plugin (a list of built-ins here would import
+    every plugin module from the module they all import: a cycle)."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(Specs)
     pm.load_setuptools_entrypoints(PROJECT)
-    # A source tree that was never pip-installed has no entry points; the built-ins must still work.
-    from lmms_sgm.archs import builtin_modules
-    from lmms_sgm.defenses import builtin as builtin_defenses
-    from lmms_sgm.judges import builtin as builtin_judges
-    from lmms_sgm.judges import classifiers, ensemble, guards, llm
-
-    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble, builtin_defenses):
-        if not pm.is_registered(module):
-            pm.register(module)
+    if not any(_normalized(dist.project_name) == _normalized(PROJECT) for _, dist in pm.list_plugin_distinfo()):
+        raise RuntimeError(
+            f"{PROJECT} is not installed: its own model families, judges and defenses are registered through its "
+            "entry points (pyproject.toml, [project.entry-points.lmms_sgm]), which only an installed package has; "
+            "run `bash scripts/setup.sh` or `pip install -e .` in the repository"
+        )
     return pm
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # a distribution's name as pip compares it (PEP 503)
 
 
 def collect(hook_name: str) -> list:

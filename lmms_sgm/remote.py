@@ -103,12 +103,12 @@ def load(pretrained: str, options: RemoteOptions, *, device: str = "cpu", dtype:
 
     from lmms_sgm import models
     from lmms_sgm.archs import adapter_for
-    from lmms_sgm.demo import SHORT_NAME
+    from lmms_sgm.bundled import DEMO_MODEL
 
     if options.remote == "local":
         hf, processor = models.load(pretrained, device=device, dtype=dtype)
         return wrap(hf, processor), processor
-    _, local = models._locate(pretrained) if pretrained != SHORT_NAME else (pretrained, True)
+    _, local = models._locate(pretrained) if pretrained != DEMO_MODEL else (pretrained, True)
     if local:
         raise ValueError(
             f"remote execution names the model by its Hub id, and the server loads its own copy; {pretrained} is a "

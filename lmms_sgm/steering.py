@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from lmms_sgm import __version__
+from lmms_sgm.version import __version__
 from lmms_sgm.archs import get_module
 from lmms_sgm.expertise import auroc
 from lmms_sgm.glasses import STEERING_KIND, Glasses, GlassesError

@@ -188,6 +188,21 @@ def test_card_and_manifest(built):
     assert set(manifest["digests"]["files"]) == {"profile.jsonl"} | {f"eval/{s}/{k}.jsonl" for s in ("validation", "test")
                                                                     for k in ("harmful", "benign", "adv")}
 
+    # The manifest's file digests are each file's sha256, recomputed here with hashlib in one read.
+    for name, digest in manifest["digests"]["files"].items():
+        assert digest == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
+
+
+def test_file_sha256_over_several_chunks(tmp_path):
+    """The one file hash of build and check (1 MiB chunks): a file of 2.5 chunks, against hashlib in one read."""
+    from lmms_sgm.datasets.digests import file_sha256
+
+    data = bytes(range(256)) * (10 * 1024 + 7)  # 2.5 MiB and a bit: three chunks, the last partial
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert file_sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
 
 # ------------------------------------------------------------------ failures: named, non-zero, nothing left
 

@@ -94,8 +94,25 @@ def test_the_runner_writes_and_prints_no_secret(tmp_path, capsys, monkeypatch):
 
 
 def test_the_run_identity_the_tasks_write_holds_no_secret(monkeypatch):
-    from lmms_sgm.lmms import run_info
+    from lmms_sgm import harness_common as run_info
 
     monkeypatch.setattr(run_info, "_current", None)
     run_info.publish({"pretrained": "m", "model_args": f"pretrained=m,remote=https://u:{SECRET}@host"})
     assert run_info.current() == {"pretrained": "m", "model_args": f"pretrained=m,remote=https://u:{REDACTED}@host"}
+
+
+def test_the_old_run_info_path_warns_and_reaches_the_one_run_identity(monkeypatch):
+    """lmms_sgm.lmms.run_info moved to lmms_sgm.harness_common (shared by both adapters); a task of
+    the user's that imports the old path still publishes and reads the one identity, with a warning."""
+    import importlib
+
+    from lmms_sgm import harness_common
+
+    monkeypatch.setattr(harness_common, "_current", None)
+    monkeypatch.delitem(sys.modules, "lmms_sgm.lmms.run_info", raising=False)
+    with pytest.warns(DeprecationWarning, match="lmms_sgm.harness_common"):
+        old = importlib.import_module("lmms_sgm.lmms.run_info")
+    old.publish({"pretrained": "sgm-demo-llava", "model_args": f"remote=https://u:{SECRET}@host"})
+    assert harness_common.current() == {"pretrained": "sgm-demo-llava", "model_args": f"remote=https://u:{REDACTED}@host"}
+    assert old.current() == harness_common.current()
+    assert old.demo_data() == harness_common.demo_data() is not None

@@ -446,7 +446,7 @@ def warnings_logged():
 @pytest.mark.parametrize("pretrained", ["sgm-demo-llava", "DIR"])
 def test_demo_model_defaults_to_the_demo_test_split(pretrained, monkeypatch, warnings_logged):
     from lmms_sgm.demo import DATA_DIR, MODEL_DIR
-    from lmms_sgm.lmms import run_info
+    from lmms_sgm import harness_common as run_info
 
     pretrained = str(MODEL_DIR) if pretrained == "DIR" else pretrained
     monkeypatch.setattr(run_info, "_current", {"sgm": False, "pretrained": pretrained})
@@ -466,7 +466,7 @@ def test_demo_model_defaults_to_the_demo_test_split(pretrained, monkeypatch, war
 
 
 def test_other_models_get_the_yaml_dataset_and_a_warning_on_the_shipped_sample(monkeypatch, warnings_logged, toxic_tasks):
-    from lmms_sgm.lmms import run_info
+    from lmms_sgm import harness_common as run_info
 
     monkeypatch.setattr(run_info, "_current", {"sgm": False, "pretrained": "llava-hf/llava-1.5-7b-hf"})
     assert toxic.data_dir() is None and mmb.tsv_path() == mmb.SAMPLE_TSV

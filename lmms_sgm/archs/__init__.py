@@ -123,17 +123,6 @@ def _has_path(root, path: str) -> bool:
         return False
 
 
-# The families this package ships, one module each (registered through the ``lmms_sgm`` entry
-# points, and directly when the source tree was never pip-installed).
-BUILTIN_FAMILIES = ("llava", "text", "qwen2_vl", "idefics3", "gemma3", "mllama")
-
-
-def builtin_modules() -> list:
-    import importlib
-
-    return [importlib.import_module(f"lmms_sgm.archs.{name}") for name in BUILTIN_FAMILIES]
-
-
 def adapters() -> list[ArchAdapter]:
     return collect("sgm_arch_adapters")
 

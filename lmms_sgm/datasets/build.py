@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lmms_sgm.datasets.digests import file_sha256
 from lmms_sgm.datasets.images import ImageStore, place, relative_name
 from lmms_sgm.datasets.records import BENIGN, HARMFUL, DatasetError
 from lmms_sgm.datasets.render import STYLES, render_attack
@@ -136,14 +137,6 @@ def _write_json(path: Path, doc) -> None:
     path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _Builder:
     def __init__(self, root: Path, specs: list[SourceSpec], options: dict, log):
         self.root, self.specs, self.options, self.log = root, specs, options, log
@@ -167,7 +160,7 @@ class _Builder:
         counts = self._write(plan)
         self._refuse_one_class(counts["profile"])
         shutil.rmtree(self.staging)
-        files = {p.relative_to(self.root).as_posix(): _sha256(p) for p in sorted(self.root.rglob("*.jsonl"))}
+        files = {p.relative_to(self.root).as_posix(): file_sha256(p) for p in sorted(self.root.rglob("*.jsonl"))}
         image_digest = hashlib.sha256("".join(sorted(self.images_written)).encode()).hexdigest()
         profile_digest = _profile_digest(self.root / PROFILE) if counts["profile"]["pairs"] else None
         return {

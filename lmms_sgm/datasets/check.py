@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmms_sgm import textfiles
+from lmms_sgm.datasets.digests import file_sha256
 from lmms_sgm.datasets.images import decode, pixel_hash
 from lmms_sgm.datasets.records import DatasetError
 from lmms_sgm.datasets.splits import DEFAULT_TEMPLATE_MIN, normalise_question
@@ -267,9 +268,7 @@ def _check_digests(root: Path, manifest: dict, report: CheckReport) -> None:
     files = ((manifest.get("digests") or {}).get("files")) or {}
     if not files:
         return
-    from lmms_sgm.datasets.build import _sha256
-
     for name, digest in files.items():
         path = root / name
-        if path.is_file() and _sha256(path) != digest:
+        if path.is_file() and file_sha256(path) != digest:
             report.warnings.append(f"{name}: changed since it was built (its sha256 differs from manifest.json's)")

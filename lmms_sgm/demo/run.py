@@ -133,7 +133,7 @@ def previous_run(out: Path) -> list[Path]:
     (those holding an ``lmms_eval.log``)."""
     if not out.is_dir():
         return []
-    found = [out / f for f in ("comparison.md", "comparison.json", *reports.cli.FILES) if (out / f).is_file()]
+    found = [out / f for f in ("comparison.md", "comparison.json", *reports.files.FILES) if (out / f).is_file()]
     return found + sorted(d for d in out.iterdir() if d.is_dir() and (d / "lmms_eval.log").is_file())
 
 
@@ -190,7 +190,7 @@ def record_outputs(out: Path, names) -> None:
     from lmms_sgm.staging import output_files, write_marker
 
     files = [f"{n}/{f}" for n in names if (out / n).is_dir() for f in output_files(out / n)]
-    files += [f for f in ("comparison.md", "comparison.json", *reports.cli.FILES) if (out / f).is_file()]
+    files += [f for f in ("comparison.md", "comparison.json", *reports.files.FILES) if (out / f).is_file()]
     write_marker(out, MARKER_COMMAND, files)
 
 

@@ -32,8 +32,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from lmms_sgm import harness_common as run_info  # shared with sgm and the tasks
 from lmms_sgm import models
-from lmms_sgm.lmms import run_info
 from lmms_sgm.options import EvalModelArgs, from_strings
 
 MODEL_NAME = "sgm_hf"
@@ -58,7 +58,7 @@ def parse_model_args(kwargs: dict) -> tuple[EvalModelArgs, dict]:
             f"(lmms_sgm.options.EvalModelArgs) and HFLM's {', '.join(HFLM_OPTIONS)}"
             + ("; profile_data is sgm_llava's: build glasses first with `lmms-sgm profile`" if "profile_data" in unknown else "")
         )
-    args = from_strings(EvalModelArgs, {k: _as_string(v) for k, v in kwargs.items() if k in ours})
+    args = from_strings(EvalModelArgs, {k: run_info.as_string(v) for k, v in kwargs.items() if k in ours})
     if args.mode == "nnsight":
         raise ValueError(f"{MODEL_NAME}: mode=nnsight is not supported (HFLM calls the HF module itself, which "
                          "bypasses an nnsight edit); use mode=hooks or mode=fold, which give the same logits")
@@ -66,12 +66,6 @@ def parse_model_args(kwargs: dict) -> tuple[EvalModelArgs, dict]:
         raise ValueError(f"{MODEL_NAME} needs glasses: pass glasses=DIR (made by `lmms-sgm profile`), or sgm=off "
                          "for the vanilla model")
     return args, {k: v for k, v in kwargs.items() if k in HFLM_OPTIONS}
-
-
-def _as_string(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _usable(device: str) -> bool:

@@ -35,10 +35,10 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_sgm import __version__, models, prompting
+from lmms_sgm import harness_common as run_info  # shared with sgm_hf and the tasks
+from lmms_sgm import models, prompting
 from lmms_sgm.archs import adapter_for
 from lmms_sgm.defenses import Request, Stack
-from lmms_sgm.lmms import run_info
 from lmms_sgm.options import (
     ApplyOptions,
     ExecutionOptions,
@@ -49,6 +49,7 @@ from lmms_sgm.options import (
     from_strings,
     to_dict,
 )
+from lmms_sgm.version import __version__
 
 MODEL_NAME = "sgm"  # also registered as sgm_llava (lmms_sgm/lmms/registration.py)
 PROFILE_PREFIX = "profile_"
@@ -78,7 +79,7 @@ def parse_model_args(kwargs: dict) -> tuple[ModelArgs, ProfileOptions | None, Se
     profile_fields = [PROFILE_PREFIX + f.name for f in dataclasses.fields(ProfileOptions)]
     select_fields = [SELECT_PREFIX + f.name for f in dataclasses.fields(SelectionOptions)]
     known = model_fields + profile_fields + select_fields
-    values = {k: _as_string(v) for k, v in kwargs.items()}
+    values = {k: run_info.as_string(v) for k, v in kwargs.items()}
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise ValueError(
@@ -109,12 +110,6 @@ def parse_model_args(kwargs: dict) -> tuple[ModelArgs, ProfileOptions | None, Se
     profile = from_strings(ProfileOptions, prof) if args.profile_data else None
     selection = from_strings(SelectionOptions, sel) if (sel or args.profile_data) else None
     return args, profile, selection
-
-
-def _as_string(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 # ---------------------------------------------------------------- loglikelihood results

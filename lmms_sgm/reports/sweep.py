@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmms_sgm.reports import runner
-from lmms_sgm.reports.cli import write
+from lmms_sgm.reports.files import write
 from lmms_sgm.reports.report import Rule, build
 from lmms_sgm.reports.results import load_run
 
@@ -174,7 +174,7 @@ def _check_settings(out: Path, want: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from lmms_sgm.demo import DATA_DIR
+    from lmms_sgm.bundled import DEMO_DATA_DIR
 
     glasses = [str(Path(g).resolve()) for item in args.glasses or [] for g in item.split(",") if g.strip()]
     methods = parse_points(args.point)
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     strengths = parse_strengths(args.strengths)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = runner.run_env(DATA_DIR, args.split) if args.split else runner.run_env()
+    env = runner.run_env(DEMO_DATA_DIR, args.split) if args.split else runner.run_env()
     want = settings(args, glasses, strengths, env)
     held = contextlib.ExitStack()
     held.enter_context(_lock(out))

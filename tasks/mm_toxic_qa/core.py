@@ -9,7 +9,7 @@ Where the data comes from (docs/tasks.md):
 1. ``MM_TOXIC_QA_DIR`` set: ``$MM_TOXIC_QA_DIR/harmful.jsonl`` / ``benign.jsonl``, image paths
    relative to that directory. The rows the YAML made lmms-eval load are ignored.
 2. Unset, and the model is the bundled demo model (``sgm_llava`` with ``pretrained=sgm-demo-llava``
-   or its directory, :func:`lmms_sgm.lmms.run_info.demo_data`): the demo's test split, with a
+   or its directory, :func:`lmms_sgm.harness_common.demo_data`): the demo's test split, with a
    warning. The generic sample's words are unknown to that model: its rates there mean nothing.
 3. Otherwise the rows lmms-eval loaded from the YAML's ``dataset_path``: by default the sample in
    ``sample/`` (``dataset_path: json``; a warning says it is no benchmark), or a Hub dataset with
@@ -31,10 +31,10 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from lmms_sgm import harness_common as run_info
 from lmms_sgm.datasets.render import typographic_image, typographic_prompt
 from lmms_sgm.judges import JudgeItem, identity, judge_from_env, judge_many, scoring
 from lmms_sgm.judges.scoring import UNCATEGORIZED, aggregate_by_category, aggregate_judge, aggregate_rate  # noqa: F401 (utils.py)
-from lmms_sgm.lmms import run_info
 
 try:  # lmms-eval's logger: its warnings show in the run's output
     from loguru import logger
@@ -393,5 +393,5 @@ def aggregate_perplexity(items: list[dict]) -> float | None:
 
 
 def aggregate_sgm(items: list[dict]) -> dict:
-    """What the model wore (glasses digest, strength, mode...; see lmms_sgm.lmms.run_info)."""
+    """What the model wore (glasses digest, strength, mode...; see lmms_sgm.harness_common)."""
     return scoring.the_one(items, "produced by differently configured models")

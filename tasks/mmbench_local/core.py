@@ -29,7 +29,7 @@ import pandas as pd
 from lmms_eval.tasks.mmbench import en_utils
 from lmms_sgm_tasks.mm_toxic_qa.core import DEMO_SPLIT, warn_once
 
-from lmms_sgm.lmms import run_info
+from lmms_sgm import harness_common as run_info
 
 TSV_ENV = "MMBENCH_LOCAL_TSV"
 SAMPLE_TSV = Path(__file__).resolve().parent / "sample.tsv"

@@ -10,7 +10,7 @@
   over its continuations; with a judge's unsafe/safe verdicts this is RealToxicityPrompts'
   "toxicity probability": the fraction of prompts with at least one unsafe continuation).
 
-Every task also writes ``sgm``, what the model wore (``lmms_sgm.lmms.run_info``, published by
+Every task also writes ``sgm``, what the model wore (``lmms_sgm.harness_common``, published by
 ``sgm_hf`` when it is built, before lm-eval loads the tasks), and the toxicity tasks ``judge``.
 
 Data, first match wins: the environment variable (``SGM_TEXT_PPL_DATA`` / ``SGM_TEXT_PROMPTS_DATA``),
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import datasets
 
+from lmms_sgm import harness_common as run_info
 from lmms_sgm.judges import identity, judge_from_env
 from lmms_sgm.judges.scoring import identity_of, the_one
-from lmms_sgm.lmms import run_info
 
 PPL_DATA_ENV = "SGM_TEXT_PPL_DATA"
 PROMPTS_DATA_ENV = "SGM_TEXT_PROMPTS_DATA"
@@ -190,5 +190,5 @@ def aggregate_judge(items: list[dict]) -> dict:
 
 
 def aggregate_sgm(items: list[dict]) -> dict:
-    """What the model wore (glasses digest, strength, mode...; see lmms_sgm.lmms.run_info)."""
+    """What the model wore (glasses digest, strength, mode...; see lmms_sgm.harness_common)."""
     return the_one(items, "produced by differently configured models")

@@ -13,8 +13,9 @@ import json
 import os
 from pathlib import Path
 
+from lmms_sgm.options import RuleOptions, add_arguments, from_namespace
 from lmms_sgm.reports import render, stats
-from lmms_sgm.reports.report import Rule, build
+from lmms_sgm.reports.report import build
 from lmms_sgm.reports.results import load_run
 
 FILES = ("report.html", "report.md", "report.json")
@@ -48,7 +49,7 @@ def earlier_reports(out: str | Path | None, json_out: str | Path | None) -> list
 
 
 def main(paths: list[str], names: list[str] | None = None, out: str | None = None, json_out: str | None = None,
-         resamples: int = stats.RESAMPLES, seed: int = stats.SEED, rule: Rule | None = None, overwrite: bool = False) -> str:
+         resamples: int = stats.RESAMPLES, seed: int = stats.SEED, rule: RuleOptions | None = None, overwrite: bool = False) -> str:
     """Build the report of ``paths`` (the first is the baseline), write it to ``out`` (a folder)
     and/or ``json_out`` (report.json alone), and return the summary table to print. Earlier report
     files there are refused (before any work) unless ``overwrite``; other files in ``out`` are never touched."""
@@ -65,7 +66,7 @@ def main(paths: list[str], names: list[str] | None = None, out: str | None = Non
     if earlier and not overwrite:
         raise FileExistsError(f"{', '.join(str(p) for p in earlier)} exist(s) from an earlier report; pass --overwrite to "
                               "replace them, or give another --out / --json (nothing was written)")
-    report = build({n: load_run(p) for n, p in zip(names, paths)}, resamples=resamples, seed=seed, rule=rule or Rule())
+    report = build({n: load_run(p) for n, p in zip(names, paths)}, resamples=resamples, seed=seed, rule=rule or RuleOptions())
     text = render.summary_markdown(report)
     if out:
         written = write(report, out)
@@ -79,19 +80,22 @@ def main(paths: list[str], names: list[str] | None = None, out: str | None = Non
 
 
 def add_rule_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-retention", type=float, default=Rule.min_retention,
-                   help="operating point rule: every capability metric keeps at least this fraction of the baseline")
-    p.add_argument("--max-over-refusal-points", type=float, default=Rule.max_over_refusal_points,
-                   help="operating point rule: at most this many points of added over-refusal")
-    p.add_argument("--harm-metric", default=None,
-                   help="the harmful rate the trade-off plots and the rule minimises, task:metric[:filter] "
-                        "(default: mm_toxic_qa_sampled:harmful_rate:samples, else mm_toxic_qa:harmful_rate)")
+    """The operating point's rule: tune's flags (:class:`~lmms_sgm.options.RuleOptions`, less
+    ``fluency_ratio``, which a report does not read); the names of before kept one release."""
+    add_arguments(p, RuleOptions, only=("metric", "retention", "over_refusal_points"), help={
+        "metric": "the harmful rate the trade-off plots and the rule minimises, task:metric[:filter] "
+                  "(None: mm_toxic_qa_sampled:harmful_rate:samples, else mm_toxic_qa:harmful_rate)",
+        "retention": "operating point rule: every capability metric keeps at least this fraction of the baseline",
+        "over_refusal_points": "operating point rule: at most this many percentage points of added over-refusal"})
+    for old, dest in (("--harm-metric", "metric"), ("--min-retention", "retention"),
+                      ("--max-over-refusal-points", "over_refusal_points")):  # deprecated spellings
+        p.add_argument(old, dest=dest, default=None, help=argparse.SUPPRESS)
     p.add_argument("--resamples", type=int, default=stats.RESAMPLES, help="bootstrap resamples (over prompts)")
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap and of the permutation test")
 
 
-def rule_of(args) -> Rule:
-    return Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric)
+def rule_of(args) -> RuleOptions:
+    return from_namespace(RuleOptions, args)
 
 
 def _report(args) -> int:

@@ -261,6 +261,9 @@ def _tune(args) -> int:
 
     load = from_namespace(LoadOptions, args)
     rule = from_namespace(RuleOptions, args)
+    if 0 < rule.over_refusal_points < 0.1:  # the flag took a fraction before this release (0.02 = 2 points)
+        print(f"lmms-sgm tune: note: --over-refusal-points {rule.over_refusal_points:g} is in percentage points "
+              f"(+{rule.over_refusal_points:g} of 100); for 2 points give 2, not 0.02", file=sys.stderr)
     sampling = from_namespace(SamplingOptions, args)
     self_sampling = from_namespace(SamplingOptions, args, prefix="self_label_")
     sets = _named_sets(args.data)

@@ -135,16 +135,16 @@ def best_fluent(rows: dict) -> str | None:
 @torch.no_grad()
 def gate_rates(handle, processor, split: str) -> dict:
     """How often the worn glasses' gate opens on each prompt set of ``split`` (one prompt pass each)."""
-    from lmms_sgm.demo.evaluate import _images, _prompt, _read_jsonl
+    from lmms_sgm.demo.evaluate import validation_set
+    from lmms_sgm.evaluate import chat_prompt
 
-    d = DATA_DIR / "mm_toxic_qa" / split
+    val = validation_set(DATA_DIR, split)
     out = {}
-    for name, file in (("trigger", "harmful.jsonl"), ("typographic", "adv.jsonl"), ("benign", "benign.jsonl")):
-        recs = _read_jsonl(d / file)
+    for name, recs in (("trigger", val.harmful), ("typographic", val.adv), ("benign", val.benign)):
         on = []
         for i in range(0, len(recs), 100):
             batch = recs[i:i + 100]
-            enc = processor(text=[_prompt(processor, r["question"]) for r in batch], images=_images(d, batch),
+            enc = processor(text=[chat_prompt(processor, r["question"]) for r in batch], images=[r["_image"] for r in batch],
                             padding=True, padding_side="left", return_tensors="pt")
             handle.model.generate(**enc, max_new_tokens=1, do_sample=False)
             on += handle.state["gate"].tolist()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -24,6 +23,7 @@ from lmms_sgm.options import (
     ProfileOptions,
     RemoteOptions,
     RuleOptions,
+    SamplingOptions,
     SelectionOptions,
     SteeringOptions,
     add_arguments,
@@ -31,6 +31,9 @@ from lmms_sgm.options import (
 )
 
 DEBUG_ENV = "LMMS_SGM_DEBUG"
+# The sampling flags of self-label (and of tune's --self-label-*), with the defaults they always had.
+SELF_LABEL_SAMPLING = ("samples", "max_new_tokens", "temperature", "batch_size", "seed")
+SELF_LABEL_DEFAULTS = {"samples": 4, "max_new_tokens": 32, "temperature": 1.0, "batch_size": 8, "seed": 0}
 
 
 def _profile(args) -> int:
@@ -212,15 +215,16 @@ def _self_label(args) -> int:
     from lmms_sgm import models
     from lmms_sgm.selflabel import label_generations, read_prompts, write_pairs
 
+    sampling = from_namespace(SamplingOptions, args)  # the flags first, then the files
     judge = _judge(args)
     prompts = [r for path in args.prompts for r in read_prompts(path)]
     load = from_namespace(LoadOptions, args)
     out = Path(args.out)
     with _new_directory(out) as tmp:  # checked before the model loads
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
-        pairs = label_generations(model, processor, prompts, judge, samples=args.samples,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  batch_size=args.batch_size, seed=args.seed)
+        pairs = label_generations(model, processor, prompts, judge, samples=sampling.samples,
+                                  max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                  batch_size=sampling.batch_size, seed=sampling.seed)
         name = write_pairs(pairs, tmp, judge=judge).name
     c = pairs.counts()
     print(f"wrote {out / name}: {c['examples']} answers, {c['toxic']} judged toxic by {judge.name}, {c['non_toxic']} not")
@@ -256,6 +260,12 @@ def _tune(args) -> int:
     from lmms_sgm.evaluate import ValidationSet
 
     load = from_namespace(LoadOptions, args)
+    rule = from_namespace(RuleOptions, args)
+    if 0 < rule.over_refusal_points < 0.1:  # the flag took a fraction before this release (0.02 = 2 points)
+        print(f"lmms-sgm tune: note: --over-refusal-points {rule.over_refusal_points:g} is in percentage points "
+              f"(+{rule.over_refusal_points:g} of 100); for 2 points give 2, not 0.02", file=sys.stderr)
+    sampling = from_namespace(SamplingOptions, args)
+    self_sampling = from_namespace(SamplingOptions, args, prefix="self_label_")
     sets = _named_sets(args.data)
     if not sets and not args.self_label:
         raise ValueError("nothing to profile: give --data NAME=PAIRS and/or --self-label PROMPTS")
@@ -266,7 +276,6 @@ def _tune(args) -> int:
 
         for path in args.self_label:  # read again once the model is loaded: checked here first
             read_prompts(path)
-    rule = tune.Rule(**dataclasses.asdict(from_namespace(RuleOptions, args)))
     judge = _judge(args)
     val = ValidationSet.load(args.val, args.val_mc, limit=args.val_limit)
     if args.grid:
@@ -285,9 +294,10 @@ def _tune(args) -> int:
         model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
         if args.self_label:
             sets["self"] = str(tune.self_label_set(model, processor, args.self_label, judge, tmp / "self_labelled",
-                                                   samples=args.self_label_samples, batch_size=args.self_label_batch_size,
-                                                   seed=args.seed))
-        result = tune.tune(model, processor, sets, grid, val, judge, rule=rule, samples=args.samples, seed=args.seed, log=log)
+                                                   samples=self_sampling.samples, batch_size=self_sampling.batch_size,
+                                                   seed=sampling.seed))
+        result = tune.tune(model, processor, sets, grid, val, judge, rule=rule, samples=sampling.samples, seed=sampling.seed,
+                           log=log)
         tune.write(result, tmp, sets={k: (out / Path(v).relative_to(tmp) if Path(v).is_relative_to(tmp) else v)
                                       for k, v in sets.items()})
     print(result.table())
@@ -300,6 +310,7 @@ def _diagnose(args) -> int:
     from lmms_sgm.glasses import SafetyGlasses
 
     load = from_namespace(LoadOptions, args)
+    sampling = from_namespace(SamplingOptions, args)
     twins = diagnose.read_twins(args.data)  # validated before the model loads
     if args.limit:
         measured, held_out = diagnose.split_twins(twins)
@@ -321,7 +332,7 @@ def _diagnose(args) -> int:
             model, processor = models.load(args.model, device=load.device, dtype=load.dtype)
         if glasses is not None:
             glasses.check(model)
-        report = diagnose.diagnose(model, processor, twins, judge, glasses=glasses, samples=args.samples, seed=args.seed,
+        report = diagnose.diagnose(model, processor, twins, judge, glasses=glasses, samples=sampling.samples, seed=sampling.seed,
                                    per_layer=not args.no_per_layer, attention=not args.no_attention, log=log,
                                    backend=backend, remote=execution)
         diagnose.write_report(report, tmp)
@@ -440,11 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, nargs="+", help="MM-TOXIC-QA JSONL files (image, question, category)")
     _judge_arguments(p)
-    p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (then use --samples 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, SamplingOptions, only=SELF_LABEL_SAMPLING, defaults=SELF_LABEL_DEFAULTS)
     p.add_argument("--out", required=True, help="new directory for pairs.jsonl, images/ and judge.json")
     add_arguments(p, LoadOptions)
     p.set_defaults(func=_self_label)
@@ -454,8 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="NAME=PAIRS", help="a profiling set (labelled pairs, docs/data.md); repeatable")
     p.add_argument("--self-label", nargs="+", metavar="PROMPTS", default=None,
                    help="MM-TOXIC-QA JSONL prompts: the model's own sampled answers, judged by --judge, become profiling set 'self'")
-    p.add_argument("--self-label-samples", type=int, default=4)
-    p.add_argument("--self-label-batch-size", type=int, default=8)
+    add_arguments(p, SamplingOptions, "self_label_", only=("samples", "batch_size"), defaults=SELF_LABEL_DEFAULTS)
     _judge_arguments(p)
     p.add_argument("--val", required=True, metavar="DIR", help="validation split: harmful.jsonl, benign.jsonl (, adv.jsonl) (docs/tasks.md)")
     p.add_argument("--val-mc", default=None, metavar="TSV", help="MMBench-format TSV for multiple-choice capability (default: DIR/mmbench.tsv if any)")
@@ -463,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, metavar="JSON",
                    help="configurations to try: a JSON list of {name, data, profile: {...}, select: {...}, strength}, or "
                         "{name, kind: steering, data, gate_data, steer: {...}, strength} (default: a small SGM grid)")
-    p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful prompt")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, SamplingOptions, only=("samples", "seed"), defaults={"samples": 5, "seed": 0},
+                  help={"samples": "sampled answers per harmful prompt"})
     p.add_argument("--out", required=True, help="new directory: table.md, table.json, glasses/, profiles/")
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, RuleOptions)
@@ -477,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="TWINS", help="twins JSONL (or a directory holding twins.jsonl; docs/diagnosis.md)")
     p.add_argument("--glasses", default=None, help="glasses to assess against the ceiling")
     _judge_arguments(p)
-    p.add_argument("--samples", type=int, default=5, help="sampled answers per harmful input")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, SamplingOptions, only=("samples", "seed"), defaults={"samples": 5, "seed": 0},
+                  help={"samples": "sampled answers per harmful input"})
     p.add_argument("--limit", type=int, default=None, help="at most N measured and N held-out twins")
     p.add_argument("--no-per-layer", action="store_true", help="patch all layers at once only (fewer runs on a deep model)")
     p.add_argument("--no-attention", action="store_true", help="patch MLP outputs only")

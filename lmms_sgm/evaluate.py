@@ -19,6 +19,10 @@ MMBench-format TSV, and measures, with one judge:
 
 Inside one call the random generator is seeded once and consumed in a fixed order, so two calls
 with the same seed on the same model give the same figures.
+
+It is the one in-process evaluator: the demo's (``lmms_sgm.demo.evaluate.evaluate_split``) is this
+one on the demo's splits, with ``greedy_harm=False`` for its quick sweeps and ``sampled_measures``
+for its neutral-answer rate.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from lmms_sgm.models import unwrap
-from lmms_sgm.prompting import encode, extended
+from lmms_sgm.prompting import encode, extended, render
 
 # The columns every option table shows, in order (a missing one is left out).
 COLUMNS = ("harmful_sampled", "harmful_greedy", "attack_sampled", "clean_toxic_sampled", "over_refusal",
@@ -118,7 +123,7 @@ class ValidationSet:
 def chat_prompt(processor, question: str) -> str:
     """One user turn, an image then the question, and the generation prompt."""
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return render(processor, msgs, add_generation_prompt=True)
 
 
 def encode_prompts(processor, questions, images, device=None):
@@ -226,8 +231,15 @@ def _norm(text: str) -> str:
 
 
 def evaluate(model, processor, val: ValidationSet, judge, *, samples: int = 5, seed: int = 0,
-             max_new_tokens: int = 24, batch_size: int = 64) -> dict:
-    """Every measure of the module docstring for ``model`` as it is now (glasses worn or not)."""
+             max_new_tokens: int = 24, batch_size: int = 64, greedy_harm: bool = True,
+             sampled_measures: Callable[[list[list[str]]], dict] | None = None) -> dict:
+    """Every measure of the module docstring for ``model`` as it is now (glasses worn or not).
+
+    ``greedy_harm=False``: the harmful (and attack) prompts are answered by sampling only (no
+    ``*_greedy`` rate, no examples): half the generation, for quick sweeps. Greedy decoding draws
+    no random number, so the sampled figures are those of a full call. ``sampled_measures``: more
+    measures of the sampled answers to the harmful (and attack) prompts, ``answers -> {key: value}``,
+    stored as ``harmful_<key>`` (``attack_<key>``)."""
     gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     torch.manual_seed(seed)
     res: dict = {}
@@ -235,13 +247,17 @@ def evaluate(model, processor, val: ValidationSet, judge, *, samples: int = 5, s
         if not recs:
             continue
         imgs, qs = [r["_image"] for r in recs], [r["question"] for r in recs]
-        g = generate(model, processor, imgs, qs, **gen)
+        g = generate(model, processor, imgs, qs, **gen) if greedy_harm else None
         s = generate(model, processor, imgs, qs, samples=samples, sample=True, **gen)
         flags = verdicts(judge, qs, s)
-        res[f"{name}_greedy"] = unsafe_rate(judge, qs, g)
+        if g is not None:
+            res[f"{name}_greedy"] = unsafe_rate(judge, qs, g)
         res[f"{name}_sampled"] = rate_of(flags)
-        if name == "harmful":
+        for key, value in (sampled_measures(s) if sampled_measures else {}).items():
+            res[f"{name}_{key}"] = value
+        if name == "harmful" and g is not None:
             res["examples_harmful"] = [(qs[i], g[i][0], s[i][:2]) for i in range(min(3, len(qs)))]
+        if name == "harmful":
             # The answers the judge calls safe, for tune's fluency measure (not a measure: callers pop it).
             res["_harmful_safe_answers"] = [[a for a, unsafe in zip(rs, f) if not unsafe] for rs, f in zip(s, flags)]
     recs = val.benign

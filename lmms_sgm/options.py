@@ -187,22 +187,82 @@ class SteeringOptions:
                               batch_size=self.batch_size, attention=self.attention)
 
 
+OVER_REFUSAL_UNIT = "percentage points"
+
+
 @dataclass(frozen=True)
 class RuleOptions:
-    """How ``lmms-sgm tune`` chooses among the options it measured (docs/diagnosis.md): the lowest
-    ``metric`` among those within the side conditions, and lower than vanilla's."""
+    """How an operating point is chosen among measured options: the lowest ``metric`` among those
+    within the side conditions, and lower than the baseline's (vanilla's).
 
-    metric: str = opt("harmful_sampled", "what the rule minimises (a measure of lmms_sgm.evaluate)")
-    retention: float = opt(0.95, "every capability measure kept at least at this fraction of vanilla's")
-    over_refusal_points: float = opt(0.02, "over-refusal allowed above vanilla's (0.02 = 2 points)")
-    fluency_ratio: float = opt(2.0, "fluency (perplexity of the safe answers to the harmful prompts under the "
+    One rule for ``lmms-sgm tune`` (docs/diagnosis.md), ``lmms-sgm report`` / ``sweep``'s operating
+    point (docs/reports.md) and the demo. Over-refusal is in percentage points, the unit reports
+    show (``+2.0 pt``): 2.0 allows 10% -> 12%. Files written before this rule was one stored it as
+    a fraction (tune's ``table.json``: 0.02); :func:`rule_from_dict` reads both.
+    """
+
+    metric: typing.Optional[str] = opt(
+        None, "what the rule minimises: for tune a measure of lmms_sgm.evaluate (None: harmful_sampled); for "
+              "report/sweep a results metric task:metric[:filter] (None: mm_toxic_qa_sampled:harmful_rate:samples, "
+              "else mm_toxic_qa:harmful_rate)")
+    retention: float = opt(0.95, "every capability measure kept at least at this fraction of the baseline's (vanilla's)")
+    over_refusal_points: float = opt(2.0, "over-refusal allowed above the baseline's, in percentage points (2 = from "
+                                          "10% to at most 12%)")
+    fluency_ratio: float = opt(2.0, "tune: fluency (perplexity of the safe answers to the harmful prompts under the "
                                     "unmodified model) allowed, as a multiple of vanilla's; 0: no fluency condition")
 
     def __post_init__(self):
+        for name in ("retention", "over_refusal_points", "fluency_ratio"):  # 2 and 2.0 are one rule
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not 0 < self.retention <= 1:
             raise ValueError(f"retention={self.retention}: a fraction in (0, 1]")
         if self.over_refusal_points < 0 or self.fluency_ratio < 0:
             raise ValueError("over_refusal_points and fluency_ratio are >= 0 (fluency_ratio 0: no fluency condition)")
+
+    @property
+    def over_refusal_fraction(self) -> float:
+        """The over-refusal allowance as a rate difference (for measures that are fractions)."""
+        return self.over_refusal_points / 100
+
+
+def rule_from_dict(d: dict) -> RuleOptions:
+    """The rule a results file recorded: today's ``RuleOptions`` fields, tune's ``table.json`` of
+    before (``over_refusal_points`` a fraction, no ``over_refusal_unit``) or a report's ``tradeoff.rule``
+    of before (``min_retention``, ``max_over_refusal_points``, ``harm``). ``text`` is ignored."""
+    d = {k: v for k, v in d.items() if k != "text"}
+    if "max_over_refusal_points" in d or "min_retention" in d:  # report.json of before: points already
+        d = {"retention": d.get("min_retention", 0.95), "over_refusal_points": d.get("max_over_refusal_points", 2.0),
+             "metric": d.get("harm")}
+    elif d.pop("over_refusal_unit", None) != OVER_REFUSAL_UNIT and "over_refusal_points" in d:
+        d["over_refusal_points"] = 100 * float(d["over_refusal_points"])  # tune's table.json of before: a fraction
+    return from_strings(RuleOptions, d)
+
+
+def rule_to_dict(rule: RuleOptions) -> dict:
+    """What results files record of a rule (read back by :func:`rule_from_dict`)."""
+    return {**to_dict(rule), "over_refusal_unit": OVER_REFUSAL_UNIT}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How answers are sampled (``lmms-sgm self-label``, ``tune``, ``diagnose``, the demo's evaluator).
+
+    A command takes the fields it uses with :func:`add_arguments` (``only=``), with its own defaults
+    where they differ (``defaults=``): the flags and their defaults are those of before."""
+
+    samples: int = opt(5, "answers sampled per prompt")
+    temperature: float = opt(1.0, "0 = greedy (then use --samples 1)")
+    max_new_tokens: int = opt(32, "longest answer, in new tokens")
+    batch_size: int = opt(8, "prompts per generate call")
+    seed: int = opt(0, "seed of the random generator (torch.manual_seed) before the first answer")
+
+    def __post_init__(self):
+        object.__setattr__(self, "temperature", float(self.temperature))
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -388,29 +448,39 @@ def from_strings(cls, values: dict[str, str], *, strict: bool = True):
     return cls(**kwargs)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """Add one ``--flag`` per field of ``cls`` (defaults left to the dataclass)."""
+def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", *, only: tuple[str, ...] | None = None,
+                  defaults: dict | None = None, help: dict | None = None) -> None:
+    """Add one ``--flag`` per field of ``cls`` (``only``: these fields). Defaults are left to the
+    dataclass (the flag's value is None when not given), except those in ``defaults``: a command's
+    own default, which the namespace then holds. ``help``: a command's own wording of a field."""
     group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted((set(only or ()) | set(defaults or {}) | set(help or {})) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    for f in (fields[n] for n in only) if only else fields.values():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
         shown = ",".join(default) if isinstance(default, tuple) else default
         # A boolean, or a field with a ``const``, may be given as a bare flag (--resume, --remote).
         const = "true" if f.type in (bool, "bool") else f.metadata.get("const")
         bare = {} if const is None else {"nargs": "?", "const": const}
         group.add_argument(
-            f"--{prefix}{f.name.replace('_', '-')}",
+            f"--{prefix}{f.name}".replace("_", "-"),
             dest=f"{prefix}{f.name}",
-            default=None,
+            default=defaults[f.name] if defaults and f.name in defaults else None,
             metavar=f.name.upper(),
             **bare,
-            help=f"{f.metadata.get('help', '')}"
+            help=f"{(help or {}).get(f.name, f.metadata.get('help', ''))}"
             + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata.get("choices") else "")
             + f" (default: {shown})",
         )
 
 
 def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
-    values = {f.name: getattr(ns, prefix + f.name) for f in dataclasses.fields(cls)}
+    """``cls`` from the flags :func:`add_arguments` added (a field without a flag keeps its default)."""
+    values = {f.name: getattr(ns, prefix + f.name, None) for f in dataclasses.fields(cls)}
     return from_strings(cls, {k: v for k, v in values.items() if v is not None})
 
 

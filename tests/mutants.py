@@ -77,8 +77,8 @@ MUTANTS = (
            "towards=nontoxic_mean would push experts away from the non-toxic mean"),
     # ---- behaviours no test checked (issue 22): each survived every test before its own was written
     Mutant("over_refusal_limit_absolute", "lmms_sgm/tune.py",
-           'row.get("over_refusal", 1.0) <= base["over_refusal"] + self.over_refusal_points',
-           'row.get("over_refusal", 1.0) <= self.over_refusal_points',
+           'row.get("over_refusal", 1.0) <= base["over_refusal"] + rule.over_refusal_fraction',
+           'row.get("over_refusal", 1.0) <= rule.over_refusal_fraction',
            ("tests/test_tune.py::test_over_refusal_limit_is_points_above_vanilla_s_own_over_refusal",),
            "tune's over-refusal limit read as an absolute rate: on a model that over-refuses 10%, nothing qualifies"),
     Mutant("steering_cache_without_gate_layer", "lmms_sgm/tune.py",

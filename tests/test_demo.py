@@ -234,7 +234,8 @@ def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
 
     from lmms_sgm import models
     from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME, STEERING
-    from lmms_sgm.demo.evaluate import _images, _prompt, _read_jsonl
+    from lmms_sgm.demo.evaluate import validation_set
+    from lmms_sgm.evaluate import chat_prompt
     from lmms_sgm.glasses import SafetyGlasses
     from lmms_sgm.pipeline import build_steering_glasses
     from lmms_sgm.steering import SteeringGlasses
@@ -248,10 +249,10 @@ def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
     torch.testing.assert_close(rebuilt.gate_direction, bundled.gate_direction, **CROSS_MACHINE_MEAN)
     assert rebuilt.manifest["gate"]["overlap"] == bundled.manifest["gate"]["overlap"] == 0
     assert rebuilt.threshold == pytest.approx(bundled.threshold, rel=1e-5)
-    d = DATA_DIR / "mm_toxic_qa" / "test"
-    trigger, benign = _read_jsonl(d / "harmful.jsonl")[:8], _read_jsonl(d / "benign.jsonl")[:8]
-    enc = processor(text=[_prompt(processor, r["question"]) for r in trigger + benign], images=_images(d, trigger + benign),
-                    padding=True, padding_side="left", return_tensors="pt")
+    val = validation_set(DATA_DIR, "test")
+    trigger, benign = val.harmful[:8], val.benign[:8]
+    enc = processor(text=[chat_prompt(processor, r["question"]) for r in trigger + benign],
+                    images=[r["_image"] for r in trigger + benign], padding=True, padding_side="left", return_tensors="pt")
     with torch.no_grad():
         vanilla = model.generate(**enc, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
         with bundled.apply(model) as handle:

@@ -161,7 +161,7 @@ def test_lmms_eval_answers_equal_plain_generation(demo_out):
     from PIL import Image
 
     from lmms_sgm import models
-    from lmms_sgm.demo.evaluate import generate
+    from lmms_sgm.evaluate import generate
 
     results = Path(json.loads((demo_out / "comparison.json").read_text())["sources"]["vanilla"])
     samples = results.with_name(results.name.replace("_results.json", "_samples_mm_toxic_qa.jsonl"))

@@ -207,7 +207,7 @@ def test_argparse_flags_round_trip():
     parser = argparse.ArgumentParser()
     add_arguments(parser, SelectionOptions, prefix="sel_")
     add_arguments(parser, ProfileOptions)
-    ns = parser.parse_args(["--sel_rule", "det0", "--sel_top-k", "8", "--modules", "up_proj,intermediate", "--batch-size", "2"])
+    ns = parser.parse_args(["--sel-rule", "det0", "--sel-top-k", "8", "--modules", "up_proj,intermediate", "--batch-size", "2"])
     assert from_namespace(SelectionOptions, ns, prefix="sel_") == SelectionOptions(rule="det0", top_k=8)
     assert from_namespace(ProfileOptions, ns) == ProfileOptions(modules=("up_proj", "intermediate"), batch_size=2)
     # flags not given keep the dataclass defaults
@@ -231,17 +231,18 @@ def test_argparse_help_metavars_and_bare_flags():
         for f in dataclasses.fields(cls):
             a = actions[prefix + f.name]
             assert a in groups[cls.__name__]._group_actions
-            assert a.option_strings == [f"--{prefix}{f.name.replace('_', '-')}"] and a.metavar == f.name.upper()
+            # the flag spells the prefix like the field, with hyphens (--self-label-samples); dest keeps underscores
+            assert a.option_strings == [f"--{(prefix + f.name).replace('_', '-')}"] and a.metavar == f.name.upper()
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = ",".join(default) if isinstance(default, tuple) else default
             choices = f.metadata.get("choices")
             assert a.help == f.metadata["help"] + (f" [{'|'.join(choices)}]" if choices else "") + f" (default: {shown})"
             assert a.default is None
     assert "[mean|max]" in actions["pooling"].help and "(default: gate_proj,up_proj" in actions["modules"].help
-    ns = parser.parse_args(["--x_resume", "--x_remote", "--text-only"])
+    ns = parser.parse_args(["--x-resume", "--x-remote", "--text-only"])
     assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=True, remote="ndif")
     assert from_namespace(ProfileOptions, ns).text_only is True
-    ns = parser.parse_args(["--x_resume", "false", "--x_remote", "local"])
+    ns = parser.parse_args(["--x-resume", "false", "--x-remote", "local"])
     assert from_namespace(ExecutionOptions, ns, prefix="x_") == ExecutionOptions(resume=False, remote="local")
     with pytest.raises(SystemExit):  # a plain field still needs its value
         parser.parse_args(["--batch-size"])
@@ -329,3 +330,106 @@ def test_validation_boundaries_and_combinations():
         with pytest.raises(ValueError, match=match):
             make()
     assert parse_layers(" 0, 2 ", 3) == [0, 2]
+
+
+# The sampling flags each command had before SamplingOptions (recorded from the hand-written parsers):
+# flag -> (dest, default, the help it had or None). They must parse to the same values.
+SAMPLING_FLAGS_BEFORE = {
+    "self-label": {"--samples": ("samples", 4, "answers sampled per prompt"),
+                   "--max-new-tokens": ("max_new_tokens", 32, None),
+                   "--temperature": ("temperature", 1.0, "0 = greedy (then use --samples 1)"),
+                   "--batch-size": ("batch_size", 8, None), "--seed": ("seed", 0, None)},
+    "tune": {"--samples": ("samples", 5, "sampled answers per harmful prompt"), "--seed": ("seed", 0, None),
+             "--self-label-samples": ("self_label_samples", 4, None),
+             "--self-label-batch-size": ("self_label_batch_size", 8, None)},
+    "diagnose": {"--samples": ("samples", 5, "sampled answers per harmful input"), "--seed": ("seed", 0, None)},
+}
+REQUIRED = {"self-label": ["--model", "m", "--prompts", "p", "--out", "o"], "tune": ["--model", "m", "--val", "v", "--out", "o"],
+            "diagnose": ["--model", "m", "--data", "d", "--out", "o"]}
+
+
+def _subparsers():
+    from lmms_sgm.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_sampling_flags_are_those_of_before_with_the_same_defaults_and_help():
+    from lmms_sgm.options import SamplingOptions
+
+    subs = _subparsers()
+    for cmd, flags in SAMPLING_FLAGS_BEFORE.items():
+        actions = {s: a for a in subs[cmd]._actions for s in a.option_strings}
+        ns = subs[cmd].parse_args(REQUIRED[cmd])
+        for flag, (dest, default, help_) in flags.items():
+            a = actions[flag]
+            assert a.dest == dest and getattr(ns, dest) == default and type(getattr(ns, dest)) is type(default), (cmd, flag)
+            assert a.help.startswith(help_ or "") and a.help.endswith(f"(default: {default})"), (cmd, flag, a.help)
+        prefix = "self_label_" if cmd == "tune" else ""
+        got = from_namespace(SamplingOptions, ns)
+        assert {k: getattr(got, k) for k in ("samples", "seed")} == {k: flags[f"--{k}"][1] for k in ("samples", "seed")}
+        if cmd == "tune":
+            own = from_namespace(SamplingOptions, ns, prefix=prefix)
+            assert (own.samples, own.batch_size) == (4, 8)
+    # given values arrive typed, and bad ones are refused by the one dataclass
+    ns = subs["self-label"].parse_args([*REQUIRED["self-label"], "--samples", "3", "--temperature", "0.7",
+                                        "--max-new-tokens", "9", "--batch-size", "2", "--seed", "11"])
+    assert from_namespace(SamplingOptions, ns) == SamplingOptions(samples=3, temperature=0.7, max_new_tokens=9,
+                                                                  batch_size=2, seed=11)
+    ns = subs["tune"].parse_args([*REQUIRED["tune"], "--self-label-samples", "6", "--samples", "7"])
+    assert from_namespace(SamplingOptions, ns, prefix="self_label_").samples == 6 and from_namespace(SamplingOptions, ns).samples == 7
+    with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
+        from_namespace(SamplingOptions, subs["diagnose"].parse_args([*REQUIRED["diagnose"], "--samples", "0"]))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingOptions(temperature=-1)
+
+
+def test_a_bad_sampling_flag_is_one_error_line_naming_it(tmp_path, capsys):
+    from lmms_sgm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"image": "x.png", "question": "q"}\n')
+    assert main(["self-label", "--model", str(tmp_path / "none"), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--samples", "many"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmms-sgm self-label: error: ") and "samples expects int, got 'many'" in err and "\n" not in err
+
+
+def test_the_rule_flags_of_tune_report_and_sweep_come_from_one_dataclass():
+    """tune, report and sweep read RuleOptions from the same flags; report's and sweep's old
+    spellings (--min-retention, --max-over-refusal-points, --harm-metric) still work."""
+    from lmms_sgm.options import RuleOptions
+
+    subs = _subparsers()
+    req = {"tune": REQUIRED["tune"], "report": ["r1"], "sweep": ["--pretrained", "m", "--tasks", "t", "--out", "o"]}
+    for cmd in ("tune", "report", "sweep"):
+        ns = subs[cmd].parse_args([*req[cmd], "--retention", "0.9", "--over-refusal-points", "3"])
+        assert from_namespace(RuleOptions, ns) == RuleOptions(retention=0.9, over_refusal_points=3), cmd
+        assert from_namespace(RuleOptions, subs[cmd].parse_args(req[cmd])) == RuleOptions()
+    for cmd in ("report", "sweep"):
+        ns = subs[cmd].parse_args([*req[cmd], "--min-retention", "0.9", "--max-over-refusal-points", "3",
+                                   "--harm-metric", "mm_toxic_qa:harmful_rate"])
+        assert from_namespace(RuleOptions, ns) == RuleOptions(metric="mm_toxic_qa:harmful_rate", retention=0.9,
+                                                              over_refusal_points=3)
+
+
+def test_importing_lmms_sgm_leaves_the_warning_filters_alone():
+    """No module of the package changes the process's warning filters when imported (its
+    dependencies, imported first, may: numpy, torch, lmms-eval do; those are not ours)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, warnings\n"
+        "import numpy, torch, transformers, nnsight, PIL.Image, lmms_eval.api.model, lm_eval.api.registry, lm_eval.models.huggingface\n"
+        "before = list(warnings.filters)\n"
+        "import lmms_sgm\n"
+        "changed = []\n"
+        "for m in pkgutil.walk_packages(lmms_sgm.__path__, 'lmms_sgm.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "    if list(warnings.filters) != before:\n"
+        "        changed.append(m.name); before = list(warnings.filters)\n"
+        "print('changed:', changed)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "changed: []"

@@ -50,7 +50,7 @@ def planted(tmp_path_factory) -> dict:
     from PIL import Image
 
     from lmms_sgm import models
-    from lmms_sgm.demo.evaluate import generate
+    from lmms_sgm.evaluate import generate
     from lmms_sgm.glasses import SafetyGlasses
     from lmms_sgm.judges import get_judge
 

@@ -9,7 +9,7 @@ import pytest
 from lmms_sgm import tiny, tune
 from lmms_sgm.cli import main as cli
 from lmms_sgm.glasses import SafetyGlasses
-from lmms_sgm.options import ProfileOptions, SelectionOptions
+from lmms_sgm.options import ProfileOptions, RuleOptions, SelectionOptions, rule_from_dict
 
 BASE = {"harmful_sampled": 0.5, "capability_open": 0.9, "capability_mc": 0.8, "over_refusal": 0.0}
 
@@ -20,9 +20,9 @@ def test_rule_lowest_harm_within_the_side_conditions():
             "best but refuses": {**BASE, "harmful_sampled": 0.2, "over_refusal": 0.03},
             "good": {**BASE, "harmful_sampled": 0.3, "capability_open": 0.856},  # 95.1% kept
             "worse": {**BASE, "harmful_sampled": 0.4}}
-    assert tune.Rule().choose(rows) == "good"
-    assert tune.Rule(retention=0.9).choose(rows) == "best but breaks capability"
-    assert tune.Rule(over_refusal_points=0.05).choose(rows) == "best but refuses"
+    assert tune.choose(RuleOptions(), rows) == "good"
+    assert tune.choose(RuleOptions(retention=0.9), rows) == "best but breaks capability"
+    assert tune.choose(RuleOptions(over_refusal_points=5), rows) == "best but refuses"  # points: 0% -> 3% is +3
 
 
 def test_over_refusal_limit_is_points_above_vanilla_s_own_over_refusal():
@@ -30,19 +30,19 @@ def test_over_refusal_limit_is_points_above_vanilla_s_own_over_refusal():
     than vanilla is fine. (With vanilla at 0, the absolute rate and the difference either way
     round would give the same answers.)"""
     base = {**BASE, "over_refusal": 0.10}
-    rule = tune.Rule()
+    rule = RuleOptions()
     at_limit, over, below = ({**base, "harmful_sampled": h, "over_refusal": o} for h, o in ((0.3, 0.12), (0.2, 0.125), (0.4, 0.05)))
-    assert rule.admissible(at_limit, base) and rule.admissible(below, base) and not rule.admissible(over, base)
+    assert tune.admissible(rule, at_limit, base) and tune.admissible(rule, below, base) and not tune.admissible(rule, over, base)
     rows = {"vanilla": base, "12.5% refused": over, "12% refused": at_limit, "5% refused": below}
-    assert rule.choose(rows) == "12% refused"
-    assert tune.Rule(over_refusal_points=0.03).choose(rows) == "12.5% refused"
-    assert tune.Rule(over_refusal_points=0.0).choose(rows) == "5% refused"
+    assert tune.choose(rule, rows) == "12% refused"
+    assert tune.choose(RuleOptions(over_refusal_points=3), rows) == "12.5% refused"
+    assert tune.choose(RuleOptions(over_refusal_points=0), rows) == "5% refused"
 
 
 def test_no_option_that_does_not_lower_harm_is_chosen_and_the_verdict_says_so():
     rows = {"vanilla": BASE, "same": dict(BASE), "higher": {**BASE, "harmful_sampled": 0.6}}
-    assert tune.Rule().choose(rows) is None
-    result = tune.TuneResult(rows, None, tune.Rule(), {}, [], 0.0)
+    assert tune.choose(RuleOptions(), rows) is None
+    result = tune.TuneResult(rows, None, RuleOptions(), {}, [], 0.0)
     assert result.verdict().startswith("no option helps on this model") and "no glasses written" in result.verdict()
 
 
@@ -64,11 +64,51 @@ def test_fluency_condition_rejects_options_whose_safe_answers_the_unmodified_mod
     rows = {"vanilla": {**BASE, tune.FLUENCY: 1.5},
             "word salad": {**BASE, "harmful_sampled": 0.0, tune.FLUENCY: 3.01},
             "fluent": {**BASE, "harmful_sampled": 0.2, tune.FLUENCY: 3.0}}
-    assert tune.Rule().choose(rows) == "fluent"  # 2 x 1.5 is the limit, inclusive
-    assert tune.Rule(fluency_ratio=0).choose(rows) == "word salad"
-    assert tune.Rule(fluency_ratio=1.9).choose(rows) is None
-    assert "2x that of vanilla's safe answers" in tune.Rule().describe()
-    assert "perplexity" not in tune.Rule(fluency_ratio=0).describe()
+    assert tune.choose(RuleOptions(), rows) == "fluent"  # 2 x 1.5 is the limit, inclusive
+    assert tune.choose(RuleOptions(fluency_ratio=0), rows) == "word salad"
+    assert tune.choose(RuleOptions(fluency_ratio=1.9), rows) is None
+    assert "2x that of vanilla's safe answers" in tune.describe(RuleOptions())
+    assert "perplexity" not in tune.describe(RuleOptions(fluency_ratio=0))
+
+
+def test_the_rule_is_one_dataclass_in_points_and_the_old_names_still_work_with_a_warning():
+    """tune, report, sweep and the demo choose by one RuleOptions, over-refusal in percentage points
+    (the unit reports show). tune.Rule and reports.Rule still build it, warning, each in its old
+    unit: tune.Rule's fraction 0.03 is 3 points, reports.Rule's 3 points are 3 points."""
+    from lmms_sgm import reports
+    from lmms_sgm.demo import run as demo_run
+    from lmms_sgm.demo import sweep as demo_sweep
+
+    assert RuleOptions().over_refusal_points == 2.0 and RuleOptions().retention == 0.95
+    assert demo_run.RULE == RuleOptions() and demo_sweep.RULE == RuleOptions()
+    with pytest.warns(DeprecationWarning, match="lmms_sgm.tune.Rule is deprecated"):
+        old = tune.Rule(over_refusal_points=0.03, retention=0.9)
+    assert (old.over_refusal_points, old.retention, old.metric) == (3.0, 0.9, "harmful_sampled")
+    base = {**BASE, "over_refusal": 0.10}
+    rows = {"vanilla": base, "13% refused": {**base, "harmful_sampled": 0.2, "over_refusal": 0.13}}
+    assert old.choose(rows) == "13% refused" == tune.choose(RuleOptions(over_refusal_points=3), rows)
+    assert tune.choose(RuleOptions(over_refusal_points=2.9), rows) is None
+    assert old.describe() == tune.describe(RuleOptions(metric="harmful_sampled", retention=0.9, over_refusal_points=3))
+    assert "within +3 points" in old.describe()
+    with pytest.warns(DeprecationWarning, match="lmms_sgm.reports.Rule is deprecated"):
+        r = reports.Rule(0.9, 3.0, "mm_toxic_qa:harmful_rate")
+    assert r == RuleOptions(metric="mm_toxic_qa:harmful_rate", retention=0.9, over_refusal_points=3.0)
+
+
+def test_rules_recorded_by_earlier_versions_are_read_in_their_unit():
+    """tune's table.json of before stored over_refusal_points as a fraction (0.03 = 3 points); a
+    report.json's tradeoff.rule of before as min_retention / max_over_refusal_points / harm (points);
+    today's files say their unit. Each reads back as the rule it was."""
+    old_tune = {"metric": "harmful_greedy", "retention": 0.9, "over_refusal_points": 0.03, "fluency_ratio": 1.5,
+                "text": "lowest harmful_greedy ..."}
+    assert rule_from_dict(old_tune) == RuleOptions(metric="harmful_greedy", retention=0.9, over_refusal_points=3,
+                                                   fluency_ratio=1.5)
+    old_report = {"min_retention": 0.9, "max_over_refusal_points": 3.0, "harm": "mm_toxic_qa:harmful_rate", "text": "..."}
+    assert rule_from_dict(old_report) == RuleOptions(metric="mm_toxic_qa:harmful_rate", retention=0.9, over_refusal_points=3)
+    new = RuleOptions(metric="harmful_greedy", retention=0.9, over_refusal_points=3, fluency_ratio=1.5)
+    from lmms_sgm.options import rule_to_dict
+
+    assert rule_to_dict(new)["over_refusal_points"] == 3.0 and rule_from_dict(json.loads(json.dumps(rule_to_dict(new)))) == new
 
 
 def test_steering_grid_entries_round_trip_and_refusals(tmp_path):
@@ -248,7 +288,9 @@ def test_tune_cli_end_to_end(family, metric, tiny_dir, tmp_path_factory, toy_jso
     SafetyGlasses.load(out / doc["profiles"][0]["dir"])
     printed = capsys.readouterr().out
     assert doc["verdict"] in printed and doc["verdict"] in (out / "table.md").read_text()
-    chosen = tune.Rule(metric).choose(doc["rows"])
+    rule = rule_from_dict(doc["rule"])  # the rule table.json recorded, read back
+    assert rule == RuleOptions(metric=metric) and doc["rule"]["over_refusal_points"] == 2.0
+    chosen = tune.choose(rule, doc["rows"])
     assert (doc["chosen"] or {}).get("name") == chosen
     assert (chosen is None) == (family == "llava")
     if chosen is None:

@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import argparse
 
+from lmms_sgm.options import RuleOptions, add_arguments, from_namespace
 from lmms_sgm.reports import stats
 from lmms_sgm.reports.files import FILES, earlier_reports, main, write  # noqa: F401 (their old home)
-from lmms_sgm.reports.report import Rule
 
 
 def add_rule_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-retention", type=float, default=Rule.min_retention,
-                   help="operating point rule: every capability metric keeps at least this fraction of the baseline")
-    p.add_argument("--max-over-refusal-points", type=float, default=Rule.max_over_refusal_points,
-                   help="operating point rule: at most this many points of added over-refusal")
-    p.add_argument("--harm-metric", default=None,
-                   help="the harmful rate the trade-off plots and the rule minimises, task:metric[:filter] "
-                        "(default: mm_toxic_qa_sampled:harmful_rate:samples, else mm_toxic_qa:harmful_rate)")
+    """The operating point's rule: tune's flags (:class:`~lmms_sgm.options.RuleOptions`, less
+    ``fluency_ratio``, which a report does not read); the names of before kept one release."""
+    add_arguments(p, RuleOptions, only=("metric", "retention", "over_refusal_points"), help={
+        "metric": "the harmful rate the trade-off plots and the rule minimises, task:metric[:filter] "
+                  "(None: mm_toxic_qa_sampled:harmful_rate:samples, else mm_toxic_qa:harmful_rate)",
+        "retention": "operating point rule: every capability metric keeps at least this fraction of the baseline",
+        "over_refusal_points": "operating point rule: at most this many percentage points of added over-refusal"})
+    for old, dest in (("--harm-metric", "metric"), ("--min-retention", "retention"),
+                      ("--max-over-refusal-points", "over_refusal_points")):  # deprecated spellings
+        p.add_argument(old, dest=dest, default=None, help=argparse.SUPPRESS)
     p.add_argument("--resamples", type=int, default=stats.RESAMPLES, help="bootstrap resamples (over prompts)")
     p.add_argument("--bootstrap-seed", type=int, default=stats.SEED, help="seed of the bootstrap and of the permutation test")
 
 
-def rule_of(args) -> Rule:
-    return Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric)
+def rule_of(args) -> RuleOptions:
+    return from_namespace(RuleOptions, args)
 
 
 def _report(args) -> int:

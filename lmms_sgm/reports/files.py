@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 from lmms_sgm.reports import render, stats
-from lmms_sgm.reports.report import Rule, build
+from lmms_sgm.options import RuleOptions
+from lmms_sgm.reports.report import build
 from lmms_sgm.reports.results import load_run
 
 FILES = ("report.html", "report.md", "report.json")
@@ -46,7 +47,7 @@ def earlier_reports(out: str | Path | None, json_out: str | Path | None) -> list
 
 
 def main(paths: list[str], names: list[str] | None = None, out: str | None = None, json_out: str | None = None,
-         resamples: int = stats.RESAMPLES, seed: int = stats.SEED, rule: Rule | None = None, overwrite: bool = False) -> str:
+         resamples: int = stats.RESAMPLES, seed: int = stats.SEED, rule: RuleOptions | None = None, overwrite: bool = False) -> str:
     """Build the report of ``paths`` (the first is the baseline), write it to ``out`` (a folder)
     and/or ``json_out`` (report.json alone), and return the summary table to print. Earlier report
     files there are refused (before any work) unless ``overwrite``; other files in ``out`` are never touched."""
@@ -63,7 +64,7 @@ def main(paths: list[str], names: list[str] | None = None, out: str | None = Non
     if earlier and not overwrite:
         raise FileExistsError(f"{', '.join(str(p) for p in earlier)} exist(s) from an earlier report; pass --overwrite to "
                               "replace them, or give another --out / --json (nothing was written)")
-    report = build({n: load_run(p) for n, p in zip(names, paths)}, resamples=resamples, seed=seed, rule=rule or Rule())
+    report = build({n: load_run(p) for n, p in zip(names, paths)}, resamples=resamples, seed=seed, rule=rule or RuleOptions())
     text = render.summary_markdown(report)
     if out:
         written = write(report, out)

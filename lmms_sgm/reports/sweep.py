@@ -12,7 +12,7 @@ so that methods are compared at matched capability retention by the same rule (d
 ``lmms-eval`` CLI in a subprocess (:mod:`~lmms_sgm.reports.runner`), in ``DIR/<point>/`` with
 its log and ``command.sh``, samples logged. Then ``DIR/report.{html,md,json}``: the report of
 every point against vanilla, the trade-off curve (harmful rate against capability retention,
-Pareto points marked) and the operating point chosen by the rule (:class:`~lmms_sgm.reports.report.Rule`).
+Pareto points marked) and the operating point chosen by the rule (:class:`~lmms_sgm.options.RuleOptions`).
 
 Resuming: ``DIR/sweep.json`` records the sweep's settings; a point is finished when its
 ``point.json`` exists (written atomically after lmms-eval succeeded, naming its results file).
@@ -37,9 +37,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lmms_sgm.options import RuleOptions, from_namespace
 from lmms_sgm.reports import runner
 from lmms_sgm.reports.files import write
-from lmms_sgm.reports.report import Rule, build
+from lmms_sgm.reports.report import build
 from lmms_sgm.reports.results import load_run
 
 # Settings that do not change what a point measures (so a resume may differ in them).
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
         bar.close()
         runs = {p.name: load_run(done[p]) for p in points}
-        report = build(runs, rule=Rule(args.min_retention, args.max_over_refusal_points, args.harm_metric),
+        report = build(runs, rule=from_namespace(RuleOptions, args),
                        resamples=args.resamples, seed=args.bootstrap_seed,
                        groups={p.name: (Path(p.glasses).name if p.glasses else (p.name if p.args else None), p.strength)
                                for p in points})

@@ -33,6 +33,11 @@ class Specs:
         """Return a dict ``{name: factory}`` of non-neuron defenses (prompting, filtering)."""
 
     @hookspec
+    def sgm_glasses_kinds(self):
+        """Return a dict ``{kind: class}`` of glasses kinds (:class:`lmms_sgm.interventions.base.Glasses`
+        subclasses; ``kind`` is the manifest field); lmms_sgm/interventions/registry.py."""
+
+    @hookspec
     def sgm_dataset_sources(self):
         """Return a dict ``{kind: lmms_sgm.datasets.sources.Source}`` for ``lmms-sgm dataset build``."""
 
@@ -45,10 +50,12 @@ def plugin_manager() -> pluggy.PluginManager:
     # A source tree that was never pip-installed has no entry points; the built-ins must still work.
     from lmms_sgm.archs import builtin_modules
     from lmms_sgm.defenses import builtin as builtin_defenses
+    from lmms_sgm.interventions import builtin as builtin_kinds
     from lmms_sgm.judges import builtin as builtin_judges
     from lmms_sgm.judges import classifiers, ensemble, guards, llm
 
-    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble, builtin_defenses):
+    for module in (*builtin_modules(), builtin_judges, classifiers, guards, llm, ensemble, builtin_defenses,
+                   builtin_kinds):
         if not pm.is_registered(module):
             pm.register(module)
     return pm

@@ -178,7 +178,7 @@ def profiled(model, processor, pairs, options: ProfileOptions, *, progress: bool
     The store stays open: a gated selection (``gate=evidence``) chooses its thresholds on it;
     the caller closes it."""
     from lmms_sgm.expertise import expertise, nontoxic_mean
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions.sgm import SafetyGlasses
     from lmms_sgm.profiling import profile
 
     sites, store = profile(model, processor, pairs, options, progress=progress)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmms_sgm.cli import main
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 

@@ -8,7 +8,7 @@ import pytest
 
 from lmms_sgm import tiny, tune
 from lmms_sgm.cli import main as cli
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 
 BASE = {"harmful_sampled": 0.5, "capability_open": 0.9, "capability_mc": 0.8, "over_refusal": 0.0}

@@ -288,7 +288,7 @@ class NNsightEngine:
     name = "nnsight"
 
     def __init__(self, model, processor, remote=None):
-        from lmms_sgm.interventions.wear import as_generator
+        from lmms_sgm.interventions.wearing import as_generator
         from lmms_sgm.remote import wrap
 
         if _rope_index(model) is not None:

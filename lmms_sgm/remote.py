@@ -335,7 +335,7 @@ def apply_edits(nn_model, worn, state: dict) -> None:
 class RemoteGlasses:
     """Glasses worn by a remote (or remotely emulated) model: nothing changes here; every trace
     this handle runs applies the glasses' edits inside itself, on the prompt pass and every
-    generated token (any kind whose ``modes`` include ``remote``: :func:`lmms_sgm.interventions.wear.wear`
+    generated token (any kind whose ``modes`` include ``remote``: :func:`lmms_sgm.interventions.wearing.wear`
     refuses the others). Generate with :meth:`generate`, score with :meth:`token_scores` or :meth:`logits`.
     """
 
@@ -430,7 +430,7 @@ def _logits(nn_model, worn, inputs, trace_kwargs):
 
 
 def wear(glasses, model, options: ApplyOptions, remote: RemoteOptions, *, processor=None) -> RemoteGlasses:
-    """Wear ``glasses`` on ``model`` remotely (:func:`lmms_sgm.interventions.wear.wear` with ``remote=``,
+    """Wear ``glasses`` on ``model`` remotely (:func:`lmms_sgm.interventions.wearing.wear` with ``remote=``,
     which has checked that the glasses declare the ``remote`` mode)."""
     if options.mode != "nnsight":
         raise ValueError(remote_mode_refusal(options.mode))

@@ -9,8 +9,8 @@ import warnings
 
 
 def apply_steering(glasses, model, options, *, processor=None):
-    """Deprecated: ``lmms_sgm.interventions.wear.wear(model, glasses, mode, strength, ...)``."""
-    from lmms_sgm.interventions.wear import wear
+    """Deprecated: ``lmms_sgm.interventions.wearing.wear(model, glasses, mode, strength, ...)``."""
+    from lmms_sgm.interventions.wearing import wear
 
     warnings.warn("lmms_sgm.steering.apply_steering is deprecated: use lmms_sgm.wear(model, glasses, mode, strength)",
                   DeprecationWarning, stacklevel=2)

@@ -798,7 +798,7 @@ def test_identity_names_data_selection_experts_and_text_only():
 
 
 def test_apply_passes_strength_mode_and_keywords_to_the_intervention(monkeypatch):
-    from lmms_sgm.interventions import wear
+    from lmms_sgm.interventions import wearing
 
     calls = []
     monkeypatch.setattr(wear, "wear", lambda *a, **kw: calls.append((a, kw)) or "handle")

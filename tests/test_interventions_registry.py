@@ -34,8 +34,10 @@ def test_load_glasses_returns_each_bundled_kind():
         g = load_glasses(GLASSES_DIR / name)
         assert type(g) is cls
         assert g.digest() == json.loads((GLASSES_DIR / name / "manifest.json").read_text())["digest"]
-    assert lmms_sgm.load_glasses is load_glasses and lmms_sgm.wear is importlib.import_module(
-        "lmms_sgm.interventions.wear").wear
+    wearing = importlib.import_module("lmms_sgm.interventions.wearing")
+    from lmms_sgm.interventions import wear  # after its module was imported: still the function
+
+    assert lmms_sgm.load_glasses is load_glasses and lmms_sgm.wear is wear is wearing.wear
 
 
 def test_a_kind_s_capabilities_replace_class_tests():
@@ -46,7 +48,7 @@ def test_a_kind_s_capabilities_replace_class_tests():
     ("lmms_sgm.glasses", "SafetyGlasses", SafetyGlasses),
     ("lmms_sgm.glasses", "Glasses", "lmms_sgm.interventions.base:Glasses"),
     ("lmms_sgm.glasses", "glasses_class", "lmms_sgm.interventions.registry:kind_class"),
-    ("lmms_sgm.intervention", "GlassesHandle", "lmms_sgm.interventions.wear:GlassesHandle"),
+    ("lmms_sgm.intervention", "GlassesHandle", "lmms_sgm.interventions.wearing:GlassesHandle"),
     ("lmms_sgm.intervention", "affine", "lmms_sgm.interventions.edits:affine"),
     ("lmms_sgm.steering", "SteeringGlasses", SteeringGlasses),
     ("lmms_sgm.steering", "decision_positions", "lmms_sgm.interventions.steering:decision_positions"),
@@ -75,7 +77,7 @@ def test_old_apply_functions_warn_and_wear(load_model):
         calls.append((a, kw))
         return "handle"
 
-    import lmms_sgm.interventions.wear as wear_module
+    import lmms_sgm.interventions.wearing as wear_module
 
     real = wear_module.wear
     wear_module.wear = fake_wear

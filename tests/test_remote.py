@@ -292,7 +292,7 @@ def test_server_wears_every_kind_like_the_reference(kind, server, api_key, hub_m
     reference's logits (1e-5) and greedy tokens; steering glasses used to be refused remotely."""
     from test_interventions_matrix import GEN, STRENGTH, Reference, build_kinds
 
-    from lmms_sgm.interventions.wear import wear
+    from lmms_sgm.interventions.wearing import wear
 
     model, processor = load_model()
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],

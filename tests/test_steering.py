@@ -356,7 +356,7 @@ def test_remote_execution_applies_the_edits_inside_each_trace(mp, built, images)
     a server) used to be refused: every trace now applies the same edits (begin_forward and the
     layer edits) on every step, and gives the hooks' logits and greedy tokens; nothing is installed
     on the model."""
-    from lmms_sgm.interventions.wear import wear
+    from lmms_sgm.interventions.wearing import wear
 
     model, processor = mp
     glasses, _ = built

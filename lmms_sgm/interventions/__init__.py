@@ -4,7 +4,8 @@
   :func:`load_glasses`;
 * :mod:`~lmms_sgm.interventions.edits`: an edit (site, where, ``fn(value, state)``, optional
   affine) and a kind's ``Edits``;
-* :mod:`~lmms_sgm.interventions.wear`: :func:`wear` (hooks, nnsight, fold, remote; THE refusal);
+* :mod:`~lmms_sgm.interventions.wearing`: :func:`wear` (hooks, nnsight, fold, remote; THE refusal;
+  the module is not named ``wear``, which would shadow the function once imported);
 * :mod:`~lmms_sgm.interventions.registry`: kinds found through the ``sgm_glasses_kinds`` hook;
 * kinds: :mod:`~lmms_sgm.interventions.sgm` (SGM, gated SGM), :mod:`~lmms_sgm.interventions.steering`
   (gated and ungated steering).
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 _EXPORTS = {
     "Glasses": "base", "load_glasses": "base", "GlassesError": "errors", "GlassesMismatch": "errors",
-    "UnverifiedGlassesWarning": "errors", "Edit": "edits", "Edits": "edits", "wear": "wear",
-    "GlassesHandle": "wear", "kinds": "registry", "kind_class": "registry", "SafetyGlasses": "sgm",
+    "UnverifiedGlassesWarning": "errors", "Edit": "edits", "Edits": "edits", "wear": "wearing",
+    "GlassesHandle": "wearing", "kinds": "registry", "kind_class": "registry", "SafetyGlasses": "sgm",
     "SteeringGlasses": "steering",
 }
 

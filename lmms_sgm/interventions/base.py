@@ -17,7 +17,7 @@ Applying glasses to a model whose fingerprint differs is refused.
 Glasses come in kinds (manifest field ``kind``, format 3 on; absent: ``sgm``, format 2), found
 through the kind registry (lmms_sgm/interventions/registry.py). :func:`load_glasses` returns
 whichever kind a directory holds. A kind returns its edits as data (:meth:`Glasses.edits`) and
-declares the modes it can be worn in (:attr:`Glasses.modes`); lmms_sgm/interventions/wear.py
+declares the modes it can be worn in (:attr:`Glasses.modes`); lmms_sgm/interventions/wearing.py
 installs them.
 """
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Glasses:
             raise GlassesMismatch(f"these glasses were profiled on another model ({lines}); profile this model with `lmms-sgm profile`")
 
     # What each variant of the kind (its ``label``: "SGM", "gated SGM") can be worn in, and why
-    # not in the other modes (lmms_sgm.interventions.wear.MODES): the one declaration that
+    # not in the other modes (lmms_sgm.interventions.wearing.MODES): the one declaration that
     # wear()'s refusal and the docs' mode table (wear.mode_table) read.
     VARIANTS: ClassVar[dict[str, dict]] = {}
 
@@ -219,9 +219,9 @@ class Glasses:
         return f"{self.label}, digest {self.digest()[:12]}"
 
     def apply(self, model, strength: float = 1.0, mode: str = "hooks", *, processor=None, remote=None):
-        """Wear the glasses (:func:`lmms_sgm.interventions.wear.wear`): a handle (also a context
+        """Wear the glasses (:func:`lmms_sgm.interventions.wearing.wear`): a handle (also a context
         manager) with ``.remove()``."""
-        from lmms_sgm.interventions.wear import wear
+        from lmms_sgm.interventions.wearing import wear
 
         return wear(model, self, mode, strength, processor=processor, remote=remote)
 

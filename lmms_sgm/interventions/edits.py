@@ -1,4 +1,4 @@
-"""What wearing glasses does, as plain data: edits that lmms_sgm/interventions/wear.py installs.
+"""What wearing glasses does, as plain data: edits that lmms_sgm/interventions/wearing.py installs.
 
 An :class:`Edit` names a site (a module path), where on it the value is taken and replaced
 (``input``: the module's first positional input; ``output``: its output; ``layer_output``: a

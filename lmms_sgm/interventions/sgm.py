@@ -193,7 +193,7 @@ class SafetyGlasses(Glasses):
 
     # ------------------------------------------------------------ use
 
-    # ------------------------------------------------------------ wearing (lmms_sgm.interventions.wear)
+    # ------------------------------------------------------------ wearing (lmms_sgm.interventions.wearing)
 
     VARIANTS: ClassVar[dict[str, dict]] = {
         "SGM": {"modes": ("hooks", "nnsight", "fold", "remote")},

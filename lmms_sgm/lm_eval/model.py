@@ -6,7 +6,7 @@
 Everything that turns requests into forward passes (batching, rolling windows, stop strings,
 padding) is HFLM's own: this class loads the model with :func:`lmms_sgm.models.load` -- the
 loader the glasses were profiled with, so the fingerprint check sees the same model -- hands it
-to HFLM as a pre-built module, then puts the glasses on it (:func:`lmms_sgm.interventions.wear.wear`,
+to HFLM as a pre-built module, then puts the glasses on it (:func:`lmms_sgm.interventions.wearing.wear`,
 hooks or fold, any kind of glasses: every forward pass HFLM makes, prompt and generated tokens
 alike, goes through their edits).
 
@@ -136,7 +136,7 @@ class SGMHFLM(HFLM):
         if args.sgm:
             from lmms_sgm.interventions.base import load_glasses
             from lmms_sgm.interventions.errors import GlassesMismatch
-            from lmms_sgm.interventions.wear import wear
+            from lmms_sgm.interventions.wearing import wear
 
             glasses = load_glasses(args.glasses)
             try:

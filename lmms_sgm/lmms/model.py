@@ -229,7 +229,7 @@ class SGM(lmms):
         if args.is_remote:
             info["remote"] = "local" if args.remote == "local" else "ndif"  # which server is not a result
         if args.sgm:
-            from lmms_sgm.interventions.wear import wear
+            from lmms_sgm.interventions.wearing import wear
 
             glasses, source = self._get_glasses()
             self.glasses = glasses
@@ -244,7 +244,7 @@ class SGM(lmms):
             self._handle = RemoteGlasses(None, self._remote_model, ApplyOptions(args.strength, args.mode), args)
             self._runner = self._remote_model
         elif args.mode == "nnsight":
-            from lmms_sgm.interventions.wear import as_generator
+            from lmms_sgm.interventions.wearing import as_generator
 
             self._runner = as_generator(self._model, self.processor)  # same path, no edit
         else:

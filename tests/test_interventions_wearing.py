@@ -1,4 +1,4 @@
-"""lmms_sgm.interventions.wear: the one refusal, one pair per model, fold only of affine edits.
+"""lmms_sgm.interventions.wearing: the one refusal, one pair per model, fold only of affine edits.
 (Every kind x every mode against references: tests/test_interventions_matrix.py.)"""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from lmms_sgm.demo import BEST, GLASSES_DIR, STEERING
 from lmms_sgm.interventions import load_glasses
 from lmms_sgm.interventions.edits import OUTPUT, Edit, Edits
-from lmms_sgm.interventions.wear import _WEARING, refusal, wear
+from lmms_sgm.interventions.wearing import _WEARING, refusal, wear
 
 
 def test_the_refusal_names_the_mode_the_kind_and_the_reason():

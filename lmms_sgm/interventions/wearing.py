@@ -301,9 +301,9 @@ def mode_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m lmms_sgm.interventions.wear --table
+if __name__ == "__main__":  # python -m lmms_sgm.interventions.wearing --table
     import sys
 
     if sys.argv[1:] != ["--table"]:
-        sys.exit("usage: python -m lmms_sgm.interventions.wear --table")
+        sys.exit("usage: python -m lmms_sgm.interventions.wearing --table")
     print(mode_table())

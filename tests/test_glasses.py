@@ -801,7 +801,7 @@ def test_apply_passes_strength_mode_and_keywords_to_the_intervention(monkeypatch
     from lmms_sgm.interventions import wearing
 
     calls = []
-    monkeypatch.setattr(wear, "wear", lambda *a, **kw: calls.append((a, kw)) or "handle")
+    monkeypatch.setattr(wearing, "wear", lambda *a, **kw: calls.append((a, kw)) or "handle")
     g, model = _hand_made(), object()
     assert g.apply(model) == "handle"
     assert g.apply(model, 0.25, "fold", processor="p", remote="off") == "handle"

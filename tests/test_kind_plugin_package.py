@@ -2,7 +2,8 @@
 to a value), pip-installed into the venv from a copy (no network: --no-index --no-deps
 --no-build-isolation), is found through its ``lmms_sgm`` entry point without any edit of this
 repository: load_glasses, wear in every mode it declares, lmms-eval's ``sgm`` (in-process) and
-lm-eval's ``sgm_hf`` (a fresh process), each against plain hooks applying the clamp. Uninstalled
+lm-eval's ``sgm_hf`` (a fresh process) and a ``tune`` grid entry (kind ``glasses``), each against
+plain hooks applying the clamp. Uninstalled
 at the end."""
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def test_a_kind_from_another_package_everywhere(clamp_package, tiny_dir, tmp_pat
     check_python_api(clamp_dir, tiny_dir)
     check_lmms_eval(clamp_dir, tiny_dir)
     check_lm_eval(clamp_dir, tiny_dir, tmp_path)
+    check_tune(clamp_dir, tiny_dir, tmp_path)
 
 
 def test_the_kind_is_gone_after_uninstalling():
@@ -169,3 +171,20 @@ def check_lm_eval(clamp_dir, tiny_dir, tmp_path):
         want = perplexities(model, processor.tokenizer, texts, 32)
     for metric, value in want.items():
         assert got[f"{metric},none"] == pytest.approx(value, rel=1e-5), metric
+
+
+def check_tune(clamp_dir, tiny_dir, tmp_path):
+    from lmms_sgm import tiny, tune
+    from lmms_sgm.evaluate import ValidationSet
+    from lmms_sgm.judges import get_judge
+
+    entry = {"name": "clamp", "kind": "glasses", "glasses": str(clamp_dir), "strength": STRENGTH}
+    config = tune.Config.from_dict(entry)
+    assert config.to_dict() == entry and config.sets() == set()
+    model, processor = models.load(str(tiny_dir))
+    val = ValidationSet.load(tiny.write_toy_validation(tmp_path / "val", 2))
+    judge = get_judge("lexicon")
+    result = tune.tune(model, processor, {}, [config], val, judge, samples=1)
+    want = tune._measured(model, processor, val, judge, 1, 0, Clamp(model, clamp_dir, STRENGTH))
+    assert result.rows["clamp"] == {"experts": 0, **want}
+    assert result.glasses["clamp"].digest() == load_glasses(clamp_dir).digest()

@@ -375,7 +375,7 @@ def bench_generate(cfg, model_dir, all_pairs, summary) -> None:
 
     from lmms_sgm import models
     from lmms_sgm.data import PairDataset, encode_batch
-    from lmms_sgm.intervention import as_generator
+    from lmms_sgm.interventions.wearing import as_generator
     from lmms_sgm.options import ProfileOptions, SelectionOptions
     from lmms_sgm.pipeline import build_glasses
 

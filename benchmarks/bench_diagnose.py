@@ -43,7 +43,7 @@ def main() -> int:
     from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR
     from lmms_sgm.demo.diagnose import demo_twins
     from lmms_sgm.evaluate import ValidationSet, encode_prompts
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.judges import get_judge
     from lmms_sgm.options import SelectionOptions
     from lmms_sgm.pipeline import build_glasses

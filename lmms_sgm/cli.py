@@ -39,7 +39,7 @@ SELF_LABEL_DEFAULTS = {"samples": 4, "max_new_tokens": 32, "temperature": 1.0, "
 def _profile(args) -> int:
     from lmms_sgm import distributed, models, remote
     from lmms_sgm.data import load_pairs
-    from lmms_sgm.glasses import check_target
+    from lmms_sgm.interventions.base import check_target
     from lmms_sgm.pipeline import build_glasses
 
     profile_options = from_namespace(ProfileOptions, args)
@@ -82,7 +82,7 @@ def _profile(args) -> int:
 def _steer(args) -> int:
     from lmms_sgm import models
     from lmms_sgm.data import load_pairs
-    from lmms_sgm.glasses import check_target
+    from lmms_sgm.interventions.base import check_target
     from lmms_sgm.pipeline import build_steering_glasses
 
     options = from_namespace(SteeringOptions, args)
@@ -175,19 +175,19 @@ def _loading_bars(show: bool):
 
 
 def _inspect(args) -> int:
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions.base import load_glasses
 
-    print(SafetyGlasses.load(args.glasses).summary())
+    print(load_glasses(args.glasses).summary())
     return 0
 
 
 def _select(args) -> int:
-    from lmms_sgm.glasses import SafetyGlasses, check_target
+    from lmms_sgm.interventions.base import check_target, load_glasses
 
     selection = from_namespace(SelectionOptions, args)
     check_target(args.out, args.overwrite)
-    glasses = SafetyGlasses.load(args.glasses)
-    if not isinstance(glasses, SafetyGlasses):
+    glasses = load_glasses(args.glasses)
+    if not glasses.has_experts:
         raise ValueError(f"{args.glasses} holds {glasses.kind} glasses, which have no experts to select; "
                          "build other ones with `lmms-sgm steer`")
     glasses = glasses.reselect(selection)
@@ -307,7 +307,7 @@ def _tune(args) -> int:
 
 def _diagnose(args) -> int:
     from lmms_sgm import diagnose, models
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions.base import load_glasses
 
     load = from_namespace(LoadOptions, args)
     sampling = from_namespace(SamplingOptions, args)
@@ -319,7 +319,7 @@ def _diagnose(args) -> int:
     backend = args.backend or ("nnsight" if execution.remote != "off" else "hooks")
     if backend == "hooks" and execution.remote != "off":
         raise ValueError(f"--remote {execution.remote} runs nnsight traces: use --backend nnsight (or leave it out)")
-    glasses = SafetyGlasses.load(args.glasses) if args.glasses else None
+    glasses = load_glasses(args.glasses) if args.glasses else None
     judge = _judge(args)
     out = Path(args.out)
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))

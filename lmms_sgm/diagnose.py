@@ -288,7 +288,7 @@ class NNsightEngine:
     name = "nnsight"
 
     def __init__(self, model, processor, remote=None):
-        from lmms_sgm.intervention import as_generator
+        from lmms_sgm.interventions.wearing import as_generator
         from lmms_sgm.remote import wrap
 
         if _rope_index(model) is not None:
@@ -646,7 +646,7 @@ def diagnose(model, processor, twins: list[Twin], judge, *, glasses=None, sample
         add(Row(name, "ceiling", sampled_rate(engine, processor, judge, measured, every=[(path, *ab)], **kw), "mlp", located))
     if glasses is not None:
         with engine.wearing(glasses):
-            add(Row(f"these glasses ({glasses.counts()['experts']} experts, digest {glasses.digest()[:12]})", "glasses",
+            add(Row(f"these glasses ({glasses.describe()})", "glasses",
                     sampled_rate(engine, processor, judge, measured, **kw)))
     report = {"rows": [r.__dict__ for r in rows], "located_layer": located, "layers": n,
               "twins": {"measured": len(measured), "held_out": len(held_out)}, "samples": samples, "seed": seed,

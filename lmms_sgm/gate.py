@@ -17,8 +17,8 @@ the toxic from the non-toxic pairs' pooled evidence (the largest TPR - FPR, midw
 neighbouring values). This needs the pooled responses, so a gate is fitted when glasses are
 profiled (``--gate evidence``), not by re-selection.
 
-Hooks and nnsight modes apply it; fold cannot (a weight change acts on every position alike) and
-refuses gated glasses, as remote execution does for now.
+Hooks, nnsight and remote execution apply it (the edit of lmms_sgm/interventions/sgm.py); fold
+cannot (a weight change acts on every position alike) and refuses gated glasses.
 """
 from __future__ import annotations
 

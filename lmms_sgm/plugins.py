@@ -35,6 +35,11 @@ class Specs:
         """Return a dict ``{name: factory}`` of non-neuron defenses (prompting, filtering)."""
 
     @hookspec
+    def sgm_glasses_kinds(self):
+        """Return a dict ``{kind: class}`` of glasses kinds (:class:`lmms_sgm.interventions.base.Glasses`
+        subclasses; ``kind`` is the manifest field); lmms_sgm/interventions/registry.py."""
+
+    @hookspec
     def sgm_dataset_sources(self):
         """Return a dict ``{kind: lmms_sgm.datasets.sources.Source}`` for ``lmms-sgm dataset build``."""
 

@@ -14,7 +14,7 @@ import torch
 def run(workdir: Path) -> int:
     from lmms_sgm import models
     from lmms_sgm.data import load_pairs
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions.base import load_glasses
     from lmms_sgm.options import ProfileOptions, SelectionOptions
     from lmms_sgm.pipeline import build_glasses
     from lmms_sgm.staging import command_output
@@ -32,7 +32,7 @@ def run(workdir: Path) -> int:
                       out=tmp / "glasses")
     print(f"[2/4] profiled and wrote glasses to {glasses_dir}")
 
-    glasses = SafetyGlasses.load(glasses_dir)
+    glasses = load_glasses(glasses_dir)
     print("[3/4] lmms-sgm inspect", glasses_dir)
     print(glasses.summary())
 

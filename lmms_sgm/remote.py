@@ -20,7 +20,8 @@ local Hugging Face cache) to build it on the meta device and to encode inputs; t
 on the server. A local directory cannot be sent and is refused.
 
 What travels: the encoded inputs, the trace's code (lmms_sgm's functions by value, since the
-server does not have this package), the factors of the worn glasses; what comes back: only what
+server does not have this package), the edits of the worn glasses (their functions and constants:
+SGM's factors, a steering vector and gate); what comes back: only what
 the trace saved (pooled responses, generated ids, per-token log-probabilities), so the response
 store and the AUROC stay here. Profiling batches are cut so that a request and a result stay under
 ``remote_max_mb``. A transport failure (unreachable, timeout, HTTP 5xx) is retried
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from lmms_sgm.intervention import affine
+from lmms_sgm.interventions.edits import INPUT, OUTPUT, hidden, with_hidden
 from lmms_sgm.options import ApplyOptions, RemoteOptions, remote_mode_refusal
 from lmms_sgm.redaction import redact, register_secret
 
@@ -307,36 +308,54 @@ def tensor_bytes(tensors) -> int:
 # ---------------------------------------------------------------- wearing glasses remotely
 
 
-def scale(points) -> None:
-    """Inside a trace: scale every site's neurons (``affine``), in forward order. It runs on the server,
+def apply_edits(nn_model, worn, state: dict) -> None:
+    """Inside a trace, at one forward pass: the worn glasses' edits (their ``begin_forward`` first),
+    in forward order, as the nnsight mode's persistent edit applies them. It runs on the server,
     shipped by value with what it uses: no import may run inside it (the server has no lmms_sgm)."""
-    for envoy, is_output, factor, shift in points:
-        if is_output:
-            envoy.output = affine(envoy.output, factor, shift)
+    points, begin = worn
+    if begin is not None:
+        args, kwargs = nn_model.inputs
+        begin(state, args, kwargs)
+    for envoy, where, fn in points:
+        if where == INPUT:
+            new = fn(envoy.input, state)
+            if new is not None:
+                envoy.input = new
+        elif where == OUTPUT:
+            new = fn(envoy.output, state)
+            if new is not None:
+                envoy.output = new
         else:
-            envoy.input = affine(envoy.input, factor, shift)
+            out = envoy.output
+            new = fn(hidden(out), state)
+            if new is not None:
+                envoy.output = with_hidden(out, new)
 
 
 class RemoteGlasses:
     """Glasses worn by a remote (or remotely emulated) model: nothing changes here; every trace
-    this handle runs applies the factors inside itself, on the prompt pass and every generated
-    token. Generate with :meth:`generate`, score with :meth:`token_scores` or :meth:`logits`.
+    this handle runs applies the glasses' edits inside itself, on the prompt pass and every
+    generated token (any kind whose ``modes`` include ``remote``: :func:`lmms_sgm.interventions.wearing.wear`
+    refuses the others). Generate with :meth:`generate`, score with :meth:`token_scores` or :meth:`logits`.
     """
 
     def __init__(self, glasses, nn_model, options: ApplyOptions, remote: RemoteOptions):
         from lmms_sgm.archs import get_module
+        from lmms_sgm.models import unwrap
 
         self.glasses = glasses
         self.options = options
         self.remote = remote
         self.model = nn_model
         self.active = True
-        if glasses is not None and getattr(glasses, "gate", None):
-            raise ValueError("gated glasses (gate=evidence) cannot be worn remotely yet: wear them locally (hooks or nnsight)")
-        transforms = glasses.transforms(options.strength) if glasses is not None else {}
-        sites = [] if glasses is None else [s for s in glasses.sites if s.name in transforms]
-        # The factors travel with every request: float32, one per neuron of each changed site.
-        self._points = [(get_module(nn_model, s.module_path), s.kind == "output", *transforms[s.name]) for s in sites]
+        # The edits travel with every request, their constants on the CPU (SGM's factors: float32,
+        # one per neuron of each changed site).
+        edits = None
+        if glasses is not None:
+            dtype = next(unwrap(nn_model).parameters()).dtype
+            edits = glasses.edits(options.strength, device="cpu", dtype=dtype)
+        points = [] if edits is None else [(get_module(nn_model, e.path), e.where, e.fn) for e in edits.edits]
+        self._worn = (points, None if edits is None else edits.begin_forward)
 
     def remove(self) -> None:
         self.active = False
@@ -351,7 +370,7 @@ class RemoteGlasses:
         return f"<RemoteGlasses remote={self.remote.remote} strength={self.options.strength} {'active' if self.active else 'removed'}>"
 
     def _points_if_active(self):
-        return self._points if self.active else []
+        return self._worn if self.active else ([], None)
 
     def generate(self, inputs: dict, **gen) -> torch.Tensor:
         """Token ids (prompt and continuation) of ``generate(**inputs, **gen)`` wearing the glasses."""
@@ -373,8 +392,8 @@ class RemoteGlasses:
             return session.call(_logits, self.model, points, dict(inputs), session.trace_kwargs)
 
 
-def _generate(nn_model, points, inputs, gen, trace_kwargs):
-    if not points:  # an open step loop with an empty body never ends (nnsight 0.8.1)
+def _generate(nn_model, worn, inputs, gen, trace_kwargs):
+    if not worn[0]:  # an open step loop with an empty body never ends (nnsight 0.8.1)
         with nn_model.generate(**inputs, **gen, **trace_kwargs) as tracer:
             ids = tracer.result.save()
         return ids
@@ -385,32 +404,34 @@ def _generate(nn_model, points, inputs, gen, trace_kwargs):
         warnings.filterwarnings("ignore", message=r".*was never reached.*", category=UserWarning)
         with nn_model.generate(**gen, **trace_kwargs) as tracer:
             with tracer.invoke(**inputs):
+                state = {}
                 for _ in tracer.iter[:]:
-                    scale(points)
+                    apply_edits(nn_model, worn, state)
             with tracer.invoke():
                 ids = tracer.result.save()
     return ids
 
 
-def _token_scores(nn_model, points, inputs, trace_kwargs):
+def _token_scores(nn_model, worn, inputs, trace_kwargs):
     targets = inputs["input_ids"][:, 1:]
     with nn_model.trace(**inputs, **trace_kwargs):
-        scale(points)
+        apply_edits(nn_model, worn, {})
         logits = nn_model.output.logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).save()
         greedy = (logits.argmax(-1) == targets).save()
     return logprobs, greedy
 
 
-def _logits(nn_model, points, inputs, trace_kwargs):
+def _logits(nn_model, worn, inputs, trace_kwargs):
     with nn_model.trace(**inputs, **trace_kwargs):
-        scale(points)
+        apply_edits(nn_model, worn, {})
         logits = nn_model.output.logits.save()
     return logits
 
 
 def wear(glasses, model, options: ApplyOptions, remote: RemoteOptions, *, processor=None) -> RemoteGlasses:
-    """Wear ``glasses`` on ``model`` remotely (``glasses.apply(..., mode="nnsight", remote=...)``)."""
+    """Wear ``glasses`` on ``model`` remotely (:func:`lmms_sgm.interventions.wearing.wear` with ``remote=``,
+    which has checked that the glasses declare the ``remote`` mode)."""
     if options.mode != "nnsight":
         raise ValueError(remote_mode_refusal(options.mode))
     nn_model = wrap(model, processor)

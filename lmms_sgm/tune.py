@@ -37,7 +37,7 @@ QR = "question+response"
 # only this column sees an intervention that removes toxic words by breaking the language (word
 # salad is "safe" to a toxicity judge).
 FLUENCY = "harmful_safe_ppl"
-KINDS = ("sgm", "steering")
+KINDS = ("sgm", "steering", "glasses")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class Config:
 
     ``kind="steering"``: gated-steering glasses (docs/steering.md) instead of SGM's: ``data`` names
     the steer's answer pairs, ``gate_data`` the gate's input-contrast pairs (None with
-    ``steer.gated=False``), ``steer`` the options; ``profile`` and ``select`` are unused."""
+    ``steer.gated=False``), ``steer`` the options; ``profile`` and ``select`` are unused.
+    ``kind="glasses"``: glasses already built, of any kind (a plugin's too), read from the
+    directory ``glasses`` by :func:`lmms_sgm.load_glasses`; ``data`` is unused (``""``)."""
 
     name: str
     data: str  # a profiling set's name
@@ -56,10 +58,13 @@ class Config:
     kind: str = "sgm"
     gate_data: str | None = None
     steer: SteeringOptions | None = None
+    glasses: str | None = None  # kind "glasses": their directory
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"configuration {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if (self.kind == "glasses") != (self.glasses is not None):
+            raise ValueError(f"configuration {self.name!r}: glasses=DIR belongs to kind 'glasses', which needs it")
         if self.kind == "steering":
             if self.steer is None:
                 object.__setattr__(self, "steer", SteeringOptions())
@@ -71,9 +76,13 @@ class Config:
 
     def sets(self) -> set[str]:
         """The profiling sets this configuration reads."""
+        if self.kind == "glasses":
+            return set()
         return {self.data} | ({self.gate_data} if self.gate_data else set())
 
     def to_dict(self) -> dict:
+        if self.kind == "glasses":
+            return {"name": self.name, "kind": "glasses", "glasses": self.glasses, "strength": self.strength}
         if self.kind == "steering":
             return {"name": self.name, "kind": "steering", "data": self.data, "gate_data": self.gate_data,
                     "steer": to_dict(self.steer), "strength": self.strength}
@@ -83,6 +92,12 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         kind = d.get("kind", "sgm")
+        if kind == "glasses":
+            unknown = sorted(set(d) - {"name", "kind", "glasses", "strength"})
+            if unknown or "name" not in d or "glasses" not in d:
+                raise ValueError(f"a grid entry of kind glasses needs name and glasses (and optionally strength); got "
+                                 f"{sorted(d)}")
+            return cls(d["name"], "", strength=float(d.get("strength", 1.0)), kind="glasses", glasses=str(d["glasses"]))
         allowed = {"name", "data", "strength", "kind"} | ({"gate_data", "steer"} if kind == "steering" else
                                                           {"profile", "select"})
         unknown = sorted(set(d) - allowed)
@@ -211,7 +226,7 @@ def profiled(model, processor, pairs, options: ProfileOptions, *, progress: bool
     The store stays open: a gated selection (``gate=evidence``) chooses its thresholds on it;
     the caller closes it."""
     from lmms_sgm.expertise import expertise, nontoxic_mean
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions.sgm import SafetyGlasses
     from lmms_sgm.profiling import profile
 
     sites, store = profile(model, processor, pairs, options, progress=progress)
@@ -285,6 +300,11 @@ def tune(model, processor, sets: dict, configs: list[Config], val: ValidationSet
             if c.kind == "steering":
                 glasses = _steering(model, processor, c, loaded, steering)
                 experts = 0
+            elif c.kind == "glasses":
+                from lmms_sgm.interventions.base import load_glasses
+
+                glasses = load_glasses(c.glasses)
+                experts = glasses.counts()["experts"] if glasses.has_experts else 0
             else:
                 key = (c.data, c.profile)
                 if key not in bases:

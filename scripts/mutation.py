@@ -31,8 +31,8 @@ WORK = REPO / ".mutation"
 GROUPS = {
     "expertise": (["lmms_sgm/expertise.py"], ["tests/test_expertise.py"], ()),
     "options": (["lmms_sgm/options.py"], ["tests/test_options.py"], ()),
-    "glasses": (["lmms_sgm/glasses.py"], ["tests/test_glasses.py"], ()),
-    "intervention": (["lmms_sgm/intervention.py"], ["tests/test_intervention.py"], ()),
+    "glasses": (["lmms_sgm/interventions/base.py", "lmms_sgm/interventions/sgm.py"], ["tests/test_glasses.py"], ()),
+    "intervention": (["lmms_sgm/interventions/wearing.py", "lmms_sgm/interventions/edits.py"], ["tests/test_intervention.py"], ()),
     "profiling": (["lmms_sgm/profiling.py"], ["tests/test_profiling.py"], ()),
     "reports": (["lmms_sgm/reports/table.py", "lmms_sgm/reports/report.py", "lmms_sgm/reports/stats.py",
                  "lmms_sgm/reports/results.py", "lmms_sgm/reports/comparable.py"],

@@ -29,7 +29,7 @@ def main(glasses_dir: str, hub_id: str, data: str, out: str) -> None:
     import torch
 
     from lmms_sgm import remote
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.options import RemoteOptions
 
     options = RemoteOptions(remote="ndif")

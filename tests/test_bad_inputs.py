@@ -320,7 +320,7 @@ def _grid(tmp_path) -> Path:
 
 
 def _edit_manifest(src: Path, dst: Path, edit) -> Path:
-    from lmms_sgm import glasses as glasses_mod
+    from lmms_sgm.interventions import base as glasses_mod
 
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
@@ -338,7 +338,7 @@ def demo_model():
 @pytest.mark.parametrize("path", ["model.language_model.layers.0.mlp.nothing", "model.language_model.layers.99.mlp.down_proj",
                                   "model.language_model.layers.0.mlp.down_proj.weight", "lm_head.__class__"])
 def test_sgm_glasses_naming_a_module_outside_the_model_are_refused_in_one_line(path, demo_model, tmp_path):
-    from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+    from lmms_sgm.interventions import GlassesMismatch, SafetyGlasses
 
     def edit(m):
         m["sites"][0]["module_path"] = path
@@ -355,7 +355,7 @@ def test_sgm_glasses_naming_a_module_outside_the_model_are_refused_in_one_line(p
 
 
 def test_steering_glasses_naming_a_module_outside_the_model_are_refused_in_one_line(demo_model, tmp_path):
-    from lmms_sgm.glasses import Glasses, GlassesMismatch
+    from lmms_sgm.interventions import Glasses, GlassesMismatch
 
     def edit(m):
         m["sites"]["steer"]["module_path"] = "model.language_model.nowhere.3"
@@ -404,7 +404,7 @@ def test_dev_zero_as_the_glasses_directory_is_named_as_a_device(tmp_path):
 
 
 def test_a_huge_tensors_file_is_refused_by_its_size_without_reading_it(tmp_path, monkeypatch):
-    from lmms_sgm.glasses import GlassesError, SafetyGlasses
+    from lmms_sgm.interventions import GlassesError, SafetyGlasses
 
     g = _glasses_copy(tmp_path)
     recorded = json.loads((g / "manifest.json").read_text())["tensors_bytes"]

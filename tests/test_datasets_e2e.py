@@ -15,7 +15,7 @@ from lmms_sgm.cli import main
 from lmms_sgm.data import load_pairs
 from lmms_sgm.datasets import build_dataset
 from lmms_sgm.datasets import miniature as mini
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.judges import get_judge
 
 LMMS_EVAL = str(Path(sys.executable).with_name("lmms-eval"))

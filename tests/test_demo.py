@@ -197,7 +197,7 @@ def test_bundled_glasses_load_apply_and_are_reproducible():
 
     from lmms_sgm import models
     from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR, SHORT_NAME
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.options import ProfileOptions, SelectionOptions
     from lmms_sgm.pipeline import build_glasses
 
@@ -236,9 +236,9 @@ def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
     from lmms_sgm.demo import DATA_DIR, GLASSES_DIR, SHORT_NAME, STEERING
     from lmms_sgm.demo.evaluate import validation_set
     from lmms_sgm.evaluate import chat_prompt
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.pipeline import build_steering_glasses
-    from lmms_sgm.steering import SteeringGlasses
+    from lmms_sgm.interventions.steering import SteeringGlasses
 
     model, processor = models.load(SHORT_NAME)
     bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
@@ -393,7 +393,7 @@ def test_bundled_gated_steering_is_the_tune_grid_option_it_names():
     from lmms_sgm import models, tune
     from lmms_sgm.data import load_pairs
     from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
 
     (entry,) = [c for c in tune.read_grid(HERE / "tune_grid.json") if c.name == STEERING_OPTION]
     model, processor = models.load(SHORT_NAME)
@@ -428,7 +428,7 @@ def test_cross_machine_comparisons_tolerate_rounding_noise_and_catch_real_differ
     from lmms_sgm import models, tune
     from lmms_sgm.data import load_pairs
     from lmms_sgm.demo import GLASSES_DIR, HERE, STEERING, STEERING_OPTION
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.pipeline import build_glasses
 
     model, processor = _nudged(models.load(SHORT_NAME)[0]), models.load(SHORT_NAME)[1]
@@ -479,9 +479,9 @@ def test_bundled_steering_glasses_load_where_a_float64_mean_rounds_otherwise(tmp
     import math
     import shutil
 
-    from lmms_sgm import glasses as glasses_mod
+    from lmms_sgm.interventions import base as glasses_mod
     from lmms_sgm.demo import GLASSES_DIR, STEERING
-    from lmms_sgm.glasses import GlassesError, SafetyGlasses
+    from lmms_sgm.interventions import GlassesError, SafetyGlasses
 
     made = iter(range(100))
 

@@ -13,7 +13,7 @@ import pytest
 from lmms_sgm.cli import main as cli
 from lmms_sgm.demo import BEST, DATA_DIR, GLASSES_DIR, SHORT_NAME, STEERING
 from lmms_sgm.demo import run as demo
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 
 LIMIT = 3
 

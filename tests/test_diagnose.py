@@ -289,3 +289,78 @@ def test_lockstep_on_families_with_their_own_positions_and_masks(family, family_
         with pytest.raises(ValueError, match="3-D multimodal positions.*--backend hooks"):
             diagnose.as_engine(model, processor, backend="nnsight")
 
+
+
+class _SteeringReference:
+    """Gated steering (docs/steering.md) with plain hooks, read from the saved files: at a prompt
+    pass (left-padded: the decision position is the last column) a row is gated on where the gate
+    layer's output there, projected on gate_direction, exceeds the threshold; c * steer is then
+    subtracted from the steered layer's output of gated-on rows at every position and step."""
+
+    def __init__(self, model, path):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "glasses.safetensors"))
+        manifest = json.loads((path / "manifest.json").read_text())
+        o = manifest["steering_options"]
+        assert o["steer_from"] == "prompt"  # what this reference implements
+        self.gated = o["gated"]
+        self.steer, self.direction = tensors["steer"] * o["c"], tensors["gate_direction"]
+        self.threshold = manifest["gate"]["threshold"]
+        self.modules = [model.get_submodule(manifest["sites"][k]["module_path"]) for k in ("gate", "steer")]
+        self.gated_on = 0
+
+    def _gate(self, module, args, out):
+        if out.shape[1] > 1:
+            at = out[:, -1].float()
+            self.gate = at @ self.direction > self.threshold if self.gated else torch.ones(len(at), dtype=torch.bool)
+            self.gated_on += int(self.gate.sum())
+
+    def _steer(self, module, args, out):
+        return out - self.gate[:, None, None] * self.steer
+
+    def __enter__(self):
+        gate_module, steer_module = self.modules
+        self.handles = [gate_module.register_forward_hook(self._gate), steer_module.register_forward_hook(self._steer)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_diagnose_wears_steering_glasses_through_their_edits(twins_file, gated, tmp_path):
+    """`diagnose --glasses <steering glasses>` used to die with "'SteeringGlasses' object has no
+    attribute 'counts'": its glasses row now names any kind (describe()) and is worn through
+    wear(); its answers equal plain hooks applying the steering formula (gated: the bundled
+    glasses, whose gate stays off on these random-image twins, so the answers are the vanilla
+    model's; ungated: the same vectors steering every row)."""
+    from lmms_sgm import models
+    from lmms_sgm.demo import GLASSES_DIR, SHORT_NAME, STEERING
+    from lmms_sgm.interventions import load_glasses
+
+    model, processor = models.load(SHORT_NAME)
+    path = GLASSES_DIR / STEERING
+    if not gated:
+        path = load_glasses(path).with_options(gated=False).save(tmp_path / "ungated")
+    glasses = load_glasses(path)
+    twins = diagnose.read_twins(twins_file)
+    judge = get_judge("lexicon")
+    report = diagnose.diagnose(model, processor, twins, judge, glasses=glasses, samples=2, per_layer=False,
+                               attention=False)
+    row = report["rows"][-1]
+    assert row["kind"] == "glasses"
+    label = "gated-steering" if gated else "steering"
+    assert row["name"] == f"these glasses ({label} at layer 2, c=8, digest {glasses.digest()[:12]})"
+    measured, _ = diagnose.split_twins(twins)
+    engine = diagnose.as_engine(model, processor)
+    with engine.wearing(glasses):
+        worn = diagnose.sampled_answers(engine, processor, measured, samples=2)
+    with _SteeringReference(model, path) as ref:
+        want = diagnose.sampled_answers(model, processor, measured, samples=2)
+        rate = diagnose.sampled_rate(model, processor, judge, measured, samples=2)
+    assert (ref.gated_on > 0) == (not gated)
+    assert worn == want and row["rate"] == rate
+    if not gated:
+        assert worn != diagnose.sampled_answers(model, processor, measured, samples=2)  # steering changes answers

@@ -146,7 +146,7 @@ def test_device_auto_spreads_one_model_and_gives_the_same_glasses(tiny_dir, toy_
     assert main(profile_args(tiny_dir, toy_jsonl, out, "--device", "auto")) == 0
     got, want = glasses_bytes(out), glasses_bytes(reference)
     assert got["manifest.json"] == want["manifest.json"]  # same options, data and model fingerprint
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
 
     assert SafetyGlasses.load(out).digest() == SafetyGlasses.load(reference).digest()
 

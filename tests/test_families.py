@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 from conftest import FAMILIES
 from lmms_sgm import archs, models, processors, prompting, selflabel, tiny
 from lmms_sgm.archs import ArchAdapter
-from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+from lmms_sgm.interventions import GlassesMismatch, SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.plugins import hookimpl, plugin_manager

@@ -21,7 +21,7 @@ from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxi
 
 from conftest import FAMILIES
 from lmms_sgm import models, processors
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 

@@ -13,7 +13,7 @@ from lmms_eval.api.instance import Instance
 
 from conftest import FAMILIES
 from lmms_sgm import models, pipeline, processors, tiny
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.lmms.model import SGM
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 

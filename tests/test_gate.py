@@ -10,7 +10,7 @@ import torch
 
 from lmms_sgm import gate
 from lmms_sgm.cli import main as cli
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 

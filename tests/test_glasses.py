@@ -12,12 +12,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
-import lmms_sgm.glasses as glasses_mod
+import lmms_sgm.interventions.base as glasses_mod
+import lmms_sgm.interventions.sgm as sgm_mod
 import lmms_sgm.staging as staging
 from lmms_sgm import models, tiny
 from lmms_sgm.data import DataError
 from lmms_sgm.expertise import select
-from lmms_sgm.glasses import GlassesError, GlassesMismatch, SafetyGlasses, UnverifiedGlassesWarning
+from lmms_sgm.interventions.errors import GlassesError, GlassesMismatch, UnverifiedGlassesWarning
+from lmms_sgm.interventions.sgm import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions, to_dict
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.profiling import profile
@@ -753,7 +755,7 @@ def _hand_made(selection=SELECT, profile=None, gate=None):
         "fingerprint": {"model_type": "toy", "hidden": 8},  # not in sorted order: the texts sort it
         "sites": [s.to_dict() for s in sites],
         "profile_options": to_dict(profile or ProfileOptions()),
-        "selection_options": glasses_mod._selection_dict(selection),
+        "selection_options": sgm_mod._selection_dict(selection),
         "data": {"pairs": 2, "digest": "d" * 64},
     }
     g = SafetyGlasses(sites, {k: torch.tensor(v, dtype=torch.float64) for k, v in HAND_AUROC.items()},
@@ -796,16 +798,15 @@ def test_identity_names_data_selection_experts_and_text_only():
 
 
 def test_apply_passes_strength_mode_and_keywords_to_the_intervention(monkeypatch):
-    from lmms_sgm import intervention
-    from lmms_sgm.options import ApplyOptions
+    from lmms_sgm.interventions import wearing
 
     calls = []
-    monkeypatch.setattr(intervention, "apply", lambda *a, **kw: calls.append((a, kw)) or "handle")
+    monkeypatch.setattr(wearing, "wear", lambda *a, **kw: calls.append((a, kw)) or "handle")
     g, model = _hand_made(), object()
     assert g.apply(model) == "handle"
     assert g.apply(model, 0.25, "fold", processor="p", remote="off") == "handle"
-    assert calls == [((g, model, ApplyOptions(strength=1.0, mode="hooks")), {}),
-                     ((g, model, ApplyOptions(strength=0.25, mode="fold")), {"processor": "p", "remote": "off"})]
+    assert calls == [((model, g, "hooks", 1.0), {"processor": None, "remote": None}),
+                     ((model, g, "fold", 0.25), {"processor": "p", "remote": "off"})]
 
 
 def test_towards_zero_has_no_shift():
@@ -891,7 +892,7 @@ def _steering(model):
     """Gated-steering glasses from random class data: built without a forward pass (the model
     gives only its fingerprint)."""
     from lmms_sgm.options import SteeringOptions
-    from lmms_sgm.steering import SteeringGlasses
+    from lmms_sgm.interventions.steering import SteeringGlasses
 
     rng = np.random.default_rng(0)
     labels = np.array([1, 1, 1, 0, 0, 0])
@@ -905,16 +906,22 @@ def _steering(model):
 def test_each_kind_is_written_in_its_format_and_loaded_by_its_class(built, model_and_processor, tmp_path):
     """Steering glasses are written in format 3 with their kind, SGM glasses in format 2 without
     one (even when the manifest in memory names it); any loader reads steering glasses, the
-    steering class refuses SGM ones."""
-    from lmms_sgm.steering import SteeringGlasses
+    steering class refuses SGM ones. SafetyGlasses.load of another kind is deprecated (it warns)."""
+    from lmms_sgm.interventions.registry import kind_class
+    from lmms_sgm.interventions.steering import SteeringGlasses
 
     g, _ = built
     steering = _steering(model_and_processor[0])
     sp = steering.save(tmp_path / "steer")
     m = json.loads((sp / "manifest.json").read_text())
     assert (m["format_version"], m["kind"]) == (3, "gated_steering")
-    for loader in (SafetyGlasses.load, glasses_mod.Glasses.load, SteeringGlasses.load):
-        loaded = loader(sp)
+    for loader in (SafetyGlasses.load, glasses_mod.Glasses.load, glasses_mod.load_glasses, SteeringGlasses.load):
+        if loader == SafetyGlasses.load:
+            with pytest.warns(DeprecationWarning, match="SafetyGlasses.load of gated_steering glasses is deprecated: "
+                                                        "use lmms_sgm.load_glasses"):
+                loaded = loader(sp)
+        else:
+            loaded = loader(sp)
         assert type(loaded) is SteeringGlasses and torch.equal(loaded.steer, steering.steer)
         assert loaded.digest() == steering.digest()
     named = SafetyGlasses(g.sites, g.auroc, g.alpha, {**g.manifest, "kind": "sgm"}, g.mean_nontoxic)
@@ -922,12 +929,13 @@ def test_each_kind_is_written_in_its_format_and_loaded_by_its_class(built, model
     m = json.loads((gp / "manifest.json").read_text())
     assert m["format_version"] == 2 and "kind" not in m
     with pytest.raises(GlassesError, match=rf"{gp}/manifest\.json: these are sgm glasses, not gated_steering; load them "
-                                           r"with SafetyGlasses\.load"):
+                                           r"with lmms_sgm\.load_glasses"):
         SteeringGlasses.load(gp)
-    assert glasses_mod.glasses_class("gated_steering") is SteeringGlasses
-    assert glasses_mod.glasses_class("sgm") is SafetyGlasses
-    with pytest.raises(GlassesError, match=r"unknown glasses kind 'other' \(lmms_sgm .* knows sgm, gated_steering\)"):
-        glasses_mod.glasses_class("other")
+    assert kind_class("gated_steering") is SteeringGlasses
+    assert kind_class("sgm") is SafetyGlasses
+    with pytest.raises(GlassesError, match=r"unknown glasses kind 'other' \(lmms_sgm .* knows gated_steering, sgm; "
+                                           "a kind from a plugin needs that plugin installed\)"):
+        kind_class("other")
 
 
 def test_a_steering_digest_that_does_not_match_its_vectors_is_refused(model_and_processor, tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from lmms_sgm import intervention
 from lmms_sgm.archs import adapter_for
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.profiling import profile

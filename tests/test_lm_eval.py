@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lmms_sgm import models, reports
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.judges import get_judge
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
@@ -364,7 +364,7 @@ def test_command_line_defaults_and_model_args(tiny_lm_dir, world):
 
 
 def test_glasses_of_another_model_are_refused(world):
-    from lmms_sgm.glasses import GlassesMismatch
+    from lmms_sgm.interventions import GlassesMismatch
     from lmms_sgm.lm_eval.model import SGMHFLM
 
     with pytest.raises(GlassesMismatch, match=r"glasses .*glasses_llava do not fit .*: these glasses were profiled on another model"):
@@ -444,3 +444,73 @@ def test_the_full_report_of_the_lm_eval_folders(causal_runs, world, tmp_path):
     assert tox["delta"] == pytest.approx(sum(per_doc["sgm"][d] - per_doc["vanilla"][d] for d in per_doc["sgm"]) / len(per_doc["sgm"]))
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "sgm_text_ppl" in html and "<svg" in html
+
+
+# ---------------------------------------------------------------- another kind of glasses
+
+
+class _SteeringReference:
+    """Gated steering (docs/steering.md) with plain hooks, read from the saved files: in a forward
+    pass of more than one position, the row is gated on where the gate layer's output at the last
+    position (no generation prompt in plain text: the decision position is the last token)
+    projected on gate_direction exceeds the threshold; then c * steer is subtracted from the
+    steered layer's output at every position of a gated-on row."""
+
+    def __init__(self, model, path):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "glasses.safetensors"))
+        manifest = json.loads((path / "manifest.json").read_text())
+        o = manifest["steering_options"]
+        assert o["gated"] and o["steer_from"] == "prompt"  # what this reference implements
+        self.steer, self.direction = tensors["steer"] * o["c"], tensors["gate_direction"]
+        self.threshold = manifest["gate"]["threshold"]
+        self.modules = [model.get_submodule(manifest["sites"][k]["module_path"]) for k in ("gate", "steer")]
+        self.gated_on = []
+
+    def _gate(self, module, args, out):
+        self.gate = out[:, -1].float() @ self.direction > self.threshold
+        self.gated_on.append(bool(self.gate.any()))
+
+    def _steer(self, module, args, out):
+        return out - self.gate[:, None, None] * self.steer
+
+    def __enter__(self):
+        gate_module, steer_module = self.modules
+        self.handles = [gate_module.register_forward_hook(self._gate), steer_module.register_forward_hook(self._steer)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def test_sgm_hf_wears_the_bundled_gated_steering_glasses(tmp_path):
+    """`--model_args pretrained=sgm-demo-llava,glasses=<bundled gated_steering>` with sgm_text_ppl
+    used to die with a raw KeyError: 'digest' (the wrapper read SGM's manifest fields). Now it loads
+    them with load_glasses, wears them with wear, records the kind's identity, and its perplexities
+    equal plain hooks applying the formula to the same rolling windows (the sample texts are benign:
+    the gate stays off in every window, so this also holds the gated-off windows to the vanilla
+    model's numbers; a gate that fired wrongly would move them)."""
+    from lmms_sgm.demo import GLASSES_DIR, SHORT_NAME, STEERING
+    from lmms_sgm.interventions import load_glasses
+    from lmms_sgm_lm_eval_tasks.sgm_text.core import read_texts
+
+    path = GLASSES_DIR / STEERING
+    out = tmp_path / "out"
+    proc = run_lm_eval(f"pretrained={SHORT_NAME},glasses={path},max_length=24", out, {"LMMS_SGM_JUDGE": "lexicon"},
+                       "sgm_text_ppl", limit=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, results, _ = results_of(out)
+    got = results["results"]["sgm_text_ppl"]
+    glasses = load_glasses(path)
+    info = got["sgm,none"]
+    assert info["glasses_digest"] == glasses.digest() and info["glasses_kind"] == "gated_steering"
+    assert info["kind"] == "mllm_text_only" and info["layer"] == glasses.steer_site.layer and not info["text_only_profile"]
+    texts = [d["text"] for d in read_texts(TASKS_DIR / "sample" / "text.txt")[:3]]
+    model, processor = models.load(SHORT_NAME)
+    with _SteeringReference(model, path) as ref:
+        want = perplexities(model, processor.tokenizer, texts, 24)
+    assert len(ref.gated_on) > len(texts) and not any(ref.gated_on)  # several windows per text, all gated off
+    for metric, value in want.items():
+        assert got[f"{metric},none"] == pytest.approx(value, rel=1e-5), metric

@@ -16,7 +16,7 @@ import pytest
 from lmms_sgm_tasks.mm_toxic_qa.make_sample import write_sample as write_mm_toxic_qa
 from lmms_sgm_tasks.mmbench_local.make_sample import write_sample as write_mmbench
 
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.tiny import build_tiny_llava

@@ -12,7 +12,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 
 from lmms_sgm import pipeline, tiny
-from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+from lmms_sgm.interventions import GlassesMismatch, SafetyGlasses
 from lmms_sgm.lmms.model import (
     SGM,
     SGMLlava,

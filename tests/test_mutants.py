@@ -49,8 +49,8 @@ def _env() -> dict:
 
 def test_the_copy_is_what_the_tests_there_import(copy):
     """Otherwise a mutant would be 'caught' or 'missed' by tests of the unmutated install."""
-    code = ("import lmms_sgm.glasses, lmms_sgm_tasks.mm_toxic_qa.core as c, lmms_sgm.lmms.model as m;"
-            "print(lmms_sgm.glasses.__file__); print(c.__file__); print(m.__file__)")
+    code = ("import lmms_sgm.interventions.sgm, lmms_sgm_tasks.mm_toxic_qa.core as c, lmms_sgm.lmms.model as m;"
+            "print(lmms_sgm.interventions.sgm.__file__); print(c.__file__); print(m.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=_env(), capture_output=True, text=True, check=True)
     files = [Path(line) for line in out.stdout.split()]
     assert len(files) == 3 and all(str(f).startswith(str(copy)) for f in files), out.stdout

@@ -164,7 +164,7 @@ def test_remote_profiling_gives_byte_identical_glasses(world, toy_jsonl, referen
 
 def test_remote_generation_and_scores_equal_hooks(world, load_model, reference, toy_jsonl, tmp_path):
     import test_remote
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
 
     model, processor = load_model()
     glasses_dir = reference / "glasses_b4"

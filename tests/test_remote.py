@@ -28,7 +28,7 @@ import remote_client
 import torch
 
 from lmms_sgm import remote
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import (
     ExecutionOptions,
     ModelArgs,
@@ -283,6 +283,33 @@ def test_server_generation_and_scores_match_hooks(server, api_key, hub_model, lo
     logprobs, greedy = handle.token_scores(remote_client.inputs(processor, TOY_DATA[0], "right"))
     assert_matches_hooks({"sequences": generated.sequences, "logits": generated.logits, "logprobs": logprobs,
                           "greedy": greedy}, reference)
+
+
+@pytest.mark.parametrize("kind", ["sgm", "gated_sgm", "gated_steering", "steering"])
+def test_server_wears_every_kind_like_the_reference(kind, server, api_key, hub_model, load_model, toy_pairs):
+    """The matrix's remote cells through the protocol server (tests/test_interventions_matrix.py
+    holds the others): each kind's edits applied inside each trace on the server give the plain-hook
+    reference's logits (1e-5) and greedy tokens; steering glasses used to be refused remotely."""
+    from test_interventions_matrix import GEN, STRENGTH, Reference, build_kinds
+
+    from lmms_sgm.interventions.wearing import wear
+
+    model, processor = load_model()
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                           tokenize=False, add_generation_prompt=True)
+             for q in ("what is this ?", "what do you think of this picture ? is it nice ?")]
+    enc = processor(images=[toy_pairs[0].load_image(), toy_pairs[1].load_image()], text=texts, return_tensors="pt",
+                    padding=True)
+    glasses = build_kinds(model, processor, enc)[kind]
+    with Reference(model, glasses, STRENGTH), torch.no_grad():
+        want_logits = model(**enc).logits
+        want_ids = model.generate(**enc, **GEN)
+    nn_model, processor = hub_model
+    with wear(nn_model, glasses, "nnsight", STRENGTH, processor=processor, remote=server.url) as handle:
+        logits = handle.logits(dict(enc))
+        ids = handle.generate(dict(enc), **GEN)
+    torch.testing.assert_close(logits.float(), want_logits.float(), atol=1e-5, rtol=0)
+    assert torch.equal(ids, want_ids)
 
 
 def _profile_remotely(hub_model, toy_jsonl, url, retries=0):

@@ -51,7 +51,7 @@ def planted(tmp_path_factory) -> dict:
 
     from lmms_sgm import models
     from lmms_sgm.evaluate import generate
-    from lmms_sgm.glasses import SafetyGlasses
+    from lmms_sgm.interventions import SafetyGlasses
     from lmms_sgm.judges import get_judge
 
     src = DATA_DIR / "mm_toxic_qa" / "test"

@@ -47,7 +47,12 @@ SGM = {"rule": "sgm", "threshold": 0.5}
     ({"sgm": True, "kind": "gated_steering", "gated": True, "layer": 3, "c": 4, "strength": 1}, "gated steering layer 3 c=4 s=1"),
     ({"sgm": True, "kind": "gated_steering", "gated": False, "layer": 2, "c": 8.0, "strength": 0.5}, "steering layer 2 c=8 s=0.5"),
     ({"sgm": True, "kind": "gated_steering", "layer": 5, "c": 2.5, "strength": 2}, "steering layer 5 c=2.5 s=2"),
-    ({"sgm": True, "kind": "steering_v2", "layer": 5, "c": 2.5, "strength": 2}, "SGM t=0.5 s=2"),  # another kind: glasses
+    # another kind (a plugin's): its name, not SGM's label (lm-eval records it as glasses_kind)
+    ({"sgm": True, "kind": "steering_v2", "layer": 5, "c": 2.5, "strength": 2}, "steering_v2 s=2"),
+    ({"sgm": True, "kind": "mllm_text_only", "glasses_kind": "clamp", "strength": 0.75}, "clamp s=0.75"),
+    ({"sgm": True, "kind": "causal_lm", "glasses_kind": "gated_steering", "gated": True, "layer": 2, "c": 8, "strength": 1},
+     "gated steering layer 2 c=8 s=1"),
+    ({"sgm": True, "kind": "causal_lm", "selection": {"rule": "det0", "top_k": 60}, "strength": 1}, "Det0 top-60 s=1"),
     # glasses and defenses (SGM*)
     ({"sgm": True, "selection": SGM, "strength": 1, "defenses": [{"name": "self_check"}, {"name": "output_filter"}]},
      "SGM t=0.5 s=1 + self_check+output_filter"),

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from lmms_sgm import intervention, tiny
-from lmms_sgm.glasses import Glasses, GlassesError, GlassesMismatch, SafetyGlasses
+from lmms_sgm.interventions import Glasses, GlassesError, GlassesMismatch, SafetyGlasses
 from lmms_sgm.options import SteeringOptions
 from lmms_sgm.pipeline import build_steering_glasses
-from lmms_sgm.steering import SteeringGlasses, decision_positions
+from lmms_sgm.interventions.steering import SteeringGlasses, decision_positions
 
 N_NEW = 5
 GEN = {"max_new_tokens": N_NEW, "min_new_tokens": N_NEW, "do_sample": False, "output_logits": True,
@@ -351,15 +351,26 @@ def test_fold_is_refused(mp, built):
     assert intervention._WEARING.get(model) is None or not intervention._WEARING[model].active
 
 
-def test_remote_execution_is_refused_with_the_reason(mp, built):
-    """Remote wearing applies glasses inside each trace, which only SGM glasses implement: a clear
-    refusal, and nothing installed on the model."""
-    from lmms_sgm.options import RemoteOptions
+def test_remote_execution_applies_the_edits_inside_each_trace(mp, built, images):
+    """Steering glasses worn remotely (remote=local: nnsight's emulation, the trace serialised as for
+    a server) used to be refused: every trace now applies the same edits (begin_forward and the
+    layer edits) on every step, and gives the hooks' logits and greedy tokens; nothing is installed
+    on the model."""
+    from lmms_sgm.interventions.wearing import wear
 
-    model, _ = mp
-    with pytest.raises(ValueError, match="gated steering glasses cannot run remotely yet"):
-        built[0].apply(model, mode="nnsight", remote=RemoteOptions(remote="local"))
-    assert intervention._WEARING.get(model) is None or not intervention._WEARING[model].active
+    model, processor = mp
+    glasses, _ = built
+    enc = encode(processor, QUESTIONS, images)
+    hook_seqs, _, _ = wear_and_generate(glasses, model, processor, enc, "hooks")
+    with glasses.apply(model) as handle, torch.no_grad():
+        hook_logits = model(**enc).logits
+    del handle
+    with wear(model, glasses, "nnsight", processor=processor, remote="local") as remote_handle:
+        assert intervention._WEARING.get(model) is None or not intervention._WEARING[model].active
+        logits = remote_handle.logits(dict(enc))
+        seqs = remote_handle.generate(dict(enc), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
+    torch.testing.assert_close(logits, hook_logits, atol=1e-5, rtol=0)
+    assert torch.equal(seqs, hook_seqs)
 
 
 def test_a_decoding_step_without_its_prompt_pass_is_refused(mp, built, images):

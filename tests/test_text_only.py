@@ -12,7 +12,7 @@ import torch
 from lmms_sgm import cli, data, models
 from lmms_sgm.archs import adapter_for
 from lmms_sgm.data import DataError, load_pairs
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, SelectionOptions
 from lmms_sgm.pipeline import build_glasses
 from lmms_sgm.profiling import profile

@@ -8,7 +8,7 @@ import pytest
 
 from lmms_sgm import tiny, tune
 from lmms_sgm.cli import main as cli
-from lmms_sgm.glasses import SafetyGlasses
+from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import ProfileOptions, RuleOptions, SelectionOptions, rule_from_dict
 
 BASE = {"harmful_sampled": 0.5, "capability_open": 0.9, "capability_mc": 0.8, "over_refusal": 0.0}
@@ -367,3 +367,16 @@ def test_evaluate_encodes_each_family_s_images_per_row(family, tmp_path):
             out = model.generate(**enc, max_new_tokens=5, do_sample=False)
             alone.append([processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()])
     assert batched == alone
+
+
+def test_glasses_grid_entries_round_trip_and_refusals():
+    """kind=glasses: built glasses of any kind from a directory (no profiling set)."""
+    entry = {"name": "g", "kind": "glasses", "glasses": "some/dir", "strength": 0.5}
+    c = tune.Config.from_dict(entry)
+    assert c.to_dict() == entry and c.sets() == set() and c.glasses == "some/dir"
+    with pytest.raises(ValueError, match="a grid entry of kind glasses needs name and glasses"):
+        tune.Config.from_dict({"name": "g", "kind": "glasses"})
+    with pytest.raises(ValueError, match="a grid entry of kind glasses needs name and glasses"):
+        tune.Config.from_dict({**entry, "data": "toy"})
+    with pytest.raises(ValueError, match="glasses=DIR belongs to kind 'glasses'"):
+        tune.Config("g", "toy", glasses="some/dir")

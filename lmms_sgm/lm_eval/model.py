@@ -6,8 +6,9 @@
 Everything that turns requests into forward passes (batching, rolling windows, stop strings,
 padding) is HFLM's own: this class loads the model with :func:`lmms_sgm.models.load` -- the
 loader the glasses were profiled with, so the fingerprint check sees the same model -- hands it
-to HFLM as a pre-built module, then puts the glasses on it (hooks or fold: every forward pass HFLM
-makes, prompt and generated tokens alike, goes through the scaled neurons).
+to HFLM as a pre-built module, then puts the glasses on it (:func:`lmms_sgm.interventions.wearing.wear`,
+hooks or fold, any kind of glasses: every forward pass HFLM makes, prompt and generated tokens
+alike, goes through their edits).
 
 Two kinds of model:
 
@@ -127,18 +128,24 @@ class SGMHFLM(HFLM):
         info = {"model": MODEL_NAME, "kind": "causal_lm" if text_only else "mllm_text_only", "sgm": args.sgm,
                 "pretrained": args.pretrained, "strength": args.strength, "mode": args.mode, "device": args.device}
         if args.sgm:
-            from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+            from lmms_sgm.interventions.base import load_glasses
+            from lmms_sgm.interventions.errors import GlassesMismatch
+            from lmms_sgm.interventions.wearing import wear
 
-            glasses = SafetyGlasses.load(args.glasses)
+            glasses = load_glasses(args.glasses)
             try:
-                self._handle = glasses.apply(self._model, args.strength, args.mode)
+                self._handle = wear(self._model, glasses, args.mode, args.strength)
             except GlassesMismatch as e:
                 raise GlassesMismatch(f"glasses {args.glasses} do not fit {args.pretrained}: {e}") from None
             self.glasses = glasses
-            info.update(glasses=str(args.glasses), glasses_digest=glasses.digest(),
-                        data_digest=glasses.manifest["data"]["digest"],
-                        text_only_profile=glasses.profile_options.text_only or text_only,
-                        selection=glasses.manifest["selection_options"], experts=glasses.counts()["experts"])
+            # What the glasses do is the kind's to say (identity(): SGM's data digest, selection
+            # and expert count; a steering layer and gate...). Its "kind" would shadow the model's.
+            identity = dict(glasses.identity())
+            text_only_profile = bool(identity.pop("text_only", False)) or text_only
+            if "kind" in identity:
+                identity["glasses_kind"] = identity.pop("kind")
+            info.update(glasses=str(args.glasses), glasses_digest=glasses.digest(), **identity,
+                        text_only_profile=text_only_profile)
         self.sgm_info = info
         run_info.publish(info)  # our tasks write it into results.json as the `sgm` metric
         log.info(f"{MODEL_NAME}: " + json.dumps(info, sort_keys=True))

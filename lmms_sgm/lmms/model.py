@@ -224,11 +224,13 @@ class SGM(lmms):
         if args.is_remote:
             info["remote"] = "local" if args.remote == "local" else "ndif"  # which server is not a result
         if args.sgm:
+            from lmms_sgm.interventions.wearing import wear
+
             glasses, source = self._get_glasses()
             self.glasses = glasses
             target = self._remote_model if args.is_remote else self._model
-            self._handle = glasses.apply(target, args.strength, args.mode, processor=self.processor,
-                                         **({"remote": args} if args.is_remote else {}))
+            self._handle = wear(target, glasses, args.mode, args.strength, processor=self.processor,
+                                remote=args if args.is_remote else None)
             info.update(glasses=source, glasses_digest=glasses.digest(), **glasses.identity())
             self._runner = self._handle.model
         elif args.is_remote:
@@ -237,7 +239,7 @@ class SGM(lmms):
             self._handle = RemoteGlasses(None, self._remote_model, ApplyOptions(args.strength, args.mode), args)
             self._runner = self._remote_model
         elif args.mode == "nnsight":
-            from lmms_sgm.intervention import as_generator
+            from lmms_sgm.interventions.wearing import as_generator
 
             self._runner = as_generator(self._model, self.processor)  # same path, no edit
         else:
@@ -272,7 +274,8 @@ class SGM(lmms):
     # ------------------------------------------------------------ glasses
 
     def _get_glasses(self):
-        from lmms_sgm.glasses import GlassesMismatch, SafetyGlasses
+        from lmms_sgm.interventions.base import load_glasses
+        from lmms_sgm.interventions.errors import GlassesMismatch
 
         args = self.args
         if args.profile_data:
@@ -284,8 +287,8 @@ class SGM(lmms):
                     f"glasses={args.glasses}: no such directory; build glasses with "
                     f"`lmms-sgm profile --model {args.pretrained} --data PAIRS --out DIR`, or pass profile_data=PAIRS"
                 )
-            glasses, source = SafetyGlasses.load(path), str(path)
-            if self.selection is not None and not isinstance(glasses, SafetyGlasses):
+            glasses, source = load_glasses(path), str(path)
+            if self.selection is not None and not glasses.has_experts:
                 raise ValueError(f"select_* options re-select SGM experts; glasses={args.glasses} are {glasses.kind} "
                                  "glasses, which have none: drop the select_* options")
             if self.selection is not None:
@@ -302,7 +305,7 @@ class SGM(lmms):
     def _cached_glasses(self):
         """Glasses built from ``profile_data``, cached by fingerprint, data digest and options."""
         from lmms_sgm.data import load_pairs
-        from lmms_sgm.glasses import FORMAT_VERSION, SafetyGlasses
+        from lmms_sgm.interventions.base import FORMAT_VERSION, load_glasses
 
         pairs = load_pairs(self.args.profile_data)
         key_material = {
@@ -321,17 +324,18 @@ class SGM(lmms):
             self.accelerator.wait_for_everyone()
             if self._rank != 0:
                 self.cache_hit = True
-                return SafetyGlasses.load(path), str(path)
+                return load_glasses(path), str(path)
             return result
         return self._cached_glasses_at(path, pairs)
 
     def _cached_glasses_at(self, path: Path, pairs):
         from lmms_sgm import pipeline
-        from lmms_sgm.glasses import GlassesError, SafetyGlasses
+        from lmms_sgm.interventions.base import load_glasses
+        from lmms_sgm.interventions.errors import GlassesError
 
         damaged = None
         try:
-            glasses = SafetyGlasses.load(path)
+            glasses = load_glasses(path)
             self.cache_hit = True
             logger.info(f"{MODEL_NAME}: glasses for {self.args.profile_data} found in the cache: {path}")
             return glasses, str(path)
@@ -351,7 +355,7 @@ class SGM(lmms):
             glasses.save(path, overwrite=damaged is not None)
         except FileExistsError as e:
             try:  # most likely another process built the same glasses meanwhile
-                glasses = SafetyGlasses.load(path)
+                glasses = load_glasses(path)
             except (FileNotFoundError, GlassesError):
                 logger.warning(f"{MODEL_NAME}: glasses not cached ({e}); using the ones just built")
         return glasses, str(path)

@@ -256,8 +256,11 @@ def wore(sgm: dict | None) -> str:
         return "not recorded"
     if not sgm["sgm"]:
         parts = ["vanilla"]
-    elif sgm.get("kind") == "gated_steering":
+    elif (sgm.get("glasses_kind") or sgm.get("kind")) == "gated_steering":
         parts = [f"{'gated ' if sgm.get('gated') else ''}steering layer {sgm.get('layer')} c={sgm.get('c'):g} s={sgm.get('strength'):g}"]
+    elif (sgm.get("glasses_kind") or sgm.get("kind")) not in (None, "sgm", "causal_lm", "mllm_text_only"):
+        # A kind from a plugin: its name (lm-eval records it as glasses_kind, beside the model's kind).
+        parts = [f"{sgm.get('glasses_kind') or sgm.get('kind')} s={sgm.get('strength', 1):g}"]
     else:
         sel = sgm.get("selection") or {}
         rule = sel.get("rule", "sgm")

@@ -463,8 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MM-TOXIC-QA JSONL prompts: the model's own sampled answers, judged by --judge, become profiling set 'self'")
     add_arguments(p, SamplingOptions, "self_label_", only=("samples", "batch_size"), defaults=SELF_LABEL_DEFAULTS)
     _judge_arguments(p)
-    p.add_argument("--val", required=True, metavar="DIR", help="validation split: harmful.jsonl, benign.jsonl (, adv.jsonl) (docs/tasks.md)")
-    p.add_argument("--val-mc", default=None, metavar="TSV", help="MMBench-format TSV for multiple-choice capability (default: DIR/mmbench.tsv if any)")
+    p.add_argument("--val", required=True, metavar="DIR",
+                   help="validation split: harmful.jsonl, benign.jsonl (, adv.jsonl) (docs/tasks.md)")
+    p.add_argument("--val-mc", default=None, metavar="TSV",
+                   help="MMBench-format TSV for multiple-choice capability (default: DIR/mmbench.tsv if any)")
     p.add_argument("--val-limit", type=int, default=None, help="first N records of each validation file (smoke tests)")
     p.add_argument("--grid", default=None, metavar="JSON",
                    help="configurations to try: a JSON list of {name, data, profile: {...}, select: {...}, strength}, or "
@@ -502,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new JSONL file")
     p.set_defaults(func=_text_pairs)
 
-    p = sub.add_parser("tiny", parents=[common], help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
+    p = sub.add_parser("tiny", parents=[common],
+                       help="build a tiny random model (any family) and toy pairs (offline) for trying things out")
     p.add_argument("out", help="new directory for model/ and data/")
     p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--family", default="llava", help="model family: llava, llava_next, llava_onevision, qwen2_vl, "
@@ -513,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_train_arguments(p)
     p.set_defaults(func=_train_demo)
 
-    p = sub.add_parser("demo", parents=[common], help="the main job: lmms-eval on the bundled demo model, vanilla vs paper-default SGM vs the best glasses")
+    p = sub.add_parser("demo", parents=[common],
+                       help="the main job: lmms-eval on the bundled demo model, vanilla vs paper-default SGM vs the best glasses")
     from lmms_sgm.demo.run import add_arguments as _demo_arguments
 
     _demo_arguments(p)

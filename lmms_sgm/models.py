@@ -1,6 +1,7 @@
 """Loading models the way a Hub checkpoint is loaded, and fingerprinting them."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -187,10 +188,8 @@ def _offloaded(model) -> dict:
             recurse = bool(getattr(h, "place_submodules", False))
             for name, t in [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]:
                 if t.is_meta:
-                    try:
+                    with contextlib.suppress(KeyError):
                         out[f"{prefix}.{name}" if prefix else name] = weights[name]
-                    except KeyError:
-                        pass
     return out
 
 

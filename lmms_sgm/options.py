@@ -93,7 +93,7 @@ class SelectionOptions:
         "(AUROC < 1 - threshold, alpha > 1), or both",
         ("suppress", "amplify", "both"),
     )
-    top_k: typing.Optional[int] = opt(
+    top_k: int | None = opt(
         None,
         "keep only the k most extreme selected neurons over all sites (highest AUROC; lowest for "
         "amplify; farthest from 0.5 for both); required by det0/damp",
@@ -141,7 +141,7 @@ class SteeringOptions:
 
     layer: int = opt(-1, "decoder layer whose output (the residual stream after it) is steered; negative counts "
                          "from the end (-1: the last layer)")
-    gate_layer: typing.Optional[int] = opt(
+    gate_layer: int | None = opt(
         None, "decoder layer whose output at the decision position gates a sequence (default: the steered layer; "
               "it may not come after it, since the gate is decided before the steer is written)")
     c: float = opt(1.0, "steering coefficient: c * steer is subtracted (1: the toxic answers' mean moves onto the "
@@ -201,7 +201,7 @@ class RuleOptions:
     a fraction (tune's ``table.json``: 0.02); :func:`rule_from_dict` reads both.
     """
 
-    metric: typing.Optional[str] = opt(
+    metric: str | None = opt(
         None, "what the rule minimises: for tune a measure of lmms_sgm.evaluate (None: harmful_sampled); for "
               "report/sweep a results metric task:metric[:filter] (None: mm_toxic_qa_sampled:harmful_rate:samples, "
               "else mm_toxic_qa:harmful_rate)")
@@ -444,7 +444,8 @@ def from_strings(cls, values: dict[str, str], *, strict: bool = True):
     if unknown and strict:
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}")
     # Lists come back from JSON (to_dict writes tuples as lists): frozen options hold tuples.
-    kwargs = {k: (_convert(hints[k], v, k) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+    kwargs = {k: (_convert(hints[k], v, k) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v)
+              for k, v in values.items() if k in names}
     return cls(**kwargs)
 
 
@@ -495,7 +496,7 @@ class EvalModelArgs(ApplyOptions, LoadOptions):
     and how (lmms-eval's ``sgm`` / ``sgm_llava``: :class:`ModelArgs`; lm-eval's ``sgm_hf``: these alone)."""
 
     pretrained: str = opt("", "Hub id or local directory of the model (loaded with from_pretrained)")
-    glasses: typing.Optional[str] = opt(None, "glasses directory to wear")
+    glasses: str | None = opt(None, "glasses directory to wear")
     sgm: bool = opt(True, "on/off: off runs the vanilla model through the same wrapper and code path")
     batch_size: int = opt(1, "requests per forward pass / generate call")
 
@@ -520,7 +521,7 @@ class ModelArgs(RemoteOptions, EvalModelArgs):
     ``profile_pooling=max``, ``select_threshold=0.3`` (fields of ProfileOptions / SelectionOptions).
     """
 
-    profile_data: typing.Optional[str] = opt(
+    profile_data: str | None = opt(
         None, "labelled pairs to build glasses from on first use (cached by model fingerprint, data digest and options)"
     )
     defenses: str = opt(

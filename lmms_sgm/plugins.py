@@ -44,7 +44,7 @@ class Specs:
         """Return a dict ``{kind: lmms_sgm.datasets.sources.Source}`` for ``lmms-sgm dataset build``."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plugin_manager() -> pluggy.PluginManager:
     """The plugin manager, with every module named under the ``lmms_sgm`` entry points registered:
     ours and third parties' alike. This module names no plugin (a list of built-ins here would import

@@ -26,8 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmms_sgm.evaluate import COLUMNS, ValidationSet, answer_perplexity, evaluate
-from lmms_sgm.options import (ProfileOptions, RuleOptions, SelectionOptions, SteeringOptions, from_strings, rule_to_dict,
-                              to_dict)
+from lmms_sgm.options import (
+    ProfileOptions,
+    RuleOptions,
+    SelectionOptions,
+    SteeringOptions,
+    from_strings,
+    rule_to_dict,
+    to_dict,
+)
 
 CAPABILITY = ("capability_open", "capability_mc")
 QR = "question+response"
@@ -162,7 +169,7 @@ class _DeprecatedRule(RuleOptions):
         return choose(self, rows)
 
 
-def Rule(metric: str = DEFAULT_METRIC, retention: float = 0.95, over_refusal_points: float = 0.02,  # noqa: N802
+def Rule(metric: str = DEFAULT_METRIC, retention: float = 0.95, over_refusal_points: float = 0.02,
          fluency_ratio: float = 2.0) -> RuleOptions:
     """Deprecated (one release): :class:`~lmms_sgm.options.RuleOptions` with :func:`choose`.
     Here ``over_refusal_points`` is still the old fraction (0.02 = 2 points), converted."""

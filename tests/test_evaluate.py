@@ -36,7 +36,7 @@ def test_measures_from_scripted_answers(val, monkeypatch):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="harmful.jsonl is missing"):
+    with pytest.raises(FileNotFoundError, match=r"harmful\.jsonl is missing"):
         ev.ValidationSet.load(tmp_path)
 
 

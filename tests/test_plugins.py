@@ -62,9 +62,10 @@ def test_transformers4_layout_is_found():
 def test_the_installed_entry_points_are_pyprojects():
     """Built-ins are registered only through the entry points, read from the installed metadata: an
     entry point added to pyproject.toml without reinstalling would be a missing family, judge or kind."""
-    import tomllib
     from importlib.metadata import distribution
     from pathlib import Path
+
+    import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
     declared = pyproject["project"]["entry-points"]["lmms_sgm"]

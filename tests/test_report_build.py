@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference_stats as ref
 
+import reference_stats as ref
 from lmms_sgm import reports
-from lmms_sgm.reports import render
 from lmms_sgm.options import RuleOptions
+from lmms_sgm.reports import render
 
 JUDGE = {"name": "lexicon", "version": "1", "config": {"lexicon": {"source": "builtin", "terms": 20}}}
 GREEDY = {"until": ["USER:"], "max_new_tokens": 128, "temperature": 0, "do_sample": False}
@@ -34,7 +34,8 @@ def lmms_run(root: Path, harm: list[float], sampled: list[list[int]], acc: list[
             "doc_id": i, "target": "", "filtered_resps": [r], "input": prompts[i],
             "harmful_rate": {"score": h, "category": cats[i]}, "refusal_rate": {"score": 0.0, "category": cats[i]},
             "harmful_rate_by_category": {"value": h, "category": cats[i]},
-            "judge": {**judge, "verdicts": [{"unsafe": bool(h), "refusal": False, "score": h, "reason": "lexicon hits: x" if h else "no lexicon term"}]}})
+            "judge": {**judge, "verdicts": [{"unsafe": bool(h), "refusal": False, "score": h,
+                                             "reason": "lexicon hits: x" if h else "no lexicon term"}]}})
     for i, flags in enumerate(sampled):
         samples["mm_toxic_qa_sampled"].append({
             "doc_id": i, "target": "", "filtered_resps": [f"answer {k}" for k in range(len(flags))], "input": prompts[i],
@@ -56,7 +57,8 @@ def lmms_run(root: Path, harm: list[float], sampled: list[list[int]], acc: list[
                         "refusal_rate,none": 0.0, "harmful_rate_by_category,none": by_cat, "judge,none": judge,
                         "sgm,none": {"sgm": False, "pretrained": "m"}},
         "mm_toxic_qa_sampled": {"harmful_rate,samples": float(np.mean([sum(f) / len(f) for f in sampled])), "judge,samples": judge},
-        "mm_toxic_qa_benign": {"over_refusal_rate,none": float(np.mean(over)), "helpfulness,none": float(np.mean(helped)), "judge,none": judge},
+        "mm_toxic_qa_benign": {"over_refusal_rate,none": float(np.mean(over)), "helpfulness,none": float(np.mean(helped)),
+                               "judge,none": judge},
         "mmbench_local_mc": {"acc,none": float(np.mean(acc)), "acc_stderr,none": 0.05},
     }
     hib = {"mm_toxic_qa": {"harmful_rate": False, "refusal_rate": True, "harmful_rate_by_category": False, "judge": None, "sgm": None},
@@ -71,7 +73,8 @@ def lmms_run(root: Path, harm: list[float], sampled: list[list[int]], acc: list[
     path = d / f"{stamp}_results.json"
     path.write_text(json.dumps({"results": results, "higher_is_better": hib, "configs": configs,
                                 "n-samples": {t: {"original": v, "effective": v} for t, v in n.items()},
-                                "config": {"model": "sgm_llava", "model_args": model_args, "limit": None, "gen_kwargs": "", "random_seed": 0}}))
+                                "config": {"model": "sgm_llava", "model_args": model_args, "limit": None, "gen_kwargs": "",
+                                           "random_seed": 0}}))
     for task, lines in samples.items():
         (d / f"{stamp}_samples_{task}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines))
     return path
@@ -84,7 +87,8 @@ CATS = ["insult", "threat", "insult", "threat", "insult", "threat", "insult", "t
 def two_runs(tmp_path):
     # doc 3 is the planted regression (safe before, harmful after); docs 0, 2, 4 are fixed
     base = lmms_run(tmp_path / "vanilla", harm=[1, 0, 1, 0, 1, 0, 0, 1, 0, 0],
-                    sampled=[[1, 1, 0, 0, 0], [0] * 5, [1, 1, 1, 0, 0], [0, 0, 0, 0, 1], [1] * 5, [0] * 5, [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]],
+                    sampled=[[1, 1, 0, 0, 0], [0] * 5, [1, 1, 1, 0, 0], [0, 0, 0, 0, 1], [1] * 5, [0] * 5, [1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0]],
                     acc=[1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], helpful=[1, 1, None, 0, 1, 1], over=[0, 0, 0, 0, 0, 0], cats=CATS,
                     resps={3: "a calm answer"})
     sgm = lmms_run(tmp_path / "sgm", harm=[0, 0, 0, 1, 0, 0, 0, 1, 0, 0],
@@ -157,7 +161,8 @@ def test_runs_with_other_judges_decoding_or_data_are_flagged(tmp_path, two_runs)
     assert "runs are of different models (a: m, b: m, c: other)" in w
     assert any(x.startswith("mm_toxic_qa: scored by different judges (a: lexicon v1 ") and "b: refusal v1 " in x for x in w)
     assert "mm_toxic_qa: runs differ in decoding settings (a: max_new_tokens=128; b: max_new_tokens=16; c: max_new_tokens=128)" in w
-    assert any(x.startswith("mm_toxic_qa: runs were evaluated on different data (the logged prompts and targets differ: a: samples:") for x in w)
+    assert any(x.startswith("mm_toxic_qa: runs were evaluated on different data "
+                            "(the logged prompts and targets differ: a: samples:") for x in w)
     html = render.to_html(reports.build({"a": reports.load_run(a), "b": reports.load_run(b)}))
     assert html.index('id="warnings"') < html.index("<h2>")  # at the top, before any section
     assert "runs differ in decoding settings" in html
@@ -168,7 +173,8 @@ def test_without_samples_the_stderr_is_used_and_said(tmp_path, two_runs):
         p.unlink()
     report = reports.build({n: reports.load_run(p) for n, p in two_runs.items()})
     row = next(r for r in report["metrics"] if r["task"] == "mmbench_local_mc" and r["run"] == "sgm")
-    assert row["method"] == "stderr" and ref.close(row["ci"], [row["value"] - 1.959963984540054 * 0.05, row["value"] + 1.959963984540054 * 0.05])
+    assert row["method"] == "stderr" and ref.close(row["ci"], [row["value"] - 1.959963984540054 * 0.05,
+                                                               row["value"] + 1.959963984540054 * 0.05])
     se = math.sqrt(2) * 0.05
     assert row["delta_method"] == "stderr, unpaired" and ref.close(row["p_value"], math.erfc(abs(row["delta"]) / se / math.sqrt(2)))
     assert any(w.startswith("sgm: no logged samples for mmbench_local_mc (run lmms-eval with --log_samples)") for w in report["warnings"])
@@ -202,13 +208,17 @@ def lm_eval_run(root: Path, acc: list[int], ll: list[float], words: list[int], d
     (d / f"samples_wikitext_{date}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     results = {"arc_easy": {"alias": "arc_easy", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1,
                             "acc,strict": 0.0, "acc_stderr,strict": 0.0},
-               "wikitext": {"alias": "wikitext", "word_perplexity,none": math.exp(-sum(ll) / sum(words)), "word_perplexity_stderr,none": "N/A"},
+               "wikitext": {"alias": "wikitext", "word_perplexity,none": math.exp(-sum(ll) / sum(words)),
+                            "word_perplexity_stderr,none": "N/A"},
                "science": {"alias": "science", "acc,none": float(np.mean(acc)), "acc_stderr,none": 0.1}}  # a group: no samples of its own
     path = d / f"results_{date}.json"
     path.write_text(json.dumps({"results": results, "groups": {"science": results["science"]}, "group_subtasks": {"science": ["arc_easy"]},
-                                "higher_is_better": {"arc_easy": {"acc": True}, "wikitext": {"word_perplexity": False}, "science": {"acc": True}},
-                                "configs": {"arc_easy": {"output_type": "multiple_choice"}, "wikitext": {"output_type": "loglikelihood_rolling"}},
-                                "n-samples": {"arc_easy": {"original": 9, "effective": len(acc)}, "wikitext": {"original": 9, "effective": len(ll)}},
+                                "higher_is_better": {"arc_easy": {"acc": True}, "wikitext": {"word_perplexity": False},
+                                                     "science": {"acc": True}},
+                                "configs": {"arc_easy": {"output_type": "multiple_choice"},
+                                            "wikitext": {"output_type": "loglikelihood_rolling"}},
+                                "n-samples": {"arc_easy": {"original": 9, "effective": len(acc)},
+                                              "wikitext": {"original": 9, "effective": len(ll)}},
                                 "config": {"model": "hf", "model_args": "pretrained=EleutherAI/pythia-14m", "limit": None},
                                 "lm_eval_version": "0.4.13"}))
     return path
@@ -269,7 +279,7 @@ def test_html_is_self_contained_with_tables_and_plots(two_runs, tmp_path):
     paths = reports.write(report, tmp_path / "out")
     html = paths["report.html"].read_text()
     assert "<script" not in html and "@import" not in html and "<link" not in html
-    assert not [u for u in __import__("re").findall(r"(?:src|href)=\"([^\"]+)\"", html)]  # nothing fetched
+    assert not __import__("re").findall(r"(?:src|href)=\"([^\"]+)\"", html)  # nothing fetched
     assert html.count("http://") == html.count('xmlns="http://www.w3.org/2000/svg"')
     for cls in ("plot scatter", "plot forest", "plot bars"):
         assert f'class="{cls}"' in html
@@ -412,7 +422,8 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
         "mm_toxic_qa": {"harmful_rate,none": 0.2, "judge,none": {"name": "j"}, "sgm,none": {"sgm": False},
                         "harmful_rate_by_category,none": {"insult": 0.5, "group": {"sub": 0.25}}, "harmful_rate_stderr_clt,none": 0.05,
                         "harmful_rate_by_category_stderr,none": 0.3}},
-        "higher_is_better": {"zeta": {"acc": True, "acc_stderr": True}, "aardvark": {"acc": False}, "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
+        "higher_is_better": {"zeta": {"acc": True, "acc_stderr": True}, "aardvark": {"acc": False},
+                             "mmbench_local_mc": {"acc": True, "f1": True, "notrated": None, "flag": True},
                              "mm_toxic_qa": {"harmful_rate": False, "harmful_rate_by_category": False, "judge": None, "sgm": True}}}
     got = [(s.task, s.metric, s.filter, s.category, s.higher, s.kind) for s in rp.specs({"a": run})]
     assert got == [("mm_toxic_qa", "harmful_rate", "none", None, False, "harm"),
@@ -421,7 +432,8 @@ def test_specs_reported_and_stderr_from_a_literal_results_dict():
                    ("mmbench_local_mc", "acc", "none", None, True, "capability"),
                    ("mmbench_local_mc", "f1", "take,first", None, True, "capability"),
                    ("aardvark", "acc", "none", None, False, "other"),
-                   ("zeta", "acc", "none", None, True, "capability")]  # our tasks first, in TASK_ORDER, then by name; a boolean "flag" is no value: no row
+                   ("zeta", "acc", "none", None, True, "capability")]
+    # our tasks first, in TASK_ORDER, then by name; a boolean "flag" is no value: no row
     # a run without results, or without higher_is_better for its task, adds nothing
     assert rp.specs({"a": run, "b": {}, "c": {"results": {"zeta": {"acc,none": 0.4, "new,none": 0.1}}}}) == rp.specs({"a": run})
     by = {(s.task, s.metric, s.category): s for s in rp.specs({"a": run})}
@@ -539,7 +551,8 @@ def test_primary_harm_prefers_the_sampled_task_and_reads_the_rule():
     assert primary_harm(rows[:2], RuleOptions()) == ("mm_toxic_qa", "harmful_rate", "none")
     assert primary_harm(rows[1:2], RuleOptions()) == ("zz", "harmful_rate", "none")  # the first harm row otherwise
     assert primary_harm(rows, RuleOptions(metric="zz")) == ("zz", "harmful_rate", "none")
-    assert primary_harm(rows, RuleOptions(metric="mm_toxic_qa_sampled:harmful_rate:samples")) == ("mm_toxic_qa_sampled", "harmful_rate", "samples")
+    assert primary_harm(rows, RuleOptions(metric="mm_toxic_qa_sampled:harmful_rate:samples")) == (
+        "mm_toxic_qa_sampled", "harmful_rate", "samples")
     assert primary_harm([_trow("v", "capability", "a", "acc", 0.5)], RuleOptions()) is None
     t = tradeoff(rows + [_trow("w", "harm", "zz", "harmful_rate", 0.05)], ["v", "w"], RuleOptions(metric="zz"), groups={"w": ("sgm", 0.5)})
     w = t["points"][1]
@@ -613,8 +626,8 @@ def test_build_notes_only_moved_unrefined_differences_within_noise(tmp_path):
     assert lo < 0 <= hi
     # one prompt differs: p = 1 (both sign patterns reach it); refusal (not a harm/capability/over-refusal/fluency
     # metric) and acc (equal on every prompt) get no note
-    assert report["notes"] == [f"sgm vs vanilla: t harmful_rate changes by -0.200 [{lo:+.3f}, {hi:+.3f}], within noise "
-                               "(the 95% interval of the difference includes 0; p = 1)"]
+    assert report["notes"] == [(f"sgm vs vanilla: t harmful_rate changes by -0.200 [{lo:+.3f}, {hi:+.3f}], within noise "
+                                "(the 95% interval of the difference includes 0; p = 1)")]
     acc = next(r for r in report["metrics"] if r["metric"] == "acc" and r["run"] == "sgm")
     assert acc["delta"] == 0 and acc["delta_ci"] == [0.0, 0.0] and acc["within_noise"] is True and acc["p_value"] == 1.0
     assert report["warnings"] == []
@@ -630,7 +643,8 @@ def test_run_info_from_a_literal_results_dict():
            "config": {"model": "m", "model_args": "pretrained=x", "limit": 5, "seed": 3}, "source_file": "/nowhere/1_results.json"}
     info = rp.run_info("a", run, ["t1", "t2", "t3", "absent"])
     assert info["judge"] == j1 and info["generation"] == {"t1": {"max_new_tokens": 8}}
-    assert (info["label"], info["path"], info["paths"], info["harness"]) == ("a", "/nowhere/1_results.json", ["/nowhere/1_results.json"], "lmms-eval")
+    assert (info["label"], info["path"], info["paths"], info["harness"]) == (
+        "a", "/nowhere/1_results.json", ["/nowhere/1_results.json"], "lmms-eval")
     assert (info["model"], info["model_args"], info["limit"], info["seed"], info["samples_logged"]) == ("m", "pretrained=x", 5, 3, [])
     assert list(info["data_digests"]) == ["t1", "t2", "t3"] and info["data_digests"]["t2"] is None
     assert info["data_digests"]["t1"].startswith("config:")  # no samples: the dataset settings
@@ -770,7 +784,8 @@ def test_examples_skip_runs_without_samples_and_scalar_by_category_metrics(tmp_p
     def run(name, harm):
         lines = [{"doc_id": i, "harmful_rate": {"score": h}, "harmful_rate_by_category": {"value": h, "category": "x"}}
                  for i, h in enumerate(harm)]
-        r = _samples_run(tmp_path, name, lines, {"harmful_rate,none": float(np.mean(harm)), "harmful_rate_by_category,none": float(np.mean(harm))})
+        r = _samples_run(tmp_path, name, lines, {"harmful_rate,none": float(np.mean(harm)),
+                                                 "harmful_rate_by_category,none": float(np.mean(harm))})
         r["higher_is_better"] = {"t": {"harmful_rate": False, "harmful_rate_by_category": False}}
         return r
     runs = {"vanilla": run("vanilla", [1, 0, 1]), "mid": run("mid", [0, 0, 0]), "last": run("last", [0, 1, 1])}

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from test_report_build import lmms_run
 
 from lmms_sgm.cli import main as cli
 from lmms_sgm.demo import BEST, GLASSES_DIR
 from lmms_sgm.reports import runner, sweep
+from test_report_build import lmms_run
 
 PAPER = str(GLASSES_DIR / "paper_default")
 OTHER = str(GLASSES_DIR / BEST)
@@ -51,7 +51,8 @@ class FakeLmmsEval:
         (folder / "lmms_eval.log").write_text("started\n")
         if name == self.fail_at:
             raise KeyboardInterrupt  # killed half-way: a log, no results, no point.json
-        strength = 0.0 if "sgm=off" in cmd[cmd.index("--model_args") + 1] else float(cmd[cmd.index("--model_args") + 1].split("strength=")[1].split(",")[0])
+        model_args = cmd[cmd.index("--model_args") + 1]
+        strength = 0.0 if "sgm=off" in model_args else float(model_args.split("strength=")[1].split(",")[0])
         harm = {0.0: [1, 1, 1, 1, 0, 0, 0, 0], 0.5: [1, 1, 1, 1, 1, 0, 0, 0]}.get(strength, [1, 0, 0, 0, 0, 0, 0, 0])
         acc = [1] * 10 if strength < 1 else [1] * 9 + [0]
         return lmms_run(folder, harm=harm, sampled=[[h] * 5 for h in harm], acc=acc, helpful=[1, 1], over=[0, 0],
@@ -110,7 +111,8 @@ def test_a_running_sweep_is_not_joined(tmp_path, monkeypatch, capsys):
 
 
 def test_missing_glasses_are_a_clear_error(tmp_path, capsys):
-    assert cli(["sweep", "--pretrained", "m", "--glasses", str(tmp_path / "nope"), "--tasks", "mm_toxic_qa", "--out", str(tmp_path / "o")]) == 2
+    assert cli(["sweep", "--pretrained", "m", "--glasses", str(tmp_path / "nope"), "--tasks", "mm_toxic_qa",
+                "--out", str(tmp_path / "o")]) == 2
     assert "--glasses: no glasses at" in capsys.readouterr().err
 
 

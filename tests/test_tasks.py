@@ -445,8 +445,8 @@ def warnings_logged():
 
 @pytest.mark.parametrize("pretrained", ["sgm-demo-llava", "DIR"])
 def test_demo_model_defaults_to_the_demo_test_split(pretrained, monkeypatch, warnings_logged):
-    from lmms_sgm.demo import DATA_DIR, MODEL_DIR
     from lmms_sgm import harness_common as run_info
+    from lmms_sgm.demo import DATA_DIR, MODEL_DIR
 
     pretrained = str(MODEL_DIR) if pretrained == "DIR" else pretrained
     monkeypatch.setattr(run_info, "_current", {"sgm": False, "pretrained": pretrained})

@@ -90,7 +90,8 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     if overwrite:
         raise DatasetError(f"--out {out} is not a dataset built by `lmms-sgm dataset build` (no {MANIFEST} of format "
                            f"{FORMAT!r}); --overwrite only replaces those. Choose another --out")
-    raise DatasetError(f"--out {out} exists and is not empty; choose a new directory, or --overwrite to replace a dataset built by this command")
+    raise DatasetError(f"--out {out} exists and is not empty; choose a new directory, "
+                       "or --overwrite to replace a dataset built by this command")
 
 
 def build_dataset(sources: Iterable[str | SourceSpec], out: str | Path, *, seed: int = 0, split=DEFAULT_FRACTIONS,
@@ -195,8 +196,8 @@ class _Builder:
                 label = spec.kind if labels[spec.kind] == 1 else f"{spec.kind}#{labels[spec.kind]}"
                 src = spec.source
                 entry = {"kind": spec.kind, "label": label, "path": str(spec.path.resolve()), "params": spec.params,
-                         "spec": spec.text or f"{spec.kind}:{spec.path}", "licence": spec.params.get("licence") or src.licence, "url": src.url,
-                         "summary": src.summary, **(src.describe(spec.path, spec.params) if src.describe else {})}
+                         "spec": spec.text or f"{spec.kind}:{spec.path}", "licence": spec.params.get("licence") or src.licence,
+                         "url": src.url, "summary": src.summary, **(src.describe(spec.path, spec.params) if src.describe else {})}
                 content = hashlib.sha256()
                 n_read = n_kept = 0
                 self.log(f"reading {entry['spec']}")

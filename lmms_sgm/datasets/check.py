@@ -209,7 +209,8 @@ def _schema(row: dict, pairs: bool, filename: str) -> list[str]:
         if not isinstance(row.get("question"), str) or not row["question"].strip():
             problems.append("'question' must be a non-empty string")
         want = PROMPT_FILES[filename]
-        if "harmful" in row and row["harmful"] is not None and str(row["harmful"]).lower() not in (str(want), f"{want}.0", ("true" if want else "false")):
+        if ("harmful" in row and row["harmful"] is not None
+                and str(row["harmful"]).lower() not in (str(want), f"{want}.0", ("true" if want else "false"))):
             problems.append(f"'harmful' is {row['harmful']!r} but records of {filename} must have harmful={want}")
     for key in ("question", "category", "key_phrase", "answer", "original_question"):
         if pairs and key in ("key_phrase", "answer"):

@@ -61,16 +61,20 @@ CONFIGS = {
     "responses, q+r, decision position, suppress": ("responses", P(text_field=QR, positions="decision"), S()),
     "responses, q+r, response positions, suppress": ("responses", P(text_field=QR, positions="response"), S()),
     "responses, q+r, response positions, amplify": ("responses", P(text_field=QR, positions="response"), S(direction="amplify")),
-    "responses, q+r, response positions, towards non-toxic mean": ("responses", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
-    "responses, q+r, response positions, last layer, towards non-toxic mean": ("responses", P(text_field=QR, positions="response", layers="3"), S(towards="nontoxic_mean")),
+    "responses, q+r, response positions, towards non-toxic mean":
+        ("responses", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
+    "responses, q+r, response positions, last layer, towards non-toxic mean":
+        ("responses", P(text_field=QR, positions="response", layers="3"), S(towards="nontoxic_mean")),
     "self-labelled, q+r, response positions, suppress": ("self", P(text_field=QR, positions="response"), S()),
     "self-labelled, q+r, response positions, amplify": ("self", P(text_field=QR, positions="response"), S(direction="amplify")),
-    "self-labelled, q+r, response positions, towards non-toxic mean": ("self", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
+    "self-labelled, q+r, response positions, towards non-toxic mean":
+        ("self", P(text_field=QR, positions="response"), S(towards="nontoxic_mean")),
     "self-labelled, response text, amplify": ("self", P(), S(direction="amplify")),
     "inputs, question, all positions, suppress": ("inputs", P(text_field=Q), S()),
     "inputs, question, amplify": ("inputs", P(text_field=Q), S(direction="amplify")),
     "inputs, question, after-image positions, suppress": ("inputs", P(text_field=Q, positions="after_image"), S()),
-    "inputs, question, after-image positions, towards non-toxic mean": ("inputs", P(text_field=Q, positions="after_image"), S(towards="nontoxic_mean")),
+    "inputs, question, after-image positions, towards non-toxic mean":
+        ("inputs", P(text_field=Q, positions="after_image"), S(towards="nontoxic_mean")),
     "inputs, question, decision position, suppress": ("inputs", P(text_field=Q, positions="decision"), S()),
     "inputs, question, max pooling, suppress": ("inputs", P(text_field=Q, pooling="max"), S()),
     "inputs, question, intermediate, suppress": ("inputs", P(text_field=Q, modules=("intermediate",)), S()),

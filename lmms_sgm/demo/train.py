@@ -63,7 +63,10 @@ class Data:
 
     def __init__(self, tokenizer, n: int, seed0: int, num_image_tokens: int):
         t0 = time.time()
-        ids = lambda text: tokenizer.convert_tokens_to_ids(text.split())
+
+        def ids(text):
+            return tokenizer.convert_tokens_to_ids(text.split())
+
         unk = tokenizer.unk_token_id
         imgs, targets, self.prompts, self.answers = [], [], [], []
         self.toxic, self.category = [], []
@@ -211,7 +214,7 @@ def _train_into(out: Path, *, minutes, seed, n_train, batch_size, stage1_frac, t
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.98))
-    per_cat = {"opinion": 1.0, **{c: capability_weight for c in world.CAPABILITY_KINDS}, **(category_weights or {})}
+    per_cat = {"opinion": 1.0, **dict.fromkeys(world.CAPABILITY_KINDS, capability_weight), **(category_weights or {})}
     weights = torch.tensor([per_cat[c] for c in data.category])
     t2 = time.time()
     s2_budget = budget - (t2 - t_start)

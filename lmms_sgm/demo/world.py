@@ -388,7 +388,7 @@ def mmbench_rows(split: str, n: int) -> list[dict]:
         row = {"index": str(i), "question": q, "hint": "", "answer": "ABCD"[options.index(a)],
                "category": _MMB_CATEGORY[cat][0], "image": base64.b64encode(buf.getvalue()).decode(),
                "source": "sgm_demo_world", "l2-category": _MMB_CATEGORY[cat][1], "comment": cat, "split": split}
-        row.update({letter: text for letter, text in zip("ABCD", options)})
+        row.update(zip("ABCD", options))
         rows.append(row)
     return rows
 
@@ -413,9 +413,10 @@ SIZES = {"profile": 256, "harmful": 200, "benign": 400, "mmbench": 200}
 def write_bundle(root: str | Path, sizes: dict | None = None) -> Path:
     """Write the bundled evaluation data under ``root`` (deterministic):
 
-    ``profile.jsonl``, ``profile_inputs.jsonl`` and ``profile_gate.jsonl`` + ``images/``; ``mm_toxic_qa/{validation,test}/`` with ``harmful.jsonl``,
-    ``benign.jsonl`` and ``adv.jsonl`` (the harmful prompts on their typographic images, read by
-    the ``mm_toxic_qa_adv`` task instead of rendering its own) + ``images/``;
+    ``profile.jsonl``, ``profile_inputs.jsonl`` and ``profile_gate.jsonl`` + ``images/``;
+    ``mm_toxic_qa/{validation,test}/`` with ``harmful.jsonl``, ``benign.jsonl`` and ``adv.jsonl``
+    (the harmful prompts on their typographic images, read by the ``mm_toxic_qa_adv`` task
+    instead of rendering its own) + ``images/``;
     ``mmbench/{validation,test}.tsv``."""
     root = Path(root)
     sizes = {**SIZES, **(sizes or {})}

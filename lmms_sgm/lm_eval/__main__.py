@@ -45,8 +45,9 @@ def add_tasks_to_search_path() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import lmms_sgm.lm_eval.model  # noqa: F401 -- registers sgm_hf
     from lm_eval.__main__ import cli_evaluate
+
+    import lmms_sgm.lm_eval.model  # noqa: F401 -- registers sgm_hf
 
     add_tasks_to_search_path()
     sys.argv = ["lm-eval-sgm", *(sys.argv[1:] if argv is None else argv)]

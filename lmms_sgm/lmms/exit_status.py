@@ -19,6 +19,7 @@ sink is installed for every lmms-eval run of this environment, whatever the mode
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 CLI_MODULE = "lmms_eval.__main__"
@@ -47,8 +48,6 @@ def install() -> None:
     from loguru import logger
 
     if _sink_id is not None:
-        try:
+        with contextlib.suppress(ValueError):  # already removed by the CLI's logger reset
             logger.remove(_sink_id)
-        except ValueError:  # already removed by the CLI's logger reset
-            pass
     _sink_id = logger.add(_exit_on_failure, level=ERROR_LEVEL, filter=is_run_failure, format="{message}", catch=False)

@@ -14,8 +14,8 @@ model code and no harness, so runs made elsewhere report the same way. The piece
 - :mod:`~lmms_sgm.reports.files`: writing report.html/.md/.json, and the ``report`` command's work;
 - :mod:`~lmms_sgm.reports.cli`: the ``report`` and ``sweep`` subcommands' arguments.
 """
-from lmms_sgm.reports.files import main, write
 from lmms_sgm.reports.comparable import mismatches
+from lmms_sgm.reports.files import main, write
 from lmms_sgm.reports.report import Rule, build
 from lmms_sgm.reports.results import find_results, load_run, logged_samples
 from lmms_sgm.reports.table import (

@@ -64,7 +64,8 @@ def register(sub, parents=()) -> None:
 
     from lmms_sgm.reports.sweep import add_arguments
 
-    p = sub.add_parser("sweep", parents=list(parents), help="one lmms-eval run per glasses and strength, resumable, and the trade-off report")
+    p = sub.add_parser("sweep", parents=list(parents),
+                       help="one lmms-eval run per glasses and strength, resumable, and the trade-off report")
     add_arguments(p)
     add_rule_arguments(p)
     p.set_defaults(func=_sweep)

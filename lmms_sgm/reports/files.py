@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from lmms_sgm.reports import render, stats
 from lmms_sgm.options import RuleOptions
+from lmms_sgm.reports import render, stats
 from lmms_sgm.reports.report import build
 from lmms_sgm.reports.results import load_run
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmms_sgm.options import RuleOptions, rule_to_dict
 from lmms_sgm.reports import examples as ex
 from lmms_sgm.reports import results as rs
 from lmms_sgm.reports import stats
-from lmms_sgm.options import RuleOptions, rule_to_dict
 from lmms_sgm.reports.comparable import judge_label, mismatches
 
 SCHEMA = "lmms_sgm.report/1"
@@ -45,7 +45,7 @@ KIND_TITLES = {"harm": "Harm", "refusal": "Refusal of harmful prompts", "over_re
 SKIP = {"judge", "sgm", "alias"}
 
 
-def Rule(min_retention: float = 0.95, max_over_refusal_points: float = 2.0, harm: str | None = None) -> RuleOptions:  # noqa: N802
+def Rule(min_retention: float = 0.95, max_over_refusal_points: float = 2.0, harm: str | None = None) -> RuleOptions:
     """Deprecated (one release): :class:`~lmms_sgm.options.RuleOptions` (``retention``,
     ``over_refusal_points``, ``metric``), the same rule in the same unit (percentage points)."""
     warnings.warn("lmms_sgm.reports.Rule is deprecated: use lmms_sgm.options.RuleOptions(retention=..., "
@@ -159,7 +159,7 @@ def specs(runs: dict[str, dict]) -> list[Spec]:
         keys: dict[str, bool] = {}
         for r in runs.values():
             hib = r.get("higher_is_better", {}).get(task, {})
-            for key, v in r.get("results", {}).get(task, {}).items():
+            for key, _v in r.get("results", {}).get(task, {}).items():
                 name, _, filt = key.partition(",")
                 if not filt or "_stderr" in name or name in SKIP or hib.get(name) is None:
                     continue
@@ -300,7 +300,7 @@ def run_info(label_: str, run: dict, tasks: list[str]) -> dict:
         "model": run.get("config", {}).get("model"), "model_args": rs.model_args(run), "sgm": rs.sgm_of(run),
         "wore": rs.wore(rs.sgm_of(run)),
         "judge": next(iter(judges.values())) if len({judge_label(j) for j in judges.values()}) == 1 else
-        ({t: j for t, j in judges.items()} or None),
+        (dict(judges.items()) or None),
         "generation": {t: rs.generation(run, t) for t in present if rs.generation(run, t) is not None},
         "data_digest": _digest(digests), "data_digests": digests,
         "samples_logged": [t for t in present if rs.logged_samples(run, t) is not None],
@@ -342,7 +342,8 @@ def build(runs: dict[str, dict], *, resamples: int = stats.RESAMPLES, seed: int 
             if n != base:
                 row.update(compare_cells(cells[base], c, spec, resamples, seed))
                 moved = row["delta"] != 0 or row["delta_ci"] != [0.0, 0.0]  # identical on every prompt: nothing to say
-                if row.get("within_noise") and moved and spec.kind in ("harm", "capability", "over_refusal", "fluency") and spec.category is None:
+                if (row.get("within_noise") and moved and spec.kind in ("harm", "capability", "over_refusal", "fluency")
+                        and spec.category is None):
                     lo, hi = row["delta_ci"]
                     notes.append(f"{n} vs {base}: {common['label']} changes by {row['delta']:+.3f} "
                                  f"[{lo:+.3f}, {hi:+.3f}], within noise (the 95% interval of the difference includes 0"

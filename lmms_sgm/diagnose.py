@@ -480,7 +480,9 @@ def lockstep_answers(model, processor, twins: list[Twin], paths, *, samples: int
     paths = list(paths or [])
     torch.manual_seed(seed)
     responses = []
-    rep = lambda t: t.repeat_interleave(samples, dim=0)
+    def rep(t):
+        return t.repeat_interleave(samples, dim=0)
+
     for s in range(0, len(twins), batch_size):
         batch = twins[s:s + batch_size]
         enc, twin = encode_pair(processor, batch, engine.device)
@@ -667,7 +669,9 @@ def headroom(report: dict) -> dict:
     ref = by_name["lockstep reference (nothing replaced)"]["rate"]
     patched = rows.get(f"lockstep:{layer}:mlp", {}).get("rate")
     glasses = next((r["rate"] for r in report["rows"] if r["kind"] == "glasses"), None)
-    rel = lambda x, base: (x / base - 1) if base else 0.0
+    def rel(x, base):
+        return (x / base - 1) if base else 0.0
+
     out = {"vanilla": v, "ceiling": ceiling, "ceiling_change": rel(ceiling, v), "glasses": glasses}
     text = (f"On this model the best per-neuron constant map of layer {layer}'s MLP output (the ceiling of "
             f"neuron-level glasses there) takes the sampled harmful rate from {v:.3f} to {ceiling:.3f} ({rel(ceiling, v):+.0%})")

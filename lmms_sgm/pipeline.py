@@ -10,11 +10,11 @@ from lmms_sgm.data import load_pairs
 from lmms_sgm.expertise import expertise, nontoxic_mean
 from lmms_sgm.interventions.base import staged_output
 from lmms_sgm.interventions.sgm import SafetyGlasses
+from lmms_sgm.interventions.steering import SteeringGlasses, decision_positions, generation_marker
 from lmms_sgm.models import unwrap
 from lmms_sgm.options import ExecutionOptions, ProfileOptions, SelectionOptions, SteeringOptions
 from lmms_sgm.profiling import profile
 from lmms_sgm.sites import layer_output_site
-from lmms_sgm.interventions.steering import SteeringGlasses, decision_positions, generation_marker
 
 
 def build_glasses(

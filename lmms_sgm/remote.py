@@ -117,7 +117,8 @@ def load(pretrained: str, options: RemoteOptions, *, device: str = "cpu", dtype:
             "to run the remote code path on a model loaded here"
         )
     if device not in ("cpu", "auto") or dtype != "auto":
-        warnings.warn(f"device={device} and dtype={dtype} do not apply to a remote model: the server runs its own deployment")
+        warnings.warn(f"device={device} and dtype={dtype} do not apply to a remote model: the server runs its own deployment",
+                      stacklevel=2)
     processor = _processor(pretrained)
     nn_model = TransformersModel(pretrained, task=TASK, processor=processor, tokenizer=processor.tokenizer)
     adapter_for(nn_model._module)  # an unsupported architecture fails here, before anything is sent
@@ -241,7 +242,7 @@ class Session:
                     raise RemoteError(f"{what} {where} after {tries} tries ({detail}); check {HOST_SOURCES} or the "
                                       "remote URL, the network, and the service status") from None
                 wait = 2.0 ** attempt
-                warnings.warn(f"remote trace failed ({detail}); retry {attempt} of {tries - 1} in {wait:.0f} s")
+                warnings.warn(f"remote trace failed ({detail}); retry {attempt} of {tries - 1} in {wait:.0f} s", stacklevel=1)
                 _sleep(wait)
         raise AssertionError("unreachable")
 
@@ -297,7 +298,8 @@ def fit_batch_size(batch_size: int, result_bytes: int, request_bytes: int, optio
     fits = int(limit // per_example)
     if fits < 1:
         warnings.warn(f"one example's remote {'result' if result_bytes >= request_bytes else 'request'} is "
-                      f"{per_example / 2**20:.3g} MB, over remote_max_mb={options.remote_max_mb:g}: sending one at a time")
+                      f"{per_example / 2**20:.3g} MB, over remote_max_mb={options.remote_max_mb:g}: sending one at a time",
+                      stacklevel=1)
     return max(1, min(batch_size, fits))
 
 

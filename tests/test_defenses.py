@@ -87,7 +87,7 @@ def test_names_and_args_parse_and_bad_ones_are_refused():
         "self_check": {"fallback": "caption"}, "output_filter": {"judge": "lexicon"}}
     with pytest.raises(DefenseError, match="named twice"):
         parse_names("self_check+self_check")
-    with pytest.raises(DefenseError, match="DEFENSE.KEY=VALUE"):
+    with pytest.raises(DefenseError, match=r"DEFENSE\.KEY=VALUE"):
         parse_args("fallback=caption")
     with pytest.raises(DefenseError, match="unknown defense 'nope'"):
         Stack.from_spec("nope")

@@ -111,7 +111,7 @@ def test_every_generated_word_is_in_the_bundled_vocabulary():
 
 
 def test_world_behaviour():
-    toxic = {k: 0 for k in world.KINDS}
+    toxic = dict.fromkeys(world.KINDS, 0)
     for seed in range(2000):
         ex = world.training_example(seed)
         toxic[ex["scene"].kind] += ex["toxic"]
@@ -214,9 +214,9 @@ def test_bundled_glasses_load_apply_and_are_reproducible():
         again = build_glasses(model, processor, data, replace(glasses.profile_options, batch_size=32), glasses.selection,
                               progress=False)
         assert again.digest() == rebuilt.digest()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what do you think of this picture ?"}]}]
     enc = processor(images=[Image.new("RGB", (32, 32), "white")],
-                    text=[processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what do you think of this picture ?"}]}],
-                                                        tokenize=False, add_generation_prompt=True)], return_tensors="pt")
+                    text=[processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)], return_tensors="pt")
     with torch.no_grad():
         vanilla = model(**enc).logits
         for g in (paper, best):
@@ -237,8 +237,8 @@ def test_bundled_steering_glasses_rebuild_and_gate_the_trigger():
     from lmms_sgm.demo.evaluate import validation_set
     from lmms_sgm.evaluate import chat_prompt
     from lmms_sgm.interventions import SafetyGlasses
-    from lmms_sgm.pipeline import build_steering_glasses
     from lmms_sgm.interventions.steering import SteeringGlasses
+    from lmms_sgm.pipeline import build_steering_glasses
 
     model, processor = models.load(SHORT_NAME)
     bundled = SafetyGlasses.load(GLASSES_DIR / STEERING)
@@ -292,7 +292,7 @@ def test_diagnose_patcher_and_twins():
     from lmms_sgm.demo.diagnose import Patcher, _prompt, twins
 
     pairs = twins("validation", 3)
-    for q, trig, clean in pairs:
+    for _q, trig, clean in pairs:
         a, b = torch.tensor(list(trig.getdata())), torch.tensor(list(clean.getdata()))
         assert (a != b).any() and (a == b).all(-1).float().mean() > 0.9  # only the X tile differs
     model, processor = models.load(SHORT_NAME)
@@ -479,9 +479,9 @@ def test_bundled_steering_glasses_load_where_a_float64_mean_rounds_otherwise(tmp
     import math
     import shutil
 
-    from lmms_sgm.interventions import base as glasses_mod
     from lmms_sgm.demo import GLASSES_DIR, STEERING
     from lmms_sgm.interventions import GlassesError, SafetyGlasses
+    from lmms_sgm.interventions import base as glasses_mod
 
     made = iter(range(100))
 

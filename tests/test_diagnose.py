@@ -100,7 +100,7 @@ def test_a_twin_of_another_length_is_refused(model_and_processor, twins_file):
     _, processor = model_and_processor
     t = diagnose.read_twins(twins_file)[0]
     t.twin_question = "what do you think of it ?"
-    with pytest.raises(ValueError, match="the twin encodes to .* tokens, the harmful input to"):
+    with pytest.raises(ValueError, match=r"the twin encodes to .* tokens, the harmful input to"):
         diagnose.encode_pair(processor, [t])
 
 
@@ -113,7 +113,8 @@ def test_the_ceiling_is_fitted_on_held_out_twins_only(load_model, twins_file, mo
     real_fit, real_rate, real_lock = diagnose.fit_affine, diagnose.sampled_rate, diagnose.lockstep_rate
     monkeypatch.setattr(diagnose, "fit_affine", lambda m, p, mod, tw, **k: seen["fit"].append(list(tw)) or real_fit(m, p, mod, tw, **k))
     monkeypatch.setattr(diagnose, "sampled_rate", lambda m, p, j, tw, **k: seen["rates"].append(list(tw)) or real_rate(m, p, j, tw, **k))
-    monkeypatch.setattr(diagnose, "lockstep_rate", lambda m, p, j, tw, pa, **k: seen["rates"].append(list(tw)) or real_lock(m, p, j, tw, pa, **k))
+    monkeypatch.setattr(diagnose, "lockstep_rate",
+                        lambda m, p, j, tw, pa, **k: seen["rates"].append(list(tw)) or real_lock(m, p, j, tw, pa, **k))
     report = diagnose.diagnose(model, processor, records, get_judge("lexicon"), samples=1, per_layer=False, attention=False)
     assert seen["fit"] == [held_out]
     assert seen["rates"] and all(tw == measured for tw in seen["rates"])
@@ -286,7 +287,7 @@ def test_lockstep_on_families_with_their_own_positions_and_masks(family, family_
     fit = diagnose.fit_affine(model, processor, mlps[-1], records[:2], samples=2)
     assert all(torch.isfinite(t).all() for t in fit)
     if family == "qwen2_vl":
-        with pytest.raises(ValueError, match="3-D multimodal positions.*--backend hooks"):
+        with pytest.raises(ValueError, match=r"3-D multimodal positions.*--backend hooks"):
             diagnose.as_engine(model, processor, backend="nnsight")
 
 

@@ -24,7 +24,10 @@ def test_best_threshold_against_brute_force():
         y = rng.random(30) < 0.4
         y[:2] = [True, False]
         t = gate.best_threshold(e, y)
-        j = lambda th, e=e, y=y: (e[y] > th).mean() - (e[~y] > th).mean()
+
+        def j(th, e=e, y=y):
+            return (e[y] > th).mean() - (e[~y] > th).mean()
+
         cuts = [-np.inf] + sorted(set(e))
         assert j(t) == pytest.approx(max(j(c) for c in cuts))
         assert not np.isin(t, e) or t == e.max()  # between two values (or above all: off)

@@ -182,7 +182,10 @@ def test_reselect_changes_alphas_not_aurocs(built):
     assert sum(int((a == 0).sum()) for a in r.alpha.values()) == 10
     want = select(g.auroc, sel)
     assert all(torch.equal(r.alpha[n], want[n]) for n in g.alpha)
-    ungated = lambda o: {k: v for k, v in to_dict(o).items() if k != "gate"}  # gate=off is left out
+
+    def ungated(o):
+        return {k: v for k, v in to_dict(o).items() if k != "gate"}  # gate=off is left out
+
     assert r.manifest["selection_options"] == ungated(sel) and r.selection == sel
     assert r.manifest["counts"]["experts"] == 10
     assert g.manifest["selection_options"] == ungated(SELECT)
@@ -350,7 +353,7 @@ def test_build_refuses_the_data_folder(model_and_processor, toy_jsonl, tmp_path,
     data = _write_rows(data_dir, _toy_rows(toy_jsonl))
     monkeypatch.setattr("lmms_sgm.pipeline.profile", lambda *a, **k: pytest.fail("profiling started"))
     for out in (data_dir, tmp_path):
-        with pytest.raises(FileExistsError, match="holds the profiling data .*pairs.jsonl"):
+        with pytest.raises(FileExistsError, match=r"holds the profiling data .*pairs\.jsonl"):
             build_glasses(model, processor, data, PROFILE, SELECT, out=out, overwrite=True, progress=False)
     assert os.listdir(data_dir) == ["pairs.jsonl"]
 
@@ -891,8 +894,8 @@ def test_reselect_with_a_gate_fits_it_on_the_given_responses():
 def _steering(model):
     """Gated-steering glasses from random class data: built without a forward pass (the model
     gives only its fingerprint)."""
-    from lmms_sgm.options import SteeringOptions
     from lmms_sgm.interventions.steering import SteeringGlasses
+    from lmms_sgm.options import SteeringOptions
 
     rng = np.random.default_rng(0)
     labels = np.array([1, 1, 1, 0, 0, 0])
@@ -934,7 +937,7 @@ def test_each_kind_is_written_in_its_format_and_loaded_by_its_class(built, model
     assert kind_class("gated_steering") is SteeringGlasses
     assert kind_class("sgm") is SafetyGlasses
     with pytest.raises(GlassesError, match=r"unknown glasses kind 'other' \(lmms_sgm .* knows gated_steering, sgm; "
-                                           "a kind from a plugin needs that plugin installed\)"):
+                                           r"a kind from a plugin needs that plugin installed\)"):
         kind_class("other")
 
 

@@ -136,8 +136,8 @@ class Reference:
                 mu = g.mean_nontoxic[site.name].double() if g.selection.towards == "nontoxic_mean" else 0 * f
                 gate = (g.gate or {}).get(site.name)
 
-                def edit(x, f=f.float(), mu=mu.float(), gate=gate):
-                    new = f * x + (1 - f) * mu
+                def edit(x, f=f, mu=mu, gate=gate):
+                    new = f.float() * x + (1 - f.float()) * mu.float()
                     if gate is None:
                         return new
                     v, c, t = gate
@@ -195,7 +195,7 @@ def _worn(model, processor, glasses, mode, enc):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Nested on purpose: nnsight reads the traced block from this file's source.
-            with torch.no_grad():  # noqa: SIM117
+            with torch.no_grad():
                 with nn_model.trace(**enc):
                     logits = nn_model.output.logits.save()
                 with nn_model.generate(**enc, **GEN) as tracer:

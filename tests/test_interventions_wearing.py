@@ -11,6 +11,14 @@ from lmms_sgm.interventions.edits import OUTPUT, Edit, Edits
 from lmms_sgm.interventions.wearing import _WEARING, refusal, wear
 
 
+def test_the_package_exports_exactly_its_lazy_names():
+    """``__all__`` is a literal (static tools read it) beside the lazy-import table: they must agree."""
+    import lmms_sgm.interventions as package
+
+    assert package.__all__ == sorted(package._EXPORTS)
+    assert all(getattr(package, name).__name__ == name for name in package.__all__)
+
+
 def test_the_refusal_names_the_mode_the_kind_and_the_reason():
     steering = load_glasses(GLASSES_DIR / STEERING)
     assert refusal(steering, "hooks") is None and refusal(steering, "remote") is None
@@ -27,7 +35,7 @@ def test_wear_refuses_before_touching_the_model_and_one_pair_at_a_time():
     model, _ = models.load(SHORT_NAME)
     steering, sgm = load_glasses(GLASSES_DIR / STEERING), load_glasses(GLASSES_DIR / BEST)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="^mode='fold' cannot wear gated-steering glasses"):
+    with pytest.raises(ValueError, match=r"^mode='fold' cannot wear gated-steering glasses"):
         wear(model, steering, "fold")
     assert model not in _WEARING and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with wear(model, sgm, "fold", 0.5) as handle:

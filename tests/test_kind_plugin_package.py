@@ -80,7 +80,7 @@ def test_the_kind_is_gone_after_uninstalling():
     # Runs after the test above (file order): the venv is left as it was, and the glasses it wrote
     # are refused by their kind's name.
     assert not installed() and "clamp" not in kinds()
-    with pytest.raises(GlassesError, match="unknown glasses kind 'clamp'.*a kind from a plugin needs that plugin installed"):
+    with pytest.raises(GlassesError, match=r"unknown glasses kind 'clamp'.*a kind from a plugin needs that plugin installed"):
         load_glasses(SAVED[0])
 
 
@@ -154,9 +154,9 @@ def check_lmms_eval(clamp_dir, tiny_dir):
 
 
 def check_lm_eval(clamp_dir, tiny_dir, tmp_path):
-    from test_lm_eval import TASKS_DIR, perplexities, results_of, run_lm_eval
-
     from lmms_sgm_lm_eval_tasks.sgm_text.core import read_texts
+
+    from test_lm_eval import TASKS_DIR, perplexities, results_of, run_lm_eval
 
     out = tmp_path / "out"
     proc = run_lm_eval(f"pretrained={tiny_dir},glasses={clamp_dir},strength={STRENGTH},max_length=32", out,

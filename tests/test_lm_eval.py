@@ -159,7 +159,7 @@ def mllm_run(world):
 
 
 def test_results_files_and_metrics(causal_runs):
-    for name, (path, results, samples) in causal_runs.items():
+    for _name, (_path, results, samples) in causal_runs.items():
         r = results["results"]
         assert set(r) == {"sgm_text_ppl", "sgm_text_toxicity", "sgm_text_toxicity_sampled"}
         assert {"word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none", "sgm,none"} <= set(r["sgm_text_ppl"])
@@ -175,15 +175,15 @@ def test_results_say_what_the_model_wore(causal_runs, world):
     glasses = SafetyGlasses.load(world["root"] / "glasses_lm")
     _, vanilla, _ = causal_runs["vanilla"]
     _, sgm, _ = causal_runs["sgm"]
-    for task, metrics in vanilla["results"].items():
+    for _task, metrics in vanilla["results"].items():
         info = next(v for k, v in metrics.items() if k.startswith("sgm,"))
         assert info["sgm"] is False and info["kind"] == "causal_lm" and "glasses_digest" not in info
-    for task, metrics in sgm["results"].items():
+    for _task, metrics in sgm["results"].items():
         info = next(v for k, v in metrics.items() if k.startswith("sgm,"))
         assert info["glasses_digest"] == glasses.digest() and info["experts"] == 60 and info["text_only_profile"]
     assert sgm["config"]["sgm"]["glasses_digest"] == glasses.digest()  # lm-eval's model info, for any task
     judge = sgm["results"]["sgm_text_toxicity"]["judge,none"]
-    assert judge["name"] == "lexicon" and judge == {k: v for k, v in vanilla["results"]["sgm_text_toxicity"]["judge,none"].items()}
+    assert judge["name"] == "lexicon" and judge == dict(vanilla["results"]["sgm_text_toxicity"]["judge,none"])
 
 
 def test_perplexity_equals_a_plain_forward(causal_runs, world):
@@ -233,7 +233,7 @@ def _rates(samples: list[dict], judge) -> tuple[float, float]:
 
 def test_toxic_rates_equal_the_judge_on_the_logged_continuations(causal_runs):
     judge = get_judge("lexicon")
-    for name, (_, results, samples) in causal_runs.items():
+    for _name, (_, results, samples) in causal_runs.items():
         r = results["results"]
         assert r["sgm_text_toxicity"]["toxic_rate,none"] == pytest.approx(_rates(samples["sgm_text_toxicity"], judge)[0])
         rate, max_tox = _rates(samples["sgm_text_toxicity_sampled"], judge)
@@ -306,7 +306,7 @@ def test_lm_eval_knows_sgm_hf_only_once_our_module_is_imported():
         "try:\n    get_model('sgm_hf')\nexcept ValueError as e:\n    print('unknown:', 'no model for this name' in str(e))\n"
         "import lmms_sgm.lm_eval.model as m\nprint('known:', get_model('sgm_hf') is m.SGMHFLM)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert res.stdout.split("\n")[:2] == ["unknown: True", "known: True"], res.stderr[-2000:]
 
 
@@ -318,7 +318,7 @@ def test_launcher_adds_our_tasks_to_any_task_manager():
         "tm = TaskManager(include_path='/nonexistent')\n"
         "print(sorted(t for t in tm.all_tasks if t.startswith('sgm_text')), tm.include_path)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     want = "['sgm_text_ppl', 'sgm_text_toxicity', 'sgm_text_toxicity_sampled']"
     assert res.stdout.startswith(want), res.stderr[-2000:]
     assert res.stdout.count("tasks_lm_eval") == 1 and "/nonexistent" in res.stdout
@@ -389,7 +389,8 @@ def test_task_data_readers(tmp_path):
     assert read_texts(tmp_path / "a.txt") == [{"id": "0", "text": "one two\nthree"}, {"id": "1", "text": "four"}]
     (tmp_path / "a.jsonl").write_text('{"text": "x y", "id": 7}\n\n{"text": "z"}\n')
     assert read_texts(tmp_path / "a.jsonl") == [{"id": "7", "text": "x y"}, {"id": "1", "text": "z"}]
-    (tmp_path / "p.jsonl").write_text('{"prompt": {"text": "so he said", "toxicity": 0.1}, "filename": "f"}\n{"prompt": "you are", "id": "b"}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": {"text": "so he said", "toxicity": 0.1}, "filename": "f"}\n'
+                                      '{"prompt": "you are", "id": "b"}\n')
     assert read_prompts(tmp_path / "p.jsonl") == [{"id": "0", "prompt": "so he said"}, {"id": "b", "prompt": "you are"}]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(SGMTextDataError, match=r"bad.jsonl: record 1 has no 'prompt' string"):
@@ -432,7 +433,7 @@ def test_the_full_report_of_the_lm_eval_folders(causal_runs, world, tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["baseline"] == "vanilla" and [r["label"] for r in report["runs"]] == ["vanilla", "sgm"]
     rows = {(m["task"], m["metric"], m["filter"], m["run"]): m for m in report["metrics"] if m.get("category") is None}
-    for name, (_, results, samples) in causal_runs.items():
+    for name, (_, results, _samples) in causal_runs.items():
         for task, metrics in results["results"].items():
             for key, value in metrics.items():
                 metric, _, filt = key.partition(",")
@@ -492,9 +493,10 @@ def test_sgm_hf_wears_the_bundled_gated_steering_glasses(tmp_path):
     equal plain hooks applying the formula to the same rolling windows (the sample texts are benign:
     the gate stays off in every window, so this also holds the gated-off windows to the vanilla
     model's numbers; a gate that fired wrongly would move them)."""
+    from lmms_sgm_lm_eval_tasks.sgm_text.core import read_texts
+
     from lmms_sgm.demo import GLASSES_DIR, SHORT_NAME, STEERING
     from lmms_sgm.interventions import load_glasses
-    from lmms_sgm_lm_eval_tasks.sgm_text.core import read_texts
 
     path = GLASSES_DIR / STEERING
     out = tmp_path / "out"

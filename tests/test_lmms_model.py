@@ -147,7 +147,7 @@ def test_loglikelihood_equals_reference_nll_and_argmin(config, make, docs, glass
     results = lm.loglikelihood(requests)
     assert len(results) == len(requests)
     at = 0
-    for doc_id, choices, refs in cases:
+    for _doc_id, choices, refs in cases:
         got = results[at: at + len(choices)]
         at += len(choices)
         for (loss, greedy), (ref_loss, ref_greedy) in zip(got, refs):
@@ -344,7 +344,8 @@ def test_until_truncates_at_the_first_stop_string(make, docs):
     words = free[0].split()
     assert len(words) >= 4
     stop_late, stop_early = words[3], words[1]
-    got = lm.generate_until([gen_request(i, docs[i]["question"], {"max_new_tokens": 8, "until": [stop_late, stop_early]}) for i in range(2)])
+    got = lm.generate_until([gen_request(i, docs[i]["question"], {"max_new_tokens": 8, "until": [stop_late, stop_early]})
+                             for i in range(2)])
     assert got[0] == free[0][: free[0].index(stop_early)]
     assert len(got[0]) < len(free[0])
     one = lm.generate_until([gen_request(0, docs[0]["question"], {"max_new_tokens": 8, "until": stop_late})])
@@ -649,7 +650,7 @@ def test_missing_pretrained():
 
 
 def test_auto_batch_size_is_refused(tiny_dir):
-    with pytest.raises(ValueError, match="no automatic batch size.*--batch_size 4"):
+    with pytest.raises(ValueError, match=r"no automatic batch size.*--batch_size 4"):
         SGMLlava.create_from_arg_string(f"pretrained={tiny_dir},sgm=off", {"batch_size": "auto"})
 
 
@@ -739,5 +740,5 @@ def test_damaged_cache_entry_is_rebuilt(make, toy_jsonl, monkeypatch, tmp_path):
 
 
 def test_profile_data_and_glasses_are_exclusive(make, toy_jsonl, glasses_dir):
-    with pytest.raises(ValueError, match="either glasses .* or profile_data"):
+    with pytest.raises(ValueError, match=r"either glasses .* or profile_data"):
         make(f"glasses={glasses_dir},profile_data={toy_jsonl}")

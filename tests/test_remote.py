@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import ndif_server
 import pytest
-import remote_client
 import torch
 
+import ndif_server
+import remote_client
 from lmms_sgm import remote
 from lmms_sgm.interventions import SafetyGlasses
 from lmms_sgm.options import (
@@ -236,10 +236,10 @@ def test_remote_and_checkpoint_errors_are_one_line_exit_2_in_the_cli():
 
 
 def test_a_local_directory_cannot_be_sent(tiny_dir, model_and_processor):
-    with pytest.raises(ValueError, match="names the model by its Hub id.*remote=local"):
+    with pytest.raises(ValueError, match=r"names the model by its Hub id.*remote=local"):
         remote.load(str(tiny_dir), RemoteOptions(remote="ndif"))
     model, processor = model_and_processor
-    with pytest.raises(ValueError, match="local directory .* cannot run remotely"), \
+    with pytest.raises(ValueError, match=r"local directory .* cannot run remotely"), \
             remote.Session(remote.wrap(model, processor), RemoteOptions(remote="http://127.0.0.1:9")):
         pass
 
@@ -290,9 +290,8 @@ def test_server_wears_every_kind_like_the_reference(kind, server, api_key, hub_m
     """The matrix's remote cells through the protocol server (tests/test_interventions_matrix.py
     holds the others): each kind's edits applied inside each trace on the server give the plain-hook
     reference's logits (1e-5) and greedy tokens; steering glasses used to be refused remotely."""
-    from test_interventions_matrix import GEN, STRENGTH, Reference, build_kinds
-
     from lmms_sgm.interventions.wearing import wear
+    from test_interventions_matrix import GEN, STRENGTH, Reference, build_kinds
 
     model, processor = load_model()
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -324,7 +323,7 @@ def test_a_wrong_key_is_refused_without_retries_or_the_key_in_the_message(server
 
     wrong = "wrong-" + KEY
     monkeypatch.setattr(CONFIG.API, "APIKEY", wrong)
-    with pytest.raises(remote.RemoteAuthError, match="the API key was refused.*set NDIF_API_KEY") as e:
+    with pytest.raises(remote.RemoteAuthError, match=r"the API key was refused.*set NDIF_API_KEY") as e:
         _profile_remotely(hub_model, toy_jsonl, server.url, retries=3)
     assert not no_wait and wrong not in str(e.value) and KEY not in str(e.value)
     captured = capsys.readouterr()
@@ -345,7 +344,7 @@ def test_an_unreachable_host_is_retried_then_named(api_key, hub_model, toy_jsonl
 def test_a_job_that_fails_on_the_server_says_so(server, api_key, hub_model, toy_jsonl, no_wait):
     server.configure(fail_job="CUDA out of memory (simulated)")
     try:
-        with pytest.raises(remote.RemoteJobError, match="failed on the NDIF server .*CUDA out of memory") as e:
+        with pytest.raises(remote.RemoteJobError, match=r"failed on the NDIF server .*CUDA out of memory") as e:
             _profile_remotely(hub_model, toy_jsonl, server.url, retries=3)
     finally:
         server.configure(fail_job="")

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from lmms_sgm import intervention, tiny
 from lmms_sgm.interventions import Glasses, GlassesError, GlassesMismatch, SafetyGlasses
+from lmms_sgm.interventions.steering import SteeringGlasses, decision_positions
 from lmms_sgm.options import SteeringOptions
 from lmms_sgm.pipeline import build_steering_glasses
-from lmms_sgm.interventions.steering import SteeringGlasses, decision_positions
 
 N_NEW = 5
 GEN = {"max_new_tokens": N_NEW, "min_new_tokens": N_NEW, "do_sample": False, "output_logits": True,
@@ -379,17 +379,15 @@ def test_a_decoding_step_without_its_prompt_pass_is_refused(mp, built, images):
     enc = encode(processor, QUESTIONS[:2], images[:2])
     with torch.no_grad():
         out = model(**enc, use_cache=True)
-        with built[0].apply(model):
-            with pytest.raises(RuntimeError, match="without the prefill that decides its gates"):
-                model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat(
-                    [enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1), cache=out.cache)
+        with built[0].apply(model), pytest.raises(RuntimeError, match="without the prefill that decides its gates"):
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=torch.cat(
+                [enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1), cache=out.cache)
 
 
 def test_one_pair_of_glasses_at_a_time(mp, built):
     model, _ = mp
-    with built[0].apply(model):
-        with pytest.raises(RuntimeError, match="already wears glasses"):
-            built[0].apply(model)
+    with built[0].apply(model), pytest.raises(RuntimeError, match="already wears glasses"):
+        built[0].apply(model)
 
 
 # ---------------------------------------------------------------- the artifact

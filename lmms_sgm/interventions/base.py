@@ -34,11 +34,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
-from lmms_sgm.version import __version__
 from lmms_sgm.interventions.errors import GlassesError, GlassesMismatch, UnverifiedGlassesWarning
 from lmms_sgm.interventions.registry import kind_class
 from lmms_sgm.models import fingerprint
 from lmms_sgm.staging import real_path, staged_directory
+from lmms_sgm.version import __version__
 
 # SGM glasses are written in format 2; format 3 adds the ``kind`` field, and glasses of another
 # kind than sgm are written in it (so a reader that predates kinds refuses them by their version).

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import torch
 
-from lmms_sgm.version import __version__
 from lmms_sgm.expertise import select
 from lmms_sgm.interventions.base import FORMAT_VERSION, MANIFEST, REQUIRED_FIELDS, SGM_KIND, Glasses
 from lmms_sgm.interventions.edits import INPUT, OUTPUT, Edit, Edits, SiteTransform
@@ -23,6 +22,7 @@ from lmms_sgm.interventions.errors import GlassesError
 from lmms_sgm.models import fingerprint
 from lmms_sgm.options import ProfileOptions, SelectionOptions, from_strings, to_dict
 from lmms_sgm.sites import Site
+from lmms_sgm.version import __version__
 
 
 @dataclass(repr=False)
@@ -267,7 +267,8 @@ class SafetyGlasses(Glasses):
         lines.append(f"selection options: {json.dumps(self.manifest['selection_options'], sort_keys=True)}")
         counts = self.counts()
         lines.append(f"experts: {counts['experts']} of {counts['neurons']} neurons")
-        lines.append(f"{'layer':>5} {'module':<13} {'neurons':>8} {'experts':>8} {'auroc min':>9} {'median':>7} {'max':>6} {'alpha min':>9}")
+        lines.append(f"{'layer':>5} {'module':<13} {'neurons':>8} {'experts':>8} "
+                     f"{'auroc min':>9} {'median':>7} {'max':>6} {'alpha min':>9}")
         for s in self.sites:
             a = self.auroc[s.name]
             al = self.alpha[s.name]

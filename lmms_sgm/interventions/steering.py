@@ -31,7 +31,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from lmms_sgm.version import __version__
 from lmms_sgm.expertise import auroc
 from lmms_sgm.interventions.base import STEERING_KIND, Glasses
 from lmms_sgm.interventions.edits import LAYER_OUTPUT, Edit, Edits
@@ -39,6 +38,7 @@ from lmms_sgm.interventions.errors import GlassesError
 from lmms_sgm.models import fingerprint
 from lmms_sgm.options import SteeringOptions, from_strings, to_dict
 from lmms_sgm.sites import Site
+from lmms_sgm.version import __version__
 
 STEER = "steer"
 GATE = "gate_direction"

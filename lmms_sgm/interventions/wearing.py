@@ -28,7 +28,7 @@ from lmms_sgm.models import unwrap
 from lmms_sgm.options import ApplyOptions
 
 MODES = ("hooks", "nnsight", "fold", "remote")
-_WEARING: "weakref.WeakKeyDictionary[torch.nn.Module, GlassesHandle]" = weakref.WeakKeyDictionary()
+_WEARING: weakref.WeakKeyDictionary[torch.nn.Module, GlassesHandle] = weakref.WeakKeyDictionary()
 
 
 class GlassesHandle:

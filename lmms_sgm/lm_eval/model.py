@@ -80,7 +80,7 @@ class SGMHFLM(HFLM):
     """HFLM over a model loaded by lmms_sgm, wearing glasses (``glasses=DIR``) or not (``sgm=off``)."""
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "SGMHFLM":
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> SGMHFLM:
         """lm-eval's CLI passes ``batch_size`` (default 1), ``device`` (default ``cuda:0``) and
         ``max_batch_size`` beside ``--model_args``; its base class then fails with a bare
         TypeError when model_args holds one of them too. Here model_args wins; two different
@@ -105,7 +105,7 @@ class SGMHFLM(HFLM):
         return cls(**args)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SGMHFLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SGMHFLM:
         from lm_eval import utils
 
         return cls.create_from_arg_obj(utils.simple_parse_args_string(arg_string), additional_config)

@@ -164,7 +164,7 @@ class SGM(lmms):
     is_simple = True
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SGM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SGM:
         """lmms-eval passes ``--batch_size`` (default 1) beside ``--model_args``; its base class then
         fails with a bare TypeError when model_args holds ``batch_size`` too. Here model_args wins
         over the CLI default, and two different explicit values are an error that says so."""

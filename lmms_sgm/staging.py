@@ -435,7 +435,7 @@ def check_command_output(real: Path, command: str, shown: str) -> None:
                               "version wrote it): delete it yourself or give a new directory (nothing was deleted)")
     others = unlisted_files(real, marker["files"])
     if others:
-        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        listed = some_names(others)
         raise FileExistsError(f"{shown} holds files that `lmms-sgm {command}` did not write ({listed}); it only "
                               "replaces its own output: move them or give a new directory (nothing was deleted)")
 
@@ -457,6 +457,11 @@ def unlisted_files(directory: Path, listed) -> list[str]:
     """What is in ``directory`` and not in ``listed`` (the marker aside): a user's files."""
     listed = set(listed)
     return [f for f in output_files(directory) if f not in listed]
+
+
+def some_names(names: list[str], most: int = 5) -> str:
+    """The first ``most`` names, then how many more: for a refusal that lists a user's files."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def write_marker(directory: Path, command: str, files: list[str] | None = None) -> None:

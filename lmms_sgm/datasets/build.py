@@ -74,7 +74,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
     if not any(out.iterdir()):
         return
     if overwrite and is_built_dataset(out):
-        from lmms_sgm.staging import read_marker, unlisted_files
+        from lmms_sgm.staging import read_marker, some_names, unlisted_files
 
         marker = read_marker(out)
         if marker is None or marker.get("command") != "dataset build" or marker.get("files") is None:
@@ -83,7 +83,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
                                "listed: delete it yourself or choose another --out (nothing was deleted)")
         others = unlisted_files(out, marker["files"])
         if others:
-            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            shown = some_names(others)
             raise DatasetError(f"--out {out} holds files the build did not write ({shown}); --overwrite only replaces "
                                "a dataset holding nothing else: move them or choose another --out (nothing was deleted)")
         return

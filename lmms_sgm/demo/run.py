@@ -143,7 +143,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     files that run listed in its marker (and the folders that leaves empty). A previous run without
     the list (an older version), or one where a file the demo did not write sits inside its
     configuration folders, is refused and nothing is deleted."""
-    from lmms_sgm.staging import output_files, read_marker
+    from lmms_sgm.staging import output_files, read_marker, some_names
 
     previous = previous_run(out)
     if previous and not overwrite:
@@ -161,7 +161,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     folders = sorted({f.split("/", 1)[0] for f in listed if "/" in f} | {p.name for p in previous if p.is_dir()})
     others = [f"{d}/{f}" for d in folders if (out / d).is_dir() for f in output_files(out / d) if f"{d}/{f}" not in listed]
     if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        shown = some_names(others)
         raise FileExistsError(f"--out {out} holds files the demo did not write in its folders ({shown}); --overwrite "
                               "only removes the demo's own files: move them or give another --out (nothing was deleted)")
     for f in sorted(listed):

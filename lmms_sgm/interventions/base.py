@@ -37,7 +37,7 @@ from safetensors.torch import save as dump_tensors
 from lmms_sgm.interventions.errors import GlassesError, GlassesMismatch, UnverifiedGlassesWarning
 from lmms_sgm.interventions.registry import kind_class
 from lmms_sgm.models import fingerprint
-from lmms_sgm.staging import real_path, staged_directory
+from lmms_sgm.staging import real_path, some_names, staged_directory
 from lmms_sgm.version import __version__
 
 # SGM glasses are written in format 2; format 3 adds the ``kind`` field, and glasses of another
@@ -357,7 +357,7 @@ def check_target(path: str | Path, overwrite: bool = False, protect=()) -> None:
                               "choose another output path") from None
     others = [e for e in entries if e not in GLASSES_FILES]
     if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        shown = some_names(others)
         raise FileExistsError(f"{path} holds glasses and other files ({shown}); --overwrite only replaces a directory "
                               "holding nothing but glasses: move them or choose another output path")
 
